@@ -1,0 +1,278 @@
+//! What can go wrong on the request path, and how each failure reads to a user.
+//!
+//! Every variant maps to one row of the status table in DESIGN.md. Bodies are
+//! JSON for API clients and a short HTML page for browsers.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde_json::json;
+
+/// A failure a client sees as an HTTP error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipesError {
+    /// The Host is not under the domain Pipes serves.
+    NotOurs { host: String, expected: String },
+    /// The Host names no deployment (too few labels).
+    NoDeployment { host: String },
+    /// A Host label cannot be part of a Docker image reference.
+    BadName { label: String, reason: &'static str },
+    /// An API path Pipes does not know.
+    ApiNotFound { path: String, known: &'static [&'static str] },
+    /// The API needs a bearer token and the request has none, or a wrong one.
+    Unauthorized,
+    /// No API token is configured, so the API is closed.
+    ApiClosed,
+    /// The deployment may not be started here.
+    Forbidden { deployment: String },
+    /// The registry has no such image or tag.
+    ImageNotFound { image: String },
+    /// The registry refused the credentials (or asked for some).
+    RegistryAuth { registry: String, user: Option<String>, detail: String },
+    /// The container stopped before it answered.
+    Exited { deployment: String, code: i64, logs: Vec<String> },
+    /// The container did not answer within the health timeout.
+    NotReady { deployment: String, timeout: Duration, probed: String },
+    /// The Docker engine cannot be reached or refuses more work.
+    EngineUnavailable { reason: String },
+    /// The engine answered with an error while deploying.
+    Engine { action: &'static str, detail: String },
+    /// The image or its configuration cannot be deployed as it is.
+    Unservable { deployment: String, reason: String },
+}
+
+/// Seconds a client is told to wait after a 503.
+const RETRY_AFTER_SECS: u32 = 5;
+
+impl PipesError {
+    /// The HTTP status this failure is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NotOurs { .. } | Self::NoDeployment { .. } | Self::ApiNotFound { .. } => 404,
+            Self::ImageNotFound { .. } => 404,
+            Self::BadName { .. } => 400,
+            Self::Forbidden { .. } | Self::ApiClosed => 403,
+            Self::Unauthorized => 401,
+            Self::RegistryAuth { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
+            Self::Unservable { .. } => 502,
+            Self::NotReady { .. } => 504,
+            Self::EngineUnavailable { .. } => 503,
+        }
+    }
+
+    /// A short machine-readable name of the failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotOurs { .. } => "not_our_host",
+            Self::NoDeployment { .. } => "no_deployment",
+            Self::BadName { .. } => "invalid_name",
+            Self::ApiNotFound { .. } => "unknown_api_path",
+            Self::Forbidden { .. } => "not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::ApiClosed => "api_closed",
+            Self::ImageNotFound { .. } => "image_not_found",
+            Self::RegistryAuth { .. } => "registry_auth",
+            Self::Exited { .. } => "container_exited",
+            Self::NotReady { .. } => "not_ready",
+            Self::EngineUnavailable { .. } => "engine_unavailable",
+            Self::Engine { .. } => "engine_error",
+            Self::Unservable { .. } => "unservable",
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, where the failure is passing.
+    pub fn retry_after(&self) -> Option<u32> {
+        matches!(self, Self::EngineUnavailable { .. }).then_some(RETRY_AFTER_SECS)
+    }
+
+    /// The JSON body: `error`, `message` and the fields that explain it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut body = json!({
+            "error": self.kind(),
+            "status": self.status(),
+            "message": self.to_string(),
+        });
+        let extra = match self {
+            Self::NotOurs { host, expected } => json!({ "host": host, "expected": expected }),
+            Self::NoDeployment { host } => json!({ "host": host }),
+            Self::BadName { label, reason } => json!({ "label": label, "reason": reason }),
+            Self::ApiNotFound { path, known } => json!({ "path": path, "known": known }),
+            Self::Forbidden { deployment } => {
+                json!({ "deployment": deployment, "setting": "PIPES_ALLOW" })
+            }
+            Self::Unauthorized => json!({}),
+            Self::ApiClosed => json!({ "setting": "PIPES_API_TOKEN" }),
+            Self::ImageNotFound { image } => json!({ "image": image }),
+            Self::RegistryAuth { registry, user, .. } => json!({ "registry": registry, "user": user }),
+            Self::Exited { deployment, code, logs } => {
+                json!({ "deployment": deployment, "exit_code": code, "logs": logs })
+            }
+            Self::NotReady { deployment, timeout, probed } => json!({
+                "deployment": deployment,
+                "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                "probed": probed,
+            }),
+            Self::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
+            Self::Engine { action, .. } => json!({ "action": action }),
+            Self::Unservable { deployment, .. } => json!({ "deployment": deployment }),
+        };
+        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        body
+    }
+
+    /// A short HTML page for browsers.
+    pub fn to_html(&self) -> String {
+        let mut page = format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status} {kind}</title></head>\
+             <body><h1>{status}</h1><p>{message}</p>",
+            status = self.status(),
+            kind = self.kind(),
+            message = escape_html(&self.to_string()),
+        );
+        if let Self::Exited { logs, .. } = self {
+            if !logs.is_empty() {
+                page.push_str("<pre>");
+                page.push_str(&escape_html(&logs.join("\n")));
+                page.push_str("</pre>");
+            }
+        }
+        page.push_str("</body></html>\n");
+        page
+    }
+}
+
+impl fmt::Display for PipesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotOurs { host, expected } => {
+                write!(f, "host '{host}' is not served here; expected {expected}")
+            }
+            Self::NoDeployment { host } => write!(
+                f,
+                "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"
+            ),
+            Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
+            Self::ApiNotFound { path, known } => {
+                write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", "))
+            }
+            Self::Forbidden { deployment } => write!(
+                f,
+                "{deployment} may not be deployed here; the operator can allow it with PIPES_ALLOW \
+                 (e.g. PIPES_ALLOW='{deployment}' or a pattern such as 'user/*')"
+            ),
+            Self::Unauthorized => f.write_str("this API needs the header 'Authorization: Bearer <token>' with a valid token"),
+            Self::ApiClosed => f.write_str(
+                "the management API is closed; the operator opens it by setting PIPES_API_TOKEN (or PIPES_API_TOKEN_FILE)",
+            ),
+            Self::ImageNotFound { image } => write!(f, "image {image} was not found in the registry"),
+            Self::RegistryAuth { registry, user, detail } => match user {
+                Some(user) => write!(f, "registry {registry} refused the credentials of user '{user}': {detail}"),
+                None => write!(
+                    f,
+                    "registry {registry} requires credentials (set DOCKER_AUTH and DOCKER_AUTH_*): {detail}"
+                ),
+            },
+            Self::Exited { deployment, code, .. } => {
+                write!(f, "the container of {deployment} exited with code {code} while starting")
+            }
+            Self::NotReady { deployment, timeout, probed } => write!(
+                f,
+                "the container of {deployment} did not answer {probed} within {}",
+                DisplayDuration(*timeout)
+            ),
+            Self::EngineUnavailable { reason } => {
+                write!(f, "the Docker engine is unavailable: {reason}; retry in {RETRY_AFTER_SECS} s")
+            }
+            Self::Engine { action, detail } => write!(f, "the Docker engine failed to {action}: {detail}"),
+            Self::Unservable { deployment, reason } => write!(f, "{deployment} cannot be served: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for PipesError {}
+
+/// Formats a duration as a person would write it: `60 s`, `1.5 s`, `250 ms`.
+pub struct DisplayDuration(pub Duration);
+
+impl fmt::Display for DisplayDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms < 1000 {
+            write!(f, "{ms} ms")
+        } else if ms.is_multiple_of(1000) {
+            write!(f, "{} s", ms / 1000)
+        } else {
+            write!(f, "{:.1} s", self.0.as_secs_f64())
+        }
+    }
+}
+
+fn escape_html(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_design_table() {
+        let cases: Vec<(PipesError, u16)> = vec![
+            (PipesError::NotOurs { host: "a".into(), expected: "b".into() }, 404),
+            (PipesError::BadName { label: "A!".into(), reason: "r" }, 400),
+            (PipesError::Forbidden { deployment: "a/b:c".into() }, 403),
+            (PipesError::ImageNotFound { image: "a/b:c".into() }, 404),
+            (PipesError::RegistryAuth { registry: "r".into(), user: Some("u".into()), detail: "d".into() }, 502),
+            (PipesError::Exited { deployment: "a/b:c".into(), code: 3, logs: vec![] }, 502),
+            (
+                PipesError::NotReady {
+                    deployment: "a/b:c".into(),
+                    timeout: Duration::from_secs(1),
+                    probed: "GET /".into(),
+                },
+                504,
+            ),
+            (PipesError::EngineUnavailable { reason: "down".into() }, 503),
+        ];
+        for (error, status) in cases {
+            assert_eq!(error.status(), status, "{error}");
+            assert_eq!(error.to_json()["status"], status);
+            assert_eq!(error.retry_after().is_some(), status == 503);
+        }
+    }
+
+    #[test]
+    fn forbidden_names_the_setting() {
+        let e = PipesError::Forbidden { deployment: "alice/app:v1".into() };
+        assert!(e.to_string().contains("PIPES_ALLOW"));
+        assert_eq!(e.to_json()["setting"], "PIPES_ALLOW");
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        let e = PipesError::Exited { deployment: "a/b:c".into(), code: 1, logs: vec!["<script>".into()] };
+        let html = e.to_html();
+        assert!(html.contains("&lt;script&gt;"));
+        assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(DisplayDuration(Duration::from_secs(60)).to_string(), "60 s");
+        assert_eq!(DisplayDuration(Duration::from_millis(1500)).to_string(), "1.5 s");
+        assert_eq!(DisplayDuration(Duration::from_millis(250)).to_string(), "250 ms");
+    }
+}

@@ -1,0 +1,217 @@
+//! Step 4 of the request path: a cold start, from nothing to an answering container.
+//!
+//! Start a stopped container of ours, or pull the image if it is missing,
+//! create the container (labelled, under a name unique to the deployment),
+//! start it, and probe it until it answers, watching for it to exit meanwhile.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::probe;
+use super::Upstream;
+use crate::engine::{Container, ContainerSpec, Engine, Image};
+use crate::error::PipesError;
+use crate::route::Deployment;
+use crate::settings::Settings;
+
+/// Lines of a container's log shown when it exits while starting.
+const LOG_LINES: usize = 20;
+/// Container port when the image exposes none.
+const DEFAULT_PORT: u16 = 80;
+/// Seconds a never-ready container gets to stop before it is killed.
+const STOP_GRACE_SECS: i32 = 2;
+
+/// Starts deployments on the engine.
+pub struct Deployer {
+    engine: Engine,
+    settings: Arc<Settings>,
+}
+
+impl Deployer {
+    /// A deployer using `engine` with `settings`.
+    pub fn new(engine: Engine, settings: Arc<Settings>) -> Self {
+        Deployer { engine, settings }
+    }
+
+    /// The engine it deploys on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The settings it deploys with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Brings `d` to a running, answering container and returns where it answers.
+    pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
+        let name = self.engine.container_name(d);
+        let container = match self.engine.inspect(&name).await? {
+            Some(c) if c.running => c,
+            Some(c) if c.config_hash.as_deref() == Some(self.spec_hash(d, &c).as_str()) => {
+                log::info!("{d}: starting its stopped container {}", super::short_id(&c.id));
+                self.start(&c.id).await?
+            }
+            Some(c) => {
+                log::info!("{d}: replacing container {} made from an older spec", super::short_id(&c.id));
+                self.engine.remove(&c.id).await?;
+                self.create(d, &name).await?
+            }
+            None => self.create(d, &name).await?,
+        };
+        let addr = container.address.ok_or_else(|| PipesError::Unservable {
+            deployment: d.to_string(),
+            reason: "the running container has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
+        })?;
+        self.until_ready(d, &container.id, addr).await?;
+        Ok(Upstream::new(container.id, addr))
+    }
+
+    /// Pulls if needed, creates and starts a new container of `d`.
+    async fn create(&self, d: &Deployment, name: &str) -> Result<Container, PipesError> {
+        let image_ref = self.settings.image_ref(d);
+        let image = match self.engine.image(&image_ref).await? {
+            Some(image) => image,
+            None => {
+                log::info!("{d}: pulling {image_ref}");
+                self.engine.pull(&image_ref).await?;
+                self.engine.image(&image_ref).await?.ok_or_else(|| PipesError::Engine {
+                    action: "pull an image",
+                    detail: format!("{image_ref} is missing after the pull"),
+                })?
+            }
+        };
+        let port = container_port(d, &image)?;
+        let hash = spec_hash(&image_ref, port);
+        let spec = ContainerSpec {
+            name: name.to_owned(),
+            image: image_ref,
+            port,
+            labels: self.engine.labels(d, &hash, port),
+        };
+        let id = match self.engine.create(&spec).await? {
+            Some(id) => id,
+            // Another Pipes created it first: use that one, never a second.
+            None => {
+                let c = self.engine.inspect(name).await?.ok_or_else(|| PipesError::Engine {
+                    action: "create a container",
+                    detail: format!("name {name} is taken but no such container exists"),
+                })?;
+                if c.running {
+                    return Ok(c);
+                }
+                c.id
+            }
+        };
+        log::info!("{d}: created container {} ({} port {port})", super::short_id(&id), spec.image);
+        self.start(&id).await
+    }
+
+    async fn start(&self, id: &str) -> Result<Container, PipesError> {
+        self.engine.start(id).await?;
+        self.engine.inspect(id).await?.ok_or_else(|| PipesError::Engine {
+            action: "start a container",
+            detail: format!("container {} vanished after start", super::short_id(id)),
+        })
+    }
+
+    /// The hash a container of `d` would carry if created now with the port
+    /// `existing` was made with; a mismatch means the settings changed since.
+    fn spec_hash(&self, d: &Deployment, existing: &Container) -> String {
+        existing.port.map(|p| spec_hash(&self.settings.image_ref(d), p)).unwrap_or_default()
+    }
+
+    /// Probes until the container answers; fails if it exits or the timeout passes.
+    async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr) -> Result<(), PipesError> {
+        let timeout = self.settings.start_timeout;
+        let path = "/";
+        tokio::select! {
+            biased;
+            exit = self.engine.exited(id) => match exit {
+                Ok(code) => {
+                    let logs = self.engine.log_tail(id, LOG_LINES).await;
+                    Err(PipesError::Exited { deployment: d.to_string(), code, logs })
+                }
+                // Losing the watch is no failure of the container: keep probing.
+                Err(e) => {
+                    log::warn!("{d}: cannot watch container {}: {e}", super::short_id(id));
+                    self.probe_until(d, id, addr, path, timeout).await
+                }
+            },
+            ready = self.probe_until(d, id, addr, path, timeout) => ready,
+        }
+    }
+
+    async fn probe_until(
+        &self,
+        d: &Deployment,
+        id: &str,
+        addr: SocketAddr,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(), PipesError> {
+        if probe::until_answers(addr, path, timeout).await {
+            return Ok(());
+        }
+        // A container that never answers is stopped, so it does not hold
+        // resources; it stays for its logs and is started again on demand.
+        let engine = self.engine.clone();
+        let id_owned = id.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = engine.stop(&id_owned, STOP_GRACE_SECS).await {
+                log::warn!("cannot stop never-ready container {}: {e}", super::short_id(&id_owned));
+            }
+        });
+        Err(PipesError::NotReady { deployment: d.to_string(), timeout, probed: format!("GET http://{addr}{path}") })
+    }
+}
+
+/// The container port: the image's single exposed TCP port, else 80.
+fn container_port(d: &Deployment, image: &Image) -> Result<u16, PipesError> {
+    match image.exposed_tcp.as_slice() {
+        [] => Ok(DEFAULT_PORT),
+        [port] => Ok(*port),
+        several => Err(PipesError::Unservable {
+            deployment: d.to_string(),
+            reason: format!(
+                "the image exposes several ports ({}); choose one with the deployment's `port` setting",
+                several.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+    }
+}
+
+/// A short, stable hash of what a container is created from.
+fn spec_hash(image_ref: &str, port: u16) -> String {
+    let digest = Sha256::new().chain_update(image_ref).chain_update([0]).chain_update(port.to_be_bytes()).finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(ports: &[u16]) -> Image {
+        Image { id: "sha256:x".into(), digest: None, exposed_tcp: ports.to_vec() }
+    }
+
+    #[test]
+    fn port_comes_from_the_image_else_80() {
+        let d = Deployment::parse("a/b:c").unwrap();
+        assert_eq!(container_port(&d, &image(&[])).unwrap(), 80);
+        assert_eq!(container_port(&d, &image(&[3000])).unwrap(), 3000);
+        let e = container_port(&d, &image(&[80, 443])).unwrap_err();
+        assert!(e.to_string().contains("80, 443"), "{e}");
+    }
+
+    #[test]
+    fn spec_hash_is_stable_and_sensitive() {
+        assert_eq!(spec_hash("a/b:c", 80), spec_hash("a/b:c", 80));
+        assert_ne!(spec_hash("a/b:c", 80), spec_hash("a/b:c", 81));
+        assert_ne!(spec_hash("a/b:c", 80), spec_hash("a/b:d", 80));
+        assert_eq!(spec_hash("a/b:c", 80).len(), 16);
+    }
+}

@@ -1,0 +1,321 @@
+//! Step 3 of the request path: the table of deployments, and who starts them.
+//!
+//! The table is a copy-on-write map behind an `ArcSwap`: a request reads it
+//! without taking any lock, and finds a [`Slot`] whose ready upstream is one more
+//! atomic load. Only new deployments (cold path) copy the map.
+//!
+//! A cold start runs as a task on the control runtime, not inside the request
+//! that caused it, so a client that hangs up does not cancel a start that
+//! others wait on. Every request for a starting deployment awaits the same task.
+
+mod deploy;
+mod probe;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use pingora::upstreams::peer::HttpPeer;
+
+pub use deploy::Deployer;
+
+use crate::engine::Engine;
+use crate::error::PipesError;
+use crate::route::{Deployment, DeploymentRef};
+use crate::security::Policy;
+use crate::settings::Settings;
+
+/// How long Pipes waits to connect to a container that should be running.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A running container that answered: where requests for a deployment go.
+#[derive(Debug)]
+pub struct Upstream {
+    pub container_id: String,
+    pub addr: SocketAddr,
+    peer: HttpPeer,
+}
+
+impl Upstream {
+    /// An upstream at `addr` served by container `container_id`.
+    pub fn new(container_id: String, addr: SocketAddr) -> Self {
+        let mut peer = HttpPeer::new(addr, false, String::new());
+        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
+        Upstream { container_id, addr, peer }
+    }
+
+    /// The peer Pingora connects to for one request.
+    pub fn peer(&self) -> Box<HttpPeer> {
+        Box::new(self.peer.clone())
+    }
+}
+
+type StartResult = Result<Arc<Upstream>, PipesError>;
+type Start = Shared<BoxFuture<'static, StartResult>>;
+
+/// What only the cold path touches.
+#[derive(Default)]
+struct Cold {
+    /// The start in progress, which every waiting request awaits.
+    starting: Option<Start>,
+    /// The last failed start, remembered for `failure_ttl`.
+    failed: Option<(Instant, PipesError)>,
+}
+
+/// One deployment in the table.
+pub struct Slot {
+    pub deployment: Deployment,
+    ready: ArcSwapOption<Upstream>,
+    /// Unix time in milliseconds of the last proxied request; 0 if none.
+    last_request_ms: AtomicU64,
+    cold: Mutex<Cold>,
+}
+
+/// What the API reports of a slot without asking the engine.
+#[derive(Debug, Clone)]
+pub enum SlotState {
+    Running(Arc<Upstream>),
+    Starting,
+    Failed(PipesError),
+    Idle,
+}
+
+impl Slot {
+    fn new(deployment: Deployment) -> Self {
+        Slot {
+            deployment,
+            ready: ArcSwapOption::empty(),
+            last_request_ms: AtomicU64::new(0),
+            cold: Mutex::new(Cold::default()),
+        }
+    }
+
+    /// The upstream, if the deployment is running and answered: the hot path.
+    #[inline]
+    pub fn ready(&self) -> Option<Arc<Upstream>> {
+        self.ready.load_full()
+    }
+
+    /// Records a proxied request, for idle accounting.
+    #[inline]
+    pub fn touch(&self) {
+        self.last_request_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Unix time in milliseconds of the last proxied request.
+    pub fn last_request_ms(&self) -> Option<u64> {
+        Some(self.last_request_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// The state as the table knows it.
+    pub fn state(&self) -> SlotState {
+        if let Some(up) = self.ready() {
+            return SlotState::Running(up);
+        }
+        let cold = self.lock_cold();
+        match (&cold.starting, &cold.failed) {
+            (Some(_), _) => SlotState::Starting,
+            (None, Some((_, e))) => SlotState::Failed(e.clone()),
+            (None, None) => SlotState::Idle,
+        }
+    }
+
+    fn lock_cold(&self) -> MutexGuard<'_, Cold> {
+        // The guarded data stays consistent even if a holder panicked.
+        self.cold.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+type Table = hashbrown::HashMap<Deployment, Arc<Slot>>;
+
+/// Every deployment Pipes knows, and the means to start them.
+pub struct Fleet {
+    table: ArcSwap<Table>,
+    /// Serializes additions to the table (cold path only).
+    grow: Mutex<()>,
+    policy: Policy,
+    failure_ttl: Duration,
+    deployer: Arc<Deployer>,
+    /// The runtime that runs starts and engine calls.
+    control: tokio::runtime::Handle,
+}
+
+impl Fleet {
+    /// A fleet deploying with `engine` on the `control` runtime.
+    pub fn new(settings: Arc<Settings>, engine: Engine, control: tokio::runtime::Handle) -> Self {
+        Fleet {
+            table: ArcSwap::from_pointee(Table::new()),
+            grow: Mutex::new(()),
+            policy: settings.policy.clone(),
+            failure_ttl: settings.failure_ttl,
+            deployer: Arc::new(Deployer::new(engine, settings)),
+            control,
+        }
+    }
+
+    /// The engine, for the API.
+    pub fn engine(&self) -> &Engine {
+        self.deployer.engine()
+    }
+
+    /// The deployer, for the API.
+    pub fn deployer(&self) -> &Deployer {
+        &self.deployer
+    }
+
+    /// Whether the policy lets `d` run here.
+    #[inline]
+    pub fn allows(&self, d: DeploymentRef<'_>) -> bool {
+        self.policy.allows(d)
+    }
+
+    /// The slot of a deployment the table knows: lock-free, no allocation.
+    #[inline]
+    pub fn get(&self, d: DeploymentRef<'_>) -> Option<Arc<Slot>> {
+        self.table.load().get(&d).cloned()
+    }
+
+    /// The slot of a deployment, added to the table if new.
+    pub fn slot(&self, d: DeploymentRef<'_>) -> Arc<Slot> {
+        if let Some(slot) = self.get(d) {
+            return slot;
+        }
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = self.table.load();
+        if let Some(slot) = table.get(&d) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot::new(d.to_owned()));
+        let mut next = Table::clone(&table);
+        next.insert(slot.deployment.clone(), slot.clone());
+        self.table.store(Arc::new(next));
+        slot
+    }
+
+    /// Every slot, sorted by deployment.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        let mut all: Vec<_> = self.table.load().values().cloned().collect();
+        all.sort_by(|a, b| a.deployment.cmp(&b.deployment));
+        all
+    }
+
+    /// The upstream of a running deployment, starting it first if needed.
+    pub async fn ready(&self, slot: &Arc<Slot>) -> StartResult {
+        if let Some(up) = slot.ready() {
+            return Ok(up);
+        }
+        self.start(slot).await
+    }
+
+    /// After `failed` refused a connection: forget it and start the deployment again.
+    pub async fn recover(&self, slot: &Arc<Slot>, failed: SocketAddr) -> StartResult {
+        {
+            let _cold = slot.lock_cold();
+            if slot.ready().is_some_and(|up| up.addr == failed) {
+                log::info!("{}: upstream {failed} stopped answering, starting it again", slot.deployment);
+                slot.ready.store(None);
+            }
+        }
+        self.ready(slot).await
+    }
+
+    /// Forgets the upstream of a deployment whose container was stopped or removed.
+    pub fn forget(&self, slot: &Slot) {
+        let mut cold = slot.lock_cold();
+        slot.ready.store(None);
+        cold.failed = None;
+    }
+
+    /// Starts a deployment, or joins the start already under way.
+    async fn start(&self, slot: &Arc<Slot>) -> StartResult {
+        let start = {
+            let mut cold = slot.lock_cold();
+            if let Some(up) = slot.ready() {
+                return Ok(up);
+            }
+            if let Some((at, error)) = &cold.failed {
+                if at.elapsed() < self.failure_ttl {
+                    return Err(error.clone());
+                }
+            }
+            match &cold.starting {
+                Some(start) => start.clone(),
+                None => {
+                    let start = self.spawn_start(slot.clone());
+                    cold.starting = Some(start.clone());
+                    start
+                }
+            }
+        };
+        start.await
+    }
+
+    fn spawn_start(&self, slot: Arc<Slot>) -> Start {
+        let deployer = self.deployer.clone();
+        let task = self.control.spawn(async move {
+            let began = Instant::now();
+            let result = deployer.deploy(&slot.deployment).await.map(Arc::new);
+            let mut cold = slot.lock_cold();
+            cold.starting = None;
+            match &result {
+                Ok(up) => {
+                    log::info!("{}: ready at {} in {:?}", slot.deployment, up.addr, began.elapsed());
+                    cold.failed = None;
+                    slot.ready.store(Some(up.clone()));
+                }
+                Err(e) => {
+                    log::warn!("{}: start failed after {:?}: {e}", slot.deployment, began.elapsed());
+                    cold.failed = Some((Instant::now(), e.clone()));
+                }
+            }
+            result
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(PipesError::Engine { action: "start the deployment", detail: format!("start task failed: {e}") })
+            })
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Runs engine work on the control runtime, where the engine connection lives.
+    pub async fn on_control<F, T>(&self, work: F) -> Result<T, PipesError>
+    where
+        F: std::future::Future<Output = Result<T, PipesError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.control.spawn(work).await.unwrap_or_else(|e| {
+            Err(PipesError::Engine { action: "finish an engine call", detail: format!("task failed: {e}") })
+        })
+    }
+
+    /// Takes over the containers this instance left running or stopped.
+    pub async fn adopt(&self) -> Result<usize, PipesError> {
+        let engine = self.engine();
+        let mut adopted = 0;
+        for (d, id) in engine.managed().await? {
+            let slot = self.slot(d.as_ref());
+            if let Some(container) = engine.inspect(&id).await? {
+                if let (true, Some(addr)) = (container.running, container.address) {
+                    slot.ready.store(Some(Arc::new(Upstream::new(container.id, addr))));
+                }
+                log::info!("adopted {d} (container {}, running: {})", short_id(&id), container.running);
+                adopted += 1;
+            }
+        }
+        Ok(adopted)
+    }
+}
+
+/// The first 12 characters of a container id, as `docker ps` shows it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}

@@ -1,0 +1,23 @@
+//! The `pipes` command: read the settings, then serve until told to stop.
+
+use std::process::ExitCode;
+
+use pipes::settings::Settings;
+
+fn main() -> ExitCode {
+    let settings = match Settings::load() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("pipes: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match pipes::server::run(settings) {
+        Ok(never) => match never {},
+        Err(e) => {
+            eprintln!("pipes: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
