@@ -36,6 +36,9 @@ pub const LABEL_CONFIG_HASH: &str = "pipes.config-hash";
 /// Label holding the container port Pipes proxies to.
 pub const LABEL_PORT: &str = "pipes.port";
 
+/// Labels Pipes sets on its containers, which `PIPES_LABELS` may not override.
+pub const RESERVED_LABELS: [&str; 5] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT];
+
 /// What Pipes knows of one of its containers after inspecting it.
 #[derive(Debug, Clone)]
 pub struct Container {
@@ -86,8 +89,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine at `DOCKER_HOST`, not yet connected.
-    pub fn new(settings: &Settings) -> Engine {
+    /// An engine at `DOCKER_HOST`, not yet connected, reaching containers as `reach` says.
+    pub fn new(settings: &Settings, reach: Reach) -> Engine {
         let credentials = settings.registry_auth.as_ref().map(|a| DockerCredentials {
             username: Some(a.username.clone()),
             password: Some(a.password.expose().to_owned()),
@@ -98,7 +101,7 @@ impl Engine {
         Engine {
             host: settings.docker_host.clone(),
             client: Arc::new(OnceCell::new()),
-            reach: settings.reach.clone(),
+            reach,
             instance: settings.instance.clone(),
             extra_labels: settings.labels.clone(),
             credentials,
@@ -126,6 +129,22 @@ impl Engine {
     pub async fn version(&self) -> Result<String, PipesError> {
         let v = self.docker().await?.version().await.map_err(|e| self.fail("read its version", e))?;
         Ok(format!("{} (API {})", v.version.unwrap_or_default(), v.api_version.unwrap_or_default()))
+    }
+
+    /// The networks of container `name`, or `None` if the engine has no such container.
+    pub async fn networks_of(&self, name: &str) -> Result<Option<Vec<String>>, PipesError> {
+        match self.docker().await?.inspect_container(name, None).await {
+            Ok(c) => Ok(Some(
+                c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default(),
+            )),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.fail("inspect a container", e)),
+        }
+    }
+
+    /// How containers are reached from here.
+    pub fn reach(&self) -> &Reach {
+        &self.reach
     }
 
     /// The deterministic container name of a deployment. Creating by name makes

@@ -37,16 +37,13 @@ pub fn run(settings: Settings) -> Result<Infallible, StartError> {
         .thread_name("pipes-control")
         .enable_all()
         .build()?;
-    let fleet = Arc::new(Fleet::new(settings.clone(), Engine::new(&settings), control.handle().clone()));
-    match control.block_on(fleet.engine().version()) {
-        Ok(version) => log::info!("Docker engine {version} at {}", settings.docker_host),
-        Err(e) => log::warn!("{e}; deployments answer 503 until the engine answers"),
-    }
+    let reach = control.block_on(decide_reach(&settings));
+    let fleet = Arc::new(Fleet::new(settings.clone(), Engine::new(&settings, reach), control.handle().clone()));
     match control.block_on(fleet.adopt()) {
         Ok(n) => log::info!("adopted {n} container(s) of instance '{}'", settings.instance),
         Err(e) => log::warn!("cannot adopt running containers yet: {e}"),
     }
-    log_summary(&settings);
+    log_summary(&settings, fleet.engine().reach());
 
     let opt = Opt { upgrade: settings.upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -65,6 +62,38 @@ pub fn run(settings: Settings) -> Result<Infallible, StartError> {
     // The control runtime must outlive the server, which never returns.
     let _control = control;
     server.run_forever()
+}
+
+/// How Pipes reaches its containers: over `PIPES_NETWORK` if named; over a network
+/// of its own container if the engine runs Pipes itself (127.0.0.1 is then not
+/// the host's); else at ports published on 127.0.0.1.
+async fn decide_reach(settings: &Settings) -> Reach {
+    if let Some(network) = &settings.network {
+        return Reach::Network(network.clone());
+    }
+    let engine = Engine::new(settings, Reach::Published);
+    match engine.version().await {
+        Ok(version) => log::info!("Docker engine {version} at {}", settings.docker_host),
+        Err(e) => log::warn!("{e}; deployments answer 503 until the engine answers"),
+    }
+    let own = match &settings.hostname {
+        Some(hostname) => engine.networks_of(hostname).await,
+        None => Ok(None),
+    };
+    match own {
+        Ok(Some(networks)) => {
+            let network = if networks.iter().any(|n| n == "bridge") {
+                "bridge".to_owned()
+            } else {
+                networks.into_iter().next().unwrap_or_else(|| "bridge".to_owned())
+            };
+            log::info!("Pipes runs in a container of this engine: joining its containers on network '{network}'");
+            Reach::Network(network)
+        }
+        Ok(None) => Reach::Published,
+        Err(_) if settings.in_container => Reach::Network("bridge".to_owned()),
+        Err(_) => Reach::Published,
+    }
 }
 
 /// Pingora's configuration: the YAML file if given, with Pipes' shutdown defaults.
@@ -88,10 +117,10 @@ fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
     Ok(conf)
 }
 
-fn log_summary(settings: &Settings) {
+fn log_summary(settings: &Settings, reach: &Reach) {
     let listen: Vec<String> = settings.listen.iter().map(|a| a.to_string()).collect();
     log::info!("listening on {} for {:?}", listen.join(", "), settings.domain);
-    match &settings.reach {
+    match reach {
         Reach::Published => log::info!("containers are reached on 127.0.0.1 at published ports"),
         Reach::Network(n) => log::info!("containers are reached at their IP on network '{n}'"),
     }

@@ -118,7 +118,7 @@ pub struct RegistryAuth {
     pub password: Secret,
 }
 
-/// How Pipes reaches the containers it starts.
+/// How Pipes reaches the containers it starts; decided at start-up (see `server`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reach {
     /// The container port is published on 127.0.0.1 with a random host port.
@@ -134,7 +134,12 @@ pub struct Settings {
     pub domain: Domain,
     /// Registry prefix, without scheme or trailing slash; `None` is Docker Hub.
     pub registry: Option<String>,
-    pub reach: Reach,
+    /// Network named by `PIPES_NETWORK`.
+    pub network: Option<String>,
+    /// This machine's host name: a container's id when Pipes runs in one.
+    pub hostname: Option<String>,
+    /// Whether `/.dockerenv` exists (a hint only: sandboxes have it too).
+    pub in_container: bool,
     pub config_dir: PathBuf,
     pub policy: Policy,
     pub api_token: Option<Secret>,
@@ -165,17 +170,19 @@ impl fmt::Display for SettingError {
 impl std::error::Error for SettingError {}
 
 /// Where settings come from besides flags: the environment and the machine.
+#[derive(Default)]
 pub struct Sources {
     pub env: HashMap<String, String>,
-    /// Whether Pipes itself runs inside a container.
+    pub hostname: Option<String>,
     pub in_container: bool,
 }
 
 impl Sources {
-    /// The process environment, and whether `/.dockerenv` exists.
+    /// The process environment, host name, and whether `/.dockerenv` exists.
     pub fn from_process() -> Self {
         Sources {
             env: std::env::vars().collect(),
+            hostname: std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()),
             in_container: std::path::Path::new("/.dockerenv").exists(),
         }
     }
@@ -227,13 +234,6 @@ impl Settings {
                 return Err(err("PIPES_NETWORK", format!("expected a Docker network name, got '{n}'")));
             }
         }
-        // Inside a container, 127.0.0.1 is not the host: reach containers over a
-        // network instead, the default bridge unless one is named.
-        let reach = match network {
-            Some(n) => Reach::Network(n),
-            None if src.in_container => Reach::Network("bridge".into()),
-            None => Reach::Published,
-        };
         let config_dir = PathBuf::from(pick(cli.config_dir, "PIPES_CONFIG_DIR")?.unwrap_or_else(|| "configs".into()));
         let policy = match pick(cli.allow, "PIPES_ALLOW")? {
             Some(list) => Policy::new(
@@ -278,7 +278,9 @@ impl Settings {
             listen,
             domain,
             registry,
-            reach,
+            network,
+            hostname: src.hostname.clone(),
+            in_container: src.in_container,
             config_dir,
             policy,
             api_token,
@@ -401,8 +403,8 @@ fn parse_labels(value: &str) -> Result<Vec<(String, String)>, SettingError> {
             let key_ok = !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
             if !key_ok {
                 Err(err("PIPES_LABELS", format!("expected key=value pairs, got '{l}'")))
-            } else if k.starts_with("pipes.") {
-                Err(err("PIPES_LABELS", format!("label '{k}': keys starting with 'pipes.' are reserved")))
+            } else if crate::engine::RESERVED_LABELS.contains(&k) {
+                Err(err("PIPES_LABELS", format!("label '{k}' is set by Pipes itself")))
             } else {
                 Ok((k.to_owned(), v.to_owned()))
             }
@@ -431,10 +433,7 @@ mod tests {
     use super::*;
 
     fn sources(vars: &[(&str, &str)]) -> Sources {
-        Sources {
-            env: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            in_container: false,
-        }
+        Sources { env: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Sources::default() }
     }
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
@@ -446,7 +445,7 @@ mod tests {
         let s = load(&[]).unwrap();
         assert_eq!(s.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         assert_eq!(s.domain, Domain::Levels(2));
-        assert_eq!(s.reach, Reach::Published);
+        assert_eq!(s.network, None);
         assert!(s.policy.patterns().is_empty(), "nothing may be deployed by default");
         assert!(s.api_token.is_none());
         assert!(s.registry_auth.is_none());
@@ -522,12 +521,9 @@ mod tests {
     }
 
     #[test]
-    fn network_mode_is_chosen_in_a_container() {
-        let mut src = sources(&[]);
-        src.in_container = true;
-        assert_eq!(Settings::from_sources(Cli::default(), &src).unwrap().reach, Reach::Network("bridge".into()));
-        let s = load(&[("PIPES_NETWORK", "pipes-net")]).unwrap();
-        assert_eq!(s.reach, Reach::Network("pipes-net".into()));
+    fn network_names_are_checked() {
+        assert_eq!(load(&[("PIPES_NETWORK", "pipes-net")]).unwrap().network.as_deref(), Some("pipes-net"));
+        assert_eq!(load(&[("PIPES_NETWORK", "a b")]).unwrap_err().name, "PIPES_NETWORK");
     }
 
     #[test]

@@ -62,6 +62,9 @@ impl Deployer {
             }
             None => self.create(d, &name).await?,
         };
+        if !container.running {
+            return Err(self.exited(d, &container.id, container.exit_code).await);
+        }
         let addr = container.address.ok_or_else(|| PipesError::Unservable {
             deployment: d.to_string(),
             reason: "the running container has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
@@ -131,10 +134,7 @@ impl Deployer {
         tokio::select! {
             biased;
             exit = self.engine.exited(id) => match exit {
-                Ok(code) => {
-                    let logs = self.engine.log_tail(id, LOG_LINES).await;
-                    Err(PipesError::Exited { deployment: d.to_string(), code, logs })
-                }
+                Ok(code) => Err(self.exited(d, id, code).await),
                 // Losing the watch is no failure of the container: keep probing.
                 Err(e) => {
                     log::warn!("{d}: cannot watch container {}: {e}", super::short_id(id));
@@ -143,6 +143,12 @@ impl Deployer {
             },
             ready = self.probe_until(d, id, addr, path, timeout) => ready,
         }
+    }
+
+    /// The failure of a container that exited while starting, with its last log lines.
+    async fn exited(&self, d: &Deployment, id: &str, code: i64) -> PipesError {
+        let logs = self.engine.log_tail(id, LOG_LINES).await;
+        PipesError::Exited { deployment: d.to_string(), code, logs }
     }
 
     async fn probe_until(
