@@ -98,7 +98,12 @@ impl Fixtures {
     /// then removes the local copy so that Pipes has to pull it.
     pub fn publish(&mut self, repo: &str, tag: &str, extra: &str) -> String {
         let reference = self.reference(repo, tag);
-        build_image(&reference, &format!("FROM {}\nENV FIXTURE_ID={tag}\n{extra}\n", env().fixture));
+        // The reference label makes every image distinct: identical builds share an
+        // image id, and one test removing its copy would pull it from under another.
+        build_image(
+            &reference,
+            &format!("FROM {}\nENV FIXTURE_ID={tag}\n{extra}\nLABEL pipes.fixture={reference}\n", env().fixture),
+        );
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
         self.refs.push(reference.clone());

@@ -1,0 +1,48 @@
+//! The `pipes` command line: help, checks and refusals, without an engine.
+
+use std::process::Command;
+
+fn pipes(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pipes"))
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .output()
+        .expect("pipes runs")
+}
+
+#[test]
+fn help_documents_every_variable() {
+    let out = pipes(&["--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "PIPES_LISTEN", "PIPES_DOMAIN", "DOMAINLEVELS", "PIPES_REGISTRY", "PIPES_NETWORK", "PIPES_CONFIG_DIR",
+        "PIPES_ALLOW", "PIPES_API_TOKEN", "DOCKER_HOST", "DOCKER_AUTH", "DOCKER_AUTH_USERNAME", "DOCKER_AUTH_EMAIL",
+        "DOCKER_AUTH_PASSWORD", "NAME_FILE",
+    ] {
+        assert!(help.contains(var), "--help does not mention {var}:\n{help}");
+    }
+}
+
+#[test]
+fn a_bad_value_stops_start_up_with_one_line() {
+    let out = pipes(&[], &[("DOMAINLEVELS", "two")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("pipes: DOMAINLEVELS: expected a number"), "{err}");
+
+    let out = pipes(&["--listen", "nowhere"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PIPES_LISTEN"));
+}
+
+#[test]
+fn the_check_flag_validates_and_exits() {
+    let out = pipes(&["-t", "--conf", concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml")], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pipes(&["-t", "--conf", "/nonexistent.yaml"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PIPES_SERVER_CONF"));
+}

@@ -1,0 +1,143 @@
+//! The Pipes image, run as users run it: in a container with the engine's
+//! socket mounted, reaching deployments over a network the test creates.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{docker, docker_ok, env, json, unique, Fixtures};
+
+/// Everything the test creates on the engine, removed on drop (also on failure).
+#[derive(Default)]
+struct Created {
+    containers: Vec<String>,
+    instances: Vec<String>,
+    network: Option<String>,
+    image: Option<String>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            if std::thread::panicking() {
+                let logs = docker(&["logs", c]);
+                eprintln!("--- {c} ---\n{}", String::from_utf8_lossy(&logs.stderr));
+            }
+            let _ = docker(&["rm", "-f", c]);
+        }
+        for instance in &self.instances {
+            let out = docker(&["ps", "-aq", "--filter", &format!("label=pipes.instance={instance}")]);
+            for id in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = docker(&["rm", "-f", id]);
+            }
+        }
+        if let Some(n) = &self.network {
+            let _ = docker(&["network", "rm", n]);
+        }
+        if let Some(i) = &self.image {
+            let _ = docker(&["rmi", "-f", i]);
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Builds the image from the repository's Dockerfile with the binary under test.
+fn build_pipes_image(created: &mut Created) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = Path::new(env!("CARGO_BIN_EXE_pipes"));
+    let relative = binary.strip_prefix(root).expect("the binary is built inside the repository");
+    let tag = format!("pipes-test:{}", unique("i"));
+    let out = std::process::Command::new("docker")
+        .args(["build", "-q", "--label", &format!("pipes.test={}", env().run), "-t", &tag])
+        .arg("--build-arg")
+        .arg(format!("BINARY={}", relative.display()))
+        .arg(root)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build runs");
+    assert!(
+        out.status.success(),
+        "building the image failed (the binary must be static: run through scripts/test): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    created.image = Some(tag.clone());
+    tag
+}
+
+/// Runs the image on `network` and returns the 127.0.0.1 port it is published on.
+fn run_pipes(created: &mut Created, image: &str, network: &str, extra_env: &[String]) -> (String, u16) {
+    let e = env();
+    let instance = unique("c");
+    created.instances.push(instance.clone());
+    let configs = std::env::temp_dir().join(format!("pipes-{instance}-configs"));
+    std::fs::create_dir_all(&configs).unwrap();
+    created.dirs.push(configs.clone());
+    let mut args: Vec<String> = [
+        "run", "-d", "--label", &format!("pipes.test={}", e.run), "--network", network,
+        "-v", "/var/run/docker.sock:/var/run/docker.sock",
+        "-v", &format!("{}:/configs", configs.display()),
+        "-p", "127.0.0.1::8080",
+        "-e", &format!("PIPES_INSTANCE={instance}"),
+        "-e", &format!("PIPES_LABELS=pipes.test={}", e.run),
+        "-e", &format!("PIPES_REGISTRY={}", e.registry),
+        "-e", "PIPES_ALLOW=*",
+        "-e", "DOCKER_AUTH=true",
+        "-e", &format!("DOCKER_AUTH_USERNAME={}", e.user),
+        "-e", &format!("DOCKER_AUTH_PASSWORD={}", e.password),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for v in extra_env {
+        args.push("-e".into());
+        args.push(v.clone());
+    }
+    args.push(image.to_owned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = docker_ok(&refs);
+    created.containers.push(id.clone());
+    let mapping = docker_ok(&["port", &id, "8080/tcp"]);
+    let port: u16 = mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port");
+    (instance, port)
+}
+
+/// Waits until Pipes answers HTTP on `port`: the engine's port proxy accepts
+/// connections before the program in the container listens.
+async fn until_answering(port: u16) {
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "pipes in a container did not answer within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_image_serves_deployments_over_a_network() {
+    let mut created = Created::default();
+    let image = build_pipes_image(&mut created);
+    let network = unique("pipes-test-net");
+    docker_ok(&["network", "create", "--label", &format!("pipes.test={}", env().run), &network]);
+    created.network = Some(network.clone());
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let host = f.host("app", "v1", "example.com");
+
+    // Named network, and found on its own: the engine runs Pipes' container.
+    for extra in [vec![format!("PIPES_NETWORK={network}")], vec![]] {
+        let (instance, port) = run_pipes(&mut created, &image, &network, &extra);
+        until_answering(port).await;
+        let client = common::client_for(&host, port);
+        let resp = client.get(format!("http://{host}:{port}/in-container")).send().await.unwrap();
+        let (status, body) = json(resp).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["id"], "v1");
+        let deployed = docker_ok(&["ps", "-q", "--filter", &format!("label=pipes.instance={instance}")]);
+        let networks = docker_ok(&["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &deployed]);
+        assert_eq!(networks.trim(), network, "the deployment joined the test network only");
+    }
+}
