@@ -45,3 +45,89 @@ ensure_engine() {
   log "dockerd did not start"
   return 1
 }
+
+# Prepares what the engine tests and benchmarks need and exports it as
+# PIPES_TEST_*: engine, authenticated registry on 127.0.0.1, fixture image.
+# Builds with static binaries (the fixture and the Pipes image run on scratch).
+# Everything created is labelled pipes.test=$RUN and removed on exit.
+setup_test_env() {
+  RUN="pt$(date +%s)$$"
+  WORK="$(mktemp -d /tmp/pipes-test.XXXXXX)"
+  REGISTRY_PID=""
+  DOCKERD_PID=""
+
+  cleanup() {
+    local status=$?
+    set +e
+    log "cleaning up run $RUN"
+    if docker info >/dev/null 2>&1; then
+      docker ps -aq --filter "label=pipes.test=$RUN" | xargs -r docker rm -f >/dev/null
+      docker network ls -q --filter "label=pipes.test=$RUN" | xargs -r docker network rm >/dev/null
+      docker images -q --filter "label=pipes.test=$RUN" | sort -u | xargs -r docker rmi -f >/dev/null
+    fi
+    [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
+    [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
+    rm -rf "$WORK"
+    exit $status
+  }
+  trap cleanup EXIT INT TERM
+
+  # --- tools and engine -----------------------------------------------------
+  ensure_commands cmake:cmake docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io
+  ensure_engine "$WORK/dockerd.log"
+  log "Docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+  # --- local registry with htpasswd ------------------------------------------
+  REGISTRY_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  REGISTRY="127.0.0.1:$REGISTRY_PORT"
+  REGISTRY_USER="pipes-test"
+  REGISTRY_PASSWORD="$(head -c 18 /dev/urandom | base64 | tr -d '/+=')"
+  mkdir -p "$WORK/registry/data"
+  htpasswd -Bbc "$WORK/registry/htpasswd" "$REGISTRY_USER" "$REGISTRY_PASSWORD" 2>/dev/null
+  cat >"$WORK/registry/config.yml" <<YAML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $WORK/registry/data
+  delete:
+    enabled: true
+http:
+  addr: $REGISTRY
+auth:
+  htpasswd:
+    realm: pipes-test
+    path: $WORK/registry/htpasswd
+YAML
+  docker-registry serve "$WORK/registry/config.yml" >"$WORK/registry.log" 2>&1 &
+  REGISTRY_PID=$!
+  for _ in $(seq 1 50); do
+    code="$(curl -s -o /dev/null -w '%{http_code}' "http://$REGISTRY/v2/" || true)"
+    [ "$code" = 401 ] && break
+    sleep 0.2
+  done
+  [ "${code:-}" = 401 ] || { cat "$WORK/registry.log" >&2; log "registry did not start"; exit 1; }
+  export DOCKER_CONFIG="$WORK/docker-config"
+  mkdir -p "$DOCKER_CONFIG"
+  echo "$REGISTRY_PASSWORD" | docker login -u "$REGISTRY_USER" --password-stdin "$REGISTRY" >/dev/null
+  log "registry at $REGISTRY (user $REGISTRY_USER)"
+
+  # --- builds ----------------------------------------------------------------
+  # Static binaries: the fixture and the Pipes image run on scratch.
+  export CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
+  export RUSTFLAGS="-C target-feature=+crt-static"
+  log "building the fixture server"
+  cargo build --release -p fixture-server
+  FIXTURE_IMAGE="pipes-test-fixture:$RUN"
+  mkdir -p "$WORK/fixture"
+  cp "target/$CARGO_BUILD_TARGET/release/fixture-server" tests/fixture-server/Dockerfile "$WORK/fixture/"
+  DOCKER_BUILDKIT=0 docker build -q --label "pipes.test=$RUN" -t "$FIXTURE_IMAGE" "$WORK/fixture" >/dev/null
+  log "fixture image $FIXTURE_IMAGE"
+
+  export PIPES_TEST_RUN="$RUN"
+  export PIPES_TEST_REGISTRY="$REGISTRY"
+  export PIPES_TEST_REGISTRY_USER="$REGISTRY_USER"
+  export PIPES_TEST_REGISTRY_PASSWORD="$REGISTRY_PASSWORD"
+  export PIPES_TEST_FIXTURE_IMAGE="$FIXTURE_IMAGE"
+}

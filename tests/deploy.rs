@@ -337,3 +337,19 @@ async fn sigterm_stops_pipes_within_seconds() {
     let status = pipes.terminate().expect("pipes exits after SIGTERM (bounded wait: 20 s)");
     assert!(status.success() || status.code().is_some(), "{status:?}");
 }
+
+#[tokio::test]
+async fn one_deployments_failure_leaves_others_alone() {
+    let mut f = Fixtures::new();
+    f.publish("app", "crash", "ENV FIXTURE_MODE=crash");
+    f.publish("app", "slow", "ENV FIXTURE_DELAY_MS=500");
+    let pipes = Pipes::start(&[]);
+    let (crash, slow) = (f.host("app", "crash", DOMAIN), f.host("app", "slow", DOMAIN));
+    let (missing, bad) = (f.host("app", "missing", DOMAIN), f.host("app", "v1", DOMAIN).replace("v1.", "-v1."));
+    let (a, b, c, d) = tokio::join!(pipes.get(&crash, "/"), pipes.get(&slow, "/"), pipes.get(&missing, "/"), pipes.get(&bad, "/"));
+    assert_eq!(a.status(), 502);
+    assert_eq!(b.status(), 200, "a healthy deployment starts while others fail");
+    assert_eq!(c.status(), 404);
+    assert_eq!(d.status(), 400);
+    assert_eq!(pipes.get(&slow, "/").await.status(), 200);
+}

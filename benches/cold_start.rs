@@ -1,0 +1,324 @@
+//! Cold start: what Pipes adds to the engine's own work.
+//!
+//! In one run, alternating A B A B:
+//! - A: time to first byte through Pipes for a deployment with no container;
+//! - B: the engine's own create + start + first HTTP 200 for the same image,
+//!   driven directly over its API;
+//!
+//! once with the image present locally and once with a pull from the local
+//! registry. Then 200 concurrent first requests to one cold deployment.
+//! Run through `scripts/bench`, which prepares the engine, registry and fixture.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bollard::auth::DockerCredentials;
+use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, PushImageOptions, RemoveContainerOptions,
+    RemoveImageOptions, TagImageOptions,
+};
+use bollard::Docker;
+use futures_util::StreamExt;
+
+struct Env {
+    run: String,
+    registry: String,
+    user: String,
+    password: String,
+    fixture: String,
+    rounds: usize,
+}
+
+fn env() -> Env {
+    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run scripts/bench"));
+    Env {
+        run: var("PIPES_TEST_RUN"),
+        registry: var("PIPES_TEST_REGISTRY"),
+        user: var("PIPES_TEST_REGISTRY_USER"),
+        password: var("PIPES_TEST_REGISTRY_PASSWORD"),
+        fixture: var("PIPES_TEST_FIXTURE_IMAGE"),
+        rounds: std::env::var("PIPES_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15),
+    }
+}
+
+/// A Pipes process for the benchmark; killed on drop.
+struct Pipes {
+    child: Child,
+    port: u16,
+    instance: String,
+}
+
+impl Pipes {
+    fn start(e: &Env) -> Pipes {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let instance = format!("bench{}", std::process::id());
+        let child = Command::new(env!("CARGO_BIN_EXE_pipes"))
+            .env_clear()
+            .env("PIPES_LISTEN", format!("127.0.0.1:{port}"))
+            .env("PIPES_INSTANCE", &instance)
+            .env("PIPES_LABELS", format!("pipes.test={}", e.run))
+            .env("PIPES_REGISTRY", &e.registry)
+            .env("PIPES_ALLOW", "bench/*")
+            .env("DOCKER_AUTH", "true")
+            .env("DOCKER_AUTH_USERNAME", &e.user)
+            .env("DOCKER_AUTH_PASSWORD", &e.password)
+            .env("PIPES_SERVER_CONF", concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("pipes starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "pipes did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pipes { child, port, instance }
+    }
+}
+
+impl Drop for Pipes {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client(host: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .resolve(host, ([127, 0, 0, 1], 0).into())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Time to the response head of a GET through Pipes.
+async fn through_pipes(pipes: &Pipes, tag: &str) -> Duration {
+    let host = format!("{tag}.app.bench.example.com");
+    let c = client(&host);
+    let t0 = Instant::now();
+    let resp = c.get(format!("http://{host}:{}/", pipes.port)).send().await.expect("answer");
+    let took = t0.elapsed();
+    assert_eq!(resp.status(), 200, "{tag}: {}", resp.text().await.unwrap_or_default());
+    took
+}
+
+/// The engine's own work for the same image: [pull +] create + start + first 200.
+async fn direct(docker: &Docker, e: &Env, image: &str, pull: bool, name: &str) -> Duration {
+    let probe = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
+    let t0 = Instant::now();
+    if pull {
+        let (repo, tag) = image.rsplit_once(':').unwrap();
+        let options = CreateImageOptions { from_image: Some(repo.into()), tag: Some(tag.into()), ..Default::default() };
+        let creds = DockerCredentials {
+            username: Some(e.user.clone()),
+            password: Some(e.password.clone()),
+            serveraddress: Some(e.registry.clone()),
+            ..Default::default()
+        };
+        let mut s = docker.create_image(Some(options), None, Some(creds));
+        while let Some(item) = s.next().await {
+            item.expect("pull");
+        }
+    }
+    let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
+    let body = ContainerCreateBody {
+        image: Some(image.into()),
+        labels: Some(HashMap::from([("pipes.test".to_string(), e.run.clone())])),
+        exposed_ports: Some(vec!["80/tcp".into()]),
+        host_config: Some(HostConfig {
+            port_bindings: Some(HashMap::from([("80/tcp".to_string(), Some(vec![binding]))])),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let options = CreateContainerOptions { name: Some(name.into()), ..Default::default() };
+    let id = docker.create_container(Some(options), body).await.expect("create").id;
+    docker.start_container(&id, None).await.expect("start");
+    let info = docker.inspect_container(&id, None).await.expect("inspect");
+    let port = info
+        .network_settings
+        .and_then(|n| n.ports)
+        .and_then(|p| p.get("80/tcp").cloned().flatten())
+        .and_then(|b| b.first().and_then(|b| b.host_port.clone()))
+        .expect("published port");
+    let url = format!("http://127.0.0.1:{port}/");
+    loop {
+        if let Ok(r) = probe.get(&url).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    t0.elapsed()
+}
+
+async fn tag(docker: &Docker, source: &str, repo: &str, tag: &str) {
+    let options = TagImageOptions { repo: Some(repo.into()), tag: Some(tag.into()) };
+    docker.tag_image(source, Some(options)).await.expect("tag");
+}
+
+async fn push(docker: &Docker, e: &Env, repo: &str, tag: &str) {
+    let creds = DockerCredentials {
+        username: Some(e.user.clone()),
+        password: Some(e.password.clone()),
+        serveraddress: Some(e.registry.clone()),
+        ..Default::default()
+    };
+    let options = PushImageOptions { tag: Some(tag.into()), ..Default::default() };
+    let mut s = docker.push_image(repo, Some(options), Some(creds));
+    while let Some(item) = s.next().await {
+        item.expect("push");
+    }
+}
+
+async fn untag(docker: &Docker, image: &str) {
+    let options = RemoveImageOptions { noprune: true, ..Default::default() };
+    let _ = docker.remove_image(image, Some(options), None).await;
+}
+
+async fn remove_labelled(docker: &Docker, label: &str) {
+    let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+    let list = docker
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .await
+        .unwrap_or_default();
+    for c in list {
+        if let Some(id) = c.id {
+            let options = RemoveContainerOptions { force: true, ..Default::default() };
+            let _ = docker.remove_container(&id, Some(options)).await;
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+struct Row {
+    case: &'static str,
+    pipes: Vec<Duration>,
+    direct: Vec<Duration>,
+}
+
+impl Row {
+    fn print(&mut self) {
+        self.pipes.sort();
+        self.direct.sort();
+        let (pm, pp) = (percentile(&self.pipes, 0.5), percentile(&self.pipes, 0.9));
+        let (dm, dp) = (percentile(&self.direct, 0.5), percentile(&self.direct, 0.9));
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:+.1} | {:.2} |",
+            self.case,
+            self.pipes.len(),
+            ms(pm),
+            ms(pp),
+            ms(dm),
+            ms(dp),
+            ms(pm) - ms(dm),
+            pm.as_secs_f64() / dm.as_secs_f64()
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes --bench; this harness takes no arguments.
+    let e = env();
+    let docker = Docker::connect_with_local_defaults().unwrap().negotiate_version().await.unwrap();
+    let pipes = Pipes::start(&e);
+    let repo = format!("{}/bench/app", e.registry);
+    let n = e.rounds;
+
+    // Image present locally: one tag per round and system, so every round is cold.
+    let mut local = Row { case: "image present", pipes: vec![], direct: vec![] };
+    for i in 0..n {
+        tag(&docker, &e.fixture, &repo, &format!("l{i}")).await;
+        tag(&docker, &e.fixture, &repo, &format!("d{i}")).await;
+    }
+    for i in 0..n {
+        local.pipes.push(through_pipes(&pipes, &format!("l{i}")).await);
+        let name = format!("bench-{}-d{i}", e.run);
+        local.direct.push(direct(&docker, &e, &format!("{repo}:d{i}"), false, &name).await);
+    }
+
+    // Image pulled from the registry: pushed, then removed locally.
+    let mut pulled = Row { case: "pulled from registry", pipes: vec![], direct: vec![] };
+    for i in 0..n {
+        for t in [format!("pl{i}"), format!("pd{i}")] {
+            tag(&docker, &e.fixture, &repo, &t).await;
+            push(&docker, &e, &repo, &t).await;
+            untag(&docker, &format!("{repo}:{t}")).await;
+        }
+    }
+    for i in 0..n {
+        pulled.pipes.push(through_pipes(&pipes, &format!("pl{i}")).await);
+        let name = format!("bench-{}-pd{i}", e.run);
+        pulled.direct.push(direct(&docker, &e, &format!("{repo}:pd{i}"), true, &name).await);
+    }
+
+    // Coalescing: 200 concurrent first requests to one cold deployment.
+    tag(&docker, &e.fixture, &repo, "burst").await;
+    let host = "burst.app.bench.example.com";
+    let c = client(host);
+    let url = format!("http://{host}:{}/", pipes.port);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let t0 = Instant::now();
+                let ok = c.get(url).send().await.map(|r| r.status() == 200).unwrap_or(false);
+                (ok, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut burst = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (ok, took) = t.await.unwrap();
+        if !ok {
+            errors += 1;
+        }
+        burst.push(took);
+    }
+    burst.sort();
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("pipes.instance={}", pipes.instance), "pipes.deployment=bench/app:burst".to_string()],
+    )]);
+    let created = docker
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .await
+        .unwrap()
+        .len();
+
+    println!("\nCold start, {n} rounds each, alternating Pipes and direct (ms, time to first response head)\n");
+    println!("| case | n | Pipes p50 | Pipes p90 | direct p50 | direct p90 | Pipes - direct (p50) | ratio p50 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    local.print();
+    pulled.print();
+    println!(
+        "\nCoalescing: 200 concurrent first requests → {created} container(s) created, {errors} error(s), \
+         p50 {:.1} ms, p99 {:.1} ms\n",
+        ms(percentile(&burst, 0.5)),
+        ms(percentile(&burst, 0.99))
+    );
+
+    drop(pipes);
+    remove_labelled(&docker, &format!("pipes.test={}", e.run)).await;
+    for i in 0..n {
+        for t in [format!("l{i}"), format!("d{i}"), format!("pl{i}"), format!("pd{i}")] {
+            untag(&docker, &format!("{repo}:{t}")).await;
+        }
+    }
+    untag(&docker, &format!("{repo}:burst")).await;
+}
