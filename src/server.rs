@@ -18,6 +18,9 @@ const GRACE_PERIOD_SECS: u64 = 1;
 /// Longest wait for requests in flight after the listeners closed.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 3;
 
+/// How often idle deployments are dropped from the table.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why Pipes could not start.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -44,6 +47,17 @@ pub fn run(settings: Settings) -> Result<Infallible, StartError> {
         Err(e) => log::warn!("cannot adopt running containers yet: {e}"),
     }
     log_summary(&settings, fleet.engine().reach());
+    let sweeper = fleet.clone();
+    control.spawn(async move {
+        let mut every = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            let dropped = sweeper.sweep();
+            if dropped > 0 {
+                log::debug!("dropped {dropped} idle deployment(s) from the table");
+            }
+        }
+    });
 
     let opt = Opt { upgrade: settings.upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);

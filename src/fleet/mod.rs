@@ -286,6 +286,26 @@ impl Fleet {
         .shared()
     }
 
+    /// Drops slots with no running container, no start under way and no failure
+    /// still remembered, so host names that never became deployments do not
+    /// accumulate. A dropped deployment is found again by its container name.
+    pub fn sweep(&self) -> usize {
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = self.table.load();
+        let idle = |slot: &Slot| {
+            let cold = slot.lock_cold();
+            slot.ready().is_none()
+                && cold.starting.is_none()
+                && cold.failed.as_ref().is_none_or(|(at, _)| at.elapsed() >= self.failure_ttl)
+        };
+        let keep: Table = table.iter().filter(|(_, s)| !idle(s)).map(|(d, s)| (d.clone(), s.clone())).collect();
+        let dropped = table.len() - keep.len();
+        if dropped > 0 {
+            self.table.store(Arc::new(keep));
+        }
+        dropped
+    }
+
     /// Runs engine work on the control runtime, where the engine connection lives.
     pub async fn on_control<F, T>(&self, work: F) -> Result<T, PipesError>
     where
@@ -318,4 +338,68 @@ impl Fleet {
 /// The first 12 characters of a container id, as `docker ps` shows it.
 pub fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{Cli, Reach, Sources};
+
+    fn fleet(runtime: &tokio::runtime::Runtime, failure_ttl: &str) -> Fleet {
+        let mut src = Sources::default();
+        src.env.insert("PIPES_ALLOW".into(), "alice/*".into());
+        src.env.insert("PIPES_FAILURE_TTL".into(), failure_ttl.into());
+        // Any engine call would answer 503: these tests must not need one.
+        src.env.insert("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into());
+        let settings = Arc::new(Settings::from_sources(Cli::default(), &src).unwrap());
+        let engine = Engine::new(&settings, Reach::Published);
+        Fleet::new(settings, engine, runtime.handle().clone())
+    }
+
+    fn key(text: &str) -> Deployment {
+        Deployment::parse(text).unwrap()
+    }
+
+    #[test]
+    fn slots_are_found_by_borrowed_keys_and_added_once() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let fleet = fleet(&rt, "10s");
+        let d = key("alice/app:v1");
+        assert!(fleet.get(d.as_ref()).is_none());
+        let a = fleet.slot(d.as_ref());
+        let b = fleet.slot(d.as_ref());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&fleet.get(d.as_ref()).unwrap(), &a));
+        assert_eq!(fleet.slots().len(), 1);
+        assert!(fleet.allows(d.as_ref()));
+        assert!(!fleet.allows(key("bob/app:v1").as_ref()));
+    }
+
+    #[test]
+    fn sweep_keeps_running_and_recently_failed_slots() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let fleet = fleet(&rt, "1h");
+        let running = fleet.slot(key("alice/run:v1").as_ref());
+        running.ready.store(Some(Arc::new(Upstream::new("c1".into(), "127.0.0.1:1".parse().unwrap()))));
+        let failed = fleet.slot(key("alice/fail:v1").as_ref());
+        failed.lock_cold().failed = Some((Instant::now(), PipesError::ImageNotFound { image: "x".into() }));
+        fleet.slot(key("alice/idle:v1").as_ref());
+
+        assert_eq!(fleet.sweep(), 1);
+        let left: Vec<String> = fleet.slots().iter().map(|s| s.deployment.to_string()).collect();
+        assert_eq!(left, ["alice/fail:v1", "alice/run:v1"]);
+        assert!(matches!(failed.state(), SlotState::Failed(_)));
+        assert!(matches!(running.state(), SlotState::Running(_)));
+    }
+
+    #[test]
+    fn a_remembered_failure_is_answered_without_the_engine() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let fleet = fleet(&rt, "1h");
+        let slot = fleet.slot(key("alice/app:v1").as_ref());
+        let error = PipesError::ImageNotFound { image: "alice/app:v1".into() };
+        slot.lock_cold().failed = Some((Instant::now(), error.clone()));
+        // Asking the (absent) engine would be a 503: the answer is the remembered 404.
+        assert_eq!(rt.block_on(fleet.ready(&slot)).unwrap_err(), error);
+    }
 }
