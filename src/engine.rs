@@ -12,15 +12,17 @@ use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    StopContainerOptions, WaitContainerOptions,
+    RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, Semaphore};
 
+use crate::config::Restart;
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::{Reach, Settings};
@@ -63,12 +65,17 @@ pub struct Image {
 }
 
 /// Everything a container is created from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContainerSpec {
     pub name: String,
     pub image: String,
     pub port: u16,
     pub labels: HashMap<String, String>,
+    pub env: Vec<String>,
+    pub cmd: Option<Vec<String>>,
+    pub memory_bytes: u64,
+    pub cpus: f64,
+    pub restart: Restart,
 }
 
 /// A connection to the Docker engine, with Pipes' conventions.
@@ -86,6 +93,8 @@ pub struct Engine {
     /// Secret to scrub from messages.
     password: Option<String>,
     registry: String,
+    /// Caps pulls under way at once (`PIPES_MAX_PULLS`).
+    pulls: Arc<Semaphore>,
 }
 
 impl Engine {
@@ -107,6 +116,7 @@ impl Engine {
             credentials,
             password: settings.registry_auth.as_ref().map(|a| a.password.expose().to_owned()),
             registry: settings.registry_host().to_owned(),
+            pulls: Arc::new(Semaphore::new(settings.max_pulls)),
         }
     }
 
@@ -164,13 +174,13 @@ impl Engine {
         labels
     }
 
-    /// Containers of this instance: their deployments and ids.
-    pub async fn managed(&self) -> Result<Vec<(Deployment, String)>, PipesError> {
+    /// Containers of this instance (running ones only unless `all`): deployments and ids.
+    pub async fn managed(&self, all: bool) -> Result<Vec<(Deployment, String)>, PipesError> {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)],
         )]);
-        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let options = ListContainersOptions { all, filters: Some(filters), ..Default::default() };
         let list = self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
         Ok(list
             .into_iter()
@@ -248,8 +258,12 @@ impl Engine {
         }
     }
 
-    /// Pulls an image, with the configured registry credentials.
+    /// Pulls an image, with the configured registry credentials, waiting for a
+    /// free place when `PIPES_MAX_PULLS` pulls are under way.
     pub async fn pull(&self, reference: &str) -> Result<(), PipesError> {
+        let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable {
+            reason: "Pipes is shutting down".into(),
+        })?;
         let (repo, tag) = split_reference(reference);
         let options = CreateImageOptions {
             from_image: Some(repo.to_owned()),
@@ -309,9 +323,22 @@ impl Engine {
                 });
             }
         }
+        host_config.memory = i64::try_from(spec.memory_bytes).ok();
+        host_config.nano_cpus = Some((spec.cpus * 1e9).round() as i64);
+        host_config.restart_policy = Some(RestartPolicy {
+            name: Some(match spec.restart {
+                Restart::No => RestartPolicyNameEnum::NO,
+                Restart::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+                Restart::Always => RestartPolicyNameEnum::ALWAYS,
+                Restart::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+            }),
+            maximum_retry_count: None,
+        });
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             labels: Some(spec.labels.clone()),
+            env: Some(spec.env.clone()),
+            cmd: spec.cmd.clone(),
             exposed_ports: Some(vec![port_key]),
             host_config: Some(host_config),
             networking_config: networking,
@@ -331,6 +358,12 @@ impl Engine {
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
             Err(e) => Err(self.fail("start a container", e)),
         }
+    }
+
+    /// Restarts a container, giving it `grace_secs` to stop.
+    pub async fn restart(&self, id: &str, grace_secs: i32) -> Result<(), PipesError> {
+        let options = RestartContainerOptions { t: Some(grace_secs), ..Default::default() };
+        self.docker().await?.restart_container(id, Some(options)).await.map_err(|e| self.fail("restart a container", e))
     }
 
     /// Stops a container, giving it `grace_secs` before it is killed.

@@ -23,6 +23,24 @@ pub enum PipesError {
     Unauthorized,
     /// No API token is configured, so the API is closed.
     ApiClosed,
+    /// A valid token that does not cover this user's deployments.
+    OutOfScope { user: String },
+    /// The request body is not JSON.
+    BadJson { message: String, line: usize, column: usize },
+    /// The body names a field that does not exist.
+    UnknownField { field: String, message: String },
+    /// A field has the wrong type or an unacceptable value.
+    InvalidField { field: String, message: String },
+    /// A query parameter is not acceptable.
+    BadQuery { parameter: &'static str, message: String },
+    /// The request body exceeds the limit.
+    BodyTooLarge { limit: usize },
+    /// The path exists but not with this method.
+    MethodNotAllowed { path: String, allow: &'static str },
+    /// A stored config file cannot be read; it is never replaced silently.
+    ConfigBroken { file: String, problem: String },
+    /// `PIPES_MAX_CONTAINERS` are running already.
+    TooManyContainers { max: usize },
     /// The deployment may not be started here.
     Forbidden { deployment: String },
     /// The registry has no such image or tag.
@@ -51,8 +69,14 @@ impl PipesError {
             Self::NotOurs { .. } | Self::NoDeployment { .. } | Self::ApiNotFound { .. } => 404,
             Self::ImageNotFound { .. } => 404,
             Self::BadName { .. } => 400,
-            Self::Forbidden { .. } | Self::ApiClosed => 403,
+            Self::Forbidden { .. } | Self::ApiClosed | Self::OutOfScope { .. } => 403,
             Self::Unauthorized => 401,
+            Self::BadJson { .. } | Self::UnknownField { .. } | Self::BadQuery { .. } => 400,
+            Self::InvalidField { .. } => 422,
+            Self::BodyTooLarge { .. } => 413,
+            Self::MethodNotAllowed { .. } => 405,
+            Self::ConfigBroken { .. } => 500,
+            Self::TooManyContainers { .. } => 503,
             Self::RegistryAuth { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
             Self::Unservable { .. } => 502,
             Self::NotReady { .. } => 504,
@@ -70,6 +94,15 @@ impl PipesError {
             Self::Forbidden { .. } => "not_allowed",
             Self::Unauthorized => "unauthorized",
             Self::ApiClosed => "api_closed",
+            Self::OutOfScope { .. } => "out_of_scope",
+            Self::BadJson { .. } => "bad_json",
+            Self::UnknownField { .. } => "unknown_field",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::BadQuery { .. } => "bad_query",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::ConfigBroken { .. } => "config_broken",
+            Self::TooManyContainers { .. } => "too_many_containers",
             Self::ImageNotFound { .. } => "image_not_found",
             Self::RegistryAuth { .. } => "registry_auth",
             Self::Exited { .. } => "container_exited",
@@ -82,7 +115,7 @@ impl PipesError {
 
     /// Seconds for a `Retry-After` header, where the failure is passing.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::EngineUnavailable { .. }).then_some(RETRY_AFTER_SECS)
+        matches!(self, Self::EngineUnavailable { .. } | Self::TooManyContainers { .. }).then_some(RETRY_AFTER_SECS)
     }
 
     /// The JSON body: `error`, `message` and the fields that explain it.
@@ -102,6 +135,14 @@ impl PipesError {
             }
             Self::Unauthorized => json!({}),
             Self::ApiClosed => json!({ "setting": "PIPES_API_TOKEN" }),
+            Self::OutOfScope { user } => json!({ "user": user }),
+            Self::BadJson { line, column, .. } => json!({ "line": line, "column": column }),
+            Self::UnknownField { field, .. } | Self::InvalidField { field, .. } => json!({ "field": field }),
+            Self::BadQuery { parameter, .. } => json!({ "parameter": parameter }),
+            Self::BodyTooLarge { limit } => json!({ "limit_bytes": limit }),
+            Self::MethodNotAllowed { path, allow } => json!({ "path": path, "allow": allow }),
+            Self::ConfigBroken { file, problem } => json!({ "file": file, "problem": problem }),
+            Self::TooManyContainers { max } => json!({ "max": max, "setting": "PIPES_MAX_CONTAINERS", "retry_after": RETRY_AFTER_SECS }),
             Self::ImageNotFound { image } => json!({ "image": image }),
             Self::RegistryAuth { registry, user, .. } => json!({ "registry": registry, "user": user }),
             Self::Exited { deployment, code, logs } => {
@@ -165,6 +206,23 @@ impl fmt::Display for PipesError {
             Self::Unauthorized => f.write_str("this API needs the header 'Authorization: Bearer <token>' with a valid token"),
             Self::ApiClosed => f.write_str(
                 "the management API is closed; the operator opens it by setting PIPES_API_TOKEN (or PIPES_API_TOKEN_FILE)",
+            ),
+            Self::OutOfScope { user } => write!(f, "this token does not manage deployments of user '{user}'"),
+            Self::BadJson { message, line, column } => {
+                write!(f, "the body is not valid JSON at line {line}, column {column}: {message}")
+            }
+            Self::UnknownField { field, message } => write!(f, "unknown field '{field}': {message}"),
+            Self::InvalidField { field, message } => write!(f, "field '{field}': {message}"),
+            Self::BadQuery { parameter, message } => write!(f, "query parameter '{parameter}': {message}"),
+            Self::BodyTooLarge { limit } => write!(f, "the body is larger than {limit} bytes"),
+            Self::MethodNotAllowed { path, allow } => write!(f, "{path} accepts {allow}"),
+            Self::ConfigBroken { file, problem } => write!(
+                f,
+                "the config file {file} cannot be used ({problem}); fix or remove it, or replace it with a PUT"
+            ),
+            Self::TooManyContainers { max } => write!(
+                f,
+                "{max} containers run already (PIPES_MAX_CONTAINERS); retry in {RETRY_AFTER_SECS} s"
             ),
             Self::ImageNotFound { image } => write!(f, "image {image} was not found in the registry"),
             Self::RegistryAuth { registry, user, detail } => match user {

@@ -6,6 +6,7 @@
 //! [`settings`] holds everything the operator configured.
 
 pub mod api;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fleet;
@@ -14,3 +15,4 @@ pub mod route;
 pub mod security;
 pub mod server;
 pub mod settings;
+pub mod store;

@@ -21,20 +21,20 @@ use crate::api;
 use crate::error::PipesError;
 use crate::fleet::{Fleet, Slot, Upstream};
 use crate::route::{self, Deployment, Domain, Target};
-use crate::security;
-use crate::settings::{Secret, Settings};
+use crate::security::ApiAuth;
+use crate::settings::Settings;
 
 /// The Pingora application of Pipes.
 pub struct Pipes {
     fleet: Arc<Fleet>,
     domain: Domain,
-    api_token: Option<Secret>,
+    api_auth: ApiAuth,
 }
 
 impl Pipes {
     /// The proxy for `fleet`, routing as `settings` say.
     pub fn new(fleet: Arc<Fleet>, settings: &Settings) -> Self {
-        Pipes { fleet, domain: settings.domain.clone(), api_token: settings.api_token.clone() }
+        Pipes { fleet, domain: settings.domain.clone(), api_auth: settings.api_auth.clone() }
     }
 }
 
@@ -55,7 +55,7 @@ pub struct RequestCtx {
 enum Next {
     Proxy(Arc<Slot>),
     Start(Deployment),
-    Api { deployment: Deployment, method: String, path: String, authorization: Option<Vec<u8>> },
+    Api(api::Request),
     Fail(PipesError),
 }
 
@@ -77,9 +77,12 @@ impl ProxyHttp for Pipes {
                 }
                 self.fleet.slot(d.as_ref())
             }
-            Next::Api { deployment, method, path, authorization } => {
-                let answer = match security::check_api_token(self.api_token.as_ref(), authorization.as_deref()) {
-                    Ok(()) => api::handle(&self.fleet, &deployment, &method, &path).await,
+            Next::Api(mut request) => {
+                let answer = match read_body(session, api::MAX_BODY).await {
+                    Ok(body) => {
+                        request.body = body;
+                        api::handle(&self.fleet, &self.api_auth, request).await
+                    }
                     Err(e) => Err(e),
                 };
                 return match answer {
@@ -177,27 +180,28 @@ impl Pipes {
             return Next::Fail(PipesError::NotOurs { host: String::new(), expected: "a Host header".into() });
         };
         let host = route::normalize_host(raw);
-        let d = match route::route(&host, &self.domain) {
-            Ok(Target::Deployment(d)) => d,
-            Ok(Target::Domain) => {
-                let path = req.uri.path();
-                return Next::Fail(if route::is_api_path(path) {
-                    PipesError::ApiNotFound { path: path.to_owned(), known: api::ENDPOINTS }
-                } else {
-                    PipesError::NoDeployment { host: host.into_owned() }
-                });
-            }
+        let target = match route::route(&host, &self.domain) {
+            Ok(target) => target,
             Err(e) => return Next::Fail(e),
         };
         let path = req.uri.path();
         if route::is_api_path(path) {
-            return Next::Api {
-                deployment: d.to_owned(),
+            return Next::Api(api::Request {
+                deployment: match target {
+                    Target::Deployment(d) => Some(d.to_owned()),
+                    Target::Domain => None,
+                },
                 method: req.method.as_str().to_owned(),
                 path: path.to_owned(),
+                query: req.uri.query().map(str::to_owned),
                 authorization: req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()),
-            };
+                body: Vec::new(),
+            });
         }
+        let d = match target {
+            Target::Deployment(d) => d,
+            Target::Domain => return Next::Fail(PipesError::NoDeployment { host: host.into_owned() }),
+        };
         match self.fleet.get(d) {
             Some(slot) if self.fleet.allows(d) => Next::Proxy(slot),
             Some(_) => Next::Fail(PipesError::Forbidden { deployment: d.to_string() }),
@@ -241,14 +245,46 @@ async fn write_error(session: &mut Session, error: &PipesError) -> Result<()> {
     if let Some(secs) = error.retry_after() {
         head.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
+    if let PipesError::MethodNotAllowed { allow, .. } = error {
+        head.insert_header(http::header::ALLOW, *allow)?;
+    }
+    if matches!(error, PipesError::Unauthorized) {
+        head.insert_header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"pipes\"")?;
+    }
     write_response(session, head, content_type, body.into()).await
 }
 
-async fn reply_json(session: &mut Session, reply: api::Reply) -> Result<bool> {
-    let mut head = ResponseHeader::build(reply.status, Some(4))?;
-    if let Some(allow) = reply.allow {
-        head.insert_header(http::header::ALLOW, allow)?;
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Vec<u8>, PipesError> {
+    let too_large = PipesError::BodyTooLarge { limit };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large);
     }
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(PipesError::BadJson { message: format!("the body could not be read: {e}"), line: 0, column: 0 })
+            }
+        }
+    }
+}
+
+async fn reply_json(session: &mut Session, reply: api::Reply) -> Result<bool> {
+    let head = ResponseHeader::build(reply.status, Some(4))?;
     let body = serde_json::to_vec_pretty(&reply.body).unwrap_or_default();
     write_response(session, head, "application/json", body.into()).await?;
     Ok(true)

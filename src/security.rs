@@ -102,23 +102,140 @@ impl Policy {
     }
 }
 
-/// Checks the management API's bearer token.
-///
-/// Without a configured token the API is closed. Both sides are hashed before a
-/// constant-time comparison, so neither content nor length leaks through timing.
-pub fn check_api_token(configured: Option<&Secret>, authorization: Option<&[u8]>) -> Result<(), PipesError> {
-    let Some(expected) = configured else {
-        return Err(PipesError::ApiClosed);
-    };
-    let presented = authorization
-        .and_then(|h| h.strip_prefix(b"Bearer ").or_else(|| h.strip_prefix(b"bearer ")))
-        .ok_or(PipesError::Unauthorized)?;
-    let a = Sha256::digest(presented);
-    let b = Sha256::digest(expected.expose().as_bytes());
-    if bool::from(a.as_slice().ct_eq(b.as_slice())) {
-        Ok(())
-    } else {
-        Err(PipesError::Unauthorized)
+/// An API token from `tokens.json`, valid for the deployments of some users.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopedToken {
+    pub name: String,
+    pub users: Vec<String>,
+    digest: [u8; 32],
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    name: String,
+    users: Vec<String>,
+    /// The token itself; `sha256` keeps it off the disk.
+    #[serde(default)]
+    token: Option<String>,
+    /// Hex SHA-256 of the token.
+    #[serde(default)]
+    sha256: Option<String>,
+}
+
+/// Parses `tokens.json`: `{"tokens": [{"name", "users", "token" | "sha256"}]}`.
+pub fn parse_tokens(bytes: &[u8]) -> Result<Vec<ScopedToken>, String> {
+    let file: TokenFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    file.tokens
+        .into_iter()
+        .map(|t| {
+            let digest = match (&t.token, &t.sha256) {
+                (Some(token), None) if token.len() >= 16 => digest(token.as_bytes()),
+                (Some(_), None) => return Err(format!("token '{}' is shorter than 16 characters", t.name)),
+                (None, Some(hex)) => parse_hex_digest(hex).ok_or_else(|| format!("token '{}': sha256 is not 64 hex digits", t.name))?,
+                _ => return Err(format!("token '{}' needs exactly one of token and sha256", t.name)),
+            };
+            if t.users.is_empty() {
+                return Err(format!("token '{}' names no users", t.name));
+            }
+            Ok(ScopedToken { name: t.name, users: t.users, digest })
+        })
+        .collect()
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// How the management API is protected.
+#[derive(Debug, Clone)]
+pub enum ApiAuth {
+    /// Bearer tokens: the admin token (if any) and scoped ones from `tokens.json`.
+    Tokens { admin: Option<Secret> },
+    /// No check at all, for trusted networks (`PIPES_API_AUTH=none`).
+    Off,
+}
+
+/// What an API request may manage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Everything.
+    All,
+    /// The deployments of these users.
+    Users(Vec<String>),
+}
+
+impl Access {
+    /// Whether the deployments of `user` may be managed.
+    pub fn covers(&self, user: &str) -> bool {
+        match self {
+            Access::All => true,
+            Access::Users(users) => users.iter().any(|u| u == user),
+        }
+    }
+
+    /// `Ok` if the deployments of `user` may be managed, else 403.
+    pub fn check(&self, user: &str) -> Result<(), PipesError> {
+        if self.covers(user) {
+            Ok(())
+        } else {
+            Err(PipesError::OutOfScope { user: user.to_owned() })
+        }
+    }
+}
+
+impl ApiAuth {
+    /// Decides what the `Authorization` header grants.
+    ///
+    /// Tokens are compared by their SHA-256 in constant time, and every known
+    /// token is compared, so timing tells nothing of which one matched.
+    pub fn authorize(&self, authorization: Option<&[u8]>, scoped: &[ScopedToken]) -> Result<Access, PipesError> {
+        let admin = match self {
+            ApiAuth::Off => return Ok(Access::All),
+            ApiAuth::Tokens { admin } => admin,
+        };
+        if admin.is_none() && scoped.is_empty() {
+            return Err(PipesError::ApiClosed);
+        }
+        let presented = authorization
+            .and_then(|h| h.strip_prefix(b"Bearer ").or_else(|| h.strip_prefix(b"bearer ")))
+            .ok_or(PipesError::Unauthorized)?;
+        let presented = digest(presented);
+        let mut access: Option<Access> = None;
+        if let Some(admin) = admin {
+            if bool::from(presented.ct_eq(&digest(admin.expose().as_bytes()))) {
+                access = Some(Access::All);
+            }
+        }
+        let mut users = Vec::new();
+        for token in scoped {
+            if bool::from(presented.ct_eq(&token.digest)) {
+                users.extend(token.users.iter().cloned());
+            }
+        }
+        match access {
+            Some(all) => Ok(all),
+            None if !users.is_empty() => Ok(Access::Users(users)),
+            None => Err(PipesError::Unauthorized),
+        }
     }
 }
 
@@ -126,14 +243,56 @@ pub fn check_api_token(configured: Option<&Secret>, authorization: Option<&[u8]>
 mod tests {
     use super::*;
 
+    fn scoped() -> Vec<ScopedToken> {
+        parse_tokens(
+            br#"{"tokens":[
+                {"name":"alice-ci","users":["alice"],"token":"alice-token-0123456789"},
+                {"name":"team","users":["bob","carol"],"sha256":"8a4cc7ba1e01b2ed43b5ba7b56a4bd1e6d7d3c2bd8b1ac7be4b16b0c02ad1c70"}
+            ]}"#,
+        )
+        .unwrap()
+    }
+
     #[test]
-    fn api_tokens() {
-        let token = Secret::new("0123456789abcdef0123".into());
-        assert_eq!(check_api_token(None, Some(b"Bearer x")), Err(PipesError::ApiClosed));
-        assert_eq!(check_api_token(Some(&token), None), Err(PipesError::Unauthorized));
-        assert_eq!(check_api_token(Some(&token), Some(b"Bearer wrong")), Err(PipesError::Unauthorized));
-        assert_eq!(check_api_token(Some(&token), Some(b"0123456789abcdef0123")), Err(PipesError::Unauthorized));
-        assert_eq!(check_api_token(Some(&token), Some(b"Bearer 0123456789abcdef0123")), Ok(()));
+    fn the_api_is_closed_without_tokens() {
+        let auth = ApiAuth::Tokens { admin: None };
+        assert_eq!(auth.authorize(Some(b"Bearer x"), &[]), Err(PipesError::ApiClosed));
+        assert_eq!(ApiAuth::Off.authorize(None, &[]), Ok(Access::All));
+    }
+
+    #[test]
+    fn the_auth_matrix() {
+        let auth = ApiAuth::Tokens { admin: Some(Secret::new("admin-token-0123456789".into())) };
+        let tokens = scoped();
+        assert_eq!(auth.authorize(None, &tokens), Err(PipesError::Unauthorized));
+        assert_eq!(auth.authorize(Some(b"Bearer wrong"), &tokens), Err(PipesError::Unauthorized));
+        assert_eq!(auth.authorize(Some(b"admin-token-0123456789"), &tokens), Err(PipesError::Unauthorized));
+        assert_eq!(auth.authorize(Some(b"Bearer admin-token-0123456789"), &tokens), Ok(Access::All));
+        let alice = auth.authorize(Some(b"Bearer alice-token-0123456789"), &tokens).unwrap();
+        assert!(alice.check("alice").is_ok());
+        assert_eq!(alice.check("bob"), Err(PipesError::OutOfScope { user: "bob".into() }));
+    }
+
+    #[test]
+    fn hashed_tokens_match_their_token() {
+        let hex: String = digest(b"team-token-0123456789").iter().map(|b| format!("{b:02x}")).collect();
+        let file = format!(r#"{{"tokens":[{{"name":"team","users":["bob"],"sha256":"{hex}"}}]}}"#);
+        let tokens = parse_tokens(file.as_bytes()).unwrap();
+        let auth = ApiAuth::Tokens { admin: None };
+        assert_eq!(auth.authorize(Some(b"Bearer team-token-0123456789"), &tokens), Ok(Access::Users(vec!["bob".into()])));
+    }
+
+    #[test]
+    fn bad_token_files_say_why() {
+        for bad in [
+            r#"{"tokens":[{"name":"x","users":["a"]}]}"#,
+            r#"{"tokens":[{"name":"x","users":["a"],"token":"short"}]}"#,
+            r#"{"tokens":[{"name":"x","users":[],"token":"long-enough-token-123"}]}"#,
+            r#"{"tokens":[{"name":"x","users":["a"],"sha256":"zz"}]}"#,
+            r#"{"tokens":[{"name":"x","users":["a"],"token":"long-enough-token-123","extra":1}]}"#,
+        ] {
+            assert!(parse_tokens(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     fn d<'a>(user: &'a str, repo: &'a str, tag: &'a str) -> DeploymentRef<'a> {

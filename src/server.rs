@@ -11,6 +11,7 @@ use pingora::server::Server;
 use crate::engine::Engine;
 use crate::fleet::Fleet;
 use crate::proxy::Pipes;
+use crate::security::ApiAuth;
 use crate::settings::{Reach, Settings};
 
 /// Seconds between SIGTERM and closing the listeners (Pingora's default is 300).
@@ -18,8 +19,10 @@ const GRACE_PERIOD_SECS: u64 = 1;
 /// Longest wait for requests in flight after the listeners closed.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 3;
 
-/// How often idle deployments are dropped from the table.
-const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How often containers are checked against their idle timeout.
+const IDLE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Idle deployments are dropped from the table every this many checks.
+const SWEEP_EVERY_TICKS: u64 = 60;
 
 /// Why Pipes could not start.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
@@ -42,6 +45,9 @@ pub fn run(settings: Settings) -> Result<Infallible, StartError> {
         .build()?;
     let reach = control.block_on(decide_reach(&settings));
     let fleet = Arc::new(Fleet::new(settings.clone(), Engine::new(&settings, reach), control.handle().clone()));
+    for problem in fleet.deployer().store().check() {
+        log::error!("{problem}");
+    }
     match control.block_on(fleet.adopt()) {
         Ok(n) => log::info!("adopted {n} container(s) of instance '{}'", settings.instance),
         Err(e) => log::warn!("cannot adopt running containers yet: {e}"),
@@ -49,12 +55,15 @@ pub fn run(settings: Settings) -> Result<Infallible, StartError> {
     log_summary(&settings, fleet.engine().reach());
     let sweeper = fleet.clone();
     control.spawn(async move {
-        let mut every = tokio::time::interval(SWEEP_INTERVAL);
-        loop {
+        let mut every = tokio::time::interval(IDLE_CHECK_INTERVAL);
+        for tick in 1u64.. {
             every.tick().await;
-            let dropped = sweeper.sweep();
-            if dropped > 0 {
-                log::debug!("dropped {dropped} idle deployment(s) from the table");
+            sweeper.stop_idle();
+            if tick % SWEEP_EVERY_TICKS == 0 {
+                let dropped = sweeper.sweep();
+                if dropped > 0 {
+                    log::debug!("dropped {dropped} idle deployment(s) from the table");
+                }
             }
         }
     });
@@ -144,7 +153,12 @@ fn log_summary(settings: &Settings, reach: &Reach) {
     } else {
         log::info!("deployments allowed: {}", allowed.join(", "));
     }
-    if settings.api_token.is_none() {
-        log::info!("management API closed (set PIPES_API_TOKEN to open it)");
+    match &settings.api_auth {
+        ApiAuth::Off => log::warn!("management API open to anyone who can reach Pipes (PIPES_API_AUTH=none)"),
+        ApiAuth::Tokens { admin: None } => {
+            log::info!("management API open to scoped tokens only (tokens.json); PIPES_API_TOKEN sets an admin token")
+        }
+        ApiAuth::Tokens { admin: Some(_) } => log::info!("management API needs a bearer token"),
     }
+    log::info!("configs in {}", settings.config_dir.display());
 }

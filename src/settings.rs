@@ -14,7 +14,8 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::route::Domain;
-use crate::security::{AllowPattern, Policy};
+use crate::config::{ByteSize, Defaults};
+use crate::security::{AllowPattern, ApiAuth, Policy};
 
 /// Command-line flags; each mirrors an environment variable.
 #[derive(Parser, Debug, Default)]
@@ -50,6 +51,21 @@ pub struct Cli {
     /// Bearer token for the management API; prefer PIPES_API_TOKEN_FILE [env: PIPES_API_TOKEN]
     #[arg(long, value_name = "TOKEN")]
     pub api_token: Option<String>,
+    /// API protection: token (bearer tokens) or none (trusted networks only) [env: PIPES_API_AUTH] [default: token]
+    #[arg(long, value_name = "MODE")]
+    pub api_auth: Option<String>,
+    /// Most containers running at once; more cold starts get 503 [env: PIPES_MAX_CONTAINERS] [default: 50]
+    #[arg(long, value_name = "N")]
+    pub max_containers: Option<String>,
+    /// Most image pulls at once [env: PIPES_MAX_PULLS] [default: 2]
+    #[arg(long, value_name = "N")]
+    pub max_pulls: Option<String>,
+    /// Memory limit of containers whose config sets none, e.g. 512m [env: PIPES_DEFAULT_MEMORY] [default: 512m]
+    #[arg(long, value_name = "SIZE")]
+    pub default_memory: Option<String>,
+    /// CPU limit (cores) of containers whose config sets none [env: PIPES_DEFAULT_CPUS] [default: 1]
+    #[arg(long, value_name = "CPUS")]
+    pub default_cpus: Option<String>,
     /// Docker engine: unix:///path or tcp://host:port [env: DOCKER_HOST] [default: unix:///var/run/docker.sock]
     #[arg(long, value_name = "URL")]
     pub docker_host: Option<String>,
@@ -143,6 +159,11 @@ pub struct Settings {
     pub config_dir: PathBuf,
     pub policy: Policy,
     pub api_token: Option<Secret>,
+    pub api_auth: ApiAuth,
+    pub max_containers: usize,
+    pub max_pulls: usize,
+    /// Lowest layer of every deployment's config.
+    pub defaults: Defaults,
     pub docker_host: String,
     pub registry_auth: Option<RegistryAuth>,
     pub instance: String,
@@ -249,6 +270,29 @@ impl Settings {
         if api_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             return Err(err("PIPES_API_TOKEN", "expected a token of at least 16 characters"));
         }
+        let api_auth = match pick(cli.api_auth, "PIPES_API_AUTH")?.as_deref().map(str::trim) {
+            None | Some("token") => ApiAuth::Tokens { admin: api_token.clone() },
+            Some("none") => ApiAuth::Off,
+            Some(other) => return Err(err("PIPES_API_AUTH", format!("expected token or none, got '{other}'"))),
+        };
+        let max_containers = parse_count("PIPES_MAX_CONTAINERS", pick(cli.max_containers, "PIPES_MAX_CONTAINERS")?, 50)?;
+        let max_pulls = parse_count("PIPES_MAX_PULLS", pick(cli.max_pulls, "PIPES_MAX_PULLS")?, 2)?;
+        let memory = match pick(cli.default_memory, "PIPES_DEFAULT_MEMORY")? {
+            Some(m) => ByteSize::parse(&m)
+                .ok()
+                .filter(|b| b.0 >= 6 << 20)
+                .ok_or_else(|| err("PIPES_DEFAULT_MEMORY", format!("expected a size of at least 6m such as 512m, got '{m}'")))?,
+            None => ByteSize(512 << 20),
+        };
+        let cpus = match pick(cli.default_cpus, "PIPES_DEFAULT_CPUS")? {
+            Some(c) => c
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|c| *c > 0.0 && *c <= 1024.0)
+                .ok_or_else(|| err("PIPES_DEFAULT_CPUS", format!("expected a number of cores such as 0.5 or 2, got '{c}'")))?,
+            None => 1.0,
+        };
         let docker_host = pick(cli.docker_host, "DOCKER_HOST")?.unwrap_or_else(|| "unix:///var/run/docker.sock".into());
         if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://") || docker_host.starts_with("http://")) {
             return Err(err("DOCKER_HOST", format!("expected unix:///path or tcp://host:port, got '{docker_host}'")));
@@ -271,6 +315,7 @@ impl Settings {
         }
         let labels = parse_labels(pick(cli.labels, "PIPES_LABELS")?.as_deref().unwrap_or(""))?;
         let start_timeout = parse_duration("PIPES_START_TIMEOUT", pick(cli.start_timeout, "PIPES_START_TIMEOUT")?, 60_000)?;
+        let defaults = Defaults { memory, cpus, health_timeout: start_timeout };
         let failure_ttl = parse_duration("PIPES_FAILURE_TTL", pick(cli.failure_ttl, "PIPES_FAILURE_TTL")?, 10_000)?;
         let server_conf = pick(cli.server_conf, "PIPES_SERVER_CONF")?.map(PathBuf::from);
 
@@ -284,6 +329,10 @@ impl Settings {
             config_dir,
             policy,
             api_token,
+            api_auth,
+            max_containers,
+            max_pulls,
+            defaults,
             docker_host,
             registry_auth,
             instance,
@@ -412,6 +461,18 @@ fn parse_labels(value: &str) -> Result<Vec<(String, String)>, SettingError> {
         .collect()
 }
 
+fn parse_count(name: &'static str, value: Option<String>, default: usize) -> Result<usize, SettingError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100_000).contains(n))
+            .ok_or_else(|| err(name, format!("expected a whole number from 1 to 100000, got '{v}'"))),
+    }
+}
+
 fn parse_duration(name: &'static str, value: Option<String>, default_ms: u64) -> Result<Duration, SettingError> {
     let Some(value) = value else {
         return Ok(Duration::from_millis(default_ms));
@@ -466,6 +527,11 @@ mod tests {
             ("PIPES_INSTANCE", "Has Space"),
             ("PIPES_LABELS", "pipes.managed=x"),
             ("PIPES_API_TOKEN", "short"),
+            ("PIPES_API_AUTH", "maybe"),
+            ("PIPES_MAX_CONTAINERS", "0"),
+            ("PIPES_MAX_PULLS", "many"),
+            ("PIPES_DEFAULT_MEMORY", "1k"),
+            ("PIPES_DEFAULT_CPUS", "-1"),
         ];
         for (name, value) in cases {
             let e = load(&[(name, value)]).unwrap_err();

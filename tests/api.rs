@@ -55,5 +55,5 @@ async fn container_state_with_a_token() {
 
     let resp = client.post(&api).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(resp.status(), 405);
-    assert_eq!(resp.headers()["allow"], "GET");
+    assert_eq!(resp.headers()["allow"], "GET, HEAD, DELETE");
 }

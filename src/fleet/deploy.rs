@@ -8,18 +8,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
 
 use super::probe;
 use super::Upstream;
+use crate::config::{Effective, Pull};
 use crate::engine::{Container, ContainerSpec, Engine, Image};
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::Settings;
+use crate::store::Store;
 
 /// Lines of a container's log shown when it exits while starting.
 const LOG_LINES: usize = 20;
-/// Container port when the image exposes none.
+/// Container port when neither config nor image names one.
 const DEFAULT_PORT: u16 = 80;
 /// Seconds a never-ready container gets to stop before it is killed.
 const STOP_GRACE_SECS: i32 = 2;
@@ -28,12 +30,16 @@ const STOP_GRACE_SECS: i32 = 2;
 pub struct Deployer {
     engine: Engine,
     settings: Arc<Settings>,
+    store: Store,
+    /// Containers being started right now; held only while admitting one.
+    starting: Mutex<usize>,
 }
 
 impl Deployer {
     /// A deployer using `engine` with `settings`.
     pub fn new(engine: Engine, settings: Arc<Settings>) -> Self {
-        Deployer { engine, settings }
+        let store = Store::new(settings.config_dir.clone());
+        Deployer { engine, settings, store, starting: Mutex::new(0) }
     }
 
     /// The engine it deploys on.
@@ -46,21 +52,35 @@ impl Deployer {
         &self.settings
     }
 
+    /// The stored configs.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The config `d` runs with: its own over its repository's over the defaults.
+    pub fn effective(&self, d: &Deployment) -> Result<Effective, PipesError> {
+        let tag = self.store.tag(d)?;
+        let repository = self.store.repository(&d.user, &d.repo)?;
+        Ok(Effective::merge(tag.as_ref(), repository.as_ref(), &self.settings.defaults))
+    }
+
     /// Brings `d` to a running, answering container and returns where it answers.
     pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
+        let config = self.effective(d)?;
+        let image_ref = self.settings.image_ref(d);
         let name = self.engine.container_name(d);
         let container = match self.engine.inspect(&name).await? {
             Some(c) if c.running => c,
-            Some(c) if c.config_hash.as_deref() == Some(self.spec_hash(d, &c).as_str()) => {
+            Some(c) if c.port.is_some_and(|p| c.config_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
                 log::info!("{d}: starting its stopped container {}", super::short_id(&c.id));
-                self.start(&c.id).await?
+                self.admitted_start(&c.id).await?
             }
             Some(c) => {
-                log::info!("{d}: replacing container {} made from an older spec", super::short_id(&c.id));
+                log::info!("{d}: replacing container {} made from another config", super::short_id(&c.id));
                 self.engine.remove(&c.id).await?;
-                self.create(d, &name).await?
+                self.create(d, &name, &image_ref, &config).await?
             }
-            None => self.create(d, &name).await?,
+            None => self.create(d, &name, &image_ref, &config).await?,
         };
         if !container.running {
             return Err(self.exited(d, &container.id, container.exit_code).await);
@@ -69,31 +89,42 @@ impl Deployer {
             deployment: d.to_string(),
             reason: "the running container has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
         })?;
-        self.until_ready(d, &container.id, addr).await?;
-        Ok(Upstream::new(container.id, addr))
+        self.until_ready(d, &container.id, addr, &config).await?;
+        Ok(Upstream::new(container.id, addr, config.idle_timeout))
     }
 
     /// Pulls if needed, creates and starts a new container of `d`.
-    async fn create(&self, d: &Deployment, name: &str) -> Result<Container, PipesError> {
-        let image_ref = self.settings.image_ref(d);
-        let image = match self.engine.image(&image_ref).await? {
+    async fn create(&self, d: &Deployment, name: &str, image_ref: &str, config: &Effective) -> Result<Container, PipesError> {
+        let local = match config.pull {
+            Pull::Always => None,
+            Pull::Missing => self.engine.image(image_ref).await?,
+        };
+        let image = match local {
             Some(image) => image,
             None => {
                 log::info!("{d}: pulling {image_ref}");
-                self.engine.pull(&image_ref).await?;
-                self.engine.image(&image_ref).await?.ok_or_else(|| PipesError::Engine {
+                self.engine.pull(image_ref).await?;
+                self.engine.image(image_ref).await?.ok_or_else(|| PipesError::Engine {
                     action: "pull an image",
                     detail: format!("{image_ref} is missing after the pull"),
                 })?
             }
         };
-        let port = container_port(d, &image)?;
-        let hash = spec_hash(&image_ref, port);
+        let port = match config.port {
+            Some(port) => port,
+            None => image_port(d, &image)?,
+        };
+        let hash = config.spec_hash(image_ref, port);
         let spec = ContainerSpec {
             name: name.to_owned(),
-            image: image_ref,
+            image: image_ref.to_owned(),
             port,
             labels: self.engine.labels(d, &hash, port),
+            env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cmd: config.cmd.clone(),
+            memory_bytes: config.memory.0,
+            cpus: config.cpus,
+            restart: config.restart,
         };
         let id = match self.engine.create(&spec).await? {
             Some(id) => id,
@@ -109,11 +140,27 @@ impl Deployer {
                 c.id
             }
         };
-        log::info!("{d}: created container {} ({} port {port})", super::short_id(&id), spec.image);
-        self.start(&id).await
+        log::info!("{d}: created container {} ({image_ref} port {port})", super::short_id(&id));
+        self.admitted_start(&id).await
     }
 
-    async fn start(&self, id: &str) -> Result<Container, PipesError> {
+    /// Starts a container unless `PIPES_MAX_CONTAINERS` run (or are starting) already.
+    async fn admitted_start(&self, id: &str) -> Result<Container, PipesError> {
+        {
+            let mut starting = self.starting.lock().await;
+            let running = self.engine.managed(false).await?.len();
+            if running + *starting >= self.settings.max_containers {
+                return Err(PipesError::TooManyContainers { max: self.settings.max_containers });
+            }
+            *starting += 1;
+        }
+        let started = self.start(id).await;
+        *self.starting.lock().await -= 1;
+        started
+    }
+
+    /// Starts a container and inspects it.
+    pub async fn start(&self, id: &str) -> Result<Container, PipesError> {
         self.engine.start(id).await?;
         self.engine.inspect(id).await?.ok_or_else(|| PipesError::Engine {
             action: "start a container",
@@ -121,16 +168,9 @@ impl Deployer {
         })
     }
 
-    /// The hash a container of `d` would carry if created now with the port
-    /// `existing` was made with; a mismatch means the settings changed since.
-    fn spec_hash(&self, d: &Deployment, existing: &Container) -> String {
-        existing.port.map(|p| spec_hash(&self.settings.image_ref(d), p)).unwrap_or_default()
-    }
-
     /// Probes until the container answers; fails if it exits or the timeout passes.
-    async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr) -> Result<(), PipesError> {
-        let timeout = self.settings.start_timeout;
-        let path = "/";
+    async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {
+        let (path, timeout) = (config.health_path.as_str(), config.health_timeout);
         tokio::select! {
             biased;
             exit = self.engine.exited(id) => match exit {
@@ -175,8 +215,8 @@ impl Deployer {
     }
 }
 
-/// The container port: the image's single exposed TCP port, else 80.
-fn container_port(d: &Deployment, image: &Image) -> Result<u16, PipesError> {
+/// The container port the image implies: its single exposed TCP port, else 80.
+fn image_port(d: &Deployment, image: &Image) -> Result<u16, PipesError> {
     match image.exposed_tcp.as_slice() {
         [] => Ok(DEFAULT_PORT),
         [port] => Ok(*port),
@@ -190,12 +230,6 @@ fn container_port(d: &Deployment, image: &Image) -> Result<u16, PipesError> {
     }
 }
 
-/// A short, stable hash of what a container is created from.
-fn spec_hash(image_ref: &str, port: u16) -> String {
-    let digest = Sha256::new().chain_update(image_ref).chain_update([0]).chain_update(port.to_be_bytes()).finalize();
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,17 +241,9 @@ mod tests {
     #[test]
     fn port_comes_from_the_image_else_80() {
         let d = Deployment::parse("a/b:c").unwrap();
-        assert_eq!(container_port(&d, &image(&[])).unwrap(), 80);
-        assert_eq!(container_port(&d, &image(&[3000])).unwrap(), 3000);
-        let e = container_port(&d, &image(&[80, 443])).unwrap_err();
+        assert_eq!(image_port(&d, &image(&[])).unwrap(), 80);
+        assert_eq!(image_port(&d, &image(&[3000])).unwrap(), 3000);
+        let e = image_port(&d, &image(&[80, 443])).unwrap_err();
         assert!(e.to_string().contains("80, 443"), "{e}");
-    }
-
-    #[test]
-    fn spec_hash_is_stable_and_sensitive() {
-        assert_eq!(spec_hash("a/b:c", 80), spec_hash("a/b:c", 80));
-        assert_ne!(spec_hash("a/b:c", 80), spec_hash("a/b:c", 81));
-        assert_ne!(spec_hash("a/b:c", 80), spec_hash("a/b:d", 80));
-        assert_eq!(spec_hash("a/b:c", 80).len(), 16);
     }
 }

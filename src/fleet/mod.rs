@@ -30,21 +30,27 @@ use crate::settings::Settings;
 
 /// How long Pipes waits to connect to a container that should be running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Seconds a container gets to stop before it is killed.
+const STOP_GRACE_SECS: i32 = 10;
 
 /// A running container that answered: where requests for a deployment go.
 #[derive(Debug)]
 pub struct Upstream {
     pub container_id: String,
     pub addr: SocketAddr,
+    /// Stop the container after this long without requests.
+    pub idle_timeout: Option<Duration>,
+    /// Unix time in milliseconds when it became ready.
+    pub ready_ms: u64,
     peer: HttpPeer,
 }
 
 impl Upstream {
     /// An upstream at `addr` served by container `container_id`.
-    pub fn new(container_id: String, addr: SocketAddr) -> Self {
+    pub fn new(container_id: String, addr: SocketAddr, idle_timeout: Option<Duration>) -> Self {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-        Upstream { container_id, addr, peer }
+        Upstream { container_id, addr, idle_timeout, ready_ms: now_ms(), peer }
     }
 
     /// The peer Pingora connects to for one request.
@@ -233,6 +239,83 @@ impl Fleet {
         cold.failed = None;
     }
 
+    /// Waits for a start under way, so an operation does not race it.
+    async fn settle(&self, slot: &Slot) {
+        let start = slot.lock_cold().starting.clone();
+        if let Some(start) = start {
+            let _ = start.await;
+        }
+    }
+
+    /// Stops the deployment's container and keeps it; the next request starts it again.
+    pub async fn stop(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
+        self.settle(slot).await;
+        self.forget(slot);
+        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
+        self.on_control(async move {
+            match engine.inspect(&name).await? {
+                Some(c) => engine.stop(&c.id, STOP_GRACE_SECS).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Stops and removes the deployment's container; its config stays.
+    pub async fn remove(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
+        self.settle(slot).await;
+        self.forget(slot);
+        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
+        self.on_control(async move {
+            match engine.inspect(&name).await? {
+                Some(c) => engine.remove(&c.id).await,
+                None => Ok(()),
+            }
+        })
+        .await
+    }
+
+    /// Restarts the deployment's container (or starts one) and waits until it answers.
+    pub async fn restart(&self, slot: &Arc<Slot>) -> StartResult {
+        self.settle(slot).await;
+        self.forget(slot);
+        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
+        self.on_control(async move {
+            match engine.inspect(&name).await? {
+                Some(c) if c.running => engine.restart(&c.id, STOP_GRACE_SECS).await,
+                _ => Ok(()),
+            }
+        })
+        .await?;
+        self.ready(slot).await
+    }
+
+    /// Replaces the deployment's container with one made from its current config.
+    pub async fn recreate(&self, slot: &Arc<Slot>) -> StartResult {
+        self.remove(slot).await?;
+        self.ready(slot).await
+    }
+
+    /// Stops containers idle for longer than their `idle_timeout`.
+    pub fn stop_idle(self: &Arc<Self>) {
+        let now = now_ms();
+        for slot in self.table.load().values() {
+            let Some(up) = slot.ready() else { continue };
+            let Some(idle) = up.idle_timeout else { continue };
+            let last = slot.last_request_ms().unwrap_or(0).max(up.ready_ms);
+            if now.saturating_sub(last) < u64::try_from(idle.as_millis()).unwrap_or(u64::MAX) {
+                continue;
+            }
+            log::info!("{}: idle for {}, stopping its container", slot.deployment, humantime::format_duration(idle));
+            let (fleet, slot) = (self.clone(), slot.clone());
+            self.control.spawn(async move {
+                if let Err(e) = fleet.stop(&slot).await {
+                    log::warn!("{}: cannot stop idle container: {e}", slot.deployment);
+                }
+            });
+        }
+    }
+
     /// Starts a deployment, or joins the start already under way.
     async fn start(&self, slot: &Arc<Slot>) -> StartResult {
         let start = {
@@ -321,11 +404,12 @@ impl Fleet {
     pub async fn adopt(&self) -> Result<usize, PipesError> {
         let engine = self.engine();
         let mut adopted = 0;
-        for (d, id) in engine.managed().await? {
+        for (d, id) in engine.managed(true).await? {
             let slot = self.slot(d.as_ref());
             if let Some(container) = engine.inspect(&id).await? {
                 if let (true, Some(addr)) = (container.running, container.address) {
-                    slot.ready.store(Some(Arc::new(Upstream::new(container.id, addr))));
+                    let idle = self.deployer.effective(&d).ok().and_then(|c| c.idle_timeout);
+                    slot.ready.store(Some(Arc::new(Upstream::new(container.id, addr, idle))));
                 }
                 log::info!("adopted {d} (container {}, running: {})", short_id(&id), container.running);
                 adopted += 1;
@@ -380,7 +464,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let fleet = fleet(&rt, "1h");
         let running = fleet.slot(key("alice/run:v1").as_ref());
-        running.ready.store(Some(Arc::new(Upstream::new("c1".into(), "127.0.0.1:1".parse().unwrap()))));
+        running.ready.store(Some(Arc::new(Upstream::new("c1".into(), "127.0.0.1:1".parse().unwrap(), None))));
         let failed = fleet.slot(key("alice/fail:v1").as_ref());
         failed.lock_cold().failed = Some((Instant::now(), PipesError::ImageNotFound { image: "x".into() }));
         fleet.slot(key("alice/idle:v1").as_ref());
