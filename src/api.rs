@@ -144,6 +144,7 @@ pub async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> Result<
             let config = DeployConfig::from_json(&req.body)?;
             let (store, key) = (fleet.deployer().store().clone(), d.clone());
             fleet.on_control(async move { store.put_repository(&key.user, &key.repo, &config) }).await?;
+            fleet.retry_repository(&d.user, &d.repo);
             log::info!("{}: repository config replaced over the API", d.repository());
             repository_config(fleet, d).await.map(Reply::ok)
         }

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tokio::sync::Mutex;
 
 use super::probe;
@@ -31,15 +33,27 @@ pub struct Deployer {
     engine: Engine,
     settings: Arc<Settings>,
     store: Store,
-    /// Containers being started right now; held only while admitting one.
-    starting: Mutex<usize>,
+    /// Containers admitted and not yet started.
+    starting: Arc<AtomicUsize>,
+    /// Serializes admission, so two starts cannot both take the last place.
+    admission: Mutex<()>,
+}
+
+/// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
+/// container runs (the engine counts it from then on).
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Deployer {
     /// A deployer using `engine` with `settings`.
     pub fn new(engine: Engine, settings: Arc<Settings>) -> Self {
         let store = Store::new(settings.config_dir.clone());
-        Deployer { engine, settings, store, starting: Mutex::new(0) }
+        Deployer { engine, settings, store, starting: Arc::new(AtomicUsize::new(0)), admission: Mutex::new(()) }
     }
 
     /// The engine it deploys on.
@@ -72,15 +86,20 @@ impl Deployer {
         let container = match self.engine.inspect(&name).await? {
             Some(c) if c.running => c,
             Some(c) if c.port.is_some_and(|p| c.config_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
+                let admitted = self.admit().await?;
                 log::info!("{d}: starting its stopped container {}", super::short_id(&c.id));
-                self.admitted_start(&c.id).await?
+                self.start(&c.id, admitted).await?
             }
             Some(c) => {
+                let admitted = self.admit().await?;
                 log::info!("{d}: replacing container {} made from another config", super::short_id(&c.id));
                 self.engine.remove(&c.id).await?;
-                self.create(d, &name, &image_ref, &config).await?
+                self.create(d, &name, &image_ref, &config, admitted).await?
             }
-            None => self.create(d, &name, &image_ref, &config).await?,
+            None => {
+                let admitted = self.admit().await?;
+                self.create(d, &name, &image_ref, &config, admitted).await?
+            }
         };
         if !container.running {
             return Err(self.exited(d, &container.id, container.exit_code).await);
@@ -94,7 +113,14 @@ impl Deployer {
     }
 
     /// Pulls if needed, creates and starts a new container of `d`.
-    async fn create(&self, d: &Deployment, name: &str, image_ref: &str, config: &Effective) -> Result<Container, PipesError> {
+    async fn create(
+        &self,
+        d: &Deployment,
+        name: &str,
+        image_ref: &str,
+        config: &Effective,
+        admitted: Admitted,
+    ) -> Result<Container, PipesError> {
         let local = match config.pull {
             Pull::Always => None,
             Pull::Missing => self.engine.image(image_ref).await?,
@@ -141,27 +167,25 @@ impl Deployer {
             }
         };
         log::info!("{d}: created container {} ({image_ref} port {port})", super::short_id(&id));
-        self.admitted_start(&id).await
+        self.start(&id, admitted).await
     }
 
-    /// Starts a container unless `PIPES_MAX_CONTAINERS` run (or are starting) already.
-    async fn admitted_start(&self, id: &str) -> Result<Container, PipesError> {
-        {
-            let mut starting = self.starting.lock().await;
-            let running = self.engine.managed(false).await?.len();
-            if running + *starting >= self.settings.max_containers {
-                return Err(PipesError::TooManyContainers { max: self.settings.max_containers });
-            }
-            *starting += 1;
+    /// A place for one more running container, unless `PIPES_MAX_CONTAINERS`
+    /// run or are starting already.
+    async fn admit(&self) -> Result<Admitted, PipesError> {
+        let _one_at_a_time = self.admission.lock().await;
+        let running = self.engine.managed(false).await?.len();
+        if running + self.starting.load(Ordering::Acquire) >= self.settings.max_containers {
+            return Err(PipesError::TooManyContainers { max: self.settings.max_containers });
         }
-        let started = self.start(id).await;
-        *self.starting.lock().await -= 1;
-        started
+        self.starting.fetch_add(1, Ordering::AcqRel);
+        Ok(Admitted(self.starting.clone()))
     }
 
-    /// Starts a container and inspects it.
-    pub async fn start(&self, id: &str) -> Result<Container, PipesError> {
+    /// Starts an admitted container and inspects it.
+    async fn start(&self, id: &str, admitted: Admitted) -> Result<Container, PipesError> {
         self.engine.start(id).await?;
+        drop(admitted);
         self.engine.inspect(id).await?.ok_or_else(|| PipesError::Engine {
             action: "start a container",
             detail: format!("container {} vanished after start", super::short_id(id)),

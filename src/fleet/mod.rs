@@ -239,6 +239,16 @@ impl Fleet {
         cold.failed = None;
     }
 
+    /// Forgets remembered failures of a repository's deployments, after its
+    /// config changed: the next request tries again at once.
+    pub fn retry_repository(&self, user: &str, repo: &str) {
+        for slot in self.table.load().values() {
+            if slot.deployment.user == user && slot.deployment.repo == repo {
+                slot.lock_cold().failed = None;
+            }
+        }
+    }
+
     /// Waits for a start under way, so an operation does not race it.
     async fn settle(&self, slot: &Slot) {
         let start = slot.lock_cold().starting.clone();

@@ -238,6 +238,14 @@ impl Pipes {
         }
     }
 
+    /// Kills Pipes with SIGKILL, as a crash or `kill -9` would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops Pipes and starts it again with the same instance and settings.
     pub fn restart(&mut self) {
         self.terminate();
@@ -299,4 +307,50 @@ pub async fn json(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let text = resp.text().await.expect("body");
     let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
     (status, value)
+}
+
+/// An API call: method, path (with query) on `host`, optional JSON body and token.
+pub async fn api(
+    pipes: &Pipes,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = pipes.client(host).request(method.parse().expect("method"), pipes.url(host, path));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b.to_owned());
+    }
+    json(req.send().await.expect("answer")).await
+}
+
+/// Every file below `dir` with its content, to show that nothing changed.
+pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                files.insert(p, bytes);
+            }
+        }
+    }
+    files
+}
+
+/// The state and id of each container of `pipes`, to show the engine did not change.
+pub fn engine_state(pipes: &Pipes) -> Vec<String> {
+    pipes
+        .containers()
+        .iter()
+        .map(|id| docker_ok(&["inspect", "-f", "{{.Id}} {{.State.Status}} {{.State.StartedAt}}", id]))
+        .collect()
 }
