@@ -1,0 +1,125 @@
+//! Arbitrary methods, paths and bodies thrown at the API of a running Pipes:
+//! no 5xx, no crash, and whatever is refused changes no config file.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use common::{snapshot, Pipes};
+use pipes::config::DeployConfig;
+use proptest::prelude::*;
+use serde_json::Value;
+
+const TOKEN: &str = "fuzz-token-0123456789";
+const HOST: &str = "v1.app.fuzz.example.com";
+const KNOWN: &[&str] = &[
+    "/__proxyapi",
+    "/__proxyapi/container",
+    "/__proxyapi/container/config",
+    "/__proxyapi/container/stop",
+    "/__proxyapi/container/restart",
+    "/__proxyapi/container/logs",
+    "/__proxyapi/repository/config",
+    "/__proxyapi/deployments",
+];
+const METHODS: &[&str] = &["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+const FIELDS: &[&str] = &["port", "env", "cmd", "memory", "cpus", "health", "path", "timeout", "idle_timeout", "restart", "pull"];
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(Value::from),
+        "[a-z0-9/:. -]{0,12}".prop_map(Value::from),
+        prop_oneof![Just("512m"), Just("15m"), Just("/healthz"), Just("always"), Just("no")].prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(
+                prop_oneof![prop::sample::select(FIELDS).prop_map(str::to_owned), "[A-Za-z_]{1,8}"],
+                inner,
+                0..5
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        Just(Vec::new()),
+        prop::collection::vec(any::<u8>(), 0..300),
+        json_value().prop_map(|v| v.to_string().into_bytes()),
+        json_value().prop_map(|v| {
+            let mut s = v.to_string();
+            s.truncate(s.len() / 2);
+            s.into_bytes()
+        }),
+    ]
+}
+
+fn path() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(KNOWN).prop_map(str::to_owned),
+        (prop::sample::select(KNOWN), "[a-z/._%?=&-]{0,16}").prop_map(|(k, s)| format!("{k}{s}")),
+        "/__proxyapi(/[a-z0-9_.%-]{0,10}){0,3}",
+        (prop::sample::select(KNOWN), "-?[0-9a-z]{0,6}").prop_map(|(k, t)| format!("{k}?tail={t}")),
+    ]
+}
+
+/// Method, path and body; two in five are config PUTs, so bodies reach the parser.
+fn request() -> impl Strategy<Value = (&'static str, String, Vec<u8>)> {
+    prop_oneof![
+        3 => (prop::sample::select(METHODS), path(), body()),
+        2 => (
+            Just("PUT"),
+            prop::sample::select(&["/__proxyapi/container/config", "/__proxyapi/repository/config"][..]).prop_map(str::to_owned),
+            body(),
+        ),
+    ]
+}
+
+#[test]
+fn arbitrary_api_requests_are_refused_cleanly() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The fuzz user may not be deployed: a valid container config is refused
+    // by the policy, so nothing starts; repository configs may be written.
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some("someoneelse/*"))]);
+    let configs = pipes.dir.join("configs");
+    let sent = AtomicUsize::new(0);
+    let statuses = Mutex::new(BTreeMap::<u16, usize>::new());
+
+    let config = ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |((method, path, body) in request(),
+                        with_token in prop::bool::weighted(0.9), on_domain in prop::bool::weighted(0.1))| {
+        let host = if on_domain { "example.com" } else { HOST };
+        let before = snapshot(&configs);
+        let (status, text) = rt.block_on(async {
+            let mut req = pipes.client(host).request(method.parse().unwrap(), pipes.url(host, &path)).body(body.clone());
+            if with_token {
+                req = req.bearer_auth(TOKEN);
+            }
+            let resp = req.send().await.expect("Pipes answers every request");
+            (resp.status().as_u16(), resp.text().await.unwrap_or_default())
+        });
+        sent.fetch_add(1, Ordering::Relaxed);
+        *statuses.lock().unwrap().entry(status).or_default() += 1;
+        prop_assert!(status < 500, "{method} {path} -> {status}: {text}");
+        let after = snapshot(&configs);
+        if status >= 400 {
+            prop_assert_eq!(&before, &after, "a refused request changed a config: {} {} -> {}", method, path, status);
+        } else if before != after {
+            // Only an accepted PUT of a valid repository config writes.
+            prop_assert!(method == "PUT" && path.starts_with("/__proxyapi/repository/config"), "{method} {path}");
+            prop_assert!(DeployConfig::from_json(&body).is_ok());
+        }
+    });
+    assert!(pipes.containers().is_empty(), "nothing was started");
+    let last = rt.block_on(pipes.get(HOST, "/__proxyapi/container"));
+    assert!(last.status().as_u16() < 500, "Pipes still answers");
+    eprintln!("sent {} requests; statuses: {:?}", sent.load(Ordering::Relaxed), statuses.lock().unwrap());
+}
