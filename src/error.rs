@@ -18,7 +18,7 @@ pub enum PipesError {
     /// A Host label cannot be part of a Docker image reference.
     BadName { label: String, reason: &'static str },
     /// An API path Pipes does not know.
-    ApiNotFound { path: String, known: &'static [&'static str] },
+    ApiNotFound { path: String },
     /// The API needs a bearer token and the request has none, or a wrong one.
     Unauthorized,
     /// No API token is configured, so the API is closed.
@@ -129,7 +129,7 @@ impl PipesError {
             Self::NotOurs { host, expected } => json!({ "host": host, "expected": expected }),
             Self::NoDeployment { host } => json!({ "host": host }),
             Self::BadName { label, reason } => json!({ "label": label, "reason": reason }),
-            Self::ApiNotFound { path, known } => json!({ "path": path, "known": known }),
+            Self::ApiNotFound { path } => json!({ "path": path, "known": api_paths().collect::<Vec<_>>() }),
             Self::Forbidden { deployment } => {
                 json!({ "deployment": deployment, "setting": "PIPES_ALLOW" })
             }
@@ -195,8 +195,8 @@ impl fmt::Display for PipesError {
                 "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"
             ),
             Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
-            Self::ApiNotFound { path, known } => {
-                write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", "))
+            Self::ApiNotFound { path } => {
+                write!(f, "no API endpoint at '{path}'; endpoints: {}", api_paths().collect::<Vec<_>>().join(", "))
             }
             Self::Forbidden { deployment } => write!(
                 f,
@@ -250,6 +250,10 @@ impl fmt::Display for PipesError {
 }
 
 impl std::error::Error for PipesError {}
+
+fn api_paths() -> impl Iterator<Item = &'static str> {
+    crate::api::ROUTES.iter().map(|r| r.path)
+}
 
 /// Formats a duration as a person would write it: `60 s`, `1.5 s`, `250 ms`.
 pub struct DisplayDuration(pub Duration);

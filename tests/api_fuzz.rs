@@ -14,16 +14,6 @@ use serde_json::Value;
 
 const TOKEN: &str = "fuzz-token-0123456789";
 const HOST: &str = "v1.app.fuzz.example.com";
-const KNOWN: &[&str] = &[
-    "/__proxyapi",
-    "/__proxyapi/container",
-    "/__proxyapi/container/config",
-    "/__proxyapi/container/stop",
-    "/__proxyapi/container/restart",
-    "/__proxyapi/container/logs",
-    "/__proxyapi/repository/config",
-    "/__proxyapi/deployments",
-];
 const METHODS: &[&str] = &["GET", "PUT", "POST", "DELETE", "PATCH", "HEAD", "OPTIONS"];
 const FIELDS: &[&str] = &["port", "env", "cmd", "memory", "cpus", "health", "path", "timeout", "idle_timeout", "restart", "pull"];
 
@@ -63,11 +53,14 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn path() -> impl Strategy<Value = String> {
+    let known: Vec<&'static str> =
+        std::iter::once("/__proxyapi").chain(pipes::api::ROUTES.iter().map(|r| r.path)).collect();
+    let (k1, k2, k3) = (known.clone(), known.clone(), known);
     prop_oneof![
-        prop::sample::select(KNOWN).prop_map(str::to_owned),
-        (prop::sample::select(KNOWN), "[a-z/._%?=&-]{0,16}").prop_map(|(k, s)| format!("{k}{s}")),
+        prop::sample::select(k1).prop_map(str::to_owned),
+        (prop::sample::select(k2), "[a-z/._%?=&-]{0,16}").prop_map(|(k, s)| format!("{k}{s}")),
         "/__proxyapi(/[a-z0-9_.%-]{0,10}){0,3}",
-        (prop::sample::select(KNOWN), "-?[0-9a-z]{0,6}").prop_map(|(k, t)| format!("{k}?tail={t}")),
+        (prop::sample::select(k3), "-?[0-9a-z]{0,6}").prop_map(|(k, t)| format!("{k}?tail={t}")),
     ]
 }
 

@@ -22,7 +22,7 @@ use pingora::upstreams::peer::HttpPeer;
 
 pub use deploy::Deployer;
 
-use crate::engine::Engine;
+use crate::engine::{Container, Engine};
 use crate::error::PipesError;
 use crate::route::{Deployment, DeploymentRef};
 use crate::security::Policy;
@@ -257,43 +257,42 @@ impl Fleet {
         }
     }
 
-    /// Stops the deployment's container and keeps it; the next request starts it again.
-    pub async fn stop(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
+    /// Runs `action` on the deployment's container, if it has one, after any
+    /// start under way settled and with the table no longer sending it requests.
+    async fn on_container<F, Fut>(&self, slot: &Arc<Slot>, action: F) -> Result<(), PipesError>
+    where
+        F: FnOnce(Engine, Container) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), PipesError>> + Send,
+    {
         self.settle(slot).await;
         self.forget(slot);
         let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
         self.on_control(async move {
             match engine.inspect(&name).await? {
-                Some(c) => engine.stop(&c.id, STOP_GRACE_SECS).await,
+                Some(c) => action(engine, c).await,
                 None => Ok(()),
             }
         })
         .await
+    }
+
+    /// Stops the deployment's container and keeps it; the next request starts it again.
+    pub async fn stop(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
+        self.on_container(slot, |engine, c| async move { engine.stop(&c.id, STOP_GRACE_SECS).await }).await
     }
 
     /// Stops and removes the deployment's container; its config stays.
     pub async fn remove(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
-        self.settle(slot).await;
-        self.forget(slot);
-        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
-        self.on_control(async move {
-            match engine.inspect(&name).await? {
-                Some(c) => engine.remove(&c.id).await,
-                None => Ok(()),
-            }
-        })
-        .await
+        self.on_container(slot, |engine, c| async move { engine.remove(&c.id).await }).await
     }
 
     /// Restarts the deployment's container (or starts one) and waits until it answers.
     pub async fn restart(&self, slot: &Arc<Slot>) -> StartResult {
-        self.settle(slot).await;
-        self.forget(slot);
-        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
-        self.on_control(async move {
-            match engine.inspect(&name).await? {
-                Some(c) if c.running => engine.restart(&c.id, STOP_GRACE_SECS).await,
-                _ => Ok(()),
+        self.on_container(slot, |engine, c| async move {
+            if c.running {
+                engine.restart(&c.id, STOP_GRACE_SECS).await
+            } else {
+                Ok(())
             }
         })
         .await?;
