@@ -98,11 +98,12 @@ impl Fixtures {
     /// then removes the local copy so that Pipes has to pull it.
     pub fn publish(&mut self, repo: &str, tag: &str, extra: &str) -> String {
         let reference = self.reference(repo, tag);
-        // The reference label makes every image distinct: identical builds share an
-        // image id, and one test removing its copy would pull it from under another.
+        // The reference label comes first: it makes every image, and every
+        // intermediate layer the classic builder caches, unique to this test.
+        // Shared ones would be pruned from under one test by another's clean-up.
         build_image(
             &reference,
-            &format!("FROM {}\nENV FIXTURE_ID={tag}\n{extra}\nLABEL pipes.fixture={reference}\n", env().fixture),
+            &format!("FROM {}\nLABEL pipes.fixture={reference}\nENV FIXTURE_ID={tag}\n{extra}\n", env().fixture),
         );
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
