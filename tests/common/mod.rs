@@ -212,6 +212,11 @@ impl Pipes {
         }
     }
 
+    /// The process id, while Pipes runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything Pipes logged so far.
     pub fn log(&self) -> String {
         let mut text = String::new();

@@ -1,0 +1,428 @@
+//! Warm path: the same load through nothing, nginx and Pipes, then spread over
+//! 100 deployments.
+//!
+//! One fixture container; wrk drives a fixed number of connections for a fixed
+//! time against its published port directly, against Debian's nginx as reverse
+//! proxy (upstream keepalive, as many workers as Pipes has threads), and against
+//! Pipes; and against a bare Pingora proxy to the same upstream (this binary,
+//! re-executed), the floor Pipes is held to. Systems alternate round by round
+//! so drift hits all of them. Then 100 deployments run and the same load is
+//! spread over their hosts, through Pipes and through nginx. Prints a table
+//! and writes `target/bench-results/warm_path.md`. Run through `scripts/bench`.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{docker_ok, env, Pipes};
+
+const HOST: &str = "v1.warm.bench.example.com";
+const CONNECTIONS: usize = 32;
+const SPREAD: usize = 100;
+
+/// What wrk measured in one run.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs wrk once; `script` may replace the request (several hosts).
+fn wrk(url: &str, keepalive: bool, script: Option<&Path>, seconds: u64, commands: &mut Vec<String>) -> Load {
+    let mut args = vec![
+        "-t1".to_owned(),
+        format!("-c{CONNECTIONS}"),
+        format!("-d{seconds}s"),
+        "--latency".to_owned(),
+        "-H".to_owned(),
+        format!("Host: {HOST}"),
+    ];
+    if !keepalive {
+        args.extend(["-H".to_owned(), "Connection: close".to_owned()]);
+    }
+    if let Some(s) = script {
+        args.extend(["-s".to_owned(), s.display().to_string()]);
+    }
+    args.push(url.to_owned());
+    let line = format!("wrk {}", args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "));
+    if !commands.contains(&line) {
+        commands.push(line);
+    }
+    let out = Command::new("wrk").args(&args).output().expect("wrk runs");
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_wrk(text: &str) -> Load {
+    let mut load = Load::default();
+    for line in text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Requests/sec:"), Some(v)) => load.rps = v.parse().unwrap_or(0.0),
+            (Some("50%"), Some(v)) => load.p50_ms = millis(v),
+            (Some("99%"), Some(v)) => load.p99_ms = millis(v),
+            (Some("Non-2xx"), _) => load.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            (Some("Socket"), Some("errors:")) => {
+                load.errors += line
+                    .split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    load
+}
+
+fn millis(v: &str) -> f64 {
+    let (number, factor) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (v, 1.0)
+    };
+    number.parse::<f64>().unwrap_or(f64::NAN) * factor
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The median of each figure over rounds.
+fn summary(runs: &[Load]) -> Load {
+    Load {
+        rps: median(runs.iter().map(|l| l.rps).collect()),
+        p50_ms: median(runs.iter().map(|l| l.p50_ms).collect()),
+        p99_ms: median(runs.iter().map(|l| l.p99_ms).collect()),
+        errors: runs.iter().map(|l| l.errors).sum(),
+    }
+}
+
+/// Debian's nginx as a reverse proxy, stopped on drop.
+struct Nginx {
+    _process: Process,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// nginx with `workers` workers, proxying the bench host to `upstream` and,
+    /// when `spread` is given, each of those hosts to its own upstream.
+    fn start(upstream: u16, workers: usize, spread: &[(String, u16)]) -> Nginx {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let location = "proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
+                        proxy_set_header Host $host;\n      \
+                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
+                        proxy_set_header X-Forwarded-Proto $scheme;";
+        let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
+        for (host, p) in spread {
+            upstreams.push_str(&format!("  upstream {host} {{ server 127.0.0.1:{p}; keepalive 8; }}\n"));
+        }
+        let conf = format!(
+            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             {upstreams}\
+               server {{\n    listen 127.0.0.1:{port} default_server;\n    server_name {HOST};\n\
+                 location / {{\n      proxy_pass http://fixture;\n      {location}\n    }}\n  }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    server_name *.warm.bench.example.com;\n\
+                 location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let process = Process(child);
+        wait_listening(port, "nginx");
+        Nginx { _process: process, port, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+fn main() {
+    // The bench re-executes itself as the bare-Pingora baseline.
+    if let Ok(spec) = std::env::var("PIPES_BENCH_BARE") {
+        bare::run(&spec);
+    }
+    tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
+}
+
+/// A bare Pingora proxy to one fixed upstream, nothing else: the floor Pipes is held to.
+mod bare {
+    use async_trait::async_trait;
+    use pingora::prelude::*;
+    use pingora::proxy::http_proxy_service;
+    use pingora::server::configuration::ServerConf;
+
+    struct Bare(std::net::SocketAddr);
+
+    #[async_trait]
+    impl ProxyHttp for Bare {
+        type CTX = ();
+        fn new_ctx(&self) {}
+        async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+            Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+        }
+    }
+
+    /// `spec` is `listen,upstream,conf-file`.
+    pub fn run(spec: &str) -> ! {
+        let parts: Vec<&str> = spec.split(',').collect();
+        let conf = ServerConf::from_yaml(&std::fs::read_to_string(parts[2]).expect("conf")).expect("conf parses");
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+        let mut proxy = http_proxy_service(&server.configuration, Bare(parts[1].parse().expect("upstream")));
+        proxy.add_tcp(parts[0]);
+        server.add_service(proxy);
+        server.run_forever()
+    }
+}
+
+/// A child process, stopped with SIGTERM (and waited for) on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The published 127.0.0.1 port of a container's port 80.
+fn published_port(container: &str) -> u16 {
+    let mapping = docker_ok(&["port", container, "80/tcp"]);
+    mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
+}
+
+async fn bench() {
+    let e = env();
+    let rounds = setting("PIPES_BENCH_ROUNDS", 3) as usize;
+    let seconds = setting("PIPES_BENCH_SECONDS", 4);
+    let threads = setting("PIPES_BENCH_THREADS", 2) as usize;
+    let user = "bench";
+    let repo_ref = format!("{}/{user}/warm", e.registry);
+    for tag in std::iter::once("v1".to_owned()).chain((0..SPREAD).map(|i| format!("s{i}"))) {
+        docker_ok(&["tag", &e.fixture, &format!("{repo_ref}:{tag}")]);
+    }
+    let conf_dir = std::env::temp_dir().join(format!("pipes-bench-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("pipes.yaml");
+    std::fs::write(
+        &conf,
+        format!("---\nversion: 1\nthreads: {threads}\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\nupstream_keepalive_pool_size: 1024\n"),
+    )
+    .unwrap();
+    let pipes = Pipes::start(&[
+        ("PIPES_SERVER_CONF", Some(conf.to_str().unwrap())),
+        ("PIPES_ALLOW", Some("bench/*")),
+        ("PIPES_MAX_CONTAINERS", Some("150")),
+        ("RUST_LOG", Some("warn")),
+    ]);
+    let pid = pipes.pid().expect("pipes runs");
+
+    // The warm deployment, and its container's published port for the direct runs.
+    assert_eq!(pipes.get(HOST, "/").await.status(), 200);
+    let container = pipes.containers()[0].clone();
+    let direct_port = published_port(&container);
+    let nginx = Nginx::start(direct_port, threads, &[]);
+    let bare_port = free_port();
+    let _bare = Process(
+        Command::new(std::env::current_exe().expect("bench binary"))
+            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},127.0.0.1:{direct_port},{}", conf.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bare proxy starts"),
+    );
+    wait_listening(bare_port, "bare Pingora");
+
+    let mut commands = Vec::new();
+    let systems = [("direct", direct_port), ("nginx", nginx.port), ("bare Pingora", bare_port), ("Pipes", pipes.port)];
+    let cases: [(&str, &str, bool); 3] =
+        [("3 B, keep-alive", "/bytes/3", true), ("64 KiB, keep-alive", "/bytes/65536", true), ("3 B, new connection each", "/bytes/3", false)];
+    let mut table = String::new();
+    writeln!(table, "| case | system | req/s | p50 ms | p99 ms | errors | req/s vs nginx | req/s vs direct | req/s vs bare | p99 vs nginx |").unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    for (case, path, keepalive) in cases {
+        let mut runs: Vec<Vec<Load>> = vec![Vec::new(); systems.len()];
+        for _ in 0..rounds {
+            for (i, (_, port)) in systems.iter().enumerate() {
+                runs[i].push(wrk(&format!("http://127.0.0.1:{port}{path}"), keepalive, None, seconds, &mut commands));
+            }
+        }
+        let s: Vec<Load> = runs.iter().map(|r| summary(r)).collect();
+        for (i, (name, _)) in systems.iter().enumerate() {
+            writeln!(
+                table,
+                "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                s[i].rps, s[i].p50_ms, s[i].p99_ms, s[i].errors,
+                s[i].rps / s[1].rps, s[i].rps / s[0].rps, s[i].rps / s[2].rps, s[i].p99_ms / s[1].p99_ms
+            )
+            .unwrap();
+        }
+    }
+
+    // 100 deployments: start them (8 at a time), then spread the load over them.
+    let hosts: Vec<String> = (0..SPREAD).map(|i| format!("s{i}.warm.{user}.example.com")).collect();
+    for chunk in hosts.chunks(8) {
+        let answers = futures_util::future::join_all(chunk.iter().map(|h| pipes.get(h, "/bytes/3"))).await;
+        assert!(answers.iter().all(|r| r.status() == 200));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_kib = rss_kib(pid);
+    let script = conf_dir.join("spread.lua");
+    let host_list = hosts.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(",");
+    std::fs::write(
+        &script,
+        format!(
+            "local hosts = {{{host_list}}}\nlocal i = 0\nrequest = function()\n  i = i % #hosts + 1\n  \
+             return wrk.format(\"GET\", \"/bytes/3\", {{ Host = hosts[i] }})\nend\n"
+        ),
+    )
+    .unwrap();
+    let ports: Vec<(String, u16)> = (0..SPREAD)
+        .map(|i| {
+            let filter = format!("label=pipes.deployment={user}/warm:s{i}");
+            let id = docker_ok(&["ps", "-q", "--filter", &filter, "--filter", &format!("label=pipes.instance={}", pipes.instance)]);
+            (hosts[i].clone(), published_port(&id))
+        })
+        .collect();
+    let nginx_spread = Nginx::start(direct_port, threads, &ports);
+    let url = format!("http://127.0.0.1:{}/bytes/3", pipes.port);
+    let nginx_url = format!("http://127.0.0.1:{}/bytes/3", nginx_spread.port);
+    let (mut single, mut spread, mut nginx_single, mut nginx_many) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    for _ in 0..rounds {
+        single.push(wrk(&url, true, None, seconds, &mut commands));
+        spread.push(wrk(&url, true, Some(&script), seconds, &mut commands));
+        nginx_single.push(wrk(&nginx_url, true, None, seconds, &mut commands));
+        nginx_many.push(wrk(&nginx_url, true, Some(&script), seconds, &mut commands));
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let (one, many) = (summary(&single), summary(&spread));
+    let (n_one, n_many) = (summary(&nginx_single), summary(&nginx_many));
+    let running = docker_ok(&["ps", "-q", "--filter", &format!("label=pipes.instance={}", pipes.instance)]).lines().count();
+    writeln!(table, "\n| 100 deployments running | req/s | p50 ms | p99 ms | errors | spread / one host |\n|---|---|---|---|---|---|").unwrap();
+    for (name, l, base) in [
+        ("Pipes, one host", one, one),
+        (&*format!("Pipes, spread over {SPREAD} hosts"), many, one),
+        ("nginx, one host", n_one, n_one),
+        (&*format!("nginx, spread over {SPREAD} upstreams"), n_many, n_one),
+    ] {
+        writeln!(table, "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} |", l.rps, l.p50_ms, l.p99_ms, l.errors, l.rps / base.rps).unwrap();
+    }
+    writeln!(
+        table,
+        "\nContainers running: {running}. Pipes resident memory: {:.1} MiB idle with {SPREAD} deployments, {:.1} MiB peak under load.",
+        idle_kib as f64 / 1024.0,
+        peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0
+    )
+    .unwrap();
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_default();
+    let mut report = String::new();
+    writeln!(report, "# Warm-path benchmark\n").unwrap();
+    writeln!(report, "Machine: {} cores, {cpu}, kernel {}.", version("nproc", &[]), version("uname", &["-r"])).unwrap();
+    writeln!(
+        report,
+        "Versions: Pipes {} ({threads} threads), {}, {}, Docker engine {}.",
+        version("git", &["rev-parse", "--short", "HEAD"]),
+        version("nginx", &["-v"]),
+        version("wrk", &["-v"]),
+        docker_ok(&["version", "--format", "{{.Server.Version}}"])
+    )
+    .unwrap();
+    writeln!(
+        report,
+        "Setup: one fixture container (static Rust HTTP/1.1 server) reached at its published 127.0.0.1 port \
+         (docker-proxy in the path); nginx {threads} workers, upstream keepalive 128; {rounds} rounds of {seconds} s per \
+         system, alternating; figures are medians over rounds.\n"
+    )
+    .unwrap();
+    report.push_str(&table);
+    writeln!(report, "\nCommands (URL port differs per system):\n").unwrap();
+    for c in &commands {
+        writeln!(report, "    {c}").unwrap();
+    }
+    println!("\n{report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("warm_path.md"), &report).unwrap();
+    println!("written to {}", out.join("warm_path.md").display());
+
+    drop(nginx);
+    drop(nginx_spread);
+    drop(pipes);
+    for tag in std::iter::once("v1".to_owned()).chain((0..SPREAD).map(|i| format!("s{i}"))) {
+        let _ = common::docker(&["rmi", &format!("{repo_ref}:{tag}")]);
+    }
+    let _ = std::fs::remove_dir_all(&conf_dir);
+}
