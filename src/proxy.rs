@@ -24,6 +24,10 @@ use crate::route::{self, Deployment, Domain, Target};
 use crate::security::ApiAuth;
 use crate::settings::Settings;
 
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const HTTP: http::HeaderValue = http::HeaderValue::from_static("http");
+
 /// The Pingora application of Pipes.
 pub struct Pipes {
     fleet: Arc<Fleet>,
@@ -147,13 +151,15 @@ impl ProxyHttp for Pipes {
     ) -> Result<()> {
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let ip = client.ip().to_string();
-            let forwarded = match upstream_request.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(earlier) => format!("{earlier}, {ip}"),
-                None => ip,
-            };
-            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+            match upstream_request.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(earlier) => {
+                    let forwarded = format!("{earlier}, {ip}");
+                    upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+                }
+                None => upstream_request.insert_header(X_FORWARDED_FOR, ip)?,
+            }
         }
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        upstream_request.insert_header(X_FORWARDED_PROTO, HTTP)?;
         Ok(())
     }
 

@@ -30,6 +30,8 @@ use crate::settings::Settings;
 
 /// How long Pipes waits to connect to a container that should be running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Resolution of the last-request time; idle timeouts are at least a second.
+const TOUCH_RESOLUTION_MS: u64 = 100;
 /// Seconds a container gets to stop before it is killed.
 const STOP_GRACE_SECS: i32 = 10;
 
@@ -106,9 +108,15 @@ impl Slot {
     }
 
     /// Records a proxied request, for idle accounting.
+    ///
+    /// Writes at most every `TOUCH_RESOLUTION_MS`: a store on every request
+    /// would bounce this cache line between the proxy threads.
     #[inline]
     pub fn touch(&self) {
-        self.last_request_ms.store(now_ms(), Ordering::Relaxed);
+        let now = now_ms();
+        if now.saturating_sub(self.last_request_ms.load(Ordering::Relaxed)) >= TOUCH_RESOLUTION_MS {
+            self.last_request_ms.store(now, Ordering::Relaxed);
+        }
     }
 
     /// Unix time in milliseconds of the last proxied request.
