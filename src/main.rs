@@ -4,6 +4,10 @@ use std::process::ExitCode;
 
 use pipes::settings::Settings;
 
+// Measured on the warm path against glibc's malloc in the same benchmark run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let settings = match Settings::load() {
         Ok(settings) => settings,
