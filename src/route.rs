@@ -34,6 +34,15 @@ impl Domain {
     }
 }
 
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Domain::Levels(n) => write!(f, "{{tag}}.{{repo}}.{{user}} under any domain of {n} labels"),
+            Domain::Suffix(s) => write!(f, "{{tag}}.{{repo}}.{{user}}.{s}"),
+        }
+    }
+}
+
 /// An owned deployment key: image `user/repo:tag`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Deployment {

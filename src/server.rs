@@ -142,7 +142,7 @@ fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
 
 fn log_summary(settings: &Settings, reach: &Reach) {
     let listen: Vec<String> = settings.listen.iter().map(|a| a.to_string()).collect();
-    log::info!("listening on {} for {:?}", listen.join(", "), settings.domain);
+    log::info!("listening on {} for {}", listen.join(", "), settings.domain);
     match reach {
         Reach::Published => log::info!("containers are reached on 127.0.0.1 at published ports"),
         Reach::Network(n) => log::info!("containers are reached at their IP on network '{n}'"),
@@ -155,9 +155,10 @@ fn log_summary(settings: &Settings, reach: &Reach) {
     }
     match &settings.api_auth {
         ApiAuth::Off => log::warn!("management API open to anyone who can reach Pipes (PIPES_API_AUTH=none)"),
-        ApiAuth::Tokens { admin: None } => {
-            log::info!("management API open to scoped tokens only (tokens.json); PIPES_API_TOKEN sets an admin token")
-        }
+        ApiAuth::Tokens { admin: None } => log::info!(
+            "management API closed but to tokens that tokens.json in the config dir grants; \
+             PIPES_API_TOKEN sets an admin token"
+        ),
         ApiAuth::Tokens { admin: Some(_) } => log::info!("management API needs a bearer token"),
     }
     log::info!("configs in {}", settings.config_dir.display());
