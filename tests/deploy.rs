@@ -158,14 +158,14 @@ async fn concurrent_first_requests_start_exactly_one_container() {
 #[tokio::test]
 async fn two_deployments_start_in_parallel() {
     let mut f = Fixtures::new();
-    f.publish("one", "v1", "ENV FIXTURE_DELAY_MS=2000");
-    f.publish("two", "v1", "ENV FIXTURE_DELAY_MS=2000");
+    f.publish("one", "v1", "ENV FIXTURE_DELAY_MS=3000");
+    f.publish("two", "v1", "ENV FIXTURE_DELAY_MS=3000");
     let pipes = Pipes::start(&[]);
     let (one, two) = (f.host("one", "v1", DOMAIN), f.host("two", "v1", DOMAIN));
     let (a, b) = tokio::join!(pipes.get(&one, "/"), pipes.get(&two, "/"));
     assert_eq!(a.status(), 200);
     assert_eq!(b.status(), 200);
-    // Each container takes 2 s to answer after it started. Had the starts been
+    // Each container takes 3 s to answer after it started. Had the starts been
     // serial, one container would have started after the other answered.
     let started: Vec<String> = pipes
         .containers()
@@ -176,7 +176,7 @@ async fn two_deployments_start_in_parallel() {
     let t = |s: &str| humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
     let (s1, s2) = (t(&started[0]), t(&started[1]));
     let gap = if s1 > s2 { s1.duration_since(s2) } else { s2.duration_since(s1) }.unwrap();
-    assert!(gap < Duration::from_secs(2), "starts overlapped (gap {gap:?}); serial starts would be ≥ 2 s apart");
+    assert!(gap < Duration::from_secs(3), "starts overlapped (gap {gap:?}); serial starts would be ≥ 3 s apart");
 }
 
 #[tokio::test]

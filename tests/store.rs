@@ -23,7 +23,11 @@ async fn kill_9_during_config_writes_never_tears_a_file() {
     let file = pipes.dir.join("configs/repos/crashtest/app/repository.json");
     // Large values make each write take long enough to be cut.
     let filler = "x".repeat(256 * 1024);
-    let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sent = std::sync::Arc::new(std::sync::Mutex::new(vec!["seed".to_owned()]));
+    // One whole write first, so that every kill lands on an existing file.
+    let seed = format!(r#"{{"env":{{"APP_N":"seed","APP_FILL":"{filler}"}}}}"#);
+    let (status, body) = api(&pipes, HOST, "PUT", "/__proxyapi/repository/config", Some(&seed), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
     let mut kills = 0usize;
     for round in 0..8 {
         // Writers keep PUTs in flight; the kill lands in the middle of them.
@@ -54,7 +58,7 @@ async fn kill_9_during_config_writes_never_tears_a_file() {
             w.abort();
         }
 
-        let text = std::fs::read(&file).expect("a config file exists after the first write");
+        let text = std::fs::read(&file).expect("the config file exists");
         let config = DeployConfig::from_json(&text).expect("the file is a whole config, never a torn one");
         let n = config.env.get("APP_N").expect("written by this test");
         assert!(sent.lock().unwrap().contains(n), "the file holds one of the configs sent: {n}");
