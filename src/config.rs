@@ -143,18 +143,22 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d).map_err(|_| {
-            serde::de::Error::custom("expected a non-negative number of bytes or a string such as \"512m\"")
-        })? {
-            Raw::Bytes(b) => Ok(ByteSize(b)),
-            Raw::Text(t) => ByteSize::parse(&t).map_err(serde::de::Error::custom),
-        }
+        let text = number_or_text(d, "a non-negative number of bytes or a string such as \"512m\"")?;
+        ByteSize::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Reads a JSON number or string as text: both forms mean the same to `parse`.
+fn number_or_text<'de, D: Deserializer<'de>>(d: D, expected: &str) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d).map_err(|_| serde::de::Error::custom(format!("expected {expected}")))? {
+        Raw::Number(n) => Ok(n.to_string()),
+        Raw::Text(t) => Ok(t),
     }
 }
 
@@ -189,18 +193,8 @@ impl Serialize for Span {
 
 impl<'de> Deserialize<'de> for Span {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)
-            .map_err(|_| serde::de::Error::custom("expected seconds or a string such as \"30s\""))?
-        {
-            Raw::Secs(s) => Ok(Span(Duration::from_secs(s))),
-            Raw::Text(t) => Span::parse(&t).map_err(serde::de::Error::custom),
-        }
+        let text = number_or_text(d, "seconds or a string such as \"30s\"")?;
+        Span::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 

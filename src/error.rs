@@ -25,6 +25,8 @@ pub enum PipesError {
     ApiClosed,
     /// A valid token that does not cover this user's deployments.
     OutOfScope { user: String },
+    /// The request body could not be read.
+    BadBody { message: String },
     /// The request body is not JSON.
     BadJson { message: String, line: usize, column: usize },
     /// The body names a field that does not exist.
@@ -71,7 +73,7 @@ impl PipesError {
             Self::BadName { .. } => 400,
             Self::Forbidden { .. } | Self::ApiClosed | Self::OutOfScope { .. } => 403,
             Self::Unauthorized => 401,
-            Self::BadJson { .. } | Self::UnknownField { .. } | Self::BadQuery { .. } => 400,
+            Self::BadBody { .. } | Self::BadJson { .. } | Self::UnknownField { .. } | Self::BadQuery { .. } => 400,
             Self::InvalidField { .. } => 422,
             Self::BodyTooLarge { .. } => 413,
             Self::MethodNotAllowed { .. } => 405,
@@ -95,6 +97,7 @@ impl PipesError {
             Self::Unauthorized => "unauthorized",
             Self::ApiClosed => "api_closed",
             Self::OutOfScope { .. } => "out_of_scope",
+            Self::BadBody { .. } => "bad_body",
             Self::BadJson { .. } => "bad_json",
             Self::UnknownField { .. } => "unknown_field",
             Self::InvalidField { .. } => "invalid_field",
@@ -136,6 +139,7 @@ impl PipesError {
             Self::Unauthorized => json!({}),
             Self::ApiClosed => json!({ "setting": "PIPES_API_TOKEN" }),
             Self::OutOfScope { user } => json!({ "user": user }),
+            Self::BadBody { .. } => json!({}),
             Self::BadJson { line, column, .. } => json!({ "line": line, "column": column }),
             Self::UnknownField { field, .. } | Self::InvalidField { field, .. } => json!({ "field": field }),
             Self::BadQuery { parameter, .. } => json!({ "parameter": parameter }),
@@ -208,6 +212,7 @@ impl fmt::Display for PipesError {
                 "the management API is closed; the operator opens it by setting PIPES_API_TOKEN (or PIPES_API_TOKEN_FILE)",
             ),
             Self::OutOfScope { user } => write!(f, "this token does not manage deployments of user '{user}'"),
+            Self::BadBody { message } => write!(f, "the request body could not be read: {message}"),
             Self::BadJson { message, line, column } => {
                 write!(f, "the body is not valid JSON at line {line}, column {column}: {message}")
             }

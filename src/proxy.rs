@@ -282,9 +282,7 @@ async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<V
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
-            Err(e) => {
-                return Err(PipesError::BadJson { message: format!("the body could not be read: {e}"), line: 0, column: 0 })
-            }
+            Err(e) => return Err(PipesError::BadBody { message: e.to_string() }),
         }
     }
 }
