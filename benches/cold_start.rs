@@ -9,9 +9,10 @@
 //! registry. Then 200 concurrent first requests to one cold deployment.
 //! Run through `scripts/bench`, which prepares the engine, registry and fixture.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bollard::auth::DockerCredentials;
@@ -21,78 +22,23 @@ use bollard::query_parameters::{
     RemoveImageOptions, TagImageOptions,
 };
 use bollard::Docker;
+use common::{client_for, env, Pipes, TestEnv as Env};
 use futures_util::StreamExt;
 
-struct Env {
-    run: String,
-    registry: String,
-    user: String,
-    password: String,
-    fixture: String,
-    rounds: usize,
+fn rounds() -> usize {
+    std::env::var("PIPES_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15)
 }
 
-fn env() -> Env {
-    let var = |n: &str| std::env::var(n).unwrap_or_else(|_| panic!("{n} is not set: run scripts/bench"));
-    Env {
-        run: var("PIPES_TEST_RUN"),
-        registry: var("PIPES_TEST_REGISTRY"),
-        user: var("PIPES_TEST_REGISTRY_USER"),
-        password: var("PIPES_TEST_REGISTRY_PASSWORD"),
-        fixture: var("PIPES_TEST_FIXTURE_IMAGE"),
-        rounds: std::env::var("PIPES_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15),
-    }
-}
-
-/// A Pipes process for the benchmark; killed on drop.
-struct Pipes {
-    child: Child,
-    port: u16,
-    instance: String,
-}
-
-impl Pipes {
-    fn start(e: &Env) -> Pipes {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let instance = format!("bench{}", std::process::id());
-        let child = Command::new(env!("CARGO_BIN_EXE_pipes"))
-            .env_clear()
-            .env("PIPES_LISTEN", format!("127.0.0.1:{port}"))
-            .env("PIPES_INSTANCE", &instance)
-            .env("PIPES_LABELS", format!("pipes.test={}", e.run))
-            .env("PIPES_REGISTRY", &e.registry)
-            .env("PIPES_ALLOW", "bench/*")
-            .env("DOCKER_AUTH", "true")
-            .env("DOCKER_AUTH_USERNAME", &e.user)
-            .env("DOCKER_AUTH_PASSWORD", &e.password)
-            .env("PIPES_SERVER_CONF", concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("pipes starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "pipes did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Pipes { child, port, instance }
-    }
-}
-
-impl Drop for Pipes {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_pipes() -> Pipes {
+    Pipes::start(&[
+        ("PIPES_ALLOW", Some("bench/*")),
+        ("PIPES_SERVER_CONF", Some(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))),
+        ("RUST_LOG", Some("warn")),
+    ])
 }
 
 fn client(host: &str) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .resolve(host, ([127, 0, 0, 1], 0).into())
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap()
+    client_for(host, 0)
 }
 
 /// Time to the response head of a GET through Pipes.
@@ -235,9 +181,9 @@ async fn main() {
     // `cargo bench` passes --bench; this harness takes no arguments.
     let e = env();
     let docker = Docker::connect_with_local_defaults().unwrap().negotiate_version().await.unwrap();
-    let pipes = Pipes::start(&e);
+    let pipes = start_pipes();
     let repo = format!("{}/bench/app", e.registry);
-    let n = e.rounds;
+    let n = rounds();
 
     // Image present locally: one tag per round and system, so every round is cold.
     let mut local = Row { case: "image present", pipes: vec![], direct: vec![] };
@@ -248,7 +194,7 @@ async fn main() {
     for i in 0..n {
         local.pipes.push(through_pipes(&pipes, &format!("l{i}")).await);
         let name = format!("bench-{}-d{i}", e.run);
-        local.direct.push(direct(&docker, &e, &format!("{repo}:d{i}"), false, &name).await);
+        local.direct.push(direct(&docker, e, &format!("{repo}:d{i}"), false, &name).await);
     }
 
     // Image pulled from the registry: pushed, then removed locally.
@@ -256,14 +202,14 @@ async fn main() {
     for i in 0..n {
         for t in [format!("pl{i}"), format!("pd{i}")] {
             tag(&docker, &e.fixture, &repo, &t).await;
-            push(&docker, &e, &repo, &t).await;
+            push(&docker, e, &repo, &t).await;
             untag(&docker, &format!("{repo}:{t}")).await;
         }
     }
     for i in 0..n {
         pulled.pipes.push(through_pipes(&pipes, &format!("pl{i}")).await);
         let name = format!("bench-{}-pd{i}", e.run);
-        pulled.direct.push(direct(&docker, &e, &format!("{repo}:pd{i}"), true, &name).await);
+        pulled.direct.push(direct(&docker, e, &format!("{repo}:pd{i}"), true, &name).await);
     }
 
     // Coalescing: 200 concurrent first requests to one cold deployment.
