@@ -5,18 +5,19 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use pipes::engine::Engine;
+use pipes::engine::docker::{Docker, Reach};
 use pipes::fleet::Fleet;
 use pipes::route::{normalize_host, route, Target};
-use pipes::settings::{Cli, Reach, Settings, Sources};
+use pipes::settings::{Settings, Sources};
 
 fn fleet_of(n: usize, runtime: &tokio::runtime::Runtime) -> (Fleet, Vec<String>) {
     let mut src = Sources::default();
     src.env.insert("PIPES_ALLOW".into(), "bench/*".into());
+    // Any engine call would fail: the warm path makes none.
     src.env.insert("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into());
-    let settings = Arc::new(Settings::from_sources(Cli::default(), &src).expect("settings"));
-    let engine = Engine::new(&settings, Reach::Published);
-    let fleet = Fleet::new(settings, engine, runtime.handle().clone());
+    let settings = Settings::from_sources(["pipes"], &src).expect("settings");
+    let backend = Arc::new(Docker::new(&settings.docker, Reach::Published));
+    let fleet = Fleet::new(&settings, backend, runtime.handle().clone());
     let hosts: Vec<String> = (0..n).map(|i| format!("v1.app{i}.bench.example.com:8080")).collect();
     let domain = pipes::route::Domain::Levels(2);
     for h in &hosts {
@@ -40,7 +41,7 @@ fn warm_request(c: &mut Criterion) {
                 Ok(Target::Deployment(d)) => {
                     let slot = fleet.get(d).expect("known deployment");
                     black_box(fleet.allows(d));
-                    black_box(slot.ready())
+                    black_box(slot.upstream())
                 }
                 _ => unreachable!("every host is a deployment"),
             }

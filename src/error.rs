@@ -1,12 +1,11 @@
 //! What can go wrong on the request path, and how each failure reads to a user.
 //!
-//! Every variant maps to one row of the status table in DESIGN.md. Bodies are
-//! JSON for API clients and a short HTML page for browsers.
+//! Every variant maps to one row of the status table in the README ("Errors")
+//! and carries what the message needs. How an error is written to a client
+//! (JSON or HTML, headers) is `reply`'s business.
 
 use std::fmt;
 use std::time::Duration;
-
-use serde_json::json;
 
 /// A failure a client sees as an HTTP error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,8 +16,8 @@ pub enum PipesError {
     NoDeployment { host: String },
     /// A Host label cannot be part of a Docker image reference.
     BadName { label: String, reason: &'static str },
-    /// An API path Pipes does not know.
-    ApiNotFound { path: String },
+    /// An API path Pipes does not know; `known` lists the paths that exist.
+    ApiNotFound { path: String, known: Vec<&'static str> },
     /// The API needs a bearer token and the request has none, or a wrong one.
     Unauthorized,
     /// No API token is configured, so the API is closed.
@@ -38,7 +37,7 @@ pub enum PipesError {
     /// The request body exceeds the limit.
     BodyTooLarge { limit: usize },
     /// The path exists but not with this method.
-    MethodNotAllowed { path: String, allow: &'static str },
+    MethodNotAllowed { path: String, allow: String },
     /// A stored config file cannot be read; it is never replaced silently.
     ConfigBroken { file: String, problem: String },
     /// `PIPES_MAX_CONTAINERS` are running already.
@@ -62,7 +61,7 @@ pub enum PipesError {
 }
 
 /// Seconds a client is told to wait after a 503.
-const RETRY_AFTER_SECS: u32 = 5;
+pub const RETRY_AFTER_SECS: u32 = 5;
 
 impl PipesError {
     /// The HTTP status this failure is answered with.
@@ -120,72 +119,6 @@ impl PipesError {
     pub fn retry_after(&self) -> Option<u32> {
         matches!(self, Self::EngineUnavailable { .. } | Self::TooManyContainers { .. }).then_some(RETRY_AFTER_SECS)
     }
-
-    /// The JSON body: `error`, `message` and the fields that explain it.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut body = json!({
-            "error": self.kind(),
-            "status": self.status(),
-            "message": self.to_string(),
-        });
-        let extra = match self {
-            Self::NotOurs { host, expected } => json!({ "host": host, "expected": expected }),
-            Self::NoDeployment { host } => json!({ "host": host }),
-            Self::BadName { label, reason } => json!({ "label": label, "reason": reason }),
-            Self::ApiNotFound { path } => json!({ "path": path, "known": api_paths().collect::<Vec<_>>() }),
-            Self::Forbidden { deployment } => {
-                json!({ "deployment": deployment, "setting": "PIPES_ALLOW" })
-            }
-            Self::Unauthorized => json!({}),
-            Self::ApiClosed => json!({ "setting": "PIPES_API_TOKEN" }),
-            Self::OutOfScope { user } => json!({ "user": user }),
-            Self::BadBody { .. } => json!({}),
-            Self::BadJson { line, column, .. } => json!({ "line": line, "column": column }),
-            Self::UnknownField { field, .. } | Self::InvalidField { field, .. } => json!({ "field": field }),
-            Self::BadQuery { parameter, .. } => json!({ "parameter": parameter }),
-            Self::BodyTooLarge { limit } => json!({ "limit_bytes": limit }),
-            Self::MethodNotAllowed { path, allow } => json!({ "path": path, "allow": allow }),
-            Self::ConfigBroken { file, problem } => json!({ "file": file, "problem": problem }),
-            Self::TooManyContainers { max } => json!({ "max": max, "setting": "PIPES_MAX_CONTAINERS", "retry_after": RETRY_AFTER_SECS }),
-            Self::ImageNotFound { image } => json!({ "image": image }),
-            Self::RegistryAuth { registry, user, .. } => json!({ "registry": registry, "user": user }),
-            Self::Exited { deployment, code, logs } => {
-                json!({ "deployment": deployment, "exit_code": code, "logs": logs })
-            }
-            Self::NotReady { deployment, timeout, probed } => json!({
-                "deployment": deployment,
-                "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                "probed": probed,
-            }),
-            Self::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
-            Self::Engine { action, .. } => json!({ "action": action }),
-            Self::Unservable { deployment, .. } => json!({ "deployment": deployment }),
-        };
-        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
-            body.extend(extra);
-        }
-        body
-    }
-
-    /// A short HTML page for browsers.
-    pub fn to_html(&self) -> String {
-        let mut page = format!(
-            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status} {kind}</title></head>\
-             <body><h1>{status}</h1><p>{message}</p>",
-            status = self.status(),
-            kind = self.kind(),
-            message = escape_html(&self.to_string()),
-        );
-        if let Self::Exited { logs, .. } = self {
-            if !logs.is_empty() {
-                page.push_str("<pre>");
-                page.push_str(&escape_html(&logs.join("\n")));
-                page.push_str("</pre>");
-            }
-        }
-        page.push_str("</body></html>\n");
-        page
-    }
 }
 
 impl fmt::Display for PipesError {
@@ -199,9 +132,7 @@ impl fmt::Display for PipesError {
                 "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"
             ),
             Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
-            Self::ApiNotFound { path } => {
-                write!(f, "no API endpoint at '{path}'; endpoints: {}", api_paths().collect::<Vec<_>>().join(", "))
-            }
+            Self::ApiNotFound { path, known } => write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", ")),
             Self::Forbidden { deployment } => write!(
                 f,
                 "{deployment} may not be deployed here; the operator can allow it with PIPES_ALLOW \
@@ -256,10 +187,6 @@ impl fmt::Display for PipesError {
 
 impl std::error::Error for PipesError {}
 
-fn api_paths() -> impl Iterator<Item = &'static str> {
-    crate::api::ROUTES.iter().map(|r| r.path)
-}
-
 /// Formats a duration as a person would write it: `60 s`, `1.5 s`, `250 ms`.
 pub struct DisplayDuration(pub Duration);
 
@@ -274,21 +201,6 @@ impl fmt::Display for DisplayDuration {
             write!(f, "{:.1} s", self.0.as_secs_f64())
         }
     }
-}
-
-fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -316,7 +228,6 @@ mod tests {
         ];
         for (error, status) in cases {
             assert_eq!(error.status(), status, "{error}");
-            assert_eq!(error.to_json()["status"], status);
             assert_eq!(error.retry_after().is_some(), status == 503);
         }
     }
@@ -325,15 +236,6 @@ mod tests {
     fn forbidden_names_the_setting() {
         let e = PipesError::Forbidden { deployment: "alice/app:v1".into() };
         assert!(e.to_string().contains("PIPES_ALLOW"));
-        assert_eq!(e.to_json()["setting"], "PIPES_ALLOW");
-    }
-
-    #[test]
-    fn html_is_escaped() {
-        let e = PipesError::Exited { deployment: "a/b:c".into(), code: 1, logs: vec!["<script>".into()] };
-        let html = e.to_html();
-        assert!(html.contains("&lt;script&gt;"));
-        assert!(!html.contains("<script>"));
     }
 
     #[test]

@@ -1,18 +1,23 @@
 //! Pipes: a Docker auto-deployment edge proxy on Pingora.
 //!
 //! A request for `{tag}.{repo}.{user}.example.com` goes through
-//! [`route`] → [`security`] → [`fleet`] (table, cold start) → [`proxy`].
-//! [`engine`] speaks to Docker, [`api`] answers `/__proxyapi`, and
-//! [`settings`] holds everything the operator configured.
+//! [`route`] → [`policy`] → [`fleet`] (table, cold start) → [`proxy`].
+//! [`engine`] is the seam to whatever runs deployments (Docker's engine),
+//! [`api`] answers `/__proxyapi`, [`reply`] writes Pipes' own answers, and
+//! [`settings`] holds everything the operator configured. `docs/architecture.md`
+//! walks through it all.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod fleet;
+pub mod policy;
 pub mod proxy;
+pub mod reply;
 pub mod route;
-pub mod security;
+pub mod secret;
 pub mod server;
 pub mod settings;
 pub mod store;

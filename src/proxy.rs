@@ -10,18 +10,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
 use crate::api;
+use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::fleet::{Fleet, Slot, Upstream};
+use crate::reply;
 use crate::route::{self, Deployment, Domain, Target};
-use crate::security::ApiAuth;
 use crate::settings::Settings;
 
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -82,21 +82,22 @@ impl ProxyHttp for Pipes {
                 self.fleet.slot(d.as_ref())
             }
             Next::Api(mut request) => {
-                let answer = match read_body(session, api::MAX_BODY).await {
+                let answer = match reply::read_body(session, api::MAX_BODY).await {
                     Ok(body) => {
                         request.body = body;
                         api::handle(&self.fleet, &self.api_auth, request).await
                     }
                     Err(e) => Err(e),
                 };
-                return match answer {
-                    Ok(reply) => reply_json(session, reply).await,
-                    Err(e) => reply_error(session, &e).await,
-                };
+                match answer {
+                    Ok(json) => reply::json(session, json).await?,
+                    Err(e) => reply::error(session, &e).await?,
+                }
+                return Ok(true);
             }
             Next::Fail(e) => return reply_error(session, &e).await,
         };
-        let upstream = match slot.ready() {
+        let upstream = match slot.upstream() {
             Some(up) => up,
             None => match self.fleet.ready(&slot).await {
                 Ok(up) => up,
@@ -166,7 +167,7 @@ impl ProxyHttp for Pipes {
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let error = ctx.error.take().unwrap_or_else(|| proxy_failure(e, ctx.slot.as_deref()));
         let code = error.status();
-        if let Err(write) = write_error(session, &error).await {
+        if let Err(write) = reply::error(session, &error).await {
             log::debug!("cannot send the error response: {write}");
         }
         FailToProxy { error_code: code, can_reuse_downstream: false }
@@ -197,7 +198,7 @@ impl Pipes {
                     Target::Deployment(d) => Some(d.to_owned()),
                     Target::Domain => None,
                 },
-                method: req.method.as_str().to_owned(),
+                method: req.method.clone(),
                 path: path.to_owned(),
                 query: req.uri.query().map(str::to_owned),
                 authorization: req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()),
@@ -229,79 +230,7 @@ fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
     PipesError::Unservable { deployment, reason }
 }
 
-fn wants_html(req: &RequestHeader) -> bool {
-    req.headers
-        .get(http::header::ACCEPT)
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
-}
-
 async fn reply_error(session: &mut Session, error: &PipesError) -> Result<bool> {
-    write_error(session, error).await?;
+    reply::error(session, error).await?;
     Ok(true)
-}
-
-async fn write_error(session: &mut Session, error: &PipesError) -> Result<()> {
-    let (content_type, body) = if wants_html(session.req_header()) {
-        ("text/html; charset=utf-8", error.to_html())
-    } else {
-        ("application/json", error.to_json().to_string())
-    };
-    let mut head = ResponseHeader::build(error.status(), Some(4))?;
-    if let Some(secs) = error.retry_after() {
-        head.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
-    }
-    if let PipesError::MethodNotAllowed { allow, .. } = error {
-        head.insert_header(http::header::ALLOW, *allow)?;
-    }
-    if matches!(error, PipesError::Unauthorized) {
-        head.insert_header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"pipes\"")?;
-    }
-    write_response(session, head, content_type, body.into()).await
-}
-
-/// Reads a request body of at most `limit` bytes.
-async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Vec<u8>, PipesError> {
-    let too_large = PipesError::BodyTooLarge { limit };
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large);
-    }
-    let mut body = Vec::new();
-    loop {
-        match session.read_request_body().await {
-            Ok(Some(chunk)) => {
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large);
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => return Err(PipesError::BadBody { message: e.to_string() }),
-        }
-    }
-}
-
-async fn reply_json(session: &mut Session, reply: api::Reply) -> Result<bool> {
-    let head = ResponseHeader::build(reply.status, Some(4))?;
-    let body = serde_json::to_vec_pretty(&reply.body).unwrap_or_default();
-    write_response(session, head, "application/json", body.into()).await?;
-    Ok(true)
-}
-
-async fn write_response(session: &mut Session, mut head: ResponseHeader, content_type: &str, body: Bytes) -> Result<()> {
-    head.insert_header(http::header::CONTENT_TYPE, content_type)?;
-    head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    head.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(head), head_only).await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
 }

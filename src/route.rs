@@ -194,7 +194,7 @@ const TAG_RULE: &str = "a tag is at most 128 of a-z, 0-9, '_', '.' and '-', not 
 
 /// A path component of a Docker reference, without dots (a DNS label cannot hold one):
 /// `[a-z0-9]+(?:(?:_|__|-+)[a-z0-9]+)*`.
-fn check_component(label: &str) -> Result<(), &'static str> {
+pub(crate) fn check_component(label: &str) -> Result<(), &'static str> {
     let bytes = label.as_bytes();
     if bytes.is_empty() {
         return Err("the label is empty");
@@ -226,7 +226,7 @@ fn check_component(label: &str) -> Result<(), &'static str> {
 }
 
 /// A tag: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}` (lowercase here, since hosts are).
-fn check_tag(tag: &str) -> Result<(), &'static str> {
+pub(crate) fn check_tag(tag: &str) -> Result<(), &'static str> {
     let bytes = tag.as_bytes();
     if bytes.is_empty() {
         return Err("the tag is empty");

@@ -1,24 +1,35 @@
 //! Settings: parsed and validated once at start-up into [`Settings`].
 //!
-//! Each setting comes from a command-line flag, else its environment variable,
-//! else `NAME_FILE` (a file holding the value, as Docker secrets are), else its
-//! default. A bad value stops start-up with one line naming the variable and
+//! Each setting is declared once, as a field of [`Cli`] with its flag, its
+//! environment variable, its default and its parser. A flag wins over the
+//! variable, which wins over `NAME_FILE` (a file holding the value, as Docker
+//! secrets are), which wins over the default; an empty variable counts as
+//! unset. A bad value stops start-up with one line naming the variable and
 //! what it expects. Nothing else in Pipes reads the environment.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
+use crate::auth::{ApiAuth, MIN_TOKEN_LEN};
+use crate::config::{check_cpus, check_memory, ByteSize, Defaults, Span};
+use crate::engine::docker::DockerOptions;
+use crate::engine::{RegistryAuth, RESERVED_LABELS};
+use crate::policy::Policy;
 use crate::route::Domain;
-use crate::config::{ByteSize, Defaults};
-use crate::security::{AllowPattern, ApiAuth, Policy};
+use crate::secret::Secret;
 
-/// Command-line flags; each mirrors an environment variable.
-#[derive(Parser, Debug, Default)]
+/// Longest duration a timeout setting may have.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The command line, which declares every setting.
+#[derive(Parser, Debug)]
 #[command(
     name = "pipes",
     version,
@@ -26,122 +37,98 @@ use crate::security::{AllowPattern, ApiAuth, Policy};
     after_help = "Every setting is also read from its environment variable, or from the file named by NAME_FILE \
                   (e.g. DOCKER_AUTH_PASSWORD_FILE=/run/secrets/registry). Flags win over the environment."
 )]
-pub struct Cli {
-    /// Addresses to listen on, comma-separated [env: PIPES_LISTEN] [default: 0.0.0.0:8080]
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Exact domain served, e.g. pipe.example.com; overrides DOMAINLEVELS [env: PIPES_DOMAIN]
-    #[arg(long, value_name = "DOMAIN")]
-    pub domain: Option<String>,
-    /// Number of labels in the domain: 2 for example.com, 3 for pipe.example.com [env: DOMAINLEVELS] [default: 2]
-    #[arg(long, value_name = "N")]
-    pub domain_levels: Option<String>,
-    /// Registry prefixed to every image, e.g. registry.example.com or 127.0.0.1:5000 [env: PIPES_REGISTRY] [default: Docker Hub]
-    #[arg(long, value_name = "HOST[:PORT][/PATH]")]
-    pub registry: Option<String>,
-    /// Docker network shared by Pipes and its containers; containers are reached by their IP on it [env: PIPES_NETWORK]
-    #[arg(long, value_name = "NAME")]
-    pub network: Option<String>,
-    /// Directory for deployment configs [env: PIPES_CONFIG_DIR] [default: ./configs]
-    #[arg(long, value_name = "DIR")]
-    pub config_dir: Option<String>,
-    /// Deployments that may be started, comma-separated: *, user/*, user/repo, user/repo:tag [env: PIPES_ALLOW] [default: none]
-    #[arg(long, value_name = "PATTERNS")]
-    pub allow: Option<String>,
-    /// Bearer token for the management API; prefer PIPES_API_TOKEN_FILE [env: PIPES_API_TOKEN]
-    #[arg(long, value_name = "TOKEN")]
-    pub api_token: Option<String>,
-    /// API protection: token (bearer tokens) or none (trusted networks only) [env: PIPES_API_AUTH] [default: token]
-    #[arg(long, value_name = "MODE")]
-    pub api_auth: Option<String>,
-    /// Most containers running at once; more cold starts get 503 [env: PIPES_MAX_CONTAINERS] [default: 50]
-    #[arg(long, value_name = "N")]
-    pub max_containers: Option<String>,
-    /// Most image pulls at once [env: PIPES_MAX_PULLS] [default: 2]
-    #[arg(long, value_name = "N")]
-    pub max_pulls: Option<String>,
-    /// Memory limit of containers whose config sets none, e.g. 512m [env: PIPES_DEFAULT_MEMORY] [default: 512m]
-    #[arg(long, value_name = "SIZE")]
-    pub default_memory: Option<String>,
-    /// CPU limit (cores) of containers whose config sets none [env: PIPES_DEFAULT_CPUS] [default: 1]
-    #[arg(long, value_name = "CPUS")]
-    pub default_cpus: Option<String>,
-    /// Docker engine: unix:///path or tcp://host:port [env: DOCKER_HOST] [default: unix:///var/run/docker.sock]
-    #[arg(long, value_name = "URL")]
-    pub docker_host: Option<String>,
-    /// Send registry credentials when pulling: true or false [env: DOCKER_AUTH] [default: false]
-    #[arg(long, value_name = "BOOL")]
-    pub docker_auth: Option<String>,
-    /// Registry user name [env: DOCKER_AUTH_USERNAME]
-    #[arg(long, value_name = "USER")]
-    pub docker_auth_username: Option<String>,
-    /// Registry e-mail [env: DOCKER_AUTH_EMAIL]
-    #[arg(long, value_name = "EMAIL")]
-    pub docker_auth_email: Option<String>,
-    /// Registry password; prefer DOCKER_AUTH_PASSWORD_FILE [env: DOCKER_AUTH_PASSWORD]
-    #[arg(long, value_name = "PASSWORD")]
-    pub docker_auth_password: Option<String>,
-    /// Name of this Pipes; containers carry it, so several can share an engine [env: PIPES_INSTANCE] [default: pipes]
-    #[arg(long, value_name = "NAME")]
-    pub instance: Option<String>,
-    /// Extra labels for created containers, comma-separated key=value [env: PIPES_LABELS]
-    #[arg(long, value_name = "K=V,...")]
-    pub labels: Option<String>,
-    /// How long a starting container may take to answer, e.g. 60s, 500ms [env: PIPES_START_TIMEOUT] [default: 60s]
-    #[arg(long, value_name = "DURATION")]
-    pub start_timeout: Option<String>,
-    /// How long a failed start is remembered before it is tried again [env: PIPES_FAILURE_TTL] [default: 10s]
-    #[arg(long, value_name = "DURATION")]
-    pub failure_ttl: Option<String>,
-    /// Pingora server configuration (YAML): threads, grace periods, upgrades [env: PIPES_SERVER_CONF]
-    #[arg(short = 'c', long = "conf", value_name = "FILE")]
-    pub server_conf: Option<String>,
+struct Cli {
+    /// Addresses to listen on, comma-separated
+    #[arg(long, env = "PIPES_LISTEN", value_name = "ADDR", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
+    listen: Addrs,
+    /// Exact domain served, e.g. pipe.example.com; overrides DOMAINLEVELS
+    #[arg(long, env = "PIPES_DOMAIN", value_name = "DOMAIN", value_parser = parse_domain)]
+    domain: Option<String>,
+    /// Number of labels in the domain: 2 for example.com, 3 for pipe.example.com [default: 2]
+    #[arg(long, env = "DOMAINLEVELS", value_name = "N", value_parser = parse_levels)]
+    domain_levels: Option<usize>,
+    /// Registry prefixed to every image, e.g. registry.example.com or 127.0.0.1:5000 [default: Docker Hub]
+    #[arg(long, env = "PIPES_REGISTRY", value_name = "HOST[:PORT][/PATH]", value_parser = parse_registry)]
+    registry: Option<String>,
+    /// Docker network shared by Pipes and its containers; containers are reached by their IP on it
+    #[arg(long, env = "PIPES_NETWORK", value_name = "NAME", value_parser = parse_network)]
+    network: Option<String>,
+    /// Directory for deployment configs
+    #[arg(long, env = "PIPES_CONFIG_DIR", value_name = "DIR", default_value = "configs")]
+    config_dir: PathBuf,
+    /// Deployments that may be started, comma-separated: *, user/*, user/repo, user/repo:tag [default: none]
+    #[arg(long, env = "PIPES_ALLOW", value_name = "PATTERNS", value_parser = Policy::parse)]
+    allow: Option<Policy>,
+    /// Bearer token for the management API; prefer PIPES_API_TOKEN_FILE
+    #[arg(long, env = "PIPES_API_TOKEN", value_name = "TOKEN", value_parser = parse_token)]
+    api_token: Option<Secret>,
+    /// API protection: token (bearer tokens) or none (trusted networks only)
+    #[arg(long, env = "PIPES_API_AUTH", value_name = "MODE", default_value = "token", value_parser = parse_api_auth)]
+    api_auth: AuthMode,
+    /// Most containers running at once; more cold starts get 503
+    #[arg(long, env = "PIPES_MAX_CONTAINERS", value_name = "N", default_value = "50", value_parser = parse_count)]
+    max_containers: usize,
+    /// Most image pulls at once
+    #[arg(long, env = "PIPES_MAX_PULLS", value_name = "N", default_value = "2", value_parser = parse_count)]
+    max_pulls: usize,
+    /// Memory limit of containers whose config sets none, e.g. 512m
+    #[arg(long, env = "PIPES_DEFAULT_MEMORY", value_name = "SIZE", default_value = "512m", value_parser = parse_memory)]
+    default_memory: ByteSize,
+    /// CPU limit (cores) of containers whose config sets none
+    #[arg(long, env = "PIPES_DEFAULT_CPUS", value_name = "CPUS", default_value = "1", value_parser = parse_cpus)]
+    default_cpus: f64,
+    /// Docker engine: unix:///path or tcp://host:port
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL", default_value = "unix:///var/run/docker.sock", value_parser = parse_docker_host)]
+    docker_host: String,
+    /// Send registry credentials when pulling: true or false
+    #[arg(long, env = "DOCKER_AUTH", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    docker_auth: bool,
+    /// Registry user name
+    #[arg(long, env = "DOCKER_AUTH_USERNAME", value_name = "USER")]
+    docker_auth_username: Option<String>,
+    /// Registry e-mail
+    #[arg(long, env = "DOCKER_AUTH_EMAIL", value_name = "EMAIL")]
+    docker_auth_email: Option<String>,
+    /// Registry password; prefer DOCKER_AUTH_PASSWORD_FILE
+    #[arg(long, env = "DOCKER_AUTH_PASSWORD", value_name = "PASSWORD", value_parser = parse_secret)]
+    docker_auth_password: Option<Secret>,
+    /// Name of this Pipes; containers carry it, so several can share an engine
+    #[arg(long, env = "PIPES_INSTANCE", value_name = "NAME", default_value = "pipes", value_parser = parse_instance)]
+    instance: String,
+    /// Extra labels for created containers, comma-separated key=value
+    #[arg(long, env = "PIPES_LABELS", value_name = "K=V,...", value_parser = parse_labels)]
+    labels: Option<Labels>,
+    /// How long a starting container may take to answer, e.g. 60s, 500ms
+    #[arg(long, env = "PIPES_START_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    start_timeout: Duration,
+    /// How long a failed start is remembered before it is tried again
+    #[arg(long, env = "PIPES_FAILURE_TTL", value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    failure_ttl: Duration,
+    /// Pingora server configuration (YAML): threads, grace periods, upgrades
+    #[arg(short = 'c', long = "conf", env = "PIPES_SERVER_CONF", value_name = "FILE")]
+    server_conf: Option<PathBuf>,
     /// Take over the listening sockets of a running Pipes (zero-downtime upgrade)
     #[arg(short = 'u', long)]
-    pub upgrade: bool,
+    upgrade: bool,
     /// Check the settings and the server configuration, then exit
     #[arg(short = 't', long)]
-    pub test: bool,
+    test: bool,
 }
 
-/// A value that must never be printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: String) -> Self {
-        Secret(value)
-    }
-
-    /// The secret itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+/// `PIPES_API_AUTH`.
+#[derive(Debug, Clone, Copy)]
+enum AuthMode {
+    Token,
+    None,
 }
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
+/// Listening addresses.
+#[derive(Debug, Clone)]
+struct Addrs(Vec<SocketAddr>);
 
-/// Credentials for the registry (`DOCKER_AUTH*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegistryAuth {
-    pub username: String,
-    pub email: Option<String>,
-    pub password: Secret,
-}
-
-/// How Pipes reaches the containers it starts; decided at start-up (see `server`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reach {
-    /// The container port is published on 127.0.0.1 with a random host port.
-    Published,
-    /// The container joins this network and is reached at its IP there.
-    Network(String),
-}
+/// `key=value` labels.
+#[derive(Debug, Clone)]
+struct Labels(Vec<(String, String)>);
 
 /// Every setting of Pipes, validated.
 #[derive(Debug, Clone)]
@@ -150,26 +137,15 @@ pub struct Settings {
     pub domain: Domain,
     /// Registry prefix, without scheme or trailing slash; `None` is Docker Hub.
     pub registry: Option<String>,
-    /// Network named by `PIPES_NETWORK`.
-    pub network: Option<String>,
-    /// This machine's host name: a container's id when Pipes runs in one.
-    pub hostname: Option<String>,
-    /// Whether `/.dockerenv` exists (a hint only: sandboxes have it too).
-    pub in_container: bool,
     pub config_dir: PathBuf,
     pub policy: Policy,
-    pub api_token: Option<Secret>,
     pub api_auth: ApiAuth,
     pub max_containers: usize,
-    pub max_pulls: usize,
     /// Lowest layer of every deployment's config.
     pub defaults: Defaults,
-    pub docker_host: String,
-    pub registry_auth: Option<RegistryAuth>,
-    pub instance: String,
-    pub labels: Vec<(String, String)>,
-    pub start_timeout: Duration,
     pub failure_ttl: Duration,
+    /// The Docker backend's settings.
+    pub docker: DockerOptions,
     pub server_conf: Option<PathBuf>,
     pub upgrade: bool,
     pub test: bool,
@@ -178,7 +154,8 @@ pub struct Settings {
 /// A setting that could not be used: the one line printed before exiting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SettingError {
-    pub name: &'static str,
+    /// The variable (or, for a malformed command line, `pipes`).
+    pub name: String,
     pub message: String,
 }
 
@@ -190,11 +167,17 @@ impl fmt::Display for SettingError {
 
 impl std::error::Error for SettingError {}
 
+fn err(name: &str, message: impl Into<String>) -> SettingError {
+    SettingError { name: name.to_owned(), message: message.into() }
+}
+
 /// Where settings come from besides flags: the environment and the machine.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Sources {
     pub env: HashMap<String, String>,
+    /// This machine's host name: a container's id when Pipes runs in one.
     pub hostname: Option<String>,
+    /// Whether `/.dockerenv` exists.
     pub in_container: bool,
 }
 
@@ -208,161 +191,159 @@ impl Sources {
         }
     }
 
-    /// `NAME`, else the contents of the file `NAME_FILE` names (trailing newline dropped).
-    fn get(&self, name: &'static str) -> Result<Option<String>, SettingError> {
+    /// `NAME`, else the contents of the file `NAME_FILE` names (trailing
+    /// newline dropped); empty counts as unset.
+    fn value(&self, name: &str) -> Result<Option<String>, SettingError> {
         let file_var = format!("{name}_FILE");
-        match (self.env.get(name), self.env.get(&file_var)) {
-            (Some(_), Some(_)) => Err(SettingError {
-                name,
-                message: format!("set either {name} or {file_var}, not both"),
-            }),
+        let set = |n: &str| self.env.get(n).filter(|v| !v.trim().is_empty());
+        match (set(name), set(&file_var)) {
+            (Some(_), Some(_)) => Err(err(name, format!("set either {name} or {file_var}, not both"))),
             (Some(value), None) => Ok(Some(value.clone())),
             (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(text) => Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned())),
-                Err(e) => Err(SettingError { name, message: format!("{file_var}={path} cannot be read: {e}") }),
+                Ok(text) => Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()).filter(|v| !v.trim().is_empty())),
+                Err(e) => Err(err(name, format!("{file_var}={path} cannot be read: {e}"))),
             },
             (None, None) => Ok(None),
         }
     }
 }
 
-fn err(name: &'static str, message: impl Into<String>) -> SettingError {
-    SettingError { name, message: message.into() }
+/// What loading the settings ended in, besides settings.
+#[derive(Debug)]
+pub enum LoadError {
+    /// A setting is wrong: print the line, exit 2.
+    Setting(SettingError),
+    /// `--help` or `--version`: print the text, exit 0.
+    Info(String),
 }
 
 impl Settings {
-    /// Parses flags and environment of this process.
-    pub fn load() -> Result<Settings, SettingError> {
-        Settings::from_sources(Cli::parse(), &Sources::from_process())
+    /// Parses the flags and environment of this process.
+    pub fn load() -> Result<Settings, LoadError> {
+        Settings::from_sources(std::env::args_os(), &Sources::from_process())
     }
 
     /// Validates flags over environment over defaults.
-    pub fn from_sources(cli: Cli, src: &Sources) -> Result<Settings, SettingError> {
-        // A flag wins over the environment; an empty environment value counts as unset.
-        let pick = |flag: Option<String>, name: &'static str| -> Result<Option<String>, SettingError> {
-            match flag {
-                Some(v) => Ok(Some(v)),
-                None => Ok(src.get(name)?.filter(|v| !v.trim().is_empty())),
+    pub fn from_sources<I, T>(args: I, src: &Sources) -> Result<Settings, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut first_error = None;
+        // The environment reaches clap as defaults from `src` (with the _FILE
+        // layer), never from the process, so tests and `_FILE` behave alike.
+        let cmd = Cli::command().mut_args(|arg| {
+            let Some(name) = arg.get_env().and_then(|e| e.to_str()).map(str::to_owned) else { return arg };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let arg = arg.env(None).help(format!("{help} [env: {name}]"));
+            match src.value(&name) {
+                Ok(Some(value)) => arg.default_value(value).hide_default_value(true),
+                Ok(None) => arg,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    arg
+                }
             }
-        };
+        });
+        if let Some(e) = first_error {
+            return Err(LoadError::Setting(e));
+        }
+        let matches = cmd.try_get_matches_from(args).map_err(clap_error)?;
+        let cli = Cli::from_arg_matches(&matches).map_err(clap_error)?;
+        Settings::validate(cli, src).map_err(LoadError::Setting)
+    }
 
-        let listen = parse_listen(&pick(cli.listen, "PIPES_LISTEN")?.unwrap_or_else(|| "0.0.0.0:8080".into()))?;
-        let domain = parse_domain(pick(cli.domain, "PIPES_DOMAIN")?, pick(cli.domain_levels, "DOMAINLEVELS")?)?;
-        let registry = pick(cli.registry, "PIPES_REGISTRY")?.map(|r| parse_registry(&r)).transpose()?;
-        let network = pick(cli.network, "PIPES_NETWORK")?;
-        if let Some(n) = &network {
-            if !n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
-                return Err(err("PIPES_NETWORK", format!("expected a Docker network name, got '{n}'")));
+    /// Checks what involves several settings, and assembles them.
+    fn validate(cli: Cli, src: &Sources) -> Result<Settings, SettingError> {
+        let domain = match (cli.domain, cli.domain_levels) {
+            (Some(d), levels) => {
+                let count = d.split('.').count();
+                if let Some(n) = levels.filter(|n| *n != count) {
+                    return Err(err(
+                        "DOMAINLEVELS",
+                        format!("is {n} but PIPES_DOMAIN '{d}' has {count} labels; set only one of them"),
+                    ));
+                }
+                Domain::Suffix(d)
             }
-        }
-        let config_dir = PathBuf::from(pick(cli.config_dir, "PIPES_CONFIG_DIR")?.unwrap_or_else(|| "configs".into()));
-        let policy = match pick(cli.allow, "PIPES_ALLOW")? {
-            Some(list) => Policy::new(
-                list.split(',')
-                    .filter(|p| !p.trim().is_empty())
-                    .map(AllowPattern::parse)
-                    .collect::<Result<_, _>>()
-                    .map_err(|m| err("PIPES_ALLOW", m))?,
-            ),
-            None => Policy::default(),
+            (None, levels) => Domain::Levels(levels.unwrap_or(2)),
         };
-        let api_token = pick(cli.api_token, "PIPES_API_TOKEN")?.map(Secret);
-        if api_token.as_ref().is_some_and(|t| t.0.len() < 16) {
-            return Err(err("PIPES_API_TOKEN", "expected a token of at least 16 characters"));
-        }
-        let api_auth = match pick(cli.api_auth, "PIPES_API_AUTH")?.as_deref().map(str::trim) {
-            None | Some("token") => ApiAuth::Tokens { admin: api_token.clone() },
-            Some("none") => ApiAuth::Off,
-            Some(other) => return Err(err("PIPES_API_AUTH", format!("expected token or none, got '{other}'"))),
+        let api_auth = match cli.api_auth {
+            AuthMode::Token => ApiAuth::Tokens { admin: cli.api_token },
+            AuthMode::None => ApiAuth::Off,
         };
-        let max_containers = parse_count("PIPES_MAX_CONTAINERS", pick(cli.max_containers, "PIPES_MAX_CONTAINERS")?, 50)?;
-        let max_pulls = parse_count("PIPES_MAX_PULLS", pick(cli.max_pulls, "PIPES_MAX_PULLS")?, 2)?;
-        let memory = match pick(cli.default_memory, "PIPES_DEFAULT_MEMORY")? {
-            Some(m) => ByteSize::parse(&m)
-                .ok()
-                .filter(|b| b.0 >= 6 << 20)
-                .ok_or_else(|| err("PIPES_DEFAULT_MEMORY", format!("expected a size of at least 6m such as 512m, got '{m}'")))?,
-            None => ByteSize(512 << 20),
+        let auth = if cli.docker_auth {
+            Some(RegistryAuth {
+                username: cli
+                    .docker_auth_username
+                    .ok_or_else(|| err("DOCKER_AUTH_USERNAME", "is required when DOCKER_AUTH=true"))?,
+                email: cli.docker_auth_email,
+                password: cli
+                    .docker_auth_password
+                    .ok_or_else(|| err("DOCKER_AUTH_PASSWORD", "is required when DOCKER_AUTH=true"))?,
+            })
+        } else {
+            None
         };
-        let cpus = match pick(cli.default_cpus, "PIPES_DEFAULT_CPUS")? {
-            Some(c) => c
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|c| *c > 0.0 && *c <= 1024.0)
-                .ok_or_else(|| err("PIPES_DEFAULT_CPUS", format!("expected a number of cores such as 0.5 or 2, got '{c}'")))?,
-            None => 1.0,
+        let registry_host = match &cli.registry {
+            Some(r) => r.split('/').next().unwrap_or(r).to_owned(),
+            None => "docker.io".to_owned(),
         };
-        let docker_host = pick(cli.docker_host, "DOCKER_HOST")?.unwrap_or_else(|| "unix:///var/run/docker.sock".into());
-        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://") || docker_host.starts_with("http://")) {
-            return Err(err("DOCKER_HOST", format!("expected unix:///path or tcp://host:port, got '{docker_host}'")));
-        }
-        let registry_auth = parse_auth(
-            pick(cli.docker_auth, "DOCKER_AUTH")?,
-            pick(cli.docker_auth_username, "DOCKER_AUTH_USERNAME")?,
-            pick(cli.docker_auth_email, "DOCKER_AUTH_EMAIL")?,
-            pick(cli.docker_auth_password, "DOCKER_AUTH_PASSWORD")?,
-        )?;
-        let instance = pick(cli.instance, "PIPES_INSTANCE")?.unwrap_or_else(|| "pipes".into());
-        let name_ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 32
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !s.starts_with('-')
-        };
-        if !name_ok(&instance) {
-            return Err(err("PIPES_INSTANCE", format!("expected up to 32 of a-z, 0-9 and '-', got '{instance}'")));
-        }
-        let labels = parse_labels(pick(cli.labels, "PIPES_LABELS")?.as_deref().unwrap_or(""))?;
-        let start_timeout = parse_duration("PIPES_START_TIMEOUT", pick(cli.start_timeout, "PIPES_START_TIMEOUT")?, 60_000)?;
-        let defaults = Defaults { memory, cpus, health_timeout: start_timeout };
-        let failure_ttl = parse_duration("PIPES_FAILURE_TTL", pick(cli.failure_ttl, "PIPES_FAILURE_TTL")?, 10_000)?;
-        let server_conf = pick(cli.server_conf, "PIPES_SERVER_CONF")?.map(PathBuf::from);
-
         Ok(Settings {
-            listen,
+            listen: cli.listen.0,
             domain,
-            registry,
-            network,
-            hostname: src.hostname.clone(),
-            in_container: src.in_container,
-            config_dir,
-            policy,
-            api_token,
+            registry: cli.registry,
+            config_dir: cli.config_dir,
+            policy: cli.allow.unwrap_or_default(),
             api_auth,
-            max_containers,
-            max_pulls,
-            defaults,
-            docker_host,
-            registry_auth,
-            instance,
-            labels,
-            start_timeout,
-            failure_ttl,
-            server_conf,
+            max_containers: cli.max_containers,
+            defaults: Defaults { memory: cli.default_memory, cpus: cli.default_cpus, health_timeout: cli.start_timeout },
+            failure_ttl: cli.failure_ttl,
+            docker: DockerOptions {
+                host: cli.docker_host,
+                instance: cli.instance,
+                labels: cli.labels.map(|l| l.0).unwrap_or_default(),
+                registry_host,
+                auth,
+                max_pulls: cli.max_pulls,
+                network: cli.network,
+                hostname: src.hostname.clone(),
+                in_container: src.in_container,
+            },
+            server_conf: cli.server_conf,
             upgrade: cli.upgrade,
             test: cli.test,
         })
     }
-
-    /// The full reference of a deployment's image, registry included.
-    pub fn image_ref(&self, d: &crate::route::Deployment) -> String {
-        match &self.registry {
-            Some(r) => format!("{r}/{}/{}:{}", d.user, d.repo, d.tag),
-            None => format!("{}/{}:{}", d.user, d.repo, d.tag),
-        }
-    }
-
-    /// The registry host as the engine names it in credentials.
-    pub fn registry_host(&self) -> &str {
-        match &self.registry {
-            Some(r) => r.split('/').next().unwrap_or(r),
-            None => "docker.io",
-        }
-    }
 }
 
-fn parse_listen(value: &str) -> Result<Vec<SocketAddr>, SettingError> {
+/// One line naming the variable, from clap's error.
+fn clap_error(e: clap::Error) -> LoadError {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        return LoadError::Info(e.render().to_string());
+    }
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    // "--listen <ADDR>" names the argument whose variable is PIPES_LISTEN.
+    let variable = arg.as_deref().and_then(|display| {
+        let flag = display.trim_start_matches('-').split([' ', '=']).next().unwrap_or("");
+        Cli::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag) || a.get_short().is_some_and(|s| s.to_string() == flag))
+            .and_then(|a| a.get_env())
+            .and_then(|e| e.to_str())
+            .map(str::to_owned)
+    });
+    let message = match std::error::Error::source(&e) {
+        Some(source) => source.to_string(),
+        None => e.render().to_string().lines().next().unwrap_or("").trim_start_matches("error: ").to_owned(),
+    };
+    LoadError::Setting(err(variable.as_deref().or(arg.as_deref()).unwrap_or("pipes"), message))
+}
+
+fn parse_listen(value: &str) -> Result<Addrs, String> {
     let addrs: Result<Vec<SocketAddr>, _> = value
         .split(',')
         .map(str::trim)
@@ -370,46 +351,32 @@ fn parse_listen(value: &str) -> Result<Vec<SocketAddr>, SettingError> {
         .map(|a| a.parse::<SocketAddr>().map_err(|_| a))
         .collect();
     match addrs {
-        Ok(a) if !a.is_empty() => Ok(a),
-        Ok(_) => Err(err("PIPES_LISTEN", "expected at least one address:port, e.g. 0.0.0.0:8080")),
-        Err(bad) => Err(err("PIPES_LISTEN", format!("expected address:port such as 0.0.0.0:8080 or [::]:8080, got '{bad}'"))),
+        Ok(a) if !a.is_empty() => Ok(Addrs(a)),
+        Ok(_) => Err("expected at least one address:port, e.g. 0.0.0.0:8080".into()),
+        Err(bad) => Err(format!("expected address:port such as 0.0.0.0:8080 or [::]:8080, got '{bad}'")),
     }
 }
 
-fn parse_domain(domain: Option<String>, levels: Option<String>) -> Result<Domain, SettingError> {
-    let levels = match levels {
-        Some(l) => Some(
-            l.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=16).contains(n))
-                .ok_or_else(|| err("DOMAINLEVELS", format!("expected a number from 1 to 16, got '{l}'")))?,
-        ),
-        None => None,
-    };
-    match domain {
-        Some(d) => {
-            let d = d.trim().trim_matches('.').to_ascii_lowercase();
-            let label_ok = |l: &str| {
-                !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            };
-            if !d.split('.').all(label_ok) {
-                return Err(err("PIPES_DOMAIN", format!("expected a domain name such as pipe.example.com, got '{d}'")));
-            }
-            let count = d.split('.').count();
-            if let Some(n) = levels.filter(|n| *n != count) {
-                return Err(err(
-                    "DOMAINLEVELS",
-                    format!("is {n} but PIPES_DOMAIN '{d}' has {count} labels; set only one of them"),
-                ));
-            }
-            Ok(Domain::Suffix(d))
-        }
-        None => Ok(Domain::Levels(levels.unwrap_or(2))),
+fn parse_levels(value: &str) -> Result<usize, String> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=16).contains(n))
+        .ok_or_else(|| format!("expected a number from 1 to 16, got '{value}'"))
+}
+
+fn parse_domain(value: &str) -> Result<String, String> {
+    let d = value.trim().trim_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if d.split('.').all(label_ok) {
+        Ok(d)
+    } else {
+        Err(format!("expected a domain name such as pipe.example.com, got '{value}'"))
     }
 }
 
-fn parse_registry(value: &str) -> Result<String, SettingError> {
+fn parse_registry(value: &str) -> Result<String, String> {
     let r = value.trim().trim_end_matches('/');
     let ok = !r.is_empty()
         && !r.contains("://")
@@ -418,31 +385,92 @@ fn parse_registry(value: &str) -> Result<String, SettingError> {
     if ok {
         Ok(r.to_owned())
     } else {
-        Err(err("PIPES_REGISTRY", format!("expected host[:port][/path] without scheme, e.g. 127.0.0.1:5000, got '{value}'")))
+        Err(format!("expected host[:port][/path] without scheme, e.g. 127.0.0.1:5000, got '{value}'"))
     }
 }
 
-fn parse_auth(
-    enabled: Option<String>,
-    username: Option<String>,
-    email: Option<String>,
-    password: Option<String>,
-) -> Result<Option<RegistryAuth>, SettingError> {
-    let enabled = match enabled.as_deref().map(|v| v.trim().to_ascii_lowercase()) {
-        None => false,
-        Some(v) if ["true", "1", "yes", "on"].contains(&v.as_str()) => true,
-        Some(v) if ["false", "0", "no", "off"].contains(&v.as_str()) => false,
-        Some(v) => return Err(err("DOCKER_AUTH", format!("expected true or false, got '{v}'"))),
-    };
-    if !enabled {
-        return Ok(None);
+fn parse_network(value: &str) -> Result<String, String> {
+    let n = value.trim();
+    if n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
+        Ok(n.to_owned())
+    } else {
+        Err(format!("expected a Docker network name, got '{value}'"))
     }
-    let username = username.ok_or_else(|| err("DOCKER_AUTH_USERNAME", "is required when DOCKER_AUTH=true"))?;
-    let password = password.ok_or_else(|| err("DOCKER_AUTH_PASSWORD", "is required when DOCKER_AUTH=true"))?;
-    Ok(Some(RegistryAuth { username, email, password: Secret(password) }))
 }
 
-fn parse_labels(value: &str) -> Result<Vec<(String, String)>, SettingError> {
+fn parse_token(value: &str) -> Result<Secret, String> {
+    if value.len() < MIN_TOKEN_LEN {
+        Err(format!("expected a token of at least {MIN_TOKEN_LEN} characters"))
+    } else {
+        Ok(Secret::new(value.to_owned()))
+    }
+}
+
+fn parse_secret(value: &str) -> Result<Secret, String> {
+    Ok(Secret::new(value.to_owned()))
+}
+
+fn parse_api_auth(value: &str) -> Result<AuthMode, String> {
+    match value.trim() {
+        "token" => Ok(AuthMode::Token),
+        "none" => Ok(AuthMode::None),
+        other => Err(format!("expected token or none, got '{other}'")),
+    }
+}
+
+fn parse_count(value: &str) -> Result<usize, String> {
+    value
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=100_000).contains(n))
+        .ok_or_else(|| format!("expected a whole number from 1 to 100000, got '{value}'"))
+}
+
+fn parse_memory(value: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(value)
+        .and_then(check_memory)
+        .map_err(|why| format!("expected a size of at least 6m such as 512m, got '{value}' ({why})"))
+}
+
+fn parse_cpus(value: &str) -> Result<f64, String> {
+    value
+        .trim()
+        .parse::<f64>()
+        .map_err(|e| e.to_string())
+        .and_then(check_cpus)
+        .map_err(|why| format!("expected a number of cores such as 0.5 or 2, got '{value}' ({why})"))
+}
+
+fn parse_docker_host(value: &str) -> Result<String, String> {
+    if ["unix://", "tcp://", "http://"].iter().any(|s| value.starts_with(s)) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("expected unix:///path or tcp://host:port, got '{value}'"))
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("expected true or false, got '{value}'")),
+    }
+}
+
+fn parse_instance(value: &str) -> Result<String, String> {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(format!("expected up to 32 of a-z, 0-9 and '-', got '{value}'"))
+    }
+}
+
+fn parse_labels(value: &str) -> Result<Labels, String> {
     value
         .split(',')
         .map(str::trim)
@@ -451,42 +479,23 @@ fn parse_labels(value: &str) -> Result<Vec<(String, String)>, SettingError> {
             let (k, v) = l.split_once('=').unwrap_or((l, ""));
             let key_ok = !k.is_empty() && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
             if !key_ok {
-                Err(err("PIPES_LABELS", format!("expected key=value pairs, got '{l}'")))
-            } else if crate::engine::RESERVED_LABELS.contains(&k) {
-                Err(err("PIPES_LABELS", format!("label '{k}' is set by Pipes itself")))
+                Err(format!("expected key=value pairs, got '{l}'"))
+            } else if RESERVED_LABELS.contains(&k) {
+                Err(format!("label '{k}' is set by Pipes itself"))
             } else {
                 Ok((k.to_owned(), v.to_owned()))
             }
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(Labels)
 }
 
-fn parse_count(name: &'static str, value: Option<String>, default: usize) -> Result<usize, SettingError> {
-    match value {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=100_000).contains(n))
-            .ok_or_else(|| err(name, format!("expected a whole number from 1 to 100000, got '{v}'"))),
-    }
-}
-
-fn parse_duration(name: &'static str, value: Option<String>, default_ms: u64) -> Result<Duration, SettingError> {
-    let Some(value) = value else {
-        return Ok(Duration::from_millis(default_ms));
-    };
-    let v = value.trim();
-    // A bare number is seconds.
-    let parsed = match v.parse::<u64>() {
-        Ok(secs) => Ok(Duration::from_secs(secs)),
-        Err(_) => humantime::parse_duration(v),
-    };
-    match parsed {
-        Ok(d) if d > Duration::ZERO && d <= Duration::from_secs(24 * 3600) => Ok(d),
-        _ => Err(err(name, format!("expected a duration such as 60s, 1500ms or 2m (up to 24h), got '{value}'"))),
-    }
+/// A duration: seconds, or with a unit (`60s`, `1500ms`, `2m`), up to a day.
+fn parse_timeout(value: &str) -> Result<Duration, String> {
+    Span::parse(value)
+        .and_then(|s| s.within(Duration::from_millis(1), MAX_TIMEOUT))
+        .map(|s| s.0)
+        .map_err(|_| format!("expected a duration such as 60s, 1500ms or 2m (up to 24h), got '{value}'"))
 }
 
 #[cfg(test)]
@@ -497,8 +506,17 @@ mod tests {
         Sources { env: vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Sources::default() }
     }
 
+    fn load_with(args: &[&str], vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
+        let args = std::iter::once("pipes").chain(args.iter().copied());
+        match Settings::from_sources(args, &sources(vars)) {
+            Ok(s) => Ok(s),
+            Err(LoadError::Setting(e)) => Err(e),
+            Err(LoadError::Info(text)) => panic!("unexpected help: {text}"),
+        }
+    }
+
     fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
-        Settings::from_sources(Cli::default(), &sources(vars))
+        load_with(&[], vars)
     }
 
     #[test]
@@ -506,24 +524,29 @@ mod tests {
         let s = load(&[]).unwrap();
         assert_eq!(s.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
         assert_eq!(s.domain, Domain::Levels(2));
-        assert_eq!(s.network, None);
+        assert_eq!(s.docker.network, None);
         assert!(s.policy.patterns().is_empty(), "nothing may be deployed by default");
-        assert!(s.api_token.is_none());
-        assert!(s.registry_auth.is_none());
-        assert_eq!(s.start_timeout, Duration::from_secs(60));
+        assert!(matches!(s.api_auth, ApiAuth::Tokens { admin: None }));
+        assert!(s.docker.auth.is_none());
+        assert_eq!(s.defaults.health_timeout, Duration::from_secs(60));
+        assert_eq!(s.defaults.memory, ByteSize(512 << 20));
+        assert_eq!(s.docker.registry_host, "docker.io");
     }
 
     #[test]
-    fn bad_values_name_the_variable() {
+    fn bad_values_name_the_variable_in_one_line() {
         let cases = [
             ("PIPES_LISTEN", "nope"),
             ("DOMAINLEVELS", "zero"),
             ("DOMAINLEVELS", "0"),
+            ("PIPES_DOMAIN", "a..b"),
             ("PIPES_REGISTRY", "https://r.example.com"),
             ("PIPES_ALLOW", "alice"),
+            ("PIPES_ALLOW", "al.ice/*"),
             ("DOCKER_HOST", "ssh://x"),
             ("DOCKER_AUTH", "maybe"),
             ("PIPES_START_TIMEOUT", "soon"),
+            ("PIPES_FAILURE_TTL", "3d"),
             ("PIPES_INSTANCE", "Has Space"),
             ("PIPES_LABELS", "pipes.managed=x"),
             ("PIPES_API_TOKEN", "short"),
@@ -532,19 +555,31 @@ mod tests {
             ("PIPES_MAX_PULLS", "many"),
             ("PIPES_DEFAULT_MEMORY", "1k"),
             ("PIPES_DEFAULT_CPUS", "-1"),
+            ("PIPES_NETWORK", "a b"),
         ];
         for (name, value) in cases {
             let e = load(&[(name, value)]).unwrap_err();
             assert_eq!(e.name, name, "{name}={value}: {e}");
-            assert!(!e.to_string().contains('\n'));
+            assert!(!e.to_string().contains('\n'), "{e}");
+            assert!(!e.message.is_empty(), "{e}");
         }
+        // A bad flag names the variable it stands for.
+        let e = load_with(&["--listen", "nope"], &[]).unwrap_err();
+        assert_eq!(e.name, "PIPES_LISTEN", "{e}");
+        assert!(e.message.contains("nope"), "{e}");
+        let e = load_with(&["--no-such-flag"], &[]).unwrap_err();
+        assert!(!e.to_string().contains('\n'), "{e}");
     }
 
     #[test]
-    fn flags_win_over_environment() {
-        let cli = Cli { listen: Some("127.0.0.1:9000".into()), ..Cli::default() };
-        let s = Settings::from_sources(cli, &sources(&[("PIPES_LISTEN", "0.0.0.0:1")])).unwrap();
+    fn flags_win_over_environment_and_empty_is_unset() {
+        let s = load_with(&["--listen", "127.0.0.1:9000"], &[("PIPES_LISTEN", "0.0.0.0:1")]).unwrap();
         assert_eq!(s.listen, vec!["127.0.0.1:9000".parse().unwrap()]);
+        let s = load(&[("PIPES_LISTEN", "127.0.0.1:9001")]).unwrap();
+        assert_eq!(s.listen, vec!["127.0.0.1:9001".parse().unwrap()]);
+        let s = load(&[("PIPES_ALLOW", " "), ("PIPES_LISTEN", "")]).unwrap();
+        assert!(s.policy.patterns().is_empty());
+        assert_eq!(s.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
     }
 
     #[test]
@@ -560,7 +595,7 @@ mod tests {
             ("DOCKER_AUTH_PASSWORD_FILE", path),
         ])
         .unwrap();
-        let auth = s.registry_auth.unwrap();
+        let auth = s.docker.auth.unwrap();
         assert_eq!(auth.password.expose(), "s3cret");
         assert!(!format!("{auth:?}").contains("s3cret"));
         let both = load(&[("DOCKER_AUTH_PASSWORD", "x"), ("DOCKER_AUTH_PASSWORD_FILE", path)]).unwrap_err();
@@ -571,9 +606,21 @@ mod tests {
     }
 
     #[test]
+    fn help_names_the_variables_and_hides_their_values() {
+        let args = ["pipes", "--help"];
+        let text = match Settings::from_sources(args, &sources(&[("PIPES_API_TOKEN", "top-secret-token-123")])) {
+            Err(LoadError::Info(text)) => text,
+            other => panic!("{other:?}"),
+        };
+        assert!(text.contains("[env: PIPES_API_TOKEN]"), "{text}");
+        assert!(text.contains("[env: DOMAINLEVELS]"), "{text}");
+        assert!(!text.contains("top-secret-token-123"), "{text}");
+    }
+
+    #[test]
     fn auth_needs_user_and_password() {
         assert_eq!(load(&[("DOCKER_AUTH", "true")]).unwrap_err().name, "DOCKER_AUTH_USERNAME");
-        assert!(load(&[("DOCKER_AUTH", "false"), ("DOCKER_AUTH_USERNAME", "a")]).unwrap().registry_auth.is_none());
+        assert!(load(&[("DOCKER_AUTH", "false"), ("DOCKER_AUTH_USERNAME", "a")]).unwrap().docker.auth.is_none());
     }
 
     #[test]
@@ -587,17 +634,11 @@ mod tests {
     }
 
     #[test]
-    fn network_names_are_checked() {
-        assert_eq!(load(&[("PIPES_NETWORK", "pipes-net")]).unwrap().network.as_deref(), Some("pipes-net"));
-        assert_eq!(load(&[("PIPES_NETWORK", "a b")]).unwrap_err().name, "PIPES_NETWORK");
-    }
-
-    #[test]
-    fn image_refs_carry_the_registry() {
-        let d = crate::route::Deployment::parse("alice/app:v1").unwrap();
-        assert_eq!(load(&[]).unwrap().image_ref(&d), "alice/app:v1");
+    fn the_registry_names_the_credentials_host() {
         let s = load(&[("PIPES_REGISTRY", "127.0.0.1:5000/")]).unwrap();
-        assert_eq!(s.image_ref(&d), "127.0.0.1:5000/alice/app:v1");
-        assert_eq!(s.registry_host(), "127.0.0.1:5000");
+        assert_eq!(s.registry.as_deref(), Some("127.0.0.1:5000"));
+        assert_eq!(s.docker.registry_host, "127.0.0.1:5000");
+        let s = load(&[("PIPES_REGISTRY", "registry.example.com/team")]).unwrap();
+        assert_eq!(s.docker.registry_host, "registry.example.com");
     }
 }

@@ -15,32 +15,84 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use crate::auth::{self, ScopedToken};
 use crate::config::DeployConfig;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use crate::security::{self, ScopedToken};
 
 const REPOSITORY_FILE: &str = "repository.json";
 const TOKENS_FILE: &str = "tokens.json";
 /// Temporary files carry this marker; stale ones are removed at start.
 const TEMP_MARKER: &str = ".tmp-";
 
-/// The config dir.
+/// The config dir. Every method is async and does its file work on tokio's
+/// blocking pool, so no proxy or control thread ever waits on the disk.
 #[derive(Debug, Clone)]
 pub struct Store {
-    dir: PathBuf,
+    dir: Arc<PathBuf>,
 }
 
 impl Store {
     /// The store in `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Store { dir: dir.into() }
+        Store { dir: Arc::new(dir.into()) }
     }
 
-    /// The config dir.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The default config of `user/repo`, if one is stored.
+    pub async fn repository(&self, user: &str, repo: &str) -> Result<Option<DeployConfig>, PipesError> {
+        let path = self.repository_path(user, repo);
+        self.blocking(move |s| s.read_config(&path)).await
+    }
+
+    /// The tag's own config, if one is stored.
+    pub async fn tag(&self, d: &Deployment) -> Result<Option<DeployConfig>, PipesError> {
+        let path = self.tag_path(d);
+        self.blocking(move |s| s.read_config(&path)).await
+    }
+
+    /// Replaces the default config of `user/repo`.
+    pub async fn put_repository(&self, user: &str, repo: &str, config: DeployConfig) -> Result<(), PipesError> {
+        let path = self.repository_path(user, repo);
+        self.blocking(move |s| s.write_config(&path, &config)).await
+    }
+
+    /// Replaces the tag's own config.
+    pub async fn put_tag(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
+        let path = self.tag_path(d);
+        self.blocking(move |s| s.write_config(&path, &config)).await
+    }
+
+    /// Scoped API tokens from `tokens.json` (none if the file does not exist).
+    pub async fn tokens(&self) -> Result<Vec<ScopedToken>, PipesError> {
+        self.blocking(|s| {
+            let path = s.dir.join(TOKENS_FILE);
+            match fs::read(&path) {
+                Ok(bytes) => auth::parse_tokens(&bytes).map_err(|problem| s.broken(&path, problem)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(s.broken(&path, e.to_string())),
+            }
+        })
+        .await
+    }
+
+    /// Checks every stored file at start-up: returns the broken ones, and
+    /// removes temporary files that interrupted writes left behind.
+    pub async fn check(&self) -> Vec<PipesError> {
+        self.blocking(|s| Ok(s.check_files())).await.unwrap_or_else(|e| vec![e])
+    }
+
+    /// Runs file work on the blocking pool.
+    async fn blocking<T, F>(&self, work: F) -> Result<T, PipesError>
+    where
+        F: FnOnce(&Store) -> Result<T, PipesError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store)).await.unwrap_or_else(|e| {
+            Err(PipesError::ConfigBroken { file: String::new(), problem: format!("the file task failed: {e}") })
+        })
     }
 
     fn repository_dir(&self, user: &str, repo: &str) -> PathBuf {
@@ -55,43 +107,8 @@ impl Store {
         self.repository_dir(&d.user, &d.repo).join("tags").join(format!("{}.json", d.tag))
     }
 
-    /// The default config of `user/repo`, if one is stored.
-    pub fn repository(&self, user: &str, repo: &str) -> Result<Option<DeployConfig>, PipesError> {
-        self.read_config(&self.repository_path(user, repo))
-    }
-
-    /// The tag's own config, if one is stored.
-    pub fn tag(&self, d: &Deployment) -> Result<Option<DeployConfig>, PipesError> {
-        self.read_config(&self.tag_path(d))
-    }
-
-    /// Replaces the default config of `user/repo`.
-    pub fn put_repository(&self, user: &str, repo: &str, config: &DeployConfig) -> Result<(), PipesError> {
-        self.write_config(&self.repository_path(user, repo), config)
-    }
-
-    /// Replaces the tag's own config.
-    pub fn put_tag(&self, d: &Deployment, config: &DeployConfig) -> Result<(), PipesError> {
-        self.write_config(&self.tag_path(d), config)
-    }
-
-    /// Scoped API tokens from `tokens.json` (none if the file does not exist).
-    pub fn tokens(&self) -> Result<Vec<ScopedToken>, PipesError> {
-        let path = self.dir.join(TOKENS_FILE);
-        match fs::read(&path) {
-            Ok(bytes) => security::parse_tokens(&bytes).map_err(|problem| self.broken(&path, problem)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(self.broken(&path, e.to_string())),
-        }
-    }
-
-    /// Reads every stored file and reports those that cannot be used; removes
-    /// temporary files a crash left behind (they never were the live config).
-    pub fn check(&self) -> Vec<PipesError> {
+    fn check_files(&self) -> Vec<PipesError> {
         let mut problems = Vec::new();
-        if let Err(e) = self.tokens() {
-            problems.push(e);
-        }
         let mut stack = vec![self.dir.join("repos")];
         while let Some(dir) = stack.pop() {
             let Ok(entries) = fs::read_dir(&dir) else { continue };
@@ -138,7 +155,7 @@ impl Store {
 
     /// Paths in messages are relative to the config dir: users need no more.
     fn relative(&self, path: &Path) -> String {
-        path.strip_prefix(&self.dir).unwrap_or(path).display().to_string()
+        path.strip_prefix(self.dir.as_path()).unwrap_or(path).display().to_string()
     }
 }
 
@@ -167,45 +184,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn temp_store(name: &str) -> Store {
+    fn temp_store(name: &str) -> (Store, PathBuf) {
         let dir = std::env::temp_dir().join(format!("pipes-store-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        Store::new(dir)
+        (Store::new(dir.clone()), dir)
     }
 
-    #[test]
-    fn configs_round_trip_and_missing_is_none() {
-        let store = temp_store("roundtrip");
+    #[tokio::test]
+    async fn configs_round_trip_and_missing_is_none() {
+        let (store, dir) = temp_store("roundtrip");
         let d = Deployment::parse("alice/app:1.2.3").unwrap();
-        assert_eq!(store.tag(&d).unwrap(), None);
+        assert_eq!(store.tag(&d).await.unwrap(), None);
         let config = DeployConfig::from_json(br#"{"port":8080,"env":{"A":"1"}}"#).unwrap();
-        store.put_tag(&d, &config).unwrap();
-        store.put_repository("alice", "app", &DeployConfig::default()).unwrap();
-        assert_eq!(store.tag(&d).unwrap(), Some(config));
-        assert_eq!(store.repository("alice", "app").unwrap(), Some(DeployConfig::default()));
-        assert!(store.check().is_empty());
-        assert!(store.dir().join("repos/alice/app/tags/1.2.3.json").exists());
-        fs::remove_dir_all(store.dir()).unwrap();
+        store.put_tag(&d, config.clone()).await.unwrap();
+        store.put_repository("alice", "app", DeployConfig::default()).await.unwrap();
+        assert_eq!(store.tag(&d).await.unwrap(), Some(config));
+        assert_eq!(store.repository("alice", "app").await.unwrap(), Some(DeployConfig::default()));
+        assert!(store.check().await.is_empty());
+        assert!(dir.join("repos/alice/app/tags/1.2.3.json").exists());
+        fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn broken_files_are_reported_and_kept() {
-        let store = temp_store("broken");
+    #[tokio::test]
+    async fn broken_files_are_reported_and_kept() {
+        let (store, dir) = temp_store("broken");
         let d = Deployment::parse("alice/app:v1").unwrap();
-        store.put_tag(&d, &DeployConfig::default()).unwrap();
-        let path = store.dir().join("repos/alice/app/tags/v1.json");
+        store.put_tag(&d, DeployConfig::default()).await.unwrap();
+        let path = dir.join("repos/alice/app/tags/v1.json");
         fs::write(&path, b"{\"port\": 80,").unwrap();
-        let stale = store.dir().join("repos/alice/app/tags/.v1.json.tmp-1-1");
+        let stale = dir.join("repos/alice/app/tags/.v1.json.tmp-1-1");
         fs::write(&stale, b"{").unwrap();
 
-        let problems = store.check();
+        let problems = store.check().await;
         assert_eq!(problems.len(), 1, "{problems:?}");
-        let e = &problems[0];
-        assert_eq!(e.status(), 500);
-        assert_eq!(e.to_json()["file"], "repos/alice/app/tags/v1.json");
-        assert!(matches!(store.tag(&d), Err(PipesError::ConfigBroken { .. })));
+        match &problems[0] {
+            PipesError::ConfigBroken { file, .. } => assert_eq!(file, "repos/alice/app/tags/v1.json"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(store.tag(&d).await, Err(PipesError::ConfigBroken { .. })));
         assert_eq!(fs::read(&path).unwrap(), b"{\"port\": 80,", "never replaced silently");
         assert!(!stale.exists(), "temporary leftovers are removed");
-        fs::remove_dir_all(store.dir()).unwrap();
+        fs::remove_dir_all(dir).unwrap();
     }
 }

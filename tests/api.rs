@@ -17,6 +17,9 @@ fn admin() -> Option<&'static str> {
 
 #[tokio::test]
 async fn the_api_is_closed_without_a_token() {
+    if common::skip() {
+        return;
+    }
     let pipes = Pipes::start(&[]);
     let (status, body) = json(pipes.get("v1.app.alice.example.com", "/__proxyapi/container").await).await;
     assert_eq!(status, 403, "{body}");
@@ -30,6 +33,9 @@ async fn the_api_is_closed_without_a_token() {
 
 #[tokio::test]
 async fn the_auth_matrix() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
@@ -67,6 +73,9 @@ async fn the_auth_matrix() {
 
 #[tokio::test]
 async fn container_endpoints_do_what_they_say() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
@@ -121,6 +130,9 @@ async fn container_endpoints_do_what_they_say() {
 
 #[tokio::test]
 async fn configs_shape_containers() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     f.serving("app", "v2");
@@ -158,6 +170,9 @@ async fn configs_shape_containers() {
 
 #[tokio::test]
 async fn bad_input_changes_nothing() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
@@ -203,6 +218,9 @@ async fn bad_input_changes_nothing() {
 
 #[tokio::test]
 async fn the_policy_holds_over_the_api() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some("nobody/*"))]);
@@ -220,6 +238,9 @@ async fn the_policy_holds_over_the_api() {
 
 #[tokio::test]
 async fn configs_and_containers_survive_a_restart() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
@@ -242,6 +263,9 @@ async fn configs_and_containers_survive_a_restart() {
 
 #[tokio::test]
 async fn a_broken_config_file_is_reported_and_kept() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
@@ -265,6 +289,9 @@ async fn a_broken_config_file_is_reported_and_kept() {
 
 #[tokio::test]
 async fn too_many_containers_is_a_503() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     f.serving("app", "v2");
@@ -281,6 +308,9 @@ async fn too_many_containers_is_a_503() {
 
 #[tokio::test]
 async fn idle_containers_are_stopped() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);

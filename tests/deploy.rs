@@ -10,6 +10,9 @@ const DOMAIN: &str = "example.com";
 
 #[tokio::test]
 async fn serves_a_cold_deployment_then_reuses_its_container() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
@@ -38,6 +41,9 @@ async fn serves_a_cold_deployment_then_reuses_its_container() {
 
 #[tokio::test]
 async fn three_domain_levels_dotted_tags_and_latest() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "1.2.3");
     f.serving("app", "latest");
@@ -57,6 +63,9 @@ async fn three_domain_levels_dotted_tags_and_latest() {
 
 #[tokio::test]
 async fn credentials_can_come_from_files() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let dir = std::env::temp_dir().join(common::unique("secrets"));
@@ -79,6 +88,9 @@ async fn credentials_can_come_from_files() {
 
 #[tokio::test]
 async fn wrong_credentials_are_a_502_and_start_nothing() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let wrong = "not-the-password-4711";
@@ -101,6 +113,9 @@ async fn wrong_credentials_are_a_502_and_start_nothing() {
 
 #[tokio::test]
 async fn missing_tag_is_a_404_and_remembered() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
@@ -118,6 +133,9 @@ async fn missing_tag_is_a_404_and_remembered() {
 
 #[tokio::test]
 async fn a_post_body_reaches_the_cold_container() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
@@ -131,6 +149,9 @@ async fn a_post_body_reaches_the_cold_container() {
 
 #[tokio::test]
 async fn concurrent_first_requests_start_exactly_one_container() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     // A slow start keeps the window open while all requests arrive.
     f.publish("app", "slow", "ENV FIXTURE_DELAY_MS=1000");
@@ -157,6 +178,9 @@ async fn concurrent_first_requests_start_exactly_one_container() {
 
 #[tokio::test]
 async fn two_deployments_start_in_parallel() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.publish("one", "v1", "ENV FIXTURE_DELAY_MS=3000");
     f.publish("two", "v1", "ENV FIXTURE_DELAY_MS=3000");
@@ -181,6 +205,9 @@ async fn two_deployments_start_in_parallel() {
 
 #[tokio::test]
 async fn a_restarted_pipes_reuses_its_container() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let mut pipes = Pipes::start(&[]);
@@ -204,6 +231,9 @@ async fn a_restarted_pipes_reuses_its_container() {
 
 #[tokio::test]
 async fn a_container_killed_from_outside_is_started_again() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
@@ -229,6 +259,9 @@ async fn a_container_killed_from_outside_is_started_again() {
 
 #[tokio::test]
 async fn a_container_that_exits_while_starting_is_a_502_with_its_log() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.publish("app", "crash", "ENV FIXTURE_MODE=crash");
     let pipes = Pipes::start(&[]);
@@ -249,6 +282,9 @@ async fn a_container_that_exits_while_starting_is_a_502_with_its_log() {
 
 #[tokio::test]
 async fn a_never_ready_container_is_a_504_at_the_timeout() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.publish("app", "hang", "ENV FIXTURE_MODE=hang");
     let pipes = Pipes::start(&[("PIPES_START_TIMEOUT", Some("2s"))]);
@@ -261,6 +297,9 @@ async fn a_never_ready_container_is_a_504_at_the_timeout() {
 
 #[tokio::test]
 async fn the_image_exposed_port_is_used() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.publish("app", "p8080", "ENV FIXTURE_PORT=8080\nEXPOSE 8080");
     let pipes = Pipes::start(&[]);
@@ -272,6 +311,9 @@ async fn the_image_exposed_port_is_used() {
 
 #[tokio::test]
 async fn nothing_is_deployed_unless_allowed() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[("PIPES_ALLOW", None)]);
@@ -289,6 +331,9 @@ async fn nothing_is_deployed_unless_allowed() {
 
 #[tokio::test]
 async fn names_that_are_not_deployments() {
+    if common::skip() {
+        return;
+    }
     let pipes = Pipes::start(&[]);
     let (status, body) = json(pipes.get("v1.app.Bad_-Name.example.com", "/").await).await;
     assert_eq!(status, 400, "{body}");
@@ -304,6 +349,9 @@ async fn names_that_are_not_deployments() {
 
 #[tokio::test]
 async fn an_unreachable_engine_is_a_503_with_retry_after() {
+    if common::skip() {
+        return;
+    }
     let pipes = Pipes::start(&[("DOCKER_HOST", Some("unix:///nonexistent/docker.sock"))]);
     let resp = pipes.get("v1.app.alice.example.com", "/").await;
     assert_eq!(resp.status(), 503);
@@ -314,6 +362,9 @@ async fn an_unreachable_engine_is_a_503_with_retry_after() {
 
 #[tokio::test]
 async fn http2_requests_route_by_authority() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
@@ -333,6 +384,9 @@ async fn http2_requests_route_by_authority() {
 
 #[tokio::test]
 async fn sigterm_stops_pipes_within_seconds() {
+    if common::skip() {
+        return;
+    }
     let mut pipes = Pipes::start(&[]);
     let status = pipes.terminate().expect("pipes exits after SIGTERM (bounded wait: 20 s)");
     assert!(status.success() || status.code().is_some(), "{status:?}");
@@ -340,6 +394,9 @@ async fn sigterm_stops_pipes_within_seconds() {
 
 #[tokio::test]
 async fn one_deployments_failure_leaves_others_alone() {
+    if common::skip() {
+        return;
+    }
     let mut f = Fixtures::new();
     f.publish("app", "crash", "ENV FIXTURE_MODE=crash");
     f.publish("app", "slow", "ENV FIXTURE_DELAY_MS=500");

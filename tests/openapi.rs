@@ -27,9 +27,9 @@ fn spec_operations(spec: &Value) -> BTreeSet<(String, String)> {
 
 #[test]
 fn the_spec_lists_exactly_the_server_routes() {
-    let from_server: BTreeSet<(String, String)> = pipes::api::ROUTES
+    let from_server: BTreeSet<(String, String)> = pipes::api::Endpoint::ALL
         .iter()
-        .flat_map(|r| r.methods.iter().map(move |m| (r.path.to_owned(), m.to_string())))
+        .flat_map(|e| e.methods().iter().map(move |m| (e.path().to_owned(), m.to_string())))
         .collect();
     assert_eq!(spec_operations(&spec()), from_server);
 }
@@ -49,6 +49,9 @@ fn check(spec: &Value, path: &str, method: &str, status: u16, body: &Value) {
 
 #[tokio::test]
 async fn every_operation_answers_as_documented() {
+    if common::skip() {
+        return;
+    }
     let spec = spec();
     let mut f = Fixtures::new();
     f.serving("app", "v1");

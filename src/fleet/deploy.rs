@@ -1,46 +1,52 @@
-//! Step 4 of the request path: a cold start, from nothing to an answering container.
+//! Step 4 of the request path: a cold start, from nothing to an answering
+//! instance — and every other operation on a deployment's instance.
 //!
-//! Start a stopped container of ours, or pull the image if it is missing,
-//! create the container (labelled, under a name unique to the deployment),
-//! start it, and probe it until it answers, watching for it to exit meanwhile.
+//! Start a stopped instance of ours, or pull the image if it is missing and
+//! run a new instance, then probe it until it answers, watching for it to exit
+//! meanwhile. The backend decides what an instance is; this file decides when
+//! one is started, replaced, stopped or given up on.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Mutex;
 
 use super::probe;
-use super::Upstream;
-use crate::config::{Effective, Pull};
-use crate::engine::{Container, ContainerSpec, Engine, Image};
+use super::slot::Upstream;
+use crate::config::{Defaults, Effective, Pull};
+use crate::engine::{short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::Settings;
 use crate::store::Store;
 
-/// Lines of a container's log shown when it exits while starting.
+/// Lines of an instance's log shown when it exits while starting.
 const LOG_LINES: usize = 20;
 /// Container port when neither config nor image names one.
 const DEFAULT_PORT: u16 = 80;
-/// Seconds a never-ready container gets to stop before it is killed.
-const STOP_GRACE_SECS: i32 = 2;
+/// How long an instance gets to stop before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a never-ready instance gets to stop: it never served anyone.
+const NEVER_READY_GRACE: Duration = Duration::from_secs(2);
 
-/// Starts deployments on the engine.
+/// Starts and operates deployments on the backend.
 pub struct Deployer {
-    engine: Engine,
-    settings: Arc<Settings>,
+    backend: Arc<dyn Backend>,
     store: Store,
-    /// Containers admitted and not yet started.
+    /// `PIPES_REGISTRY`: prefix of every image reference; `None` is Docker Hub.
+    registry: Option<String>,
+    defaults: Defaults,
+    max_containers: usize,
+    /// Instances admitted and not yet started.
     starting: Arc<AtomicUsize>,
     /// Serializes admission, so two starts cannot both take the last place.
     admission: Mutex<()>,
 }
 
 /// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
-/// container runs (the engine counts it from then on).
+/// instance runs (the backend counts it from then on).
 struct Admitted(Arc<AtomicUsize>);
 
 impl Drop for Admitted {
@@ -50,20 +56,22 @@ impl Drop for Admitted {
 }
 
 impl Deployer {
-    /// A deployer using `engine` with `settings`.
-    pub fn new(engine: Engine, settings: Arc<Settings>) -> Self {
-        let store = Store::new(settings.config_dir.clone());
-        Deployer { engine, settings, store, starting: Arc::new(AtomicUsize::new(0)), admission: Mutex::new(()) }
+    /// A deployer on `backend` with the configs in `store`.
+    pub fn new(backend: Arc<dyn Backend>, store: Store, settings: &Settings) -> Self {
+        Deployer {
+            backend,
+            store,
+            registry: settings.registry.clone(),
+            defaults: settings.defaults.clone(),
+            max_containers: settings.max_containers,
+            starting: Arc::new(AtomicUsize::new(0)),
+            admission: Mutex::new(()),
+        }
     }
 
-    /// The engine it deploys on.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// The settings it deploys with.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// The backend it deploys on.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     /// The stored configs.
@@ -71,137 +79,112 @@ impl Deployer {
         &self.store
     }
 
-    /// The config `d` runs with: its own over its repository's over the defaults.
-    pub fn effective(&self, d: &Deployment) -> Result<Effective, PipesError> {
-        let tag = self.store.tag(d)?;
-        let repository = self.store.repository(&d.user, &d.repo)?;
-        Ok(Effective::merge(tag.as_ref(), repository.as_ref(), &self.settings.defaults))
+    /// The full reference of a deployment's image, registry included.
+    pub fn image_ref(&self, d: &Deployment) -> String {
+        match &self.registry {
+            Some(r) => format!("{r}/{}/{}:{}", d.user, d.repo, d.tag),
+            None => format!("{}/{}:{}", d.user, d.repo, d.tag),
+        }
     }
 
-    /// Brings `d` to a running, answering container and returns where it answers.
+    /// The config `d` runs with: its own over its repository's over the defaults.
+    pub async fn effective(&self, d: &Deployment) -> Result<Effective, PipesError> {
+        let tag = self.store.tag(d).await?;
+        let repository = self.store.repository(&d.user, &d.repo).await?;
+        Ok(Effective::merge(tag.as_ref(), repository.as_ref(), &self.defaults))
+    }
+
+    /// Brings `d` to a running, answering instance and returns where it answers.
     pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
-        let config = self.effective(d)?;
-        let image_ref = self.settings.image_ref(d);
-        let name = self.engine.container_name(d);
-        let container = match self.engine.inspect(&name).await? {
-            Some(c) if c.running => c,
-            Some(c) if c.port.is_some_and(|p| c.config_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
+        let config = self.effective(d).await?;
+        let image_ref = self.image_ref(d);
+        let instance = match self.backend.instance(d).await? {
+            Some(i) if i.running => i,
+            Some(i) if i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
                 let admitted = self.admit().await?;
-                log::info!("{d}: starting its stopped container {}", super::short_id(&c.id));
-                self.start(&c.id, admitted).await?
+                log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
+                let started = self.backend.start(&i.id).await?;
+                drop(admitted);
+                started
             }
-            Some(c) => {
+            Some(i) => {
                 let admitted = self.admit().await?;
-                log::info!("{d}: replacing container {} made from another config", super::short_id(&c.id));
-                self.engine.remove(&c.id).await?;
-                self.create(d, &name, &image_ref, &config, admitted).await?
+                log::info!("{d}: replacing instance {} made from another config", short_id(&i.id));
+                self.backend.remove(&i.id).await?;
+                self.run(d, &image_ref, &config, admitted).await?
             }
             None => {
                 let admitted = self.admit().await?;
-                self.create(d, &name, &image_ref, &config, admitted).await?
+                self.run(d, &image_ref, &config, admitted).await?
             }
         };
-        if !container.running {
-            return Err(self.exited(d, &container.id, container.exit_code).await);
+        if !instance.running {
+            let code = instance.exit_code.unwrap_or(0);
+            return Err(self.exit_failure(d, &instance.id, code).await);
         }
-        let addr = container.address.ok_or_else(|| PipesError::Unservable {
+        let addr = instance.address.ok_or_else(|| PipesError::Unservable {
             deployment: d.to_string(),
-            reason: "the running container has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
+            reason: "the running instance has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
         })?;
-        self.until_ready(d, &container.id, addr, &config).await?;
-        Ok(Upstream::new(container.id, addr, config.idle_timeout))
+        self.until_ready(d, &instance.id, addr, &config).await?;
+        Ok(Upstream::new(addr, config.idle_timeout))
     }
 
-    /// Pulls if needed, creates and starts a new container of `d`.
-    async fn create(
-        &self,
-        d: &Deployment,
-        name: &str,
-        image_ref: &str,
-        config: &Effective,
-        admitted: Admitted,
-    ) -> Result<Container, PipesError> {
+    /// Pulls if needed, then runs a new instance of `d`.
+    async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, admitted: Admitted) -> Result<Instance, PipesError> {
         let local = match config.pull {
             Pull::Always => None,
-            Pull::Missing => self.engine.image(image_ref).await?,
+            Pull::Missing => self.backend.image(image_ref).await?,
         };
         let image = match local {
             Some(image) => image,
             None => {
                 log::info!("{d}: pulling {image_ref}");
-                self.engine.pull(image_ref).await?;
-                self.engine.image(image_ref).await?.ok_or_else(|| PipesError::Engine {
-                    action: "pull an image",
-                    detail: format!("{image_ref} is missing after the pull"),
-                })?
+                self.backend.pull(image_ref).await?
             }
         };
         let port = match config.port {
             Some(port) => port,
             None => image_port(d, &image)?,
         };
-        let hash = config.spec_hash(image_ref, port);
-        let spec = ContainerSpec {
-            name: name.to_owned(),
+        let spec = Spec {
+            deployment: d.clone(),
             image: image_ref.to_owned(),
             port,
-            labels: self.engine.labels(d, &hash, port),
-            env: config.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            hash: config.spec_hash(image_ref, port),
+            env: config.env.clone(),
             cmd: config.cmd.clone(),
             memory_bytes: config.memory.0,
             cpus: config.cpus,
             restart: config.restart,
         };
-        let id = match self.engine.create(&spec).await? {
-            Some(id) => id,
-            // Another Pipes created it first: use that one, never a second.
-            None => {
-                let c = self.engine.inspect(name).await?.ok_or_else(|| PipesError::Engine {
-                    action: "create a container",
-                    detail: format!("name {name} is taken but no such container exists"),
-                })?;
-                if c.running {
-                    return Ok(c);
-                }
-                c.id
-            }
-        };
-        log::info!("{d}: created container {} ({image_ref} port {port})", super::short_id(&id));
-        self.start(&id, admitted).await
+        let instance = self.backend.run(&spec).await?;
+        drop(admitted);
+        Ok(instance)
     }
 
-    /// A place for one more running container, unless `PIPES_MAX_CONTAINERS`
+    /// A place for one more running instance, unless `PIPES_MAX_CONTAINERS`
     /// run or are starting already.
     async fn admit(&self) -> Result<Admitted, PipesError> {
         let _one_at_a_time = self.admission.lock().await;
-        let running = self.engine.managed(false).await?.len();
-        if running + self.starting.load(Ordering::Acquire) >= self.settings.max_containers {
-            return Err(PipesError::TooManyContainers { max: self.settings.max_containers });
+        let running = self.backend.list().await?.iter().filter(|i| i.running).count();
+        if running + self.starting.load(Ordering::Acquire) >= self.max_containers {
+            return Err(PipesError::TooManyContainers { max: self.max_containers });
         }
         self.starting.fetch_add(1, Ordering::AcqRel);
         Ok(Admitted(self.starting.clone()))
     }
 
-    /// Starts an admitted container and inspects it.
-    async fn start(&self, id: &str, admitted: Admitted) -> Result<Container, PipesError> {
-        self.engine.start(id).await?;
-        drop(admitted);
-        self.engine.inspect(id).await?.ok_or_else(|| PipesError::Engine {
-            action: "start a container",
-            detail: format!("container {} vanished after start", super::short_id(id)),
-        })
-    }
-
-    /// Probes until the container answers; fails if it exits or the timeout passes.
+    /// Probes until the instance answers; fails if it exits or the timeout passes.
     async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {
         let (path, timeout) = (config.health_path.as_str(), config.health_timeout);
         tokio::select! {
             biased;
-            exit = self.engine.exited(id) => match exit {
-                Ok(code) => Err(self.exited(d, id, code).await),
-                // Losing the watch is no failure of the container: keep probing.
+            exit = self.backend.exited(id) => match exit {
+                Ok(code) => Err(self.exit_failure(d, id, code).await),
+                // Losing the watch is no failure of the instance: keep probing.
                 Err(e) => {
-                    log::warn!("{d}: cannot watch container {}: {e}", super::short_id(id));
+                    log::warn!("{d}: cannot watch instance {}: {e}", short_id(id));
                     self.probe_until(d, id, addr, path, timeout).await
                 }
             },
@@ -209,9 +192,9 @@ impl Deployer {
         }
     }
 
-    /// The failure of a container that exited while starting, with its last log lines.
-    async fn exited(&self, d: &Deployment, id: &str, code: i64) -> PipesError {
-        let logs = self.engine.log_tail(id, LOG_LINES).await;
+    /// The failure of an instance that exited while starting, with its last log lines.
+    async fn exit_failure(&self, d: &Deployment, id: &str, code: i64) -> PipesError {
+        let logs = self.backend.logs(id, LOG_LINES).await;
         PipesError::Exited { deployment: d.to_string(), code, logs }
     }
 
@@ -226,16 +209,50 @@ impl Deployer {
         if probe::until_answers(addr, path, timeout).await {
             return Ok(());
         }
-        // A container that never answers is stopped, so it does not hold
+        // An instance that never answers is stopped, so it does not hold
         // resources; it stays for its logs and is started again on demand.
-        let engine = self.engine.clone();
-        let id_owned = id.to_owned();
+        let (backend, id) = (self.backend.clone(), id.to_owned());
         tokio::spawn(async move {
-            if let Err(e) = engine.stop(&id_owned, STOP_GRACE_SECS).await {
-                log::warn!("cannot stop never-ready container {}: {e}", super::short_id(&id_owned));
+            if let Err(e) = backend.stop(&id, NEVER_READY_GRACE).await {
+                log::warn!("cannot stop never-ready instance {}: {e}", short_id(&id));
             }
         });
         Err(PipesError::NotReady { deployment: d.to_string(), timeout, probed: format!("GET http://{addr}{path}") })
+    }
+
+    /// Stops `d`'s instance and keeps it.
+    pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
+        match self.backend.instance(d).await? {
+            Some(i) => self.backend.stop(&i.id, STOP_GRACE).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Stops and removes `d`'s instance.
+    pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
+        match self.backend.instance(d).await? {
+            Some(i) => self.backend.remove(&i.id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Restarts `d`'s instance if it runs.
+    pub async fn restart(&self, d: &Deployment) -> Result<(), PipesError> {
+        match self.backend.instance(d).await? {
+            Some(i) if i.running => self.backend.restart(&i.id, STOP_GRACE).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// The last `lines` lines of `d`'s instance, with its id.
+    pub async fn logs(&self, d: &Deployment, lines: usize) -> Result<(Option<String>, Vec<String>), PipesError> {
+        match self.backend.instance(d).await? {
+            Some(i) => {
+                let lines = self.backend.logs(&i.id, lines).await;
+                Ok((Some(i.id), lines))
+            }
+            None => Ok((None, Vec::new())),
+        }
     }
 }
 

@@ -1,155 +1,126 @@
 //! Step 3 of the request path: the table of deployments, and who starts them.
 //!
 //! The table is a copy-on-write map behind an `ArcSwap`: a request reads it
-//! without taking any lock, and finds a [`Slot`] whose ready upstream is one more
+//! without taking any lock, and finds a [`Slot`] whose upstream is one more
 //! atomic load. Only new deployments (cold path) copy the map.
 //!
 //! A cold start runs as a task on the control runtime, not inside the request
 //! that caused it, so a client that hangs up does not cancel a start that
-//! others wait on. Every request for a starting deployment awaits the same task.
+//! others wait on. Every request for a starting deployment awaits the same
+//! task. Every backend call runs on the control runtime too: that is where the
+//! backend's connection lives, and no proxy thread ever waits on it.
 
 mod deploy;
+mod janitor;
 mod probe;
+mod slot;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use futures_util::future::{BoxFuture, FutureExt, Shared};
-use pingora::upstreams::peer::HttpPeer;
+use arc_swap::ArcSwap;
+use futures_util::future::FutureExt;
 
-pub use deploy::Deployer;
-
-use crate::engine::{Container, Engine};
+use crate::auth::ScopedToken;
+use crate::config::{DeployConfig, Effective};
+use crate::engine::{short_id, Backend, Image, Instance};
 use crate::error::PipesError;
+use crate::policy::Policy;
 use crate::route::{Deployment, DeploymentRef};
-use crate::security::Policy;
 use crate::settings::Settings;
+use crate::store::Store;
+use deploy::Deployer;
+use slot::Start;
 
-/// How long Pipes waits to connect to a container that should be running.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Resolution of the last-request time; idle timeouts are at least a second.
-const TOUCH_RESOLUTION_MS: u64 = 100;
-/// Seconds a container gets to stop before it is killed.
-const STOP_GRACE_SECS: i32 = 10;
-
-/// A running container that answered: where requests for a deployment go.
-#[derive(Debug)]
-pub struct Upstream {
-    pub container_id: String,
-    pub addr: SocketAddr,
-    /// Stop the container after this long without requests.
-    pub idle_timeout: Option<Duration>,
-    /// Unix time in milliseconds when it became ready.
-    pub ready_ms: u64,
-    peer: HttpPeer,
-}
-
-impl Upstream {
-    /// An upstream at `addr` served by container `container_id`.
-    pub fn new(container_id: String, addr: SocketAddr, idle_timeout: Option<Duration>) -> Self {
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-        Upstream { container_id, addr, idle_timeout, ready_ms: now_ms(), peer }
-    }
-
-    /// The peer Pingora connects to for one request.
-    pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(self.peer.clone())
-    }
-}
-
-type StartResult = Result<Arc<Upstream>, PipesError>;
-type Start = Shared<BoxFuture<'static, StartResult>>;
-
-/// What only the cold path touches.
-#[derive(Default)]
-struct Cold {
-    /// The start in progress, which every waiting request awaits.
-    starting: Option<Start>,
-    /// The last failed start, remembered for `failure_ttl`.
-    failed: Option<(Instant, PipesError)>,
-}
-
-/// One deployment in the table.
-pub struct Slot {
-    pub deployment: Deployment,
-    ready: ArcSwapOption<Upstream>,
-    /// Unix time in milliseconds of the last proxied request; 0 if none.
-    last_request_ms: AtomicU64,
-    cold: Mutex<Cold>,
-}
-
-/// What the API reports of a slot without asking the engine.
-#[derive(Debug, Clone)]
-pub enum SlotState {
-    Running(Arc<Upstream>),
-    Starting,
-    Failed(PipesError),
-    Idle,
-}
-
-impl Slot {
-    fn new(deployment: Deployment) -> Self {
-        Slot {
-            deployment,
-            ready: ArcSwapOption::empty(),
-            last_request_ms: AtomicU64::new(0),
-            cold: Mutex::new(Cold::default()),
-        }
-    }
-
-    /// The upstream, if the deployment is running and answered: the hot path.
-    #[inline]
-    pub fn ready(&self) -> Option<Arc<Upstream>> {
-        self.ready.load_full()
-    }
-
-    /// Records a proxied request, for idle accounting.
-    ///
-    /// Writes at most every `TOUCH_RESOLUTION_MS`: a store on every request
-    /// would bounce this cache line between the proxy threads.
-    #[inline]
-    pub fn touch(&self) {
-        let now = now_ms();
-        if now.saturating_sub(self.last_request_ms.load(Ordering::Relaxed)) >= TOUCH_RESOLUTION_MS {
-            self.last_request_ms.store(now, Ordering::Relaxed);
-        }
-    }
-
-    /// Unix time in milliseconds of the last proxied request.
-    pub fn last_request_ms(&self) -> Option<u64> {
-        Some(self.last_request_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
-    }
-
-    /// The state as the table knows it.
-    pub fn state(&self) -> SlotState {
-        if let Some(up) = self.ready() {
-            return SlotState::Running(up);
-        }
-        let cold = self.lock_cold();
-        match (&cold.starting, &cold.failed) {
-            (Some(_), _) => SlotState::Starting,
-            (None, Some((_, e))) => SlotState::Failed(e.clone()),
-            (None, None) => SlotState::Idle,
-        }
-    }
-
-    fn lock_cold(&self) -> MutexGuard<'_, Cold> {
-        // The guarded data stays consistent even if a holder panicked.
-        self.cold.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use janitor::Janitor;
+pub use slot::{Slot, StartResult, Upstream};
 
 type Table = hashbrown::HashMap<Deployment, Arc<Slot>>;
 
-/// Every deployment Pipes knows, and the means to start them.
+/// What a deployment is doing, as the API and its users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Its instance runs.
+    Running,
+    /// A start is under way.
+    Starting,
+    /// Its instance exists and does not run.
+    Stopped,
+    /// It has no instance.
+    Absent,
+    /// Its last start failed (remembered for `PIPES_FAILURE_TTL`).
+    Failed,
+}
+
+impl State {
+    /// The one rule for every view: a start under way wins, then the backend's
+    /// word on the instance, then a remembered failure.
+    fn of(slot: Option<&Slot>, instance: Option<&Instance>, failure_ttl: Duration) -> State {
+        if slot.is_some_and(Slot::starting) {
+            return State::Starting;
+        }
+        let failed = slot.and_then(|s| s.failure(failure_ttl)).is_some();
+        match instance {
+            Some(i) if i.running => State::Running,
+            _ if failed => State::Failed,
+            Some(_) => State::Stopped,
+            None => State::Absent,
+        }
+    }
+
+    /// The name the API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Starting => "starting",
+            State::Stopped => "stopped",
+            State::Absent => "absent",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Everything known of one deployment.
+#[derive(Debug)]
+pub struct Status {
+    pub deployment: Deployment,
+    pub state: State,
+    /// The full image reference.
+    pub image_ref: String,
+    /// The image as the backend has it locally.
+    pub image: Option<Image>,
+    pub allowed: bool,
+    pub instance: Option<Instance>,
+    /// Where requests go, if the table has an upstream.
+    pub upstream: Option<SocketAddr>,
+    pub last_request_ms: Option<u64>,
+    /// The effective config, or why it cannot be read.
+    pub config: Result<Effective, PipesError>,
+    /// The failure of the last start, while it is remembered.
+    pub last_error: Option<PipesError>,
+}
+
+/// One line of the fleet's list.
+#[derive(Debug)]
+pub struct Summary {
+    pub deployment: Deployment,
+    pub state: State,
+    pub instance_id: Option<String>,
+    pub upstream: Option<SocketAddr>,
+    pub last_request_ms: Option<u64>,
+}
+
+/// A deployment's config layers and their merge.
+#[derive(Debug)]
+pub struct Configs {
+    pub own: Option<DeployConfig>,
+    pub repository: Option<DeployConfig>,
+    pub effective: Effective,
+}
+
+/// Every deployment Pipes knows, and the means to start and operate them.
 pub struct Fleet {
     table: ArcSwap<Table>,
     /// Serializes additions to the table (cold path only).
@@ -157,37 +128,37 @@ pub struct Fleet {
     policy: Policy,
     failure_ttl: Duration,
     deployer: Arc<Deployer>,
-    /// The runtime that runs starts and engine calls.
+    /// The runtime that runs starts and backend calls.
     control: tokio::runtime::Handle,
 }
 
 impl Fleet {
-    /// A fleet deploying with `engine` on the `control` runtime.
-    pub fn new(settings: Arc<Settings>, engine: Engine, control: tokio::runtime::Handle) -> Self {
+    /// A fleet deploying on `backend`, running its work on the `control` runtime.
+    pub fn new(settings: &Settings, backend: Arc<dyn Backend>, control: tokio::runtime::Handle) -> Self {
+        let store = Store::new(settings.config_dir.clone());
         Fleet {
             table: ArcSwap::from_pointee(Table::new()),
             grow: Mutex::new(()),
             policy: settings.policy.clone(),
             failure_ttl: settings.failure_ttl,
-            deployer: Arc::new(Deployer::new(engine, settings)),
+            deployer: Arc::new(Deployer::new(backend, store, settings)),
             control,
         }
-    }
-
-    /// The engine, for the API.
-    pub fn engine(&self) -> &Engine {
-        self.deployer.engine()
-    }
-
-    /// The deployer, for the API.
-    pub fn deployer(&self) -> &Deployer {
-        &self.deployer
     }
 
     /// Whether the policy lets `d` run here.
     #[inline]
     pub fn allows(&self, d: DeploymentRef<'_>) -> bool {
         self.policy.allows(d)
+    }
+
+    /// `Ok` if the policy lets `d` run here, else 403.
+    pub fn check_allowed(&self, d: &Deployment) -> Result<(), PipesError> {
+        if self.allows(d.as_ref()) {
+            Ok(())
+        } else {
+            Err(PipesError::Forbidden { deployment: d.to_string() })
+        }
     }
 
     /// The slot of a deployment the table knows: lock-free, no allocation.
@@ -222,7 +193,7 @@ impl Fleet {
 
     /// The upstream of a running deployment, starting it first if needed.
     pub async fn ready(&self, slot: &Arc<Slot>) -> StartResult {
-        if let Some(up) = slot.ready() {
+        if let Some(up) = slot.upstream() {
             return Ok(up);
         }
         self.start(slot).await
@@ -232,29 +203,20 @@ impl Fleet {
     pub async fn recover(&self, slot: &Arc<Slot>, failed: SocketAddr) -> StartResult {
         {
             let _cold = slot.lock_cold();
-            if slot.ready().is_some_and(|up| up.addr == failed) {
+            if slot.upstream().is_some_and(|up| up.addr == failed) {
                 log::info!("{}: upstream {failed} stopped answering, starting it again", slot.deployment);
-                slot.ready.store(None);
+                slot.set_upstream(None);
             }
         }
         self.ready(slot).await
     }
 
-    /// Forgets the upstream of a deployment whose container was stopped or removed.
-    pub fn forget(&self, slot: &Slot) {
+    /// Forgets the upstream and failure of a deployment whose instance is
+    /// about to change: the next request asks the backend again.
+    fn forget(&self, slot: &Slot) {
         let mut cold = slot.lock_cold();
-        slot.ready.store(None);
+        slot.set_upstream(None);
         cold.failed = None;
-    }
-
-    /// Forgets remembered failures of a repository's deployments, after its
-    /// config changed: the next request tries again at once.
-    pub fn retry_repository(&self, user: &str, repo: &str) {
-        for slot in self.table.load().values() {
-            if slot.deployment.user == user && slot.deployment.repo == repo {
-                slot.lock_cold().failed = None;
-            }
-        }
     }
 
     /// Waits for a start under way, so an operation does not race it.
@@ -265,69 +227,58 @@ impl Fleet {
         }
     }
 
-    /// Runs `action` on the deployment's container, if it has one, after any
+    /// Runs `op` on the deployer for `d` on the control runtime, after any
     /// start under way settled and with the table no longer sending it requests.
-    async fn on_container<F, Fut>(&self, slot: &Arc<Slot>, action: F) -> Result<(), PipesError>
+    async fn operate<F, Fut>(&self, d: &Deployment, op: F) -> Result<(), PipesError>
     where
-        F: FnOnce(Engine, Container) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<(), PipesError>> + Send,
+        F: FnOnce(Arc<Deployer>, Deployment) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), PipesError>> + Send + 'static,
     {
-        self.settle(slot).await;
-        self.forget(slot);
-        let (engine, name) = (self.engine().clone(), self.engine().container_name(&slot.deployment));
-        self.on_control(async move {
-            match engine.inspect(&name).await? {
-                Some(c) => action(engine, c).await,
-                None => Ok(()),
-            }
-        })
-        .await
+        let slot = self.slot(d.as_ref());
+        self.settle(&slot).await;
+        self.forget(&slot);
+        let (deployer, d) = (self.deployer.clone(), d.clone());
+        self.on_control(async move { op(deployer, d).await }).await
     }
 
-    /// Stops the deployment's container and keeps it; the next request starts it again.
-    pub async fn stop(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
-        self.on_container(slot, |engine, c| async move { engine.stop(&c.id, STOP_GRACE_SECS).await }).await
+    /// Stops the deployment's instance and keeps it; the next request starts it again.
+    pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.operate(d, |deployer, d| async move { deployer.stop(&d).await }).await
     }
 
-    /// Stops and removes the deployment's container; its config stays.
-    pub async fn remove(&self, slot: &Arc<Slot>) -> Result<(), PipesError> {
-        self.on_container(slot, |engine, c| async move { engine.remove(&c.id).await }).await
+    /// Stops and removes the deployment's instance; its config stays.
+    pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.operate(d, |deployer, d| async move { deployer.remove(&d).await }).await
     }
 
-    /// Restarts the deployment's container (or starts one) and waits until it answers.
-    pub async fn restart(&self, slot: &Arc<Slot>) -> StartResult {
-        self.on_container(slot, |engine, c| async move {
-            if c.running {
-                engine.restart(&c.id, STOP_GRACE_SECS).await
-            } else {
-                Ok(())
-            }
-        })
-        .await?;
-        self.ready(slot).await
+    /// Restarts the deployment's instance (or starts one) and waits until it answers.
+    pub async fn restart(&self, d: &Deployment) -> StartResult {
+        self.operate(d, |deployer, d| async move { deployer.restart(&d).await }).await?;
+        self.ready(&self.slot(d.as_ref())).await
     }
 
-    /// Replaces the deployment's container with one made from its current config.
-    pub async fn recreate(&self, slot: &Arc<Slot>) -> StartResult {
-        self.remove(slot).await?;
-        self.ready(slot).await
+    /// Replaces the deployment's instance with one made from its current config.
+    pub async fn recreate(&self, d: &Deployment) -> StartResult {
+        self.remove(d).await?;
+        self.ready(&self.slot(d.as_ref())).await
     }
 
-    /// Stops containers idle for longer than their `idle_timeout`.
+    /// Stops instances idle for longer than their `idle_timeout`; the stops
+    /// run on the control runtime.
     pub fn stop_idle(self: &Arc<Self>) {
-        let now = now_ms();
+        let now = slot::now_ms();
         for slot in self.table.load().values() {
-            let Some(up) = slot.ready() else { continue };
+            let Some(up) = slot.upstream() else { continue };
             let Some(idle) = up.idle_timeout else { continue };
             let last = slot.last_request_ms().unwrap_or(0).max(up.ready_ms);
             if now.saturating_sub(last) < u64::try_from(idle.as_millis()).unwrap_or(u64::MAX) {
                 continue;
             }
-            log::info!("{}: idle for {}, stopping its container", slot.deployment, humantime::format_duration(idle));
-            let (fleet, slot) = (self.clone(), slot.clone());
+            log::info!("{}: idle for {}, stopping its instance", slot.deployment, humantime::format_duration(idle));
+            let (fleet, d) = (self.clone(), slot.deployment.clone());
             self.control.spawn(async move {
-                if let Err(e) = fleet.stop(&slot).await {
-                    log::warn!("{}: cannot stop idle container: {e}", slot.deployment);
+                if let Err(e) = fleet.stop(&d).await {
+                    log::warn!("{d}: cannot stop idle instance: {e}");
                 }
             });
         }
@@ -337,7 +288,7 @@ impl Fleet {
     async fn start(&self, slot: &Arc<Slot>) -> StartResult {
         let start = {
             let mut cold = slot.lock_cold();
-            if let Some(up) = slot.ready() {
+            if let Some(up) = slot.upstream() {
                 return Ok(up);
             }
             if let Some((at, error)) = &cold.failed {
@@ -368,7 +319,7 @@ impl Fleet {
                 Ok(up) => {
                     log::info!("{}: ready at {} in {:?}", slot.deployment, up.addr, began.elapsed());
                     cold.failed = None;
-                    slot.ready.store(Some(up.clone()));
+                    slot.set_upstream(Some(up.clone()));
                 }
                 Err(e) => {
                     log::warn!("{}: start failed after {:?}: {e}", slot.deployment, began.elapsed());
@@ -386,15 +337,15 @@ impl Fleet {
         .shared()
     }
 
-    /// Drops slots with no running container, no start under way and no failure
-    /// still remembered, so host names that never became deployments do not
-    /// accumulate. A dropped deployment is found again by its container name.
+    /// Drops slots with no upstream, no start under way and no failure still
+    /// remembered, so host names that never became deployments do not
+    /// accumulate. A dropped deployment is found again through the backend.
     pub fn sweep(&self) -> usize {
         let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
         let table = self.table.load();
         let idle = |slot: &Slot| {
             let cold = slot.lock_cold();
-            slot.ready().is_none()
+            slot.upstream().is_none()
                 && cold.starting.is_none()
                 && cold.failed.as_ref().is_none_or(|(at, _)| at.elapsed() >= self.failure_ttl)
         };
@@ -406,10 +357,10 @@ impl Fleet {
         dropped
     }
 
-    /// Runs engine work on the control runtime, where the engine connection lives.
-    pub async fn on_control<F, T>(&self, work: F) -> Result<T, PipesError>
+    /// Runs backend work on the control runtime, where the backend's connection lives.
+    async fn on_control<F, T>(&self, work: F) -> Result<T, PipesError>
     where
-        F: std::future::Future<Output = Result<T, PipesError>> + Send + 'static,
+        F: Future<Output = Result<T, PipesError>> + Send + 'static,
         T: Send + 'static,
     {
         self.control.spawn(work).await.unwrap_or_else(|e| {
@@ -417,90 +368,125 @@ impl Fleet {
         })
     }
 
-    /// Takes over the containers this instance left running or stopped.
+    /// Takes over the instances this Pipes left running or stopped.
     pub async fn adopt(&self) -> Result<usize, PipesError> {
-        let engine = self.engine();
-        let mut adopted = 0;
-        for (d, id) in engine.managed(true).await? {
+        let deployer = self.deployer.clone();
+        let listed = self.on_control(async move { deployer.backend().list().await }).await?;
+        for instance in &listed {
+            let d = &instance.deployment;
             let slot = self.slot(d.as_ref());
-            if let Some(container) = engine.inspect(&id).await? {
-                if let (true, Some(addr)) = (container.running, container.address) {
-                    let idle = self.deployer.effective(&d).ok().and_then(|c| c.idle_timeout);
-                    slot.ready.store(Some(Arc::new(Upstream::new(container.id, addr, idle))));
+            if let (true, Some(addr)) = (instance.running, instance.address) {
+                let idle = self.deployer.effective(d).await.ok().and_then(|c| c.idle_timeout);
+                slot.set_upstream(Some(Arc::new(Upstream::new(addr, idle))));
+            }
+            log::info!("adopted {d} (instance {}, running: {})", short_id(&instance.id), instance.running);
+        }
+        Ok(listed.len())
+    }
+
+    /// What the backend says it is, for the start-up log.
+    pub async fn describe_backend(&self) -> Result<String, PipesError> {
+        let deployer = self.deployer.clone();
+        self.on_control(async move { deployer.backend().describe().await }).await
+    }
+
+    /// Config files that cannot be read, reported at start-up.
+    pub async fn check_configs(&self) -> Vec<PipesError> {
+        self.deployer.store().check().await
+    }
+
+    /// Everything known of `d`, from the table, the backend and the store.
+    pub async fn status(&self, d: &Deployment) -> Result<Status, PipesError> {
+        let (deployer, key) = (self.deployer.clone(), d.clone());
+        let (instance, image, config) = self
+            .on_control(async move {
+                let instance = deployer.backend().instance(&key).await?;
+                let image = deployer.backend().image(&deployer.image_ref(&key)).await?;
+                Ok((instance, image, deployer.effective(&key).await))
+            })
+            .await?;
+        let slot = self.get(d.as_ref());
+        Ok(Status {
+            deployment: d.clone(),
+            state: State::of(slot.as_deref(), instance.as_ref(), self.failure_ttl),
+            image_ref: self.deployer.image_ref(d),
+            image,
+            allowed: self.allows(d.as_ref()),
+            instance,
+            upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
+            last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),
+            config,
+            last_error: slot.as_deref().and_then(|s| s.failure(self.failure_ttl)),
+        })
+    }
+
+    /// Every deployment with an instance or a place in the table, sorted.
+    pub async fn summaries(&self) -> Result<Vec<Summary>, PipesError> {
+        let deployer = self.deployer.clone();
+        let instances = self.on_control(async move { deployer.backend().list().await }).await?;
+        let mut keys: Vec<Deployment> = instances.iter().map(|i| i.deployment.clone()).collect();
+        keys.extend(self.slots().iter().map(|s| s.deployment.clone()));
+        keys.sort();
+        keys.dedup();
+        Ok(keys
+            .into_iter()
+            .map(|d| {
+                let slot = self.get(d.as_ref());
+                let instance = instances.iter().find(|i| i.deployment == d);
+                Summary {
+                    state: State::of(slot.as_deref(), instance, self.failure_ttl),
+                    instance_id: instance.map(|i| i.id.clone()),
+                    upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
+                    last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),
+                    deployment: d,
                 }
-                log::info!("adopted {d} (container {}, running: {})", short_id(&id), container.running);
-                adopted += 1;
+            })
+            .collect())
+    }
+
+    /// `d`'s own config, its repository's, and what they merge to.
+    pub async fn configs(&self, d: &Deployment) -> Result<Configs, PipesError> {
+        let store = self.deployer.store();
+        Ok(Configs {
+            own: store.tag(d).await?,
+            repository: store.repository(&d.user, &d.repo).await?,
+            effective: self.deployer.effective(d).await?,
+        })
+    }
+
+    /// The default config of `d`'s repository.
+    pub async fn repository_config(&self, d: &Deployment) -> Result<Option<DeployConfig>, PipesError> {
+        self.deployer.store().repository(&d.user, &d.repo).await
+    }
+
+    /// Replaces `d`'s own config; its instance is not touched.
+    pub async fn put_config(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
+        self.deployer.store().put_tag(d, config).await
+    }
+
+    /// Replaces the default config of `d`'s repository, and forgets the
+    /// remembered failures of its deployments: the next request tries again.
+    pub async fn put_repository_config(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
+        self.deployer.store().put_repository(&d.user, &d.repo, config).await?;
+        for slot in self.table.load().values() {
+            if slot.deployment.user == d.user && slot.deployment.repo == d.repo {
+                slot.lock_cold().failed = None;
             }
         }
-        Ok(adopted)
+        Ok(())
     }
-}
 
-/// The first 12 characters of a container id, as `docker ps` shows it.
-pub fn short_id(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
+    /// The last `lines` lines of `d`'s instance, with its id.
+    pub async fn logs(&self, d: &Deployment, lines: usize) -> Result<(Option<String>, Vec<String>), PipesError> {
+        let (deployer, d) = (self.deployer.clone(), d.clone());
+        self.on_control(async move { deployer.logs(&d, lines).await }).await
+    }
+
+    /// The scoped API tokens of `tokens.json`.
+    pub async fn tokens(&self) -> Result<Vec<ScopedToken>, PipesError> {
+        self.deployer.store().tokens().await
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::settings::{Cli, Reach, Sources};
-
-    fn fleet(runtime: &tokio::runtime::Runtime, failure_ttl: &str) -> Fleet {
-        let mut src = Sources::default();
-        src.env.insert("PIPES_ALLOW".into(), "alice/*".into());
-        src.env.insert("PIPES_FAILURE_TTL".into(), failure_ttl.into());
-        // Any engine call would answer 503: these tests must not need one.
-        src.env.insert("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into());
-        let settings = Arc::new(Settings::from_sources(Cli::default(), &src).unwrap());
-        let engine = Engine::new(&settings, Reach::Published);
-        Fleet::new(settings, engine, runtime.handle().clone())
-    }
-
-    fn key(text: &str) -> Deployment {
-        Deployment::parse(text).unwrap()
-    }
-
-    #[test]
-    fn slots_are_found_by_borrowed_keys_and_added_once() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let fleet = fleet(&rt, "10s");
-        let d = key("alice/app:v1");
-        assert!(fleet.get(d.as_ref()).is_none());
-        let a = fleet.slot(d.as_ref());
-        let b = fleet.slot(d.as_ref());
-        assert!(Arc::ptr_eq(&a, &b));
-        assert!(Arc::ptr_eq(&fleet.get(d.as_ref()).unwrap(), &a));
-        assert_eq!(fleet.slots().len(), 1);
-        assert!(fleet.allows(d.as_ref()));
-        assert!(!fleet.allows(key("bob/app:v1").as_ref()));
-    }
-
-    #[test]
-    fn sweep_keeps_running_and_recently_failed_slots() {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let fleet = fleet(&rt, "1h");
-        let running = fleet.slot(key("alice/run:v1").as_ref());
-        running.ready.store(Some(Arc::new(Upstream::new("c1".into(), "127.0.0.1:1".parse().unwrap(), None))));
-        let failed = fleet.slot(key("alice/fail:v1").as_ref());
-        failed.lock_cold().failed = Some((Instant::now(), PipesError::ImageNotFound { image: "x".into() }));
-        fleet.slot(key("alice/idle:v1").as_ref());
-
-        assert_eq!(fleet.sweep(), 1);
-        let left: Vec<String> = fleet.slots().iter().map(|s| s.deployment.to_string()).collect();
-        assert_eq!(left, ["alice/fail:v1", "alice/run:v1"]);
-        assert!(matches!(failed.state(), SlotState::Failed(_)));
-        assert!(matches!(running.state(), SlotState::Running(_)));
-    }
-
-    #[test]
-    fn a_remembered_failure_is_answered_without_the_engine() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let fleet = fleet(&rt, "1h");
-        let slot = fleet.slot(key("alice/app:v1").as_ref());
-        let error = PipesError::ImageNotFound { image: "alice/app:v1".into() };
-        slot.lock_cold().failed = Some((Instant::now(), error.clone()));
-        // Asking the (absent) engine would be a 503: the answer is the remembered 404.
-        assert_eq!(rt.block_on(fleet.ready(&slot)).unwrap_err(), error);
-    }
-}
+mod tests;

@@ -23,23 +23,35 @@ pub struct TestEnv {
     pub fixture: String,
 }
 
-/// The prepared environment; a clear failure when the tests run without it.
-pub fn env() -> &'static TestEnv {
-    static ENV: OnceLock<TestEnv> = OnceLock::new();
+/// The prepared environment, if `scripts/test` prepared one.
+pub fn prepared() -> Option<&'static TestEnv> {
+    static ENV: OnceLock<Option<TestEnv>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let var = |name: &str| {
-            std::env::var(name).unwrap_or_else(|_| {
-                panic!("{name} is not set: run the engine tests through scripts/test, which prepares the registry and fixtures")
-            })
-        };
-        TestEnv {
-            run: var("PIPES_TEST_RUN"),
-            registry: var("PIPES_TEST_REGISTRY"),
-            user: var("PIPES_TEST_REGISTRY_USER"),
-            password: var("PIPES_TEST_REGISTRY_PASSWORD"),
-            fixture: var("PIPES_TEST_FIXTURE_IMAGE"),
-        }
+        let var = |name: &str| std::env::var(name).ok();
+        Some(TestEnv {
+            run: var("PIPES_TEST_RUN")?,
+            registry: var("PIPES_TEST_REGISTRY")?,
+            user: var("PIPES_TEST_REGISTRY_USER")?,
+            password: var("PIPES_TEST_REGISTRY_PASSWORD")?,
+            fixture: var("PIPES_TEST_FIXTURE_IMAGE")?,
+        })
     })
+    .as_ref()
+}
+
+/// Whether an engine test must be skipped: true, with one line saying how to
+/// run it, when the environment `scripts/test` prepares is missing.
+pub fn skip() -> bool {
+    let missing = prepared().is_none();
+    if missing {
+        eprintln!("skipped: this test needs the engine, registry and fixture images that scripts/test prepares; run scripts/test");
+    }
+    missing
+}
+
+/// The prepared environment; tests call [`skip`] first.
+pub fn env() -> &'static TestEnv {
+    prepared().expect("this needs the engine, registry and fixtures that scripts/test (or scripts/bench) prepares")
 }
 
 /// A name unique to this test process, usable as a Docker user or repository.

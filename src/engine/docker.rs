@@ -1,0 +1,553 @@
+//! The Docker backend: each deployment is one container of the local engine.
+//!
+//! Containers are named `{instance}.{user}.{repo}.{tag}`; the engine refuses a
+//! second container of a name, so two starts (or two Pipes of one instance)
+//! can never make two containers of one deployment. They carry Pipes' labels
+//! ([`super::RESERVED_LABELS`] and `PIPES_LABELS`), which is how a restarted
+//! Pipes finds them again.
+//!
+//! How containers are reached ([`Reach`]) is decided once, when connecting:
+//! over `PIPES_NETWORK` if named; over a network of Pipes' own container if
+//! the engine runs Pipes itself (127.0.0.1 is then not the host's); else at
+//! ports published on 127.0.0.1.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::auth::DockerCredentials;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
+    RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::{
+    short_id, Backend, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_INSTANCE, LABEL_MANAGED,
+    LABEL_PORT,
+};
+use crate::config::Restart;
+use crate::error::PipesError;
+use crate::route::{Deployment, DEFAULT_TAG};
+use crate::secret::Secret;
+
+/// How Pipes reaches the containers it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// The container port is published on 127.0.0.1 with a random host port.
+    Published,
+    /// The container joins this network and is reached at its IP there.
+    Network(String),
+}
+
+/// What the Docker backend is configured with (from the settings).
+#[derive(Debug, Clone)]
+pub struct DockerOptions {
+    /// `DOCKER_HOST`: `unix://…` or `tcp://…`.
+    pub host: String,
+    /// `PIPES_INSTANCE`, carried by every container as a label and in its name.
+    pub instance: String,
+    /// `PIPES_LABELS`.
+    pub labels: Vec<(String, String)>,
+    /// The registry host credentials are for (`docker.io` for Docker Hub).
+    pub registry_host: String,
+    pub auth: Option<RegistryAuth>,
+    /// `PIPES_MAX_PULLS`.
+    pub max_pulls: usize,
+    /// `PIPES_NETWORK`.
+    pub network: Option<String>,
+    /// This machine's host name: a container's id when Pipes runs in one.
+    pub hostname: Option<String>,
+    /// Whether `/.dockerenv` exists (a hint only: sandboxes have it too).
+    pub in_container: bool,
+}
+
+/// The local Docker engine as a [`Backend`].
+///
+/// The connection is made on first use and kept, so Pipes starts (and answers
+/// 503) while the engine is down, and picks it up once it answers.
+#[derive(Clone)]
+pub struct Docker {
+    host: String,
+    client: Arc<OnceCell<bollard::Docker>>,
+    reach: Reach,
+    instance: String,
+    extra_labels: Vec<(String, String)>,
+    credentials: Option<DockerCredentials>,
+    registry_host: String,
+    /// Scrubbed from every message that leaves this module.
+    password: Option<Secret>,
+    /// Caps pulls under way at once (`PIPES_MAX_PULLS`).
+    pulls: Arc<Semaphore>,
+}
+
+impl Docker {
+    /// A backend for the engine at `options.host`, not yet connected, reaching
+    /// containers as `reach` says.
+    pub fn new(options: &DockerOptions, reach: Reach) -> Docker {
+        let credentials = options.auth.as_ref().map(|a| DockerCredentials {
+            username: Some(a.username.clone()),
+            password: Some(a.password.expose().to_owned()),
+            email: a.email.clone(),
+            serveraddress: Some(options.registry_host.clone()),
+            ..Default::default()
+        });
+        Docker {
+            host: options.host.clone(),
+            client: Arc::new(OnceCell::new()),
+            reach,
+            instance: options.instance.clone(),
+            extra_labels: options.labels.clone(),
+            credentials,
+            registry_host: options.registry_host.clone(),
+            password: options.auth.as_ref().map(|a| a.password.clone()),
+            pulls: Arc::new(Semaphore::new(options.max_pulls)),
+        }
+    }
+
+    /// A backend for the engine at `options.host`, with the way to reach
+    /// containers decided by asking the engine (see the module docs).
+    pub async fn connect(options: &DockerOptions) -> Docker {
+        let probe = Docker::new(options, Reach::Published);
+        let reach = match &options.network {
+            Some(network) => Reach::Network(network.clone()),
+            None => probe.own_network(options).await,
+        };
+        Docker { reach, ..probe }
+    }
+
+    /// The network of Pipes' own container, if the engine runs Pipes itself.
+    async fn own_network(&self, options: &DockerOptions) -> Reach {
+        let own = match &options.hostname {
+            Some(hostname) => self.networks_of(hostname).await,
+            None => Ok(None),
+        };
+        match own {
+            Ok(Some(networks)) => {
+                let network = if networks.iter().any(|n| n == "bridge") {
+                    "bridge".to_owned()
+                } else {
+                    networks.into_iter().next().unwrap_or_else(|| "bridge".to_owned())
+                };
+                log::info!("Pipes runs in a container of this engine: joining its containers on network '{network}'");
+                Reach::Network(network)
+            }
+            Ok(None) => Reach::Published,
+            Err(_) if options.in_container => Reach::Network("bridge".to_owned()),
+            Err(_) => Reach::Published,
+        }
+    }
+
+    /// How containers are reached from here.
+    pub fn reach(&self) -> &Reach {
+        &self.reach
+    }
+
+    /// The client, connected and speaking an API version the engine knows.
+    async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = bollard::Docker::connect_with_host(&self.host).map_err(|e| {
+                    PipesError::EngineUnavailable { reason: format!("cannot use {}: {e}", self.host) }
+                })?;
+                // Older engines (API 1.41) reject newer version prefixes outright.
+                docker.negotiate_version().await.map_err(|e| PipesError::EngineUnavailable {
+                    reason: format!("no answer from {}: {e}", self.host),
+                })
+            })
+            .await
+    }
+
+    /// The networks of container `name`, or `None` if the engine has no such container.
+    async fn networks_of(&self, name: &str) -> Result<Option<Vec<String>>, PipesError> {
+        match self.docker().await?.inspect_container(name, None).await {
+            Ok(c) => Ok(Some(
+                c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default(),
+            )),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.fail("inspect a container", e)),
+        }
+    }
+
+    /// The container name of a deployment: unique per deployment and instance.
+    fn container_name(&self, d: &Deployment) -> String {
+        format!("{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag)
+    }
+
+    /// The labels a new container of `spec` carries.
+    fn labels(&self, spec: &Spec) -> HashMap<String, String> {
+        let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
+        labels.insert(LABEL_MANAGED.into(), "true".into());
+        labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
+        labels.insert(LABEL_DEPLOYMENT.into(), spec.deployment.to_string());
+        labels.insert(LABEL_CONFIG_HASH.into(), spec.hash.clone());
+        labels.insert(LABEL_PORT.into(), spec.port.to_string());
+        labels
+    }
+
+    /// Inspects a container by name or id; `None` when it does not exist or is
+    /// not a deployment of Pipes.
+    async fn inspect(&self, name: &str) -> Result<Option<Instance>, PipesError> {
+        match self.docker().await?.inspect_container(name, None).await {
+            Ok(c) => Ok(self.instance_of(c)),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.fail("inspect a container", e)),
+        }
+    }
+
+    fn instance_of(&self, c: ContainerInspectResponse) -> Option<Instance> {
+        let state = c.state.unwrap_or_default();
+        let labels = c.config.and_then(|cfg| cfg.labels).unwrap_or_default();
+        let net = c.network_settings.unwrap_or_default();
+        let running = state.running.unwrap_or(false);
+        // The engine reports a zero time for a container that never ran.
+        let started_at = state.started_at.filter(|s| !s.starts_with("0001-"));
+        let exit_code = (!running && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
+        self.facts(c.id?, &labels, running, exit_code, started_at, |port| {
+            let bindings = net.ports.as_ref()?.get(&format!("{port}/tcp"))?.as_ref()?;
+            bindings.iter().find_map(|b| b.host_port.as_deref()?.parse().ok())
+        }, |network| net.networks.as_ref()?.get(network)?.ip_address.as_deref()?.parse().ok())
+    }
+
+    /// An instance from `docker ps` facts, which lack the start time.
+    fn instance_of_summary(&self, c: ContainerSummary) -> Option<Instance> {
+        let labels = c.labels.unwrap_or_default();
+        let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
+        // "Exited (3) 5 minutes ago"
+        let exit_code = c
+            .status
+            .as_deref()
+            .and_then(|s| s.strip_prefix("Exited ("))
+            .and_then(|s| s.split(')').next())
+            .and_then(|n| n.parse().ok());
+        let ports = c.ports.unwrap_or_default();
+        let networks = c.network_settings.and_then(|n| n.networks).unwrap_or_default();
+        self.facts(c.id?, &labels, running, exit_code, None, |port| {
+            ports.iter().find(|p| p.private_port == port).and_then(|p| p.public_port)
+        }, |network| networks.get(network)?.ip_address.as_deref()?.parse().ok())
+    }
+
+    /// An instance from what the engine says of a container; `None` if the
+    /// container is not a deployment of Pipes.
+    fn facts(
+        &self,
+        id: String,
+        labels: &HashMap<String, String>,
+        running: bool,
+        exit_code: Option<i64>,
+        started_at: Option<String>,
+        host_port: impl FnOnce(u16) -> Option<u16>,
+        network_ip: impl FnOnce(&str) -> Option<IpAddr>,
+    ) -> Option<Instance> {
+        let deployment = Deployment::parse(labels.get(LABEL_DEPLOYMENT)?)?;
+        let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
+        let address = match (port, running) {
+            (Some(port), true) => match &self.reach {
+                Reach::Published => {
+                    host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port))
+                }
+                Reach::Network(name) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
+            },
+            _ => None,
+        };
+        Some(Instance {
+            id,
+            deployment,
+            running,
+            exit_code: exit_code.filter(|_| !running),
+            spec_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
+            port,
+            started_at,
+            address,
+        })
+    }
+
+    fn create_body(&self, spec: &Spec) -> ContainerCreateBody {
+        let port_key = format!("{}/tcp", spec.port);
+        let mut host_config = HostConfig::default();
+        let mut networking = None;
+        match &self.reach {
+            Reach::Published => {
+                let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
+                host_config.port_bindings = Some(HashMap::from([(port_key.clone(), Some(vec![binding]))]));
+            }
+            Reach::Network(name) => {
+                host_config.network_mode = Some(name.clone());
+                networking = Some(NetworkingConfig {
+                    endpoints_config: Some(HashMap::from([(name.clone(), EndpointSettings::default())])),
+                });
+            }
+        }
+        host_config.memory = i64::try_from(spec.memory_bytes).ok();
+        host_config.nano_cpus = Some((spec.cpus * 1e9).round() as i64);
+        host_config.restart_policy = Some(RestartPolicy {
+            name: Some(match spec.restart {
+                Restart::No => RestartPolicyNameEnum::NO,
+                Restart::OnFailure => RestartPolicyNameEnum::ON_FAILURE,
+                Restart::Always => RestartPolicyNameEnum::ALWAYS,
+                Restart::UnlessStopped => RestartPolicyNameEnum::UNLESS_STOPPED,
+            }),
+            maximum_retry_count: None,
+        });
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            labels: Some(self.labels(spec)),
+            env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+            cmd: spec.cmd.clone(),
+            exposed_ports: Some(vec![port_key]),
+            host_config: Some(host_config),
+            networking_config: networking,
+            ..Default::default()
+        }
+    }
+
+    /// Starts a container (a running one is left as it is).
+    async fn start_container(&self, id: &str) -> Result<(), PipesError> {
+        match self.docker().await?.start_container(id, None).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(e) => Err(self.fail("start a container", e)),
+        }
+    }
+
+    fn pull_failure(&self, reference: &str, e: DockerError) -> PipesError {
+        let message = match &e {
+            DockerError::DockerResponseServerError { message, .. } => message.clone(),
+            DockerError::DockerStreamError { error } => error.clone(),
+            _ => return self.fail("pull an image", e),
+        };
+        let lower = message.to_ascii_lowercase();
+        let detail = self.scrub(&message);
+        if ["unauthorized", "authentication required", "no basic auth credentials", "incorrect username or password"]
+            .iter()
+            .any(|m| lower.contains(m))
+        {
+            PipesError::RegistryAuth {
+                registry: self.registry_host.clone(),
+                user: self.credentials.as_ref().and_then(|c| c.username.clone()),
+                detail,
+            }
+        } else if ["manifest unknown", "not found", "name unknown", "does not exist", "pull access denied"]
+            .iter()
+            .any(|m| lower.contains(m))
+        {
+            PipesError::ImageNotFound { image: reference.to_owned() }
+        } else {
+            PipesError::Engine { action: "pull an image", detail }
+        }
+    }
+
+    /// Turns an engine error into what a client sees.
+    fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
+        match e {
+            DockerError::DockerResponseServerError { message, .. } => {
+                PipesError::Engine { action, detail: self.scrub(&message) }
+            }
+            DockerError::DockerStreamError { error } => PipesError::Engine { action, detail: self.scrub(&error) },
+            DockerError::JsonDataError { .. } | DockerError::JsonSerdeError { .. } => {
+                PipesError::Engine { action, detail: self.scrub(&e.to_string()) }
+            }
+            other => {
+                PipesError::EngineUnavailable { reason: format!("cannot {action}: {}", self.scrub(&other.to_string())) }
+            }
+        }
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        match &self.password {
+            Some(p) => p.scrub(text),
+            None => text.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for Docker {
+    async fn describe(&self) -> Result<String, PipesError> {
+        let v = self.docker().await?.version().await.map_err(|e| self.fail("read its version", e))?;
+        let reach = match &self.reach {
+            Reach::Published => "containers are reached on 127.0.0.1 at published ports".to_owned(),
+            Reach::Network(n) => format!("containers are reached at their IP on network '{n}'"),
+        };
+        Ok(format!(
+            "Docker engine {} (API {}) at {}; {reach}",
+            v.version.unwrap_or_default(),
+            v.api_version.unwrap_or_default(),
+            self.host
+        ))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, PipesError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)],
+        )]);
+        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
+        let list =
+            self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
+        Ok(list.into_iter().filter_map(|c| self.instance_of_summary(c)).collect())
+    }
+
+    async fn instance(&self, d: &Deployment) -> Result<Option<Instance>, PipesError> {
+        self.inspect(&self.container_name(d)).await
+    }
+
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
+        match self.docker().await?.inspect_image(reference).await {
+            Ok(img) => {
+                let mut exposed_tcp: Vec<u16> = img
+                    .config
+                    .and_then(|c| c.exposed_ports)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|p| p.strip_suffix("/tcp")?.parse().ok())
+                    .collect();
+                exposed_tcp.sort_unstable();
+                exposed_tcp.dedup();
+                Ok(Some(Image {
+                    id: img.id.unwrap_or_default(),
+                    digest: img.repo_digests.and_then(|d| d.into_iter().next()),
+                    exposed_tcp,
+                }))
+            }
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.fail("inspect an image", e)),
+        }
+    }
+
+    async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
+        {
+            let _place = self
+                .pulls
+                .acquire()
+                .await
+                .map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
+            let (repo, tag) = split_reference(reference);
+            let options = CreateImageOptions {
+                from_image: Some(repo.to_owned()),
+                tag: Some(tag.to_owned()),
+                ..Default::default()
+            };
+            let mut progress = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
+            while let Some(item) = progress.next().await {
+                if let Err(e) = item {
+                    return Err(self.pull_failure(reference, e));
+                }
+            }
+        }
+        self.image(reference).await?.ok_or_else(|| PipesError::Engine {
+            action: "pull an image",
+            detail: format!("{reference} is missing after the pull"),
+        })
+    }
+
+    async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
+        let name = self.container_name(&spec.deployment);
+        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        let id = match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
+            Ok(created) => created.id,
+            // Another Pipes created it first: use that one, never a second.
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                let existing = self.inspect(&name).await?.ok_or_else(|| PipesError::Engine {
+                    action: "create a container",
+                    detail: format!("name {name} is taken but no such container exists"),
+                })?;
+                if existing.running {
+                    return Ok(existing);
+                }
+                existing.id
+            }
+            Err(e) => return Err(self.fail("create a container", e)),
+        };
+        log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&id), spec.image, spec.port);
+        self.start(&id).await
+    }
+
+    async fn start(&self, id: &str) -> Result<Instance, PipesError> {
+        self.start_container(id).await?;
+        self.inspect(id).await?.ok_or_else(|| PipesError::Engine {
+            action: "start a container",
+            detail: format!("container {} vanished after start", short_id(id)),
+        })
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        let options = StopContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
+        match self.docker().await?.stop_container(id, Some(options)).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304 | 404, .. }) => Ok(()),
+            Err(e) => Err(self.fail("stop a container", e)),
+        }
+    }
+
+    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        let options = RestartContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
+        self.docker().await?.restart_container(id, Some(options)).await.map_err(|e| self.fail("restart a container", e))
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), PipesError> {
+        let options = RemoveContainerOptions { force: true, ..Default::default() };
+        match self.docker().await?.remove_container(id, Some(options)).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(self.fail("remove a container", e)),
+        }
+    }
+
+    async fn exited(&self, id: &str) -> Result<i64, PipesError> {
+        let options = WaitContainerOptions { condition: "not-running".into() };
+        match self.docker().await?.wait_container(id, Some(options)).next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(self.fail("watch a container", e)),
+            None => Err(PipesError::Engine { action: "watch a container", detail: "no answer".into() }),
+        }
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
+        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+        let mut out = Vec::new();
+        let Ok(docker) = self.docker().await else {
+            return out;
+        };
+        let mut stream = docker.logs(id, Some(options));
+        while let Some(Ok(chunk)) = stream.next().await {
+            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
+            out.extend(text.lines().map(|l| self.scrub(l)));
+        }
+        let keep = out.len().saturating_sub(lines);
+        out.drain(..keep);
+        out
+    }
+}
+
+/// The engine takes whole seconds.
+fn grace_secs(grace: Duration) -> i32 {
+    i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// Splits `registry/user/repo:tag` into `registry/user/repo` and `tag`.
+fn split_reference(reference: &str) -> (&str, &str) {
+    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last_slash..].rfind(':') {
+        Some(colon) => (&reference[..last_slash + colon], &reference[last_slash + colon + 1..]),
+        None => (reference, DEFAULT_TAG),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_at_the_tag_not_the_port() {
+        assert_eq!(split_reference("127.0.0.1:5000/a/b:v1"), ("127.0.0.1:5000/a/b", "v1"));
+        assert_eq!(split_reference("a/b:1.2.3"), ("a/b", "1.2.3"));
+        assert_eq!(split_reference("127.0.0.1:5000/a/b"), ("127.0.0.1:5000/a/b", "latest"));
+    }
+}

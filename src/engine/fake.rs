@@ -1,0 +1,317 @@
+//! An in-memory [`Backend`] for the fleet's unit tests.
+//!
+//! An instance is a tiny HTTP server on 127.0.0.1 that answers `200 ok`, so
+//! the fleet's probes and connections are real; stopping one closes its
+//! listener, so a refused connection is real too. Images are "published" by
+//! the test with the behaviour their instances show.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::{Backend, Image, Instance, Spec};
+use crate::error::PipesError;
+use crate::route::Deployment;
+
+/// How instances of a published image behave.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Exit at once with this code instead of serving.
+    pub exit_code: Option<i64>,
+    /// Start listening only after this long.
+    pub listen_after: Duration,
+    /// Ports the image exposes.
+    pub exposed: Vec<u16>,
+}
+
+struct Entry {
+    instance: Instance,
+    spec: Spec,
+    server: Option<AbortHandle>,
+    /// `Some(code)` once it stopped running.
+    exit: watch::Sender<Option<i64>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    registry: HashMap<String, Behaviour>,
+    local: HashSet<String>,
+    entries: HashMap<String, Entry>,
+    next_id: usize,
+    down: bool,
+}
+
+/// Counts of backend calls, for tests to assert on.
+#[derive(Default)]
+pub struct Calls {
+    pub pulls: AtomicUsize,
+    pub runs: AtomicUsize,
+    pub starts: AtomicUsize,
+    pub stops: AtomicUsize,
+    pub lists: AtomicUsize,
+}
+
+/// The fake backend.
+#[derive(Default)]
+pub struct Fake {
+    inner: Mutex<Inner>,
+    pub calls: Calls,
+}
+
+impl Fake {
+    /// An empty fake: no images, no instances.
+    pub fn new() -> Arc<Fake> {
+        Arc::new(Fake::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts an image in the fake registry.
+    pub fn publish(&self, reference: &str, behaviour: Behaviour) {
+        self.lock().registry.insert(reference.to_owned(), behaviour);
+    }
+
+    /// Makes every call fail as if the engine were unreachable (or answer again).
+    pub fn set_down(&self, down: bool) {
+        self.lock().down = down;
+    }
+
+    /// Stops `d`'s instance behind Pipes' back, as `docker kill` would.
+    pub fn kill(&self, d: &Deployment) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.entries.values_mut().find(|e| &e.instance.deployment == d) {
+            halt(entry, 137);
+        }
+    }
+
+    /// How many instances exist, running or not.
+    pub fn instance_count(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether `d`'s instance runs.
+    pub fn is_running(&self, d: &Deployment) -> bool {
+        self.lock().entries.values().any(|e| &e.instance.deployment == d && e.instance.running)
+    }
+
+    fn up(&self) -> Result<(), PipesError> {
+        if self.lock().down {
+            Err(PipesError::EngineUnavailable { reason: "the fake engine is down".into() })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Starts the entry `id`: serves, or exits at once as its image says.
+    async fn launch(&self, id: &str) -> Result<Instance, PipesError> {
+        let behaviour = {
+            let inner = self.lock();
+            let entry = inner.entries.get(id).ok_or_else(|| gone(id))?;
+            inner.registry.get(&entry.spec.image).cloned().unwrap_or_default()
+        };
+        let served = match behaviour.exit_code {
+            Some(_) => None,
+            None => Some(serve(behaviour.listen_after).await),
+        };
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        match (behaviour.exit_code, served) {
+            (Some(code), _) => halt(entry, code),
+            (None, Some((addr, server))) => {
+                entry.instance.running = true;
+                entry.instance.exit_code = None;
+                entry.instance.address = Some(addr);
+                entry.server = Some(server);
+                entry.exit.send_replace(None);
+            }
+            (None, None) => unreachable!("a serving image has a server"),
+        }
+        Ok(entry.instance.clone())
+    }
+}
+
+fn gone(id: &str) -> PipesError {
+    PipesError::Engine { action: "find an instance", detail: format!("no instance {id}") }
+}
+
+fn halt(entry: &mut Entry, code: i64) {
+    if let Some(server) = entry.server.take() {
+        server.abort();
+    }
+    entry.instance.running = false;
+    entry.instance.address = None;
+    entry.instance.exit_code = Some(code);
+    entry.exit.send_replace(Some(code));
+}
+
+/// A server answering every request `200 ok`, listening after `delay`.
+async fn serve(delay: Duration) -> (SocketAddr, AbortHandle) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
+    let addr = listener.local_addr().expect("a bound address");
+    let task = tokio::spawn(async move {
+        let listener = if delay.is_zero() {
+            listener
+        } else {
+            // Listen later: connections before then are refused.
+            drop(listener);
+            tokio::time::sleep(delay).await;
+            let Ok(listener) = TcpListener::bind(addr).await else { return };
+            listener
+        };
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = 0;
+                while !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf[seen..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen += n,
+                    }
+                    if seen == buf.len() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+            });
+        }
+    });
+    (addr, task.abort_handle())
+}
+
+#[async_trait]
+impl Backend for Fake {
+    async fn describe(&self) -> Result<String, PipesError> {
+        self.up()?;
+        Ok("fake backend".into())
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, PipesError> {
+        self.up()?;
+        self.calls.lists.fetch_add(1, Ordering::Relaxed);
+        Ok(self.lock().entries.values().map(|e| e.instance.clone()).collect())
+    }
+
+    async fn instance(&self, d: &Deployment) -> Result<Option<Instance>, PipesError> {
+        self.up()?;
+        Ok(self.lock().entries.values().find(|e| &e.instance.deployment == d).map(|e| e.instance.clone()))
+    }
+
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
+        self.up()?;
+        let inner = self.lock();
+        Ok(inner.local.contains(reference).then(|| image_of(reference, inner.registry.get(reference))))
+    }
+
+    async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
+        self.up()?;
+        self.calls.pulls.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let behaviour = inner.registry.get(reference).cloned();
+        match behaviour {
+            Some(b) => {
+                inner.local.insert(reference.to_owned());
+                Ok(image_of(reference, Some(&b)))
+            }
+            None => Err(PipesError::ImageNotFound { image: reference.to_owned() }),
+        }
+    }
+
+    async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
+        self.up()?;
+        self.calls.runs.fetch_add(1, Ordering::Relaxed);
+        let id = {
+            let mut inner = self.lock();
+            if let Some(existing) = inner.entries.values().find(|e| e.instance.deployment == spec.deployment) {
+                return Err(PipesError::Engine {
+                    action: "create a container",
+                    detail: format!("{} exists already as {}", spec.deployment, existing.instance.id),
+                });
+            }
+            inner.next_id += 1;
+            let id = format!("fake{:08}", inner.next_id);
+            let instance = Instance {
+                id: id.clone(),
+                deployment: spec.deployment.clone(),
+                running: false,
+                exit_code: None,
+                spec_hash: Some(spec.hash.clone()),
+                port: Some(spec.port),
+                started_at: None,
+                address: None,
+            };
+            let (exit, _) = watch::channel(None);
+            inner.entries.insert(id.clone(), Entry { instance, spec: spec.clone(), server: None, exit });
+            id
+        };
+        self.launch(&id).await
+    }
+
+    async fn start(&self, id: &str) -> Result<Instance, PipesError> {
+        self.up()?;
+        self.calls.starts.fetch_add(1, Ordering::Relaxed);
+        let running = self.lock().entries.get(id).ok_or_else(|| gone(id))?.instance.clone();
+        if running.running {
+            return Ok(running);
+        }
+        self.launch(id).await
+    }
+
+    async fn stop(&self, id: &str, _grace: Duration) -> Result<(), PipesError> {
+        self.up()?;
+        self.calls.stops.fetch_add(1, Ordering::Relaxed);
+        if let Some(entry) = self.lock().entries.get_mut(id) {
+            if entry.instance.running {
+                halt(entry, 0);
+            }
+        }
+        Ok(())
+    }
+
+    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        self.stop(id, grace).await?;
+        self.launch(id).await.map(drop)
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), PipesError> {
+        self.up()?;
+        if let Some(mut entry) = self.lock().entries.remove(id) {
+            halt(&mut entry, 137);
+        }
+        Ok(())
+    }
+
+    async fn exited(&self, id: &str) -> Result<i64, PipesError> {
+        let mut exit = self.lock().entries.get(id).ok_or_else(|| gone(id))?.exit.subscribe();
+        let code = exit.wait_for(Option::is_some).await.map_err(|_| gone(id))?;
+        Ok(code.unwrap_or(0))
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
+        let inner = self.lock();
+        let Some(entry) = inner.entries.get(id) else { return Vec::new() };
+        let line = match entry.instance.exit_code {
+            Some(code) => format!("{} exited with {code}", entry.spec.image),
+            None => format!("{} serving", entry.spec.image),
+        };
+        std::iter::once(line).take(lines).collect()
+    }
+}
+
+fn image_of(reference: &str, behaviour: Option<&Behaviour>) -> Image {
+    Image {
+        id: format!("sha256:{reference}"),
+        digest: Some(format!("{reference}@sha256:fake")),
+        exposed_tcp: behaviour.map(|b| b.exposed.clone()).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,49 @@
+//! Background upkeep of the fleet, as a Pingora service that stops with the
+//! server: idle instances are stopped, and slots that never became
+//! deployments are dropped from the table.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::Fleet;
+
+/// How often instances are checked against their idle timeout.
+const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Slots are swept every this many checks.
+const SWEEP_EVERY_TICKS: u64 = 60;
+
+/// The fleet's periodic upkeep.
+pub struct Janitor {
+    fleet: Arc<Fleet>,
+}
+
+impl Janitor {
+    /// Upkeep of `fleet`.
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        Janitor { fleet }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Janitor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut every = tokio::time::interval(IDLE_CHECK_INTERVAL);
+        for tick in 1u64.. {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = every.tick() => {}
+            }
+            self.fleet.stop_idle();
+            if tick % SWEEP_EVERY_TICKS == 0 {
+                let dropped = self.fleet.sweep();
+                if dropped > 0 {
+                    log::debug!("dropped {dropped} idle deployment(s) from the table");
+                }
+            }
+        }
+    }
+}

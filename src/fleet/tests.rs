@@ -1,0 +1,255 @@
+//! The fleet's logic against the in-memory backend: coalescing, the failure
+//! TTL, recovery, admission, idle stop and the sweep, in plain `cargo test`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::engine::fake::{Behaviour, Fake};
+use crate::settings::{Settings, Sources};
+
+/// A fleet on a fresh fake backend, with the given settings over test defaults.
+struct Harness {
+    fleet: Arc<Fleet>,
+    fake: Arc<Fake>,
+    dir: PathBuf,
+}
+
+impl Harness {
+    fn new(vars: &[(&str, &str)]) -> Harness {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir()
+            .join(format!("pipes-fleet-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let mut env: std::collections::HashMap<String, String> = [
+            ("PIPES_ALLOW", "alice/*"),
+            ("PIPES_REGISTRY", "registry.test"),
+            ("PIPES_START_TIMEOUT", "5s"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        env.insert("PIPES_CONFIG_DIR".into(), dir.display().to_string());
+        env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let settings = Settings::from_sources(["pipes"], &Sources { env, ..Sources::default() }).expect("settings");
+        let fake = Fake::new();
+        let fleet = Arc::new(Fleet::new(&settings, fake.clone(), tokio::runtime::Handle::current()));
+        Harness { fleet, fake, dir }
+    }
+
+    /// Publishes `alice/{repo}:{tag}` in the fake registry.
+    fn publish(&self, key: &str, behaviour: Behaviour) -> Deployment {
+        let d = Deployment::parse(key).expect("a key");
+        self.fake.publish(&format!("registry.test/{}/{}:{}", d.user, d.repo, d.tag), behaviour);
+        d
+    }
+
+    async fn ready(&self, d: &Deployment) -> StartResult {
+        self.fleet.ready(&self.fleet.slot(d.as_ref())).await
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits (bounded) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn key(text: &str) -> Deployment {
+    Deployment::parse(text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_found_by_borrowed_keys_and_added_once() {
+    let h = Harness::new(&[]);
+    let d = key("alice/app:v1");
+    assert!(h.fleet.get(d.as_ref()).is_none());
+    let a = h.fleet.slot(d.as_ref());
+    let b = h.fleet.slot(d.as_ref());
+    assert!(Arc::ptr_eq(&a, &b));
+    assert!(Arc::ptr_eq(&h.fleet.get(d.as_ref()).unwrap(), &a));
+    assert_eq!(h.fleet.slots().len(), 1);
+    assert!(h.fleet.allows(d.as_ref()));
+    assert!(!h.fleet.allows(key("bob/app:v1").as_ref()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_pulls_runs_and_probes() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let up = h.ready(&d).await.expect("started");
+    assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), 1);
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1);
+    // The upstream answers: the probe was real.
+    assert!(tokio::net::TcpStream::connect(up.addr).await.is_ok());
+    // Warm: the same upstream, no backend call.
+    let again = h.ready(&d).await.unwrap();
+    assert!(Arc::ptr_eq(&up, &again));
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1);
+    let status = h.fleet.status(&d).await.unwrap();
+    assert_eq!(status.state, State::Running);
+    assert_eq!(status.upstream, Some(up.addr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_share_one_start() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/slow:v1", Behaviour { listen_after: Duration::from_millis(300), ..Behaviour::default() });
+    let waits: Vec<_> = (0..50)
+        .map(|_| {
+            let (fleet, d) = (h.fleet.clone(), d.clone());
+            tokio::spawn(async move { fleet.ready(&fleet.slot(d.as_ref())).await })
+        })
+        .collect();
+    let mut addrs = Vec::new();
+    for w in waits {
+        addrs.push(w.await.unwrap().expect("every waiter is served").addr);
+    }
+    addrs.dedup();
+    assert_eq!(addrs.len(), 1, "one upstream for all");
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "exactly one instance was made");
+    assert_eq!(h.fake.instance_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_is_remembered_for_its_ttl_then_tried_again() {
+    let h = Harness::new(&[("PIPES_FAILURE_TTL", "300ms")]);
+    let d = key("alice/missing:v1");
+    for _ in 0..3 {
+        let e = h.ready(&d).await.unwrap_err();
+        assert!(matches!(e, PipesError::ImageNotFound { .. }), "{e}");
+    }
+    assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), 1, "remembered: one pull for three requests");
+    assert_eq!(h.fleet.status(&d).await.unwrap().state, State::Failed);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(h.ready(&d).await.is_err());
+    assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), 2, "after the TTL it is tried again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_exits_while_starting_is_reported_with_its_log() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/crash:v1", Behaviour { exit_code: Some(3), ..Behaviour::default() });
+    match h.ready(&d).await.unwrap_err() {
+        PipesError::Exited { code, logs, .. } => {
+            assert_eq!(code, 3);
+            assert!(logs.iter().any(|l| l.contains("exited with 3")), "{logs:?}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_starts_the_deployment_again() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let first = h.ready(&d).await.unwrap();
+    h.fake.kill(&d);
+    assert!(tokio::net::TcpStream::connect(first.addr).await.is_err(), "the killed instance refuses");
+    let slot = h.fleet.slot(d.as_ref());
+    let second = h.fleet.recover(&slot, first.addr).await.expect("recovered");
+    assert_ne!(first.addr, second.addr);
+    assert!(tokio::net::TcpStream::connect(second.addr).await.is_ok());
+    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 1, "the stopped instance was started, not replaced");
+    assert_eq!(h.fake.instance_count(), 1);
+    // A late report of the old address changes nothing.
+    let third = h.fleet.recover(&slot, first.addr).await.unwrap();
+    assert!(Arc::ptr_eq(&second, &third));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_stops_at_max_containers() {
+    let h = Harness::new(&[("PIPES_MAX_CONTAINERS", "1")]);
+    let one = h.publish("alice/one:v1", Behaviour::default());
+    let two = h.publish("alice/two:v1", Behaviour::default());
+    h.ready(&one).await.expect("the first fits");
+    let e = h.ready(&two).await.unwrap_err();
+    assert!(matches!(e, PipesError::TooManyContainers { max: 1 }), "{e}");
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "nothing was made for the second");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instances_are_stopped_and_started_again_on_demand() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/idle:v1", Behaviour::default());
+    let config = DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap();
+    h.fleet.put_repository_config(&d, config).await.unwrap();
+    h.ready(&d).await.unwrap();
+    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
+    eventually("the idle instance stops", move || {
+        fleet.stop_idle();
+        !fake.is_running(&d2)
+    })
+    .await;
+    assert!(h.fleet.slot(d.as_ref()).upstream().is_none(), "the table forgot it");
+    h.ready(&d).await.expect("the next request starts it again");
+    assert_eq!(h.fake.instance_count(), 1, "the same instance");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_replaces_a_stopped_instance() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.ready(&d).await.unwrap();
+    h.fleet.stop(&d).await.unwrap();
+    let config = DeployConfig::from_json(br#"{"env":{"A":"1"}}"#).unwrap();
+    h.fleet.put_config(&d, config).await.unwrap();
+    h.ready(&d).await.unwrap();
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 2, "a new instance for the new config");
+    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 0, "the old one was not started");
+    assert_eq!(h.fake.instance_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_keeps_running_and_recently_failed_slots() {
+    let h = Harness::new(&[("PIPES_FAILURE_TTL", "1h")]);
+    let running = h.publish("alice/run:v1", Behaviour::default());
+    h.ready(&running).await.unwrap();
+    let failed = key("alice/fail:v1");
+    assert!(h.ready(&failed).await.is_err());
+    h.fleet.slot(key("alice/idle:v1").as_ref());
+
+    assert_eq!(h.fleet.sweep(), 1);
+    let left: Vec<String> = h.fleet.slots().iter().map(|s| s.deployment.to_string()).collect();
+    assert_eq!(left, ["alice/fail:v1", "alice/run:v1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_takes_over_running_instances() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let up = h.ready(&d).await.unwrap();
+    // A second fleet on the same backend, as after a restart of Pipes.
+    let settings = Settings::from_sources(
+        ["pipes"],
+        &Sources { env: [("PIPES_ALLOW".to_owned(), "alice/*".to_owned())].into(), ..Sources::default() },
+    )
+    .unwrap();
+    let fresh = Fleet::new(&settings, h.fake.clone(), tokio::runtime::Handle::current());
+    assert_eq!(fresh.adopt().await.unwrap(), 1);
+    let slot = fresh.get(d.as_ref()).expect("adopted into the table");
+    assert_eq!(slot.upstream().map(|u| u.addr), Some(up.addr));
+    let summaries = fresh.summaries().await.unwrap();
+    assert_eq!(summaries.len(), 1);
+    assert_eq!(summaries[0].state, State::Running);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_backend_is_a_503() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.fake.set_down(true);
+    let e = h.ready(&d).await.unwrap_err();
+    assert_eq!(e.status(), 503, "{e}");
+    assert!(h.fleet.status(&d).await.is_err());
+}
