@@ -21,7 +21,7 @@ use crate::reply::{error_body, Json};
 use crate::route::{Deployment, API_PREFIX};
 
 /// Largest request body the API reads.
-pub const MAX_BODY: usize = 1 << 20;
+pub(crate) const MAX_BODY: usize = 1 << 20;
 /// Log lines returned when `tail` is not given, and the most that may be asked.
 const DEFAULT_TAIL: usize = 100;
 const MAX_TAIL: usize = 10_000;
@@ -32,7 +32,7 @@ pub enum On {
     /// On a deployment's host.
     Deployment,
     /// On the bare domain.
-    Domain,
+    Bare,
 }
 
 /// Every endpoint of the API.
@@ -87,7 +87,7 @@ impl Endpoint {
     /// Which host serves it.
     pub fn on(self) -> On {
         match self {
-            Endpoint::Deployments => On::Domain,
+            Endpoint::Deployments => On::Bare,
             _ => On::Deployment,
         }
     }
@@ -110,7 +110,7 @@ impl Endpoint {
 
 /// One API request, owned.
 #[derive(Debug)]
-pub struct Request {
+pub(crate) struct Request {
     /// The deployment whose host was asked, or `None` for the bare domain.
     pub deployment: Option<Deployment>,
     pub method: Method,
@@ -121,13 +121,13 @@ pub struct Request {
 }
 
 /// Answers one API request.
-pub async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> Result<Json, PipesError> {
+pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> Result<Json, PipesError> {
     let not_found = || PipesError::ApiNotFound {
         path: req.path.clone(),
         known: Endpoint::ALL.iter().map(|e| e.path()).collect(),
     };
     let endpoint = Endpoint::find(&req.path).ok_or_else(not_found)?;
-    let on = if req.deployment.is_some() { On::Deployment } else { On::Domain };
+    let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
     if endpoint.on() != on {
         return Err(not_found());
     }

@@ -7,6 +7,8 @@
 //! [`settings`] holds everything the operator configured. `docs/architecture.md`
 //! walks through it all.
 
+// Public where the binary, the tests or the benchmarks use them; the rest is
+// private so that the compiler reports what nothing uses.
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -14,10 +16,10 @@ pub mod engine;
 pub mod error;
 pub mod fleet;
 pub mod policy;
-pub mod proxy;
-pub mod reply;
+mod proxy;
+mod reply;
 pub mod route;
 pub mod secret;
 pub mod server;
 pub mod settings;
-pub mod store;
+mod store;

@@ -196,7 +196,7 @@ impl Pipes {
             return Next::Api(api::Request {
                 deployment: match target {
                     Target::Deployment(d) => Some(d.to_owned()),
-                    Target::Domain => None,
+                    Target::Bare => None,
                 },
                 method: req.method.clone(),
                 path: path.to_owned(),
@@ -207,7 +207,7 @@ impl Pipes {
         }
         let d = match target {
             Target::Deployment(d) => d,
-            Target::Domain => return Next::Fail(PipesError::NoDeployment { host: host.into_owned() }),
+            Target::Bare => return Next::Fail(PipesError::NoDeployment { host: host.into_owned() }),
         };
         match self.fleet.get(d) {
             Some(slot) if self.fleet.allows(d) => Next::Proxy(slot),

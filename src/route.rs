@@ -109,8 +109,8 @@ impl fmt::Display for DeploymentRef<'_> {
 /// What a Host addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target<'a> {
-    /// The served domain itself (fleet-wide API).
-    Domain,
+    /// The bare domain itself (the fleet-wide API).
+    Bare,
     /// One deployment.
     Deployment(DeploymentRef<'a>),
 }
@@ -148,7 +148,7 @@ pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesErro
     let names = match domain {
         Domain::Suffix(suffix) => {
             if host == suffix {
-                return Ok(Target::Domain);
+                return Ok(Target::Bare);
             }
             match host.strip_suffix(suffix.as_str()).and_then(|h| h.strip_suffix('.')) {
                 Some(names) => names,
@@ -161,7 +161,7 @@ pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesErro
                 match host[..cut].rfind('.') {
                     Some(dot) => cut = dot,
                     // The host is exactly the domain.
-                    None if level == *levels => return Ok(Target::Domain),
+                    None if level == *levels => return Ok(Target::Bare),
                     None => return Err(not_ours()),
                 }
             }
@@ -169,7 +169,7 @@ pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesErro
         }
     };
     if names.is_empty() {
-        return Ok(Target::Domain);
+        return Ok(Target::Bare);
     }
     // names = "{tag...}.{repo}.{user}"
     let (rest, user) = names.rsplit_once('.').ok_or_else(|| PipesError::NoDeployment { host: host.to_owned() })?;
@@ -252,7 +252,7 @@ mod tests {
     fn dep(host: &str, domain: &Domain) -> Result<String, u16> {
         match route(&normalize_host(host), domain) {
             Ok(Target::Deployment(d)) => Ok(d.to_string()),
-            Ok(Target::Domain) => Ok("<domain>".into()),
+            Ok(Target::Bare) => Ok("<domain>".into()),
             Err(e) => Err(e.status()),
         }
     }

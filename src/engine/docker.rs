@@ -146,11 +146,6 @@ impl Docker {
         }
     }
 
-    /// How containers are reached from here.
-    pub fn reach(&self) -> &Reach {
-        &self.reach
-    }
-
     /// The client, connected and speaking an API version the engine knows.
     async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
         self.client
