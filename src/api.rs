@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 
 use crate::auth::{Access, ApiAuth};
 use crate::config::DeployConfig;
+use crate::engine::{short_id, Instance};
 use crate::error::PipesError;
-use crate::fleet::{Fleet, StartResult, Status};
+use crate::fleet::{Fleet, Generation, StartResult, Status, Switch};
 use crate::reply::{error_body, Json};
 use crate::route::{Deployment, API_PREFIX};
 
@@ -42,21 +43,27 @@ pub enum Endpoint {
     ContainerConfig,
     ContainerStop,
     ContainerRestart,
+    ContainerRedeploy,
+    ContainerRollback,
     ContainerLogs,
     RepositoryConfig,
     Deployments,
+    RegistryHook,
 }
 
 impl Endpoint {
     /// All endpoints, in the order the docs list them.
-    pub const ALL: [Endpoint; 7] = [
+    pub const ALL: [Endpoint; 10] = [
         Endpoint::Container,
         Endpoint::ContainerConfig,
         Endpoint::ContainerStop,
         Endpoint::ContainerRestart,
+        Endpoint::ContainerRedeploy,
+        Endpoint::ContainerRollback,
         Endpoint::ContainerLogs,
         Endpoint::RepositoryConfig,
         Endpoint::Deployments,
+        Endpoint::RegistryHook,
     ];
 
     /// The full path.
@@ -66,9 +73,12 @@ impl Endpoint {
             Endpoint::ContainerConfig => "/__proxyapi/container/config",
             Endpoint::ContainerStop => "/__proxyapi/container/stop",
             Endpoint::ContainerRestart => "/__proxyapi/container/restart",
+            Endpoint::ContainerRedeploy => "/__proxyapi/container/redeploy",
+            Endpoint::ContainerRollback => "/__proxyapi/container/rollback",
             Endpoint::ContainerLogs => "/__proxyapi/container/logs",
             Endpoint::RepositoryConfig => "/__proxyapi/repository/config",
             Endpoint::Deployments => "/__proxyapi/deployments",
+            Endpoint::RegistryHook => "/__proxyapi/hooks/registry",
         }
     }
 
@@ -79,7 +89,10 @@ impl Endpoint {
             Endpoint::ContainerConfig | Endpoint::RepositoryConfig => &[Method::GET, Method::PUT],
             // The original API stopped on GET; POST is the proper verb.
             Endpoint::ContainerStop => &[Method::GET, Method::POST],
-            Endpoint::ContainerRestart => &[Method::POST],
+            Endpoint::ContainerRestart
+            | Endpoint::ContainerRedeploy
+            | Endpoint::ContainerRollback
+            | Endpoint::RegistryHook => &[Method::POST],
             Endpoint::ContainerLogs | Endpoint::Deployments => &[Method::GET],
         }
     }
@@ -87,7 +100,7 @@ impl Endpoint {
     /// Which host serves it.
     pub fn on(self) -> On {
         match self {
-            Endpoint::Deployments => On::Bare,
+            Endpoint::Deployments | Endpoint::RegistryHook => On::Bare,
             _ => On::Deployment,
         }
     }
@@ -136,10 +149,18 @@ pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> 
         return Err(PipesError::MethodNotAllowed { path: req.path.clone(), allow: endpoint.allow() });
     }
     let tokens = fleet.tokens().await?;
-    let access = auth.authorize(req.authorization.as_deref(), &tokens)?;
+    // Docker Hub's webhooks cannot send headers: the hook takes `?token=` too.
+    let from_query = match (endpoint, &req.authorization) {
+        (Endpoint::RegistryHook, None) => query_param(req.query.as_deref(), "token").map(|t| format!("Bearer {t}").into_bytes()),
+        _ => None,
+    };
+    let access = auth.authorize(req.authorization.as_deref().or(from_query.as_deref()), &tokens)?;
 
     let Some(d) = &req.deployment else {
-        return deployments(fleet, &access).await.map(Json::ok);
+        return match endpoint {
+            Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body),
+            _ => deployments(fleet, &access).await.map(Json::ok),
+        };
     };
     access.check(&d.user)?;
     match (endpoint, method) {
@@ -164,6 +185,14 @@ pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> 
             fleet.check_allowed(d)?;
             started(fleet, d, fleet.restart(d).await, false).await
         }
+        (Endpoint::ContainerRedeploy, _) => {
+            fleet.check_allowed(d)?;
+            switched(d, fleet.redeploy(d).await)
+        }
+        (Endpoint::ContainerRollback, _) => {
+            fleet.check_allowed(d)?;
+            switched(d, fleet.rollback(d).await)
+        }
         (Endpoint::ContainerLogs, _) => logs(fleet, d, req.query.as_deref()).await.map(Json::ok),
         (Endpoint::RepositoryConfig, Method::GET) => repository_config(fleet, d).await.map(Json::ok),
         (Endpoint::RepositoryConfig, _) => {
@@ -172,8 +201,91 @@ pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> 
             log::info!("{}: repository config replaced over the API", d.repository());
             repository_config(fleet, d).await.map(Json::ok)
         }
-        (Endpoint::Deployments, _) => Err(not_found()),
+        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found()),
     }
+}
+
+/// The answer to a redeploy or rollback: which generation serves now and
+/// which is kept. A failure is answered with its status; what served keeps serving.
+fn switched(d: &Deployment, switch: Result<Switch, PipesError>) -> Result<Json, PipesError> {
+    let generation = |g: &Generation| json!({ "container": g.instance, "digest": g.digest });
+    let body = match switch? {
+        Switch::Unchanged(now) => json!({
+            "deployment": d.to_string(),
+            "changed": false,
+            "current": generation(&now),
+            "previous": null,
+        }),
+        Switch::Replaced { previous, current } => json!({
+            "deployment": d.to_string(),
+            "changed": true,
+            "current": generation(&current),
+            "previous": generation(&previous),
+        }),
+    };
+    Ok(Json::ok(body))
+}
+
+/// `POST /__proxyapi/hooks/registry`: a registry's push notification. Every
+/// running deployment a push names (and the token covers) is redeployed in
+/// the background; the answer says which, and why the others were not.
+fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Result<Json, PipesError> {
+    let mut pushed = pushes(body, fleet.registry_path())?;
+    pushed.sort();
+    pushed.dedup();
+    let (mut redeploying, mut ignored) = (Vec::new(), Vec::new());
+    for d in pushed {
+        let reason = if !access.covers(&d.user) {
+            Some("this token does not manage its user")
+        } else if !fleet.allows(d.as_ref()) {
+            Some("not allowed by PIPES_ALLOW")
+        } else if !fleet.serving(d.as_ref()) {
+            Some("not running; its next start resolves the tag")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => ignored.push(json!({ "deployment": d.to_string(), "reason": reason })),
+            None => {
+                redeploying.push(json!(d.to_string()));
+                fleet.redeploy_later(d);
+            }
+        }
+    }
+    Ok(Json { status: 202, body: json!({ "redeploying": redeploying, "ignored": ignored }) })
+}
+
+/// The deployments a push notification names: Docker's registry
+/// (distribution) sends `{"events": [{"action": "push", "target":
+/// {"repository", "tag"}}]}`; Docker Hub sends `{"push_data": {"tag"},
+/// "repository": {"repo_name"}}`. A registry behind a path
+/// (`PIPES_REGISTRY=host/team`) names repositories `team/user/repo`.
+fn pushes(body: &[u8], registry_path: Option<&str>) -> Result<Vec<Deployment>, PipesError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| PipesError::BadJson { message: e.to_string(), line: e.line(), column: e.column() })?;
+    let key = |repository: &str, tag: &str| {
+        let repository = match registry_path {
+            Some(path) => repository.strip_prefix(path)?.strip_prefix('/')?,
+            None => repository,
+        };
+        Deployment::parse(&format!("{repository}:{tag}"))
+    };
+    if let Some(events) = value.get("events").and_then(Value::as_array) {
+        return Ok(events
+            .iter()
+            .filter(|e| e["action"] == "push")
+            .filter_map(|e| key(e["target"]["repository"].as_str()?, e["target"]["tag"].as_str()?))
+            .collect());
+    }
+    if let (Some(repository), Some(tag)) =
+        (value["repository"]["repo_name"].as_str(), value["push_data"]["tag"].as_str())
+    {
+        return Ok(key(repository, tag).into_iter().collect());
+    }
+    Err(PipesError::InvalidField {
+        field: "events".into(),
+        message: "expected a registry notification ({\"events\": [...]}) or a Docker Hub webhook".into(),
+    })
 }
 
 /// The answer after an operation that starts the deployment: its state, or
@@ -193,8 +305,22 @@ async fn started(fleet: &Arc<Fleet>, d: &Deployment, start: StartResult, config_
 
 /// `GET container`: what runs for the deployment.
 async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> {
-    let Status { deployment, state, image_ref, image, allowed, instance, upstream, last_request_ms, config, last_error } =
-        fleet.status(d).await?;
+    let Status {
+        deployment,
+        state,
+        image_ref,
+        image,
+        allowed,
+        instance,
+        previous,
+        upstream,
+        last_request_ms,
+        open_connections,
+        idle_at_ms,
+        idle_timeout,
+        config,
+        last_error,
+    } = fleet.status(d).await?;
     let config = match config {
         Ok(c) => c.to_json(instance.as_ref().and_then(|i| i.port)),
         Err(e) => json!({ "error": error_body(&e) }),
@@ -206,22 +332,32 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         "image_digest": image.as_ref().and_then(|i| i.digest.clone()),
         "state": state.as_str(),
         "allowed": allowed,
-        "container": instance.as_ref().map(|i| json!({
-            "id": i.id,
-            "short_id": crate::engine::short_id(&i.id),
-            "running": i.running,
-            "exit_code": i.exit_code,
-            "started_at": i.started_at,
-            "port": i.port,
-        })),
+        "container": instance.as_ref().map(container),
+        "previous": previous.as_ref().map(container),
         "upstream": upstream.map(|u| u.to_string()),
         "last_request_at": last_request_ms.map(rfc3339_ms),
+        "open_connections": open_connections,
+        "idle_timeout": idle_timeout.map(|t| humantime::format_duration(t).to_string()),
+        "idle_at": idle_at_ms.map(rfc3339_ms),
         "config": config,
     });
     if let (Some(e), Some(obj)) = (last_error, body.as_object_mut()) {
         obj.insert("last_error".into(), error_body(&e));
     }
     Ok(body)
+}
+
+/// One generation's container, as `GET container` shows it.
+fn container(i: &Instance) -> Value {
+    json!({
+        "id": i.id,
+        "short_id": short_id(&i.id),
+        "running": i.running,
+        "exit_code": i.exit_code,
+        "started_at": i.started_at,
+        "port": i.port,
+        "digest": i.digest,
+    })
 }
 
 /// `GET container/config`: the tag's own layer, its repository's, and the merge.
@@ -304,6 +440,28 @@ mod tests {
             assert!(e.path().starts_with(API_PREFIX));
             assert_eq!(Endpoint::find(e.path()), Some(e));
         }
+    }
+
+    #[test]
+    fn pushes_from_the_registry_and_from_docker_hub() {
+        let distribution = br#"{"events":[
+            {"action":"push","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json",
+             "repository":"alice/app","tag":"v1","digest":"sha256:abc"}},
+            {"action":"push","target":{"repository":"alice/app","digest":"sha256:blob"}},
+            {"action":"pull","target":{"repository":"bob/app","tag":"v1"}},
+            {"action":"push","target":{"repository":"Not/Valid","tag":"v1"}}
+        ]}"#;
+        let keys: Vec<String> = pushes(distribution, None).unwrap().iter().map(|d| d.to_string()).collect();
+        assert_eq!(keys, ["alice/app:v1"]);
+        let hub = br#"{"push_data":{"tag":"pr-42","pusher":"alice"},"repository":{"repo_name":"alice/app","name":"app"}}"#;
+        let keys: Vec<String> = pushes(hub, None).unwrap().iter().map(|d| d.to_string()).collect();
+        assert_eq!(keys, ["alice/app:pr-42"]);
+        let behind = br#"{"events":[{"action":"push","target":{"repository":"team/alice/app","tag":"v2"}},
+                                    {"action":"push","target":{"repository":"other/alice/app","tag":"v2"}}]}"#;
+        let keys: Vec<String> = pushes(behind, Some("team")).unwrap().iter().map(|d| d.to_string()).collect();
+        assert_eq!(keys, ["alice/app:v2"]);
+        assert_eq!(pushes(b"{}", None).unwrap_err().status(), 422);
+        assert_eq!(pushes(b"nope", None).unwrap_err().status(), 400);
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::error::PipesError;
 const MIN_MEMORY: u64 = 6 << 20;
 const MAX_CPUS: f64 = 1024.0;
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Shortest interval between two digest checks of one tag.
+pub const MIN_WATCH: Duration = Duration::from_secs(1);
 
 /// A memory limit the engine accepts, or why not.
 pub fn check_memory(size: ByteSize) -> Result<ByteSize, String> {
@@ -68,6 +70,56 @@ pub struct DeployConfig {
     /// When to pull the image before creating a container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<Pull>,
+    /// How often a running deployment asks the registry whether its tag moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watch: Option<Watch>,
+}
+
+/// Whether and how often the tag is watched for a new digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    Off,
+    Every(Span),
+}
+
+impl Watch {
+    /// Parses `off` or a duration.
+    pub fn parse(text: &str) -> Result<Watch, String> {
+        match text.trim() {
+            "off" => Ok(Watch::Off),
+            t => Span::parse(t).map(Watch::Every).map_err(|_| format!("'{text}' is neither off nor a duration such as 30s or 5m")),
+        }
+    }
+
+    /// The interval, if watching.
+    pub fn interval(self) -> Option<Duration> {
+        match self {
+            Watch::Off => None,
+            Watch::Every(span) => Some(span.0),
+        }
+    }
+}
+
+impl fmt::Display for Watch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Watch::Off => f.write_str("off"),
+            Watch::Every(span) => span.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Watch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Watch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = number_or_text(d, "\"off\" or a duration such as \"30s\"")?;
+        Watch::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// Readiness probe settings.
@@ -306,6 +358,9 @@ impl DeployConfig {
             check_span("health.timeout", health.timeout, Duration::from_millis(100))?;
         }
         check_span("idle_timeout", self.idle_timeout, Duration::from_secs(1))?;
+        if let Some(Watch::Every(span)) = self.watch {
+            check_span("watch", Some(span), MIN_WATCH)?;
+        }
         Ok(())
     }
 
@@ -329,6 +384,7 @@ impl DeployConfig {
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             restart: self.restart.or(lower.restart),
             pull: self.pull.or(lower.pull),
+            watch: self.watch.or(lower.watch),
         }
     }
 }
@@ -354,6 +410,8 @@ pub struct Defaults {
     pub memory: ByteSize,
     pub cpus: f64,
     pub health_timeout: Duration,
+    /// `PIPES_WATCH`: how often running deployments check their tag.
+    pub watch: Option<Duration>,
 }
 
 /// Everything a deployment runs with, all layers merged.
@@ -370,6 +428,7 @@ pub struct Effective {
     pub idle_timeout: Option<Duration>,
     pub restart: Restart,
     pub pull: Pull,
+    pub watch: Option<Duration>,
 }
 
 impl Effective {
@@ -389,6 +448,10 @@ impl Effective {
             idle_timeout: c.idle_timeout.map(|s| s.0),
             restart: c.restart.unwrap_or(Restart::No),
             pull: c.pull.unwrap_or(Pull::Missing),
+            watch: match c.watch {
+                Some(w) => w.interval(),
+                None => defaults.watch,
+            },
         }
     }
 
@@ -404,6 +467,7 @@ impl Effective {
             "idle_timeout": self.idle_timeout.map(|d| Span(d).to_string()),
             "restart": self.restart.as_str(),
             "pull": match self.pull { Pull::Missing => "missing", Pull::Always => "always" },
+            "watch": self.watch.map_or_else(|| "off".to_owned(), |d| Span(d).to_string()),
         })
     }
 
@@ -438,7 +502,7 @@ mod tests {
     use super::*;
 
     fn defaults() -> Defaults {
-        Defaults { memory: ByteSize(512 << 20), cpus: 1.0, health_timeout: Duration::from_secs(60) }
+        Defaults { memory: ByteSize(512 << 20), cpus: 1.0, health_timeout: Duration::from_secs(60), watch: None }
     }
 
     /// The status and the field named (if any) of the answer to `body`.
@@ -459,7 +523,8 @@ mod tests {
     #[test]
     fn a_full_config_round_trips() {
         let body = r#"{"port":8080,"env":{"A":"1"},"cmd":["serve","--fast"],"memory":"256m","cpus":0.5,
-            "health":{"path":"/healthz","timeout":"30s"},"idle_timeout":"15m","restart":"on-failure","pull":"always"}"#;
+            "health":{"path":"/healthz","timeout":"30s"},"idle_timeout":"15m","restart":"on-failure","pull":"always",
+            "watch":"30s"}"#;
         let c = DeployConfig::from_json(body.as_bytes()).unwrap();
         assert_eq!(c.memory, Some(ByteSize(256 << 20)));
         assert_eq!(c.idle_timeout, Some(Span(Duration::from_secs(900))));
@@ -508,6 +573,8 @@ mod tests {
             (r#"{"env":{"A":1}}"#, "env.A"),
             (r#"{"env":{"A=B":"1"}}"#, "env.A=B"),
             (r#"{"cmd":[]}"#, "cmd"),
+            (r#"{"watch":"sometimes"}"#, "watch"),
+            (r#"{"watch":"10ms"}"#, "watch"),
         ] {
             let (code, json) = status(body);
             assert_eq!(code, 422, "{body}: {json}");
@@ -530,6 +597,11 @@ mod tests {
         assert_eq!(none.memory, ByteSize(512 << 20));
         assert_eq!(none.health_path, "/");
         assert_eq!(none.pull, Pull::Missing);
+        assert_eq!(none.watch, None);
+        let watched = Defaults { watch: Some(Duration::from_secs(60)), ..defaults() };
+        assert_eq!(Effective::merge(None, None, &watched).watch, Some(Duration::from_secs(60)));
+        let off = DeployConfig::from_json(br#"{"watch":"off"}"#).unwrap();
+        assert_eq!(Effective::merge(Some(&off), None, &watched).watch, None, "off wins over PIPES_WATCH");
     }
 
     #[test]

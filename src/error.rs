@@ -58,6 +58,8 @@ pub enum PipesError {
     Engine { action: &'static str, detail: String },
     /// The image or its configuration cannot be deployed as it is.
     Unservable { deployment: String, reason: String },
+    /// A rollback was asked for and no previous generation is kept.
+    NoPreviousGeneration { deployment: String },
 }
 
 /// Seconds a client is told to wait after a 503.
@@ -81,6 +83,7 @@ impl PipesError {
             Self::RegistryAuth { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
             Self::Unservable { .. } => 502,
             Self::NotReady { .. } => 504,
+            Self::NoPreviousGeneration { .. } => 409,
             Self::EngineUnavailable { .. } => 503,
         }
     }
@@ -112,6 +115,7 @@ impl PipesError {
             Self::EngineUnavailable { .. } => "engine_unavailable",
             Self::Engine { .. } => "engine_error",
             Self::Unservable { .. } => "unservable",
+            Self::NoPreviousGeneration { .. } => "no_previous_generation",
         }
     }
 
@@ -181,6 +185,9 @@ impl fmt::Display for PipesError {
             }
             Self::Engine { action, detail } => write!(f, "the Docker engine failed to {action}: {detail}"),
             Self::Unservable { deployment, reason } => write!(f, "{deployment} cannot be served: {reason}"),
+            Self::NoPreviousGeneration { deployment } => {
+                write!(f, "{deployment} has no previous generation to roll back to; one is kept after a redeploy")
+            }
         }
     }
 }

@@ -5,6 +5,11 @@
 //! hands Pingora the container's address. A container that vanished is noticed
 //! when connecting to it fails; the request is then retried once after a fresh
 //! start, which is safe for every method since nothing was sent yet.
+//!
+//! Every request holds an [`Activity`] on its upstream until Pipes is done
+//! with it (response sent, upgraded connection closed, however it ends), so
+//! idle stops and drains see what is open; and counts in [`IN_FLIGHT`], so a
+//! stopping Pipes knows when the last one finished.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +24,7 @@ use pingora::ErrorType;
 use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
-use crate::fleet::{Fleet, Slot, Upstream};
+use crate::fleet::{Activity, Fleet, OpenCount, Slot};
 use crate::reply;
 use crate::route::{self, Deployment, Domain, Target};
 use crate::settings::Settings;
@@ -42,17 +47,35 @@ impl Pipes {
     }
 }
 
+/// Requests Pipes is handling now, of every kind.
+pub static IN_FLIGHT: OpenCount = OpenCount::new();
+
 /// What one request carries between hooks.
-#[derive(Default)]
 pub struct RequestCtx {
     slot: Option<Arc<Slot>>,
-    upstream: Option<Arc<Upstream>>,
+    /// The request, open on its upstream.
+    activity: Option<Activity>,
+    /// Held while a request that waited for a start reaches the fresh instance.
+    warmup: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The address that refused a connection, to recover from in `upstream_peer`.
     refused: Option<SocketAddr>,
     /// Whether this request already restarted its deployment once.
     recovered: bool,
     /// A Pipes error to answer with from `fail_to_proxy`.
     error: Option<PipesError>,
+}
+
+impl RequestCtx {
+    fn new() -> Self {
+        IN_FLIGHT.add(1);
+        RequestCtx { slot: None, activity: None, warmup: None, refused: None, recovered: false, error: None }
+    }
+}
+
+impl Drop for RequestCtx {
+    fn drop(&mut self) {
+        IN_FLIGHT.add(-1);
+    }
 }
 
 /// What `request_filter` decided, owned, so the request can be answered.
@@ -68,7 +91,7 @@ impl ProxyHttp for Pipes {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx::new()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -100,12 +123,14 @@ impl ProxyHttp for Pipes {
         let upstream = match slot.upstream() {
             Some(up) => up,
             None => match self.fleet.ready(&slot).await {
-                Ok(up) => up,
+                Ok(up) => {
+                    ctx.warmup = up.warmup_permit().await;
+                    up
+                }
                 Err(e) => return reply_error(session, &e).await,
             },
         };
-        slot.touch();
-        ctx.upstream = Some(upstream);
+        ctx.activity = Some(slot.begin(upstream));
         ctx.slot = Some(slot);
         Ok(false)
     }
@@ -113,7 +138,7 @@ impl ProxyHttp for Pipes {
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
         if let (Some(refused), Some(slot)) = (ctx.refused.take(), ctx.slot.as_ref()) {
             match self.fleet.recover(slot, refused).await {
-                Ok(up) => ctx.upstream = Some(up),
+                Ok(up) => ctx.activity = Some(slot.begin(up)),
                 Err(e) => {
                     let status = e.status();
                     ctx.error = Some(e);
@@ -121,8 +146,8 @@ impl ProxyHttp for Pipes {
                 }
             }
         }
-        match &ctx.upstream {
-            Some(up) => Ok(up.peer()),
+        match &ctx.activity {
+            Some(activity) => Ok(activity.upstream().peer()),
             None => Error::e_explain(ErrorType::InternalError, "no upstream chosen"),
         }
     }
@@ -135,9 +160,9 @@ impl ProxyHttp for Pipes {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if !ctx.recovered {
-            if let Some(up) = &ctx.upstream {
+            if let Some(activity) = &ctx.activity {
                 ctx.recovered = true;
-                ctx.refused = Some(up.addr);
+                ctx.refused = Some(activity.upstream().addr);
                 e.set_retry(true);
             }
         }
@@ -162,6 +187,24 @@ impl ProxyHttp for Pipes {
         }
         upstream_request.insert_header(X_FORWARDED_PROTO, HTTP)?;
         Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // The fresh instance answered this one: let the next waiter in.
+        ctx.warmup = None;
+        Ok(())
+    }
+
+    /// What error logs say of a request: never its query, which may carry a token.
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        let host = req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+        format!("{} {}, Host: {host}", req.method, req.uri.path())
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {

@@ -61,7 +61,9 @@ pub fn error_body(e: &PipesError) -> Value {
         }),
         PipesError::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
         PipesError::Engine { action, .. } => json!({ "action": action }),
-        PipesError::Unservable { deployment, .. } => json!({ "deployment": deployment }),
+        PipesError::Unservable { deployment, .. } | PipesError::NoPreviousGeneration { deployment } => {
+            json!({ "deployment": deployment })
+        }
     };
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);

@@ -2,24 +2,24 @@
 //! server with its services around them.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use pingora::apps::HttpServerOptions;
 use pingora::proxy::http_proxy_service;
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{RunArgs, Server};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
 use pingora::services::background::background_service;
+use tokio::sync::broadcast;
 
 use crate::auth::ApiAuth;
 use crate::engine::docker::Docker;
 use crate::engine::Backend;
-use crate::fleet::{Fleet, Janitor};
-use crate::proxy::Pipes;
+use crate::fleet::{Fleet, Janitor, Watcher};
+use crate::proxy::{Pipes, IN_FLIGHT};
 use crate::settings::Settings;
 
-/// Seconds between SIGTERM and closing the listeners (Pingora's default is 300).
-const GRACE_PERIOD_SECS: u64 = 1;
-/// Longest wait for requests in flight after the listeners closed.
-const SHUTDOWN_TIMEOUT_SECS: u64 = 3;
+/// Seconds Pingora gives runtimes to end after the drain, before it exits.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 1;
 
 /// Why Pipes could not start.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
@@ -68,7 +68,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
-    server.add_service(background_service("fleet upkeep", Janitor::new(fleet)));
+    server.add_service(background_service("fleet upkeep", Janitor::new(fleet.clone())));
+    server.add_service(background_service("engine events", Watcher::new(fleet.clone())));
+    exit_when_drained(server.watch_execution_phase(), fleet);
     server.run(RunArgs::default());
     // The control runtime outlives the server: in-flight starts end with it.
     drop(control);
@@ -91,9 +93,52 @@ fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
     if conf.daemon {
         return Err("the server configuration asks for daemon: true; run Pipes under a supervisor instead".into());
     }
-    conf.grace_period_seconds.get_or_insert(GRACE_PERIOD_SECS);
+    // After SIGTERM or SIGQUIT the listeners close at once and Pingora waits
+    // its grace period for what is in flight: that wait is PIPES_DRAIN_TIMEOUT,
+    // cut short by `exit_when_drained`.
+    let drain = settings.drain_timeout.as_secs_f64().ceil() as u64;
+    if let Some(yaml) = conf.grace_period_seconds.filter(|g| *g != drain) {
+        log::warn!("grace_period_seconds: {yaml} in the server configuration is replaced by PIPES_DRAIN_TIMEOUT ({drain} s)");
+    }
+    conf.grace_period_seconds = Some(drain);
     conf.graceful_shutdown_timeout_seconds.get_or_insert(SHUTDOWN_TIMEOUT_SECS);
     Ok(conf)
+}
+
+/// Watches Pingora's shutdown: when the process hands over (SIGQUIT) or
+/// stops (SIGTERM) its fleet retires, and once the listeners are closed the
+/// process exits as soon as no request is in flight, rather than after the
+/// whole grace period.
+fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc<Fleet>) {
+    let watch = move || {
+        loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::GracefulUpgradeTransferringFds | ExecutionPhase::GracefulTerminate) => fleet.retire(),
+                Ok(ExecutionPhase::ShutdownGracePeriod) => break,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+        fleet.retire();
+        let began = Instant::now();
+        let mut reported = 0;
+        loop {
+            let open = IN_FLIGHT.total();
+            if open == 0 {
+                break;
+            }
+            if open != reported {
+                log::info!("draining: {open} request(s) in flight");
+                reported = open;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        log::info!("every request in flight finished after {:?}; exiting", began.elapsed());
+        std::process::exit(0);
+    };
+    if let Err(e) = std::thread::Builder::new().name("pipes-drain".into()).spawn(watch) {
+        log::warn!("cannot watch the shutdown, stopping will wait the whole PIPES_DRAIN_TIMEOUT: {e}");
+    }
 }
 
 fn log_summary(settings: &Settings) {

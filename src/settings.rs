@@ -18,7 +18,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::auth::{ApiAuth, MIN_TOKEN_LEN};
-use crate::config::{check_cpus, check_memory, ByteSize, Defaults, Span};
+use crate::config::{check_cpus, check_memory, ByteSize, Defaults, Span, Watch, MIN_WATCH};
 use crate::engine::docker::DockerOptions;
 use crate::engine::{RegistryAuth, RESERVED_LABELS};
 use crate::policy::Policy;
@@ -104,6 +104,12 @@ struct Cli {
     /// How long a failed start is remembered before it is tried again
     #[arg(long, env = "PIPES_FAILURE_TTL", value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     failure_ttl: Duration,
+    /// How often running deployments ask the registry whether their tag moved (off, or e.g. 5m); their config's `watch` wins
+    #[arg(long, env = "PIPES_WATCH", value_name = "DURATION|off", default_value = "off", value_parser = parse_watch)]
+    watch: Watch,
+    /// How long requests and connections in flight may finish when a container is replaced or Pipes stops
+    #[arg(long, env = "PIPES_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
+    drain_timeout: Duration,
     /// Pingora server configuration (YAML): threads, grace periods, upgrades
     #[arg(short = 'c', long = "conf", env = "PIPES_SERVER_CONF", value_name = "FILE")]
     server_conf: Option<PathBuf>,
@@ -144,6 +150,8 @@ pub struct Settings {
     /// Lowest layer of every deployment's config.
     pub defaults: Defaults,
     pub failure_ttl: Duration,
+    /// `PIPES_DRAIN_TIMEOUT`.
+    pub drain_timeout: Duration,
     /// The Docker backend's settings.
     pub docker: DockerOptions,
     pub server_conf: Option<PathBuf>,
@@ -297,8 +305,14 @@ impl Settings {
             policy: cli.allow.unwrap_or_default(),
             api_auth,
             max_containers: cli.max_containers,
-            defaults: Defaults { memory: cli.default_memory, cpus: cli.default_cpus, health_timeout: cli.start_timeout },
+            defaults: Defaults {
+                memory: cli.default_memory,
+                cpus: cli.default_cpus,
+                health_timeout: cli.start_timeout,
+                watch: cli.watch.interval(),
+            },
             failure_ttl: cli.failure_ttl,
+            drain_timeout: cli.drain_timeout,
             docker: DockerOptions {
                 host: cli.docker_host,
                 instance: cli.instance,
@@ -498,6 +512,14 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
         .map_err(|_| format!("expected a duration such as 60s, 1500ms or 2m (up to 24h), got '{value}'"))
 }
 
+fn parse_watch(value: &str) -> Result<Watch, String> {
+    let expected = || format!("expected off or a duration of at least 1s such as 5m, got '{value}'");
+    match Watch::parse(value).map_err(|_| expected())? {
+        Watch::Every(span) => span.within(MIN_WATCH, MAX_TIMEOUT).map(Watch::Every).map_err(|_| expected()),
+        Watch::Off => Ok(Watch::Off),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -531,6 +553,9 @@ mod tests {
         assert_eq!(s.defaults.health_timeout, Duration::from_secs(60));
         assert_eq!(s.defaults.memory, ByteSize(512 << 20));
         assert_eq!(s.docker.registry_host, "docker.io");
+        assert_eq!(s.defaults.watch, None, "no registry polling unless asked");
+        assert_eq!(s.drain_timeout, Duration::from_secs(30));
+        assert_eq!(load(&[("PIPES_WATCH", "5m")]).unwrap().defaults.watch, Some(Duration::from_secs(300)));
     }
 
     #[test]
@@ -556,6 +581,9 @@ mod tests {
             ("PIPES_DEFAULT_MEMORY", "1k"),
             ("PIPES_DEFAULT_CPUS", "-1"),
             ("PIPES_NETWORK", "a b"),
+            ("PIPES_WATCH", "often"),
+            ("PIPES_WATCH", "100ms"),
+            ("PIPES_DRAIN_TIMEOUT", "forever"),
         ];
         for (name, value) in cases {
             let e = load(&[(name, value)]).unwrap_err();

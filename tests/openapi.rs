@@ -61,18 +61,23 @@ async fn every_operation_answers_as_documented() {
     let domain_client = pipes.client("example.com");
     let mut exercised = BTreeSet::new();
 
+    let hook = format!(r#"{{"events":[{{"action":"push","target":{{"repository":"{}/app","tag":"v1"}}}}]}}"#, f.user);
     // (method, path + query, body, expected status)
     let calls: Vec<(&str, &str, Option<&str>, u16)> = vec![
         ("GET", "/__proxyapi/container", None, 200),
         ("GET", "/__proxyapi/repository/config", None, 200),
         ("PUT", "/__proxyapi/repository/config", Some(r#"{"env":{"APP_LAYER":"repository"}}"#), 200),
-        ("PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_LAYER":"tag"},"memory":"64m"}"#), 200),
+        ("PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_LAYER":"tag"},"memory":"64m","watch":"off"}"#), 200),
         ("PUT", "/__proxyapi/container/config", Some("{\"port\": 80,"), 400),
         ("PUT", "/__proxyapi/container/config", Some(r#"{"port":"eighty"}"#), 422),
         ("GET", "/__proxyapi/container/config", None, 200),
         ("GET", "/__proxyapi/container/logs?tail=5", None, 200),
         ("GET", "/__proxyapi/container/logs?tail=none", None, 400),
         ("POST", "/__proxyapi/container/restart", None, 200),
+        ("POST", "/__proxyapi/container/redeploy", None, 200),
+        ("POST", "/__proxyapi/container/rollback", None, 409),
+        ("POST", "/__proxyapi/hooks/registry", Some(&hook), 202),
+        ("POST", "/__proxyapi/hooks/registry", Some("{}"), 422),
         ("GET", "/__proxyapi/container/stop", None, 200),
         ("POST", "/__proxyapi/container/stop", None, 200),
         ("GET", "/__proxyapi/container", None, 200),
@@ -81,11 +86,11 @@ async fn every_operation_answers_as_documented() {
     ];
     for (method, target, body, expected) in calls {
         let (path, _) = target.split_once('?').unwrap_or((target, ""));
-        let on_domain = path == "/__proxyapi/deployments";
+        let on_domain = path == "/__proxyapi/deployments" || path == "/__proxyapi/hooks/registry";
         let (c, h) = if on_domain { (&domain_client, "example.com") } else { (&client, host.as_str()) };
         let mut req = c.request(method.parse().unwrap(), pipes.url(h, target)).bearer_auth(TOKEN);
         if let Some(b) = body {
-            req = req.header("content-type", "application/json").body(b);
+            req = req.header("content-type", "application/json").body(b.to_owned());
         }
         let (status, value) = common::json(req.send().await.unwrap()).await;
         assert_eq!(status, expected, "{method} {target}: {value}");

@@ -1,10 +1,11 @@
 //! The Docker backend: each deployment is one container of the local engine.
 //!
-//! Containers are named `{instance}.{user}.{repo}.{tag}`; the engine refuses a
-//! second container of a name, so two starts (or two Pipes of one instance)
-//! can never make two containers of one deployment. They carry Pipes' labels
-//! ([`super::RESERVED_LABELS`] and `PIPES_LABELS`), which is how a restarted
-//! Pipes finds them again.
+//! Containers are named `{instance}.{user}.{repo}.{tag}.{generation}`, the
+//! generation being the first 12 hex digits of the image's digest; the engine
+//! refuses a second container of a name, so two starts (or two Pipes of one
+//! instance) can never make two containers of one generation. They carry
+//! Pipes' labels ([`super::RESERVED_LABELS`] and `PIPES_LABELS`), which is how
+//! a restarted Pipes finds them again.
 //!
 //! How containers are reached ([`Reach`]) is decided once, when connecting:
 //! over `PIPES_NETWORK` if named; over a network of Pipes' own container if
@@ -18,21 +19,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::auth::DockerCredentials;
+use futures_util::stream::BoxStream;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
     RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
     RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures_util::StreamExt;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
-    short_id, Backend, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_INSTANCE, LABEL_MANAGED,
-    LABEL_PORT,
+    generation_of, short_id, Backend, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH,
+    LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -172,9 +174,26 @@ impl Docker {
         }
     }
 
-    /// The container name of a deployment: unique per deployment and instance.
-    fn container_name(&self, d: &Deployment) -> String {
-        format!("{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag)
+    /// The container name of a generation: unique per instance, deployment
+    /// and digest. Images without a digest (built locally) share the bare name.
+    fn container_name(&self, spec: &Spec) -> String {
+        let d = &spec.deployment;
+        match &spec.digest {
+            Some(digest) => format!("{}.{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag, generation_of(digest)),
+            None => format!("{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag),
+        }
+    }
+
+    /// Containers of this instance, optionally only those of one deployment.
+    async fn containers(&self, d: Option<&Deployment>) -> Result<Vec<ContainerSummary>, PipesError> {
+        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
+        labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_string(), labels)])),
+            ..Default::default()
+        };
+        self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))
     }
 
     /// The labels a new container of `spec` carries.
@@ -185,6 +204,9 @@ impl Docker {
         labels.insert(LABEL_DEPLOYMENT.into(), spec.deployment.to_string());
         labels.insert(LABEL_CONFIG_HASH.into(), spec.hash.clone());
         labels.insert(LABEL_PORT.into(), spec.port.to_string());
+        if let Some(digest) = &spec.digest {
+            labels.insert(LABEL_DIGEST.into(), digest.clone());
+        }
         labels
     }
 
@@ -262,6 +284,7 @@ impl Docker {
             port,
             started_at,
             address,
+            digest: labels.get(LABEL_DIGEST).cloned(),
         })
     }
 
@@ -380,18 +403,16 @@ impl Backend for Docker {
     }
 
     async fn list(&self) -> Result<Vec<Instance>, PipesError> {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)],
-        )]);
-        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-        let list =
-            self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
-        Ok(list.into_iter().filter_map(|c| self.instance_of_summary(c)).collect())
+        Ok(self.containers(None).await?.into_iter().filter_map(|c| self.instance_of_summary(c)).collect())
     }
 
-    async fn instance(&self, d: &Deployment) -> Result<Option<Instance>, PipesError> {
-        self.inspect(&self.container_name(d)).await
+    async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        let mut instances = Vec::new();
+        for id in self.containers(Some(d)).await?.into_iter().filter_map(|c| c.id) {
+            // Inspected for the start time, which tells the generations apart.
+            instances.extend(self.inspect(&id).await?);
+        }
+        Ok(instances)
     }
 
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
@@ -406,11 +427,16 @@ impl Backend for Docker {
                     .collect();
                 exposed_tcp.sort_unstable();
                 exposed_tcp.dedup();
-                Ok(Some(Image {
-                    id: img.id.unwrap_or_default(),
-                    digest: img.repo_digests.and_then(|d| d.into_iter().next()),
-                    exposed_tcp,
-                }))
+                // "registry/user/repo@sha256:…", one per repository the image was pulled from.
+                let name = split_reference(reference).0;
+                let repo_digests = img.repo_digests.unwrap_or_default();
+                let digest = repo_digests
+                    .iter()
+                    .find(|d| d.split_once('@').is_some_and(|(n, _)| n == name))
+                    .or(repo_digests.first())
+                    .and_then(|d| d.split_once('@'))
+                    .map(|(_, digest)| digest.to_owned());
+                Ok(Some(Image { id: img.id.unwrap_or_default(), digest, exposed_tcp }))
             }
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(self.fail("inspect an image", e)),
@@ -443,26 +469,51 @@ impl Backend for Docker {
         })
     }
 
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
+        let answer = self
+            .docker()
+            .await?
+            .inspect_registry_image(reference, self.credentials.clone())
+            .await
+            .map_err(|e| self.pull_failure(reference, e))?;
+        answer.descriptor.digest.ok_or_else(|| PipesError::Engine {
+            action: "ask the registry for a digest",
+            detail: format!("no digest for {reference}"),
+        })
+    }
+
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
-        let name = self.container_name(&spec.deployment);
-        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
-        let id = match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
-            Ok(created) => created.id,
-            // Another Pipes created it first: use that one, never a second.
-            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
-                let existing = self.inspect(&name).await?.ok_or_else(|| PipesError::Engine {
-                    action: "create a container",
-                    detail: format!("name {name} is taken but no such container exists"),
-                })?;
-                if existing.running {
-                    return Ok(existing);
+        let name = self.container_name(spec);
+        // A second attempt only after removing a same-named container made from another spec.
+        for _ in 0..2 {
+            let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+            match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
+                Ok(created) => {
+                    log::info!(
+                        "{}: created container {} ({} port {})",
+                        spec.deployment,
+                        short_id(&created.id),
+                        spec.image,
+                        spec.port
+                    );
+                    return self.start(&created.id).await;
                 }
-                existing.id
+                Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                    let existing = self.inspect(&name).await?.ok_or_else(|| PipesError::Engine {
+                        action: "create a container",
+                        detail: format!("name {name} is taken but no such container exists"),
+                    })?;
+                    if existing.spec_hash.as_deref() == Some(spec.hash.as_str()) {
+                        // Another Pipes made it first, or it is a generation coming back.
+                        return if existing.running { Ok(existing) } else { self.start(&existing.id).await };
+                    }
+                    log::info!("{}: replacing container {} made from another config", spec.deployment, short_id(&existing.id));
+                    self.remove(&existing.id).await?;
+                }
+                Err(e) => return Err(self.fail("create a container", e)),
             }
-            Err(e) => return Err(self.fail("create a container", e)),
-        };
-        log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&id), spec.image, spec.port);
-        self.start(&id).await
+        }
+        Err(PipesError::Engine { action: "create a container", detail: format!("name {name} stays taken") })
     }
 
     async fn start(&self, id: &str) -> Result<Instance, PipesError> {
@@ -519,6 +570,61 @@ impl Backend for Docker {
         out.drain(..keep);
         out
     }
+
+    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
+        let this = self.clone();
+        let options = EventsOptions {
+            // The engine takes seconds with a fractional part.
+            since: since_nano.map(|n| format!("{}.{:09}", n.div_euclid(1_000_000_000), n.rem_euclid(1_000_000_000))),
+            until: None,
+            filters: Some(HashMap::from([
+                ("type".to_string(), vec!["container".to_string()]),
+                ("label".to_string(), vec![format!("{LABEL_INSTANCE}={}", self.instance)]),
+            ])),
+        };
+        futures_util::stream::once(async move {
+            match this.docker().await {
+                Ok(client) => {
+                    let fail = this.clone();
+                    client
+                        .events(Some(options))
+                        .filter_map(move |item| {
+                            let event = match item {
+                                Ok(message) => event_of(message).map(Ok),
+                                Err(e) => Some(Err(fail.fail("watch events", e))),
+                            };
+                            std::future::ready(event)
+                        })
+                        .boxed()
+                }
+                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
+/// An event Pipes cares about, from the engine's message.
+fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
+    let action = message.action?;
+    let actor = message.actor?;
+    let attributes = actor.attributes.unwrap_or_default();
+    let kind = match action.as_str() {
+        "start" => EventKind::Started,
+        "die" => EventKind::Died(attributes.get("exitCode").and_then(|c| c.parse().ok())),
+        "stop" => EventKind::Stopped,
+        "kill" => EventKind::Killed,
+        "oom" => EventKind::OutOfMemory,
+        "destroy" => EventKind::Destroyed,
+        other => EventKind::Health(other.strip_prefix("health_status: ")?.to_owned()),
+    };
+    Some(Event {
+        id: actor.id?,
+        deployment: attributes.get(LABEL_DEPLOYMENT).and_then(|d| Deployment::parse(d)),
+        kind,
+        time_nano: message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0),
+    })
 }
 
 /// The engine takes whole seconds.

@@ -5,19 +5,21 @@
 //! listener, so a refused connection is real too. Images are "published" by
 //! the test with the behaviour their instances show.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use super::{Backend, Image, Instance, Spec};
+use super::{Backend, Event, EventKind, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -42,8 +44,10 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    registry: HashMap<String, Behaviour>,
-    local: HashSet<String>,
+    /// Reference → how its instances behave, and its digest now.
+    registry: HashMap<String, (Behaviour, String)>,
+    /// Reference → the image pulled last.
+    local: HashMap<String, Image>,
     entries: HashMap<String, Entry>,
     next_id: usize,
     down: bool,
@@ -57,28 +61,49 @@ pub struct Calls {
     pub starts: AtomicUsize,
     pub stops: AtomicUsize,
     pub lists: AtomicUsize,
+    pub digests: AtomicUsize,
 }
 
 /// The fake backend.
-#[derive(Default)]
 pub struct Fake {
     inner: Mutex<Inner>,
+    events: broadcast::Sender<Event>,
     pub calls: Calls,
 }
 
 impl Fake {
     /// An empty fake: no images, no instances.
     pub fn new() -> Arc<Fake> {
-        Arc::new(Fake::default())
+        Arc::new(Fake { inner: Mutex::default(), events: broadcast::channel(1024).0, calls: Calls::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Puts an image in the fake registry.
-    pub fn publish(&self, reference: &str, behaviour: Behaviour) {
-        self.lock().registry.insert(reference.to_owned(), behaviour);
+    /// Pushes an image to the fake registry: a new digest for `reference`.
+    pub fn publish(&self, reference: &str, behaviour: Behaviour) -> String {
+        static PUSHES: AtomicUsize = AtomicUsize::new(0);
+        let digest = format!("sha256:{:064x}", PUSHES.fetch_add(1, Ordering::Relaxed) + 1);
+        self.lock().registry.insert(reference.to_owned(), (behaviour, digest.clone()));
+        digest
+    }
+
+    /// Ids of `d`'s instances that run.
+    pub fn running(&self, d: &Deployment) -> Vec<String> {
+        self.lock().entries.values().filter(|e| &e.instance.deployment == d && e.instance.running).map(|e| e.instance.id.clone()).collect()
+    }
+
+    fn emit(&self, entry: &Entry, kind: EventKind) {
+        let time_nano = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let _ = self.events.send(Event {
+            id: entry.instance.id.clone(),
+            deployment: Some(entry.instance.deployment.clone()),
+            kind,
+            time_nano,
+        });
     }
 
     /// Makes every call fail as if the engine were unreachable (or answer again).
@@ -86,11 +111,12 @@ impl Fake {
         self.lock().down = down;
     }
 
-    /// Stops `d`'s instance behind Pipes' back, as `docker kill` would.
+    /// Stops `d`'s running instances behind Pipes' back, as `docker kill` would.
     pub fn kill(&self, d: &Deployment) {
         let mut inner = self.lock();
-        if let Some(entry) = inner.entries.values_mut().find(|e| &e.instance.deployment == d) {
+        for entry in inner.entries.values_mut().filter(|e| &e.instance.deployment == d && e.instance.running) {
             halt(entry, 137);
+            self.emit(entry, EventKind::Died(Some(137)));
         }
     }
 
@@ -99,9 +125,9 @@ impl Fake {
         self.lock().entries.len()
     }
 
-    /// Whether `d`'s instance runs.
+    /// Whether `d` has a running instance.
     pub fn is_running(&self, d: &Deployment) -> bool {
-        self.lock().entries.values().any(|e| &e.instance.deployment == d && e.instance.running)
+        !self.running(d).is_empty()
     }
 
     fn up(&self) -> Result<(), PipesError> {
@@ -117,7 +143,7 @@ impl Fake {
         let behaviour = {
             let inner = self.lock();
             let entry = inner.entries.get(id).ok_or_else(|| gone(id))?;
-            inner.registry.get(&entry.spec.image).cloned().unwrap_or_default()
+            inner.registry.get(&entry.spec.image).map(|(b, _)| b.clone()).unwrap_or_default()
         };
         let served = match behaviour.exit_code {
             Some(_) => None,
@@ -125,14 +151,20 @@ impl Fake {
         };
         let mut inner = self.lock();
         let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        entry.instance.started_at = Some(humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string());
+        entry.exit.send_replace(None);
         match (behaviour.exit_code, served) {
-            (Some(code), _) => halt(entry, code),
+            (Some(code), _) => {
+                halt(entry, code);
+                self.emit(entry, EventKind::Started);
+                self.emit(entry, EventKind::Died(Some(code)));
+            }
             (None, Some((addr, server))) => {
                 entry.instance.running = true;
                 entry.instance.exit_code = None;
                 entry.instance.address = Some(addr);
                 entry.server = Some(server);
-                entry.exit.send_replace(None);
+                self.emit(entry, EventKind::Started);
             }
             (None, None) => unreachable!("a serving image has a server"),
         }
@@ -202,42 +234,74 @@ impl Backend for Fake {
         Ok(self.lock().entries.values().map(|e| e.instance.clone()).collect())
     }
 
-    async fn instance(&self, d: &Deployment) -> Result<Option<Instance>, PipesError> {
+    async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
         self.up()?;
-        Ok(self.lock().entries.values().find(|e| &e.instance.deployment == d).map(|e| e.instance.clone()))
+        Ok(self.lock().entries.values().filter(|e| &e.instance.deployment == d).map(|e| e.instance.clone()).collect())
     }
 
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
         self.up()?;
-        let inner = self.lock();
-        Ok(inner.local.contains(reference).then(|| image_of(reference, inner.registry.get(reference))))
+        Ok(self.lock().local.get(reference).cloned())
     }
 
     async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
         self.up()?;
         self.calls.pulls.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
-        let behaviour = inner.registry.get(reference).cloned();
-        match behaviour {
-            Some(b) => {
-                inner.local.insert(reference.to_owned());
-                Ok(image_of(reference, Some(&b)))
+        let published = inner.registry.get(reference).cloned();
+        match published {
+            Some((behaviour, digest)) => {
+                let image = Image {
+                    id: format!("sha256:image-of-{digest}"),
+                    digest: Some(digest),
+                    exposed_tcp: behaviour.exposed.clone(),
+                };
+                inner.local.insert(reference.to_owned(), image.clone());
+                Ok(image)
             }
             None => Err(PipesError::ImageNotFound { image: reference.to_owned() }),
         }
     }
 
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
+        self.up()?;
+        self.calls.digests.fetch_add(1, Ordering::Relaxed);
+        let inner = self.lock();
+        inner
+            .registry
+            .get(reference)
+            .map(|(_, digest)| digest.clone())
+            .ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
+    }
+
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
         self.up()?;
         self.calls.runs.fetch_add(1, Ordering::Relaxed);
+        let reuse = {
+            let mut inner = self.lock();
+            let same_name = inner
+                .entries
+                .values()
+                .find(|e| e.instance.deployment == spec.deployment && e.spec.digest == spec.digest)
+                .map(|e| (e.instance.id.clone(), e.spec.hash == spec.hash));
+            match same_name {
+                // A generation coming back.
+                Some((id, true)) => Some(id),
+                // Made from another spec: replaced.
+                Some((id, false)) => {
+                    if let Some(mut old) = inner.entries.remove(&id) {
+                        halt(&mut old, 137);
+                    }
+                    None
+                }
+                None => None,
+            }
+        };
+        if let Some(id) = reuse {
+            return self.start(&id).await;
+        }
         let id = {
             let mut inner = self.lock();
-            if let Some(existing) = inner.entries.values().find(|e| e.instance.deployment == spec.deployment) {
-                return Err(PipesError::Engine {
-                    action: "create a container",
-                    detail: format!("{} exists already as {}", spec.deployment, existing.instance.id),
-                });
-            }
             inner.next_id += 1;
             let id = format!("fake{:08}", inner.next_id);
             let instance = Instance {
@@ -249,6 +313,7 @@ impl Backend for Fake {
                 port: Some(spec.port),
                 started_at: None,
                 address: None,
+                digest: spec.digest.clone(),
             };
             let (exit, _) = watch::channel(None);
             inner.entries.insert(id.clone(), Entry { instance, spec: spec.clone(), server: None, exit });
@@ -273,6 +338,8 @@ impl Backend for Fake {
         if let Some(entry) = self.lock().entries.get_mut(id) {
             if entry.instance.running {
                 halt(entry, 0);
+                self.emit(entry, EventKind::Died(Some(0)));
+                self.emit(entry, EventKind::Stopped);
             }
         }
         Ok(())
@@ -287,6 +354,7 @@ impl Backend for Fake {
         self.up()?;
         if let Some(mut entry) = self.lock().entries.remove(id) {
             halt(&mut entry, 137);
+            self.emit(&entry, EventKind::Destroyed);
         }
         Ok(())
     }
@@ -306,12 +374,17 @@ impl Backend for Fake {
         };
         std::iter::once(line).take(lines).collect()
     }
-}
 
-fn image_of(reference: &str, behaviour: Option<&Behaviour>) -> Image {
-    Image {
-        id: format!("sha256:{reference}"),
-        digest: Some(format!("{reference}@sha256:fake")),
-        exposed_tcp: behaviour.map(|b| b.exposed.clone()).unwrap_or_default(),
+    fn events(&self, _since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
+        futures_util::stream::unfold(self.events.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(event) => return Some((Ok(event), rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
     }
 }

@@ -14,9 +14,10 @@ pub mod fake;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -33,9 +34,12 @@ pub const LABEL_DEPLOYMENT: &str = "pipes.deployment";
 pub const LABEL_CONFIG_HASH: &str = "pipes.config-hash";
 /// Label holding the container port Pipes proxies to.
 pub const LABEL_PORT: &str = "pipes.port";
+/// Label holding the image digest (`sha256:…`) an instance was made from.
+pub const LABEL_DIGEST: &str = "pipes.digest";
 
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
-pub const RESERVED_LABELS: [&str; 5] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT];
+pub const RESERVED_LABELS: [&str; 6] =
+    [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST];
 
 /// The first 12 characters of an instance id, as `docker ps` shows it.
 pub fn short_id(id: &str) -> &str {
@@ -60,13 +64,42 @@ pub struct Instance {
     pub started_at: Option<String>,
     /// Where it answers, if it runs and Pipes can reach it.
     pub address: Option<SocketAddr>,
+    /// The image digest (`sha256:…`) it was made from, if known.
+    pub digest: Option<String>,
+}
+
+impl Instance {
+    /// When it last started, for telling generations apart; `None` if it never ran.
+    pub fn started(&self) -> Option<SystemTime> {
+        self.started_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok())
+    }
+
+    /// The generation: the first 12 hex digits of its digest.
+    pub fn generation(&self) -> Option<&str> {
+        self.digest.as_deref().map(generation_of)
+    }
+}
+
+/// The generation name of a digest: its first 12 hex digits, as in short ids.
+pub fn generation_of(digest: &str) -> &str {
+    let hex = digest.rsplit(':').next().unwrap_or(digest);
+    hex.get(..12).unwrap_or(hex)
+}
+
+/// Which of a deployment's instances is its current generation: the running
+/// one started last, else the one started last. A generation started by
+/// hand (`docker start`) or by a rollback becomes current that way, with no
+/// state outside the backend.
+pub fn current(instances: &[Instance]) -> Option<&Instance> {
+    let last_started = |a: &&Instance, b: &&Instance| a.started().cmp(&b.started());
+    instances.iter().filter(|i| i.running).max_by(last_started).or_else(|| instances.iter().max_by(last_started))
 }
 
 /// What Pipes needs to know of an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
     pub id: String,
-    /// The registry digest (`name@sha256:…`), if it came from a registry.
+    /// The registry digest (`sha256:…`) of the reference it was pulled by, if any.
     pub digest: Option<String>,
     /// Exposed TCP ports, sorted.
     pub exposed_tcp: Vec<u16>,
@@ -87,6 +120,40 @@ pub struct Spec {
     pub memory_bytes: u64,
     pub cpus: f64,
     pub restart: Restart,
+    /// The image's digest (`sha256:…`): the generation this instance is.
+    pub digest: Option<String>,
+}
+
+/// Something the backend did to one of this Pipes' instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The instance's id.
+    pub id: String,
+    pub deployment: Option<Deployment>,
+    pub kind: EventKind,
+    /// When, in nanoseconds since the Unix epoch (to resume after it).
+    pub time_nano: i64,
+}
+
+/// What happened to an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    Started,
+    /// It stopped running, with its exit code if known.
+    Died(Option<i64>),
+    Stopped,
+    Killed,
+    OutOfMemory,
+    Destroyed,
+    /// Its health check reported this status.
+    Health(String),
+}
+
+impl EventKind {
+    /// Whether the instance no longer runs after this.
+    pub fn ends_it(&self) -> bool {
+        matches!(self, EventKind::Died(_) | EventKind::Stopped | EventKind::Killed | EventKind::OutOfMemory | EventKind::Destroyed)
+    }
 }
 
 /// Credentials for the registry (`DOCKER_AUTH*`).
@@ -108,8 +175,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Every instance of this Pipes (`PIPES_INSTANCE`), running or not.
     async fn list(&self) -> Result<Vec<Instance>, PipesError>;
 
-    /// The instance of `d`, if one exists.
-    async fn instance(&self, d: &Deployment) -> Result<Option<Instance>, PipesError>;
+    /// Every instance (generation) of `d`, running or not.
+    async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError>;
 
     /// The image `reference` as the backend has it locally, if it does.
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError>;
@@ -117,9 +184,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Pulls `reference` with the configured credentials, then its facts.
     async fn pull(&self, reference: &str) -> Result<Image, PipesError>;
 
-    /// Creates an instance from `spec` and starts it. If the deployment's
-    /// instance exists already (another Pipes won the race), that one is
-    /// started and returned instead: there is never a second.
+    /// The digest (`sha256:…`) the registry holds for `reference` now, asked
+    /// with the configured credentials, without pulling.
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
+
+    /// Creates an instance from `spec` (one per deployment and digest) and
+    /// starts it. If that instance exists already (another Pipes won the
+    /// race, or a rollback target), it is started and returned when it was
+    /// made from the same spec, and replaced when not: there is never a second.
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError>;
 
     /// Starts a stopped instance and returns it as it then is.
@@ -140,4 +212,9 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The last `lines` lines the instance wrote (empty when unavailable).
     async fn logs(&self, id: &str, lines: usize) -> Vec<String>;
+
+    /// What happens to this Pipes' instances from now on (or since
+    /// `since_nano`), as it happens. The stream ends when the connection
+    /// does; the caller reconnects.
+    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>>;
 }

@@ -3,8 +3,10 @@
 //!
 //! Start a stopped instance of ours, or pull the image if it is missing and
 //! run a new instance, then probe it until it answers, watching for it to exit
-//! meanwhile. The backend decides what an instance is; this file decides when
-//! one is started, replaced, stopped or given up on.
+//! meanwhile. A deployment has generations, one instance per image digest its
+//! tag named: a redeploy makes the next one beside the current, a rollback
+//! starts the one before. The backend decides what an instance is; this file
+//! decides when one is started, replaced, stopped or given up on.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,7 +18,7 @@ use tokio::sync::Mutex;
 use super::probe;
 use super::slot::Upstream;
 use crate::config::{Defaults, Effective, Pull};
-use crate::engine::{short_id, Backend, Image, Instance, Spec};
+use crate::engine::{current, generation_of, short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::Settings;
@@ -87,6 +89,11 @@ impl Deployer {
         }
     }
 
+    /// The path part of `PIPES_REGISTRY`, if it has one.
+    pub fn registry_path(&self) -> Option<&str> {
+        self.registry.as_deref()?.split_once('/').map(|(_, path)| path)
+    }
+
     /// The config `d` runs with: its own over its repository's over the defaults.
     pub async fn effective(&self, d: &Deployment) -> Result<Effective, PipesError> {
         let tag = self.store.tag(d).await?;
@@ -95,11 +102,16 @@ impl Deployer {
     }
 
     /// Brings `d` to a running, answering instance and returns where it answers.
+    ///
+    /// The current generation is used if it runs, started if it is stopped and
+    /// made from the current config; otherwise a new instance is made from the
+    /// image (pulled when missing, or always if the config says so).
     pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
         let config = self.effective(d).await?;
         let image_ref = self.image_ref(d);
-        let instance = match self.backend.instance(d).await? {
-            Some(i) if i.running => i,
+        let instances = self.backend.instances(d).await?;
+        let instance = match current(&instances) {
+            Some(i) if i.running => i.clone(),
             Some(i) if i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
                 let admitted = self.admit().await?;
                 log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
@@ -107,17 +119,18 @@ impl Deployer {
                 drop(admitted);
                 started
             }
-            Some(i) => {
+            _ => {
                 let admitted = self.admit().await?;
-                log::info!("{d}: replacing instance {} made from another config", short_id(&i.id));
-                self.backend.remove(&i.id).await?;
-                self.run(d, &image_ref, &config, admitted).await?
-            }
-            None => {
-                let admitted = self.admit().await?;
-                self.run(d, &image_ref, &config, admitted).await?
+                let made = self.run(d, &image_ref, &config, config.pull == Pull::Always).await?;
+                drop(admitted);
+                made
             }
         };
+        self.answering(d, &instance, &config).await
+    }
+
+    /// The upstream of a started instance, once it answers.
+    async fn answering(&self, d: &Deployment, instance: &Instance, config: &Effective) -> Result<Upstream, PipesError> {
         if !instance.running {
             let code = instance.exit_code.unwrap_or(0);
             return Err(self.exit_failure(d, &instance.id, code).await);
@@ -126,16 +139,25 @@ impl Deployer {
             deployment: d.to_string(),
             reason: "the running instance has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
         })?;
-        self.until_ready(d, &instance.id, addr, &config).await?;
-        Ok(Upstream::new(addr, config.idle_timeout))
+        self.until_ready(d, &instance.id, addr, config).await?;
+        Ok(upstream_of(instance, addr, Some(config)))
     }
 
-    /// Pulls if needed, then runs a new instance of `d`.
-    async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, admitted: Admitted) -> Result<Instance, PipesError> {
-        let local = match config.pull {
-            Pull::Always => None,
-            Pull::Missing => self.backend.image(image_ref).await?,
+    /// The upstream of `d`'s current generation if it runs, without probing:
+    /// for taking over what a previous Pipes left running.
+    pub async fn running(&self, d: &Deployment) -> Result<Option<Upstream>, PipesError> {
+        let instances = self.backend.instances(d).await?;
+        let Some((instance, addr)) = current(&instances).filter(|i| i.running).and_then(|i| Some((i, i.address?))) else {
+            return Ok(None);
         };
+        let config = self.effective(d).await.ok();
+        Ok(Some(upstream_of(instance, addr, config.as_ref())))
+    }
+
+    /// Pulls if missing (or always when `fresh`), then runs an instance of
+    /// the image's generation.
+    async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, fresh: bool) -> Result<Instance, PipesError> {
+        let local = if fresh { None } else { self.backend.image(image_ref).await? };
         let image = match local {
             Some(image) => image,
             None => {
@@ -157,10 +179,70 @@ impl Deployer {
             memory_bytes: config.memory.0,
             cpus: config.cpus,
             restart: config.restart,
+            digest: image.digest,
         };
-        let instance = self.backend.run(&spec).await?;
-        drop(admitted);
-        Ok(instance)
+        self.backend.run(&spec).await
+    }
+
+    /// Makes a new generation from what the tag names in the registry now,
+    /// and returns it answering, or `None` when the tag still names `serving`.
+    /// A generation that fails to answer is removed, with its log lines in
+    /// the error: whatever serves now keeps serving.
+    pub async fn next_generation(&self, d: &Deployment, serving: Option<&str>) -> Result<Option<Upstream>, PipesError> {
+        let image_ref = self.image_ref(d);
+        let digest = self.backend.registry_digest(&image_ref).await?;
+        if serving == Some(digest.as_str()) {
+            return Ok(None);
+        }
+        let config = self.effective(d).await?;
+        log::info!("{d}: the tag now names {}", generation_of(&digest));
+        let instance = self.run(d, &image_ref, &config, true).await?;
+        if serving.is_some() && instance.digest.as_deref() == serving {
+            // The tag moved back between the question and the pull.
+            return Ok(None);
+        }
+        match self.answering(d, &instance, &config).await {
+            Ok(upstream) => Ok(Some(upstream)),
+            Err(e) => {
+                log::warn!("{d}: new generation {} failed, removing it: {e}", short_id(&instance.id));
+                if let Err(remove) = self.backend.remove(&instance.id).await {
+                    log::warn!("{d}: cannot remove failed instance {}: {remove}", short_id(&instance.id));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts the generation kept before the current one and returns it
+    /// answering; `current` is the instance serving now, if any.
+    pub async fn previous_generation(&self, d: &Deployment, current_id: Option<&str>) -> Result<Upstream, PipesError> {
+        let instances = self.backend.instances(d).await?;
+        let current_id = current_id.map(str::to_owned).or_else(|| current(&instances).map(|i| i.id.clone()));
+        let previous = instances
+            .iter()
+            .filter(|i| Some(&i.id) != current_id.as_ref())
+            .max_by_key(|i| i.started())
+            .ok_or_else(|| PipesError::NoPreviousGeneration { deployment: d.to_string() })?;
+        log::info!("{d}: rolling back to instance {}", short_id(&previous.id));
+        let config = self.effective(d).await?;
+        let started = self.backend.start(&previous.id).await?;
+        self.answering(d, &started, &config).await
+    }
+
+    /// Removes generations beyond the current one, the one before it, and
+    /// those still draining.
+    pub async fn prune(&self, d: &Deployment, current_id: &str, draining: &[String]) {
+        let Ok(instances) = self.backend.instances(d).await else { return };
+        let previous = instances.iter().filter(|i| i.id != current_id).max_by_key(|i| i.started()).map(|i| i.id.clone());
+        for old in instances {
+            let keep = old.id == current_id || Some(&old.id) == previous.as_ref() || draining.contains(&old.id);
+            if !keep {
+                log::info!("{d}: removing old generation {}", short_id(&old.id));
+                if let Err(e) = self.backend.remove(&old.id).await {
+                    log::warn!("{d}: cannot remove old generation {}: {e}", short_id(&old.id));
+                }
+            }
+        }
     }
 
     /// A place for one more running instance, unless `PIPES_MAX_CONTAINERS`
@@ -220,40 +302,64 @@ impl Deployer {
         Err(PipesError::NotReady { deployment: d.to_string(), timeout, probed: format!("GET http://{addr}{path}") })
     }
 
-    /// Stops `d`'s instance and keeps it.
+    /// Stops `d`'s running instances and keeps them.
     pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
-        match self.backend.instance(d).await? {
-            Some(i) => self.backend.stop(&i.id, STOP_GRACE).await,
-            None => Ok(()),
+        for i in self.backend.instances(d).await?.iter().filter(|i| i.running) {
+            self.backend.stop(&i.id, STOP_GRACE).await?;
         }
+        Ok(())
     }
 
-    /// Stops and removes `d`'s instance.
+    /// Stops `instance_id`, keeping it (a drained or idle generation).
+    pub async fn stop_instance(&self, instance_id: &str) -> Result<(), PipesError> {
+        self.backend.stop(instance_id, STOP_GRACE).await
+    }
+
+    /// Removes every generation of `d`.
     pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
-        match self.backend.instance(d).await? {
-            Some(i) => self.backend.remove(&i.id).await,
-            None => Ok(()),
+        for i in self.backend.instances(d).await? {
+            self.backend.remove(&i.id).await?;
         }
+        Ok(())
     }
 
-    /// Restarts `d`'s instance if it runs.
+    /// Restarts `d`'s current generation if it runs.
     pub async fn restart(&self, d: &Deployment) -> Result<(), PipesError> {
-        match self.backend.instance(d).await? {
+        match current(&self.backend.instances(d).await?) {
             Some(i) if i.running => self.backend.restart(&i.id, STOP_GRACE).await,
             _ => Ok(()),
         }
     }
 
-    /// The last `lines` lines of `d`'s instance, with its id.
+    /// The current generation of `d` and the one kept before it.
+    pub async fn generations(&self, d: &Deployment) -> Result<(Option<Instance>, Option<Instance>), PipesError> {
+        let instances = self.backend.instances(d).await?;
+        let now = current(&instances).cloned();
+        let previous = instances
+            .into_iter()
+            .filter(|i| Some(&i.id) != now.as_ref().map(|n| &n.id))
+            .max_by_key(|i| i.started());
+        Ok((now, previous))
+    }
+
+    /// The last `lines` lines of `d`'s current generation, with its id.
     pub async fn logs(&self, d: &Deployment, lines: usize) -> Result<(Option<String>, Vec<String>), PipesError> {
-        match self.backend.instance(d).await? {
+        match current(&self.backend.instances(d).await?) {
             Some(i) => {
                 let lines = self.backend.logs(&i.id, lines).await;
-                Ok((Some(i.id), lines))
+                Ok((Some(i.id.clone()), lines))
             }
             None => Ok((None, Vec::new())),
         }
     }
+}
+
+/// Where `instance` answers, with what its config says of idleness and watching.
+fn upstream_of(instance: &Instance, addr: SocketAddr, config: Option<&Effective>) -> Upstream {
+    let mut upstream = Upstream::new(instance.id.clone(), addr, instance.digest.clone());
+    upstream.idle_timeout = config.and_then(|c| c.idle_timeout);
+    upstream.watch = config.and_then(|c| c.watch);
+    upstream
 }
 
 /// The container port the image implies: its single exposed TCP port, else 80.

@@ -1,6 +1,6 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
-//! server: idle instances are stopped, and slots that never became
-//! deployments are dropped from the table.
+//! server: idle instances are stopped, watched tags are checked, and slots
+//! that never became deployments are dropped from the table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,8 +11,8 @@ use pingora::services::background::BackgroundService;
 
 use super::Fleet;
 
-/// How often instances are checked against their idle timeout.
-const IDLE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often instances are checked against their idle timeout and watch interval.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Slots are swept every this many checks.
 const SWEEP_EVERY_TICKS: u64 = 60;
 
@@ -31,13 +31,14 @@ impl Janitor {
 #[async_trait]
 impl BackgroundService for Janitor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut every = tokio::time::interval(IDLE_CHECK_INTERVAL);
+        let mut every = tokio::time::interval(CHECK_INTERVAL);
         for tick in 1u64.. {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = every.tick() => {}
             }
             self.fleet.stop_idle();
+            self.fleet.poll_tags();
             if tick % SWEEP_EVERY_TICKS == 0 {
                 let dropped = self.fleet.sweep();
                 if dropped > 0 {

@@ -14,9 +14,13 @@ mod deploy;
 mod janitor;
 mod probe;
 mod slot;
+mod watch;
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,17 +29,18 @@ use futures_util::future::FutureExt;
 
 use crate::auth::ScopedToken;
 use crate::config::{DeployConfig, Effective};
-use crate::engine::{short_id, Backend, Image, Instance};
+use crate::engine::{short_id, Backend, Event, EventKind, Image, Instance};
 use crate::error::PipesError;
 use crate::policy::Policy;
 use crate::route::{Deployment, DeploymentRef};
 use crate::settings::Settings;
 use crate::store::Store;
 use deploy::Deployer;
-use slot::Start;
+use slot::{now_ms, Start};
 
 pub use janitor::Janitor;
-pub use slot::{Slot, StartResult, Upstream};
+pub use slot::{Activity, OpenCount, Slot, StartResult, Upstream};
+pub use watch::Watcher;
 
 type Table = hashbrown::HashMap<Deployment, Arc<Slot>>;
 
@@ -92,10 +97,19 @@ pub struct Status {
     /// The image as the backend has it locally.
     pub image: Option<Image>,
     pub allowed: bool,
+    /// The current generation.
     pub instance: Option<Instance>,
+    /// The generation kept for a rollback.
+    pub previous: Option<Instance>,
     /// Where requests go, if the table has an upstream.
     pub upstream: Option<SocketAddr>,
     pub last_request_ms: Option<u64>,
+    /// Requests, upgraded connections and streams open on the upstream.
+    pub open_connections: usize,
+    /// When it counts as idle (Unix ms): `None` while something is open or
+    /// without an idle timeout.
+    pub idle_at_ms: Option<u64>,
+    pub idle_timeout: Option<Duration>,
     /// The effective config, or why it cannot be read.
     pub config: Result<Effective, PipesError>,
     /// The failure of the last start, while it is remembered.
@@ -110,6 +124,22 @@ pub struct Summary {
     pub instance_id: Option<String>,
     pub upstream: Option<SocketAddr>,
     pub last_request_ms: Option<u64>,
+}
+
+/// One generation, as a redeploy reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    pub instance: Option<String>,
+    pub digest: Option<String>,
+}
+
+/// What a redeploy or rollback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Switch {
+    /// The tag still names what serves.
+    Unchanged(Generation),
+    /// `current` serves now; `previous` drains and is kept stopped.
+    Replaced { previous: Generation, current: Generation },
 }
 
 /// A deployment's config layers and their merge.
@@ -127,9 +157,13 @@ pub struct Fleet {
     grow: Mutex<()>,
     policy: Policy,
     failure_ttl: Duration,
+    drain_timeout: Duration,
     deployer: Arc<Deployer>,
     /// The runtime that runs starts and backend calls.
     control: tokio::runtime::Handle,
+    /// Set when this process hands over or stops: it no longer stops idle
+    /// deployments or watches tags, which the next process does.
+    retired: AtomicBool,
 }
 
 impl Fleet {
@@ -141,9 +175,23 @@ impl Fleet {
             grow: Mutex::new(()),
             policy: settings.policy.clone(),
             failure_ttl: settings.failure_ttl,
+            drain_timeout: settings.drain_timeout,
             deployer: Arc::new(Deployer::new(backend, store, settings)),
             control,
+            retired: AtomicBool::new(false),
         }
+    }
+
+    /// Stops this fleet's upkeep (idle stops, tag watching, adoption), as the
+    /// process is about to hand over to another or stop.
+    pub fn retire(&self) {
+        if !self.retired.swap(true, Ordering::AcqRel) {
+            log::info!("handing over: no more idle stops or tag checks from this process");
+        }
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Whether the policy lets `d` run here.
@@ -211,34 +259,22 @@ impl Fleet {
         self.ready(slot).await
     }
 
-    /// Forgets the upstream and failure of a deployment whose instance is
-    /// about to change: the next request asks the backend again.
-    fn forget(&self, slot: &Slot) {
-        let mut cold = slot.lock_cold();
-        slot.set_upstream(None);
-        cold.failed = None;
-    }
-
-    /// Waits for a start under way, so an operation does not race it.
-    async fn settle(&self, slot: &Slot) {
-        let start = slot.lock_cold().starting.clone();
-        if let Some(start) = start {
-            let _ = start.await;
-        }
-    }
-
     /// Runs `op` on the deployer for `d` on the control runtime, after any
-    /// start under way settled and with the table no longer sending it requests.
+    /// other operation on `d` (a start among them) ended and with the table no
+    /// longer sending it requests.
     async fn operate<F, Fut>(&self, d: &Deployment, op: F) -> Result<(), PipesError>
     where
         F: FnOnce(Arc<Deployer>, Deployment) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), PipesError>> + Send + 'static,
     {
         let slot = self.slot(d.as_ref());
-        self.settle(&slot).await;
-        self.forget(&slot);
         let (deployer, d) = (self.deployer.clone(), d.clone());
-        self.on_control(async move { op(deployer, d).await }).await
+        self.on_control(async move {
+            let _op = slot.ops.lock().await;
+            slot.forget();
+            op(deployer, d).await
+        })
+        .await
     }
 
     /// Stops the deployment's instance and keeps it; the next request starts it again.
@@ -263,25 +299,254 @@ impl Fleet {
         self.ready(&self.slot(d.as_ref())).await
     }
 
-    /// Stops instances idle for longer than their `idle_timeout`; the stops
-    /// run on the control runtime.
+    /// Stops instances that have had nothing open for their `idle_timeout`;
+    /// the stops run on the control runtime.
     pub fn stop_idle(self: &Arc<Self>) {
-        let now = slot::now_ms();
+        if self.retired() {
+            return;
+        }
+        let now = now_ms();
         for slot in self.table.load().values() {
             let Some(up) = slot.upstream() else { continue };
-            let Some(idle) = up.idle_timeout else { continue };
-            let last = slot.last_request_ms().unwrap_or(0).max(up.ready_ms);
-            if now.saturating_sub(last) < u64::try_from(idle.as_millis()).unwrap_or(u64::MAX) {
+            if slot.idle_at_ms(&up).is_none_or(|at| now < at) {
                 continue;
             }
-            log::info!("{}: idle for {}, stopping its instance", slot.deployment, humantime::format_duration(idle));
+            let (fleet, slot) = (self.clone(), slot.clone());
+            self.control.spawn(async move { fleet.stop_if_idle(&slot, up).await });
+        }
+    }
+
+    /// Stops `seen` if it is still the deployment's upstream and still idle.
+    async fn stop_if_idle(&self, slot: &Slot, seen: Arc<Upstream>) {
+        // Something else changing the deployment wins; the next check sees it anew.
+        let Ok(_op) = slot.ops.try_lock() else { return };
+        {
+            let _cold = slot.lock_cold();
+            let same = slot.upstream().is_some_and(|up| Arc::ptr_eq(&up, &seen));
+            if !same || slot.idle_at_ms(&seen).is_none_or(|at| now_ms() < at) {
+                return;
+            }
+            slot.set_upstream(None);
+        }
+        // A request that took the upstream just before it left the table keeps it.
+        if seen.open() > 0 {
+            slot.set_upstream(Some(seen));
+            return;
+        }
+        let idle = seen.idle_timeout.map(humantime::format_duration);
+        log::info!("{}: nothing open for {}, stopping it", slot.deployment, idle.map(|i| i.to_string()).unwrap_or_default());
+        if let Err(e) = self.deployer.stop_instance(&seen.instance_id).await {
+            log::warn!("{}: cannot stop idle instance: {e}", slot.deployment);
+        }
+    }
+
+    /// Asks the registry for the tag of every running deployment whose
+    /// `watch` interval passed, and redeploys those whose tag moved. Each
+    /// deployment asks at most once per interval, jittered by up to ±10 %.
+    pub fn poll_tags(self: &Arc<Self>) {
+        if self.retired() {
+            return;
+        }
+        let now = now_ms();
+        for slot in self.table.load().values() {
+            let Some(every) = slot.upstream().and_then(|up| up.watch) else { continue };
+            let every_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+            let jitter = std::collections::hash_map::RandomState::new().hash_one((now, &slot.deployment)) % 200;
+            let next = now.saturating_add(every_ms.saturating_mul(900 + jitter) / 1000);
+            let due = slot.next_watch_ms.load(Ordering::Relaxed);
+            if due == 0 {
+                // First sight: the first check is one interval away.
+                slot.next_watch_ms.store(next, Ordering::Relaxed);
+                continue;
+            }
+            if now < due {
+                continue;
+            }
+            slot.next_watch_ms.store(next, Ordering::Relaxed);
             let (fleet, d) = (self.clone(), slot.deployment.clone());
             self.control.spawn(async move {
-                if let Err(e) = fleet.stop(&d).await {
-                    log::warn!("{d}: cannot stop idle instance: {e}");
+                match fleet.redeploy(&d).await {
+                    Ok(Switch::Unchanged(_)) => log::debug!("{d}: tag unchanged"),
+                    Ok(Switch::Replaced { current, .. }) => {
+                        log::info!("{d}: the tag moved; now serving {}", current.digest.unwrap_or_default())
+                    }
+                    Err(e) => log::warn!("{d}: tag check failed: {e}"),
                 }
             });
         }
+    }
+
+    /// Moves `d` to what its tag names now: a new generation beside the
+    /// current one, probed, switched to, and the old one drained and kept.
+    /// A new generation that fails leaves the current one serving.
+    pub async fn redeploy(self: &Arc<Self>, d: &Deployment) -> Result<Switch, PipesError> {
+        let (fleet, slot) = (self.clone(), self.slot(d.as_ref()));
+        self.on_control(async move {
+            let _op = slot.ops.lock().await;
+            let d = &slot.deployment;
+            let serving = slot.upstream();
+            let was = match &serving {
+                Some(up) => Generation { instance: Some(up.instance_id.clone()), digest: up.digest.clone() },
+                None => {
+                    let (now, _) = fleet.deployer.generations(d).await?;
+                    Generation { instance: now.as_ref().map(|i| i.id.clone()), digest: now.and_then(|i| i.digest) }
+                }
+            };
+            match fleet.deployer.next_generation(d, was.digest.as_deref()).await? {
+                None => Ok(Switch::Unchanged(was)),
+                Some(next) => Ok(fleet.switch(&slot, next, was).await),
+            }
+        })
+        .await
+    }
+
+    /// Redeploys `d` in the background, logging the outcome (for webhooks,
+    /// which must be answered at once).
+    pub fn redeploy_later(self: &Arc<Self>, d: Deployment) {
+        let fleet = self.clone();
+        self.control.spawn(async move {
+            match fleet.redeploy(&d).await {
+                Ok(Switch::Unchanged(_)) => log::info!("{d}: pushed, but the tag names what serves already"),
+                Ok(Switch::Replaced { current, .. }) => {
+                    log::info!("{d}: redeployed after a push; now {}", current.digest.unwrap_or_default())
+                }
+                Err(e) => log::warn!("{d}: redeploy after a push failed, the previous generation keeps serving: {e}"),
+            }
+        });
+    }
+
+    /// Whether `d` is served now (its upstream is in the table).
+    pub fn serving(&self, d: DeploymentRef<'_>) -> bool {
+        self.get(d).is_some_and(|s| s.upstream().is_some())
+    }
+
+    /// The path part of `PIPES_REGISTRY` (`team` in `registry.example.com/team`),
+    /// which a registry's own notifications put before `user/repo`.
+    pub fn registry_path(&self) -> Option<&str> {
+        self.deployer.registry_path()
+    }
+
+    /// Brings back the generation kept before the current one.
+    pub async fn rollback(self: &Arc<Self>, d: &Deployment) -> Result<Switch, PipesError> {
+        let (fleet, slot) = (self.clone(), self.slot(d.as_ref()));
+        self.on_control(async move {
+            let _op = slot.ops.lock().await;
+            let serving = slot.upstream();
+            let was = Generation {
+                instance: serving.as_ref().map(|u| u.instance_id.clone()),
+                digest: serving.as_ref().and_then(|u| u.digest.clone()),
+            };
+            let back = fleet.deployer.previous_generation(&slot.deployment, was.instance.as_deref()).await?;
+            Ok(fleet.switch(&slot, back, was).await)
+        })
+        .await
+    }
+
+    /// Points the table at `next`; the upstream it replaces drains and stops.
+    /// The caller holds the slot's operation lock.
+    async fn switch(self: &Arc<Self>, slot: &Arc<Slot>, next: Upstream, was: Generation) -> Switch {
+        let next = Arc::new(next);
+        let old = {
+            let mut cold = slot.lock_cold();
+            cold.failed = None;
+            let old = slot.upstream();
+            if let Some(old) = &old {
+                cold.draining.push(old.instance_id.clone());
+            }
+            slot.set_upstream(Some(next.clone()));
+            old
+        };
+        log::info!("{}: now served by {} ({})", slot.deployment, short_id(&next.instance_id), next.digest.as_deref().unwrap_or("no digest"));
+        match old {
+            Some(old) => self.drain(slot.clone(), old),
+            None => self.deployer.prune(&slot.deployment, &next.instance_id, &[]).await,
+        }
+        Switch::Replaced { previous: was, current: Generation { instance: Some(next.instance_id.clone()), digest: next.digest.clone() } }
+    }
+
+    /// Lets what is open on `old` finish (up to `PIPES_DRAIN_TIMEOUT`), then
+    /// stops it and keeps it as the previous generation.
+    fn drain(self: &Arc<Self>, slot: Arc<Slot>, old: Arc<Upstream>) {
+        let fleet = self.clone();
+        self.control.spawn(async move {
+            let deadline = tokio::time::Instant::now() + fleet.drain_timeout;
+            while old.open() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let d = &slot.deployment;
+            match old.open() {
+                0 => log::info!("{d}: instance {} drained, stopping it", short_id(&old.instance_id)),
+                n => log::warn!("{d}: {n} connection(s) still open on {} after the drain timeout; stopping it", short_id(&old.instance_id)),
+            }
+            let _op = slot.ops.lock().await;
+            if let Err(e) = fleet.deployer.stop_instance(&old.instance_id).await {
+                log::warn!("{d}: cannot stop drained instance {}: {e}", short_id(&old.instance_id));
+            }
+            let draining = {
+                let mut cold = slot.lock_cold();
+                cold.draining.retain(|id| *id != old.instance_id);
+                cold.draining.clone()
+            };
+            if let Some(current) = slot.upstream() {
+                fleet.deployer.prune(d, &current.instance_id, &draining).await;
+            }
+        });
+    }
+
+    /// Keeps the table true to what the backend did: an instance that stopped
+    /// leaves the table at once; one that started (by hand, by its restart
+    /// policy) and is not served yet is probed and adopted.
+    pub(crate) fn on_event(self: &Arc<Self>, event: &Event) {
+        let Some(d) = &event.deployment else { return };
+        match &event.kind {
+            kind if kind.ends_it() => {
+                if let Some(slot) = self.get(d.as_ref()) {
+                    if slot.retract(&event.id) {
+                        log::info!("{d}: instance {} {kind:?}: no more requests go to it", short_id(&event.id));
+                    }
+                }
+            }
+            EventKind::Started => self.adopt_running(d),
+            EventKind::Health(status) => log::debug!("{d}: instance {} is {status}", short_id(&event.id)),
+            _ => {}
+        }
+    }
+
+    /// Level-triggered repair: drops upstreams whose instance no longer runs,
+    /// and adopts running instances the table does not serve.
+    pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<(), PipesError> {
+        let deployer = self.deployer.clone();
+        let instances = self.on_control(async move { deployer.backend().list().await }).await?;
+        let running: HashSet<&str> = instances.iter().filter(|i| i.running).map(|i| i.id.as_str()).collect();
+        for slot in self.table.load().values() {
+            if let Some(up) = slot.upstream() {
+                if !running.contains(up.instance_id.as_str()) && slot.retract(&up.instance_id) {
+                    log::info!("{}: instance {} no longer runs: no more requests go to it", slot.deployment, short_id(&up.instance_id));
+                }
+            }
+        }
+        for instance in instances.iter().filter(|i| i.running) {
+            self.adopt_running(&instance.deployment);
+        }
+        Ok(())
+    }
+
+    /// Starts serving `d` through the usual start (which finds its running
+    /// instance and probes it), unless it is served or starting already.
+    fn adopt_running(self: &Arc<Self>, d: &Deployment) {
+        if self.retired() || !self.allows(d.as_ref()) {
+            return;
+        }
+        let slot = self.slot(d.as_ref());
+        if slot.upstream().is_some() || slot.starting() {
+            return;
+        }
+        let fleet = self.clone();
+        self.control.spawn(async move {
+            if let Err(e) = fleet.ready(&slot).await {
+                log::debug!("{}: not adopted: {e}", slot.deployment);
+            }
+        });
     }
 
     /// Starts a deployment, or joins the start already under way.
@@ -311,8 +576,13 @@ impl Fleet {
     fn spawn_start(&self, slot: Arc<Slot>) -> Start {
         let deployer = self.deployer.clone();
         let task = self.control.spawn(async move {
+            let _op = slot.ops.lock().await;
             let began = Instant::now();
-            let result = deployer.deploy(&slot.deployment).await.map(Arc::new);
+            // An operation that just ended may have made it serve (a rollback, an adoption).
+            let result = match slot.upstream() {
+                Some(up) => Ok(up),
+                None => deployer.deploy(&slot.deployment).await.map(Arc::new),
+            };
             let mut cold = slot.lock_cold();
             cold.starting = None;
             match &result {
@@ -368,18 +638,25 @@ impl Fleet {
         })
     }
 
-    /// Takes over the instances this Pipes left running or stopped.
+    /// Takes over the instances this Pipes left running or stopped: the
+    /// current generation of each deployment serves again at once.
     pub async fn adopt(&self) -> Result<usize, PipesError> {
         let deployer = self.deployer.clone();
         let listed = self.on_control(async move { deployer.backend().list().await }).await?;
-        for instance in &listed {
-            let d = &instance.deployment;
+        let mut deployments: Vec<&Deployment> = listed.iter().map(|i| &i.deployment).collect();
+        deployments.sort();
+        deployments.dedup();
+        for d in deployments {
+            let (deployer, key) = (self.deployer.clone(), d.clone());
+            let running = self.on_control(async move { deployer.running(&key).await }).await?;
             let slot = self.slot(d.as_ref());
-            if let (true, Some(addr)) = (instance.running, instance.address) {
-                let idle = self.deployer.effective(d).await.ok().and_then(|c| c.idle_timeout);
-                slot.set_upstream(Some(Arc::new(Upstream::new(addr, idle))));
+            match running {
+                Some(up) => {
+                    log::info!("adopted {d}: instance {} serves at {}", short_id(&up.instance_id), up.addr);
+                    slot.set_upstream(Some(Arc::new(up)));
+                }
+                None => log::info!("adopted {d}: stopped"),
             }
-            log::info!("adopted {d} (instance {}, running: {})", short_id(&instance.id), instance.running);
         }
         Ok(listed.len())
     }
@@ -398,14 +675,15 @@ impl Fleet {
     /// Everything known of `d`, from the table, the backend and the store.
     pub async fn status(&self, d: &Deployment) -> Result<Status, PipesError> {
         let (deployer, key) = (self.deployer.clone(), d.clone());
-        let (instance, image, config) = self
+        let ((instance, previous), image, config) = self
             .on_control(async move {
-                let instance = deployer.backend().instance(&key).await?;
+                let generations = deployer.generations(&key).await?;
                 let image = deployer.backend().image(&deployer.image_ref(&key)).await?;
-                Ok((instance, image, deployer.effective(&key).await))
+                Ok((generations, image, deployer.effective(&key).await))
             })
             .await?;
         let slot = self.get(d.as_ref());
+        let upstream = slot.as_deref().and_then(Slot::upstream);
         Ok(Status {
             deployment: d.clone(),
             state: State::of(slot.as_deref(), instance.as_ref(), self.failure_ttl),
@@ -413,8 +691,12 @@ impl Fleet {
             image,
             allowed: self.allows(d.as_ref()),
             instance,
-            upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
+            previous,
+            upstream: upstream.as_ref().map(|u| u.addr),
             last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),
+            open_connections: upstream.as_ref().map_or(0, |u| u.open()),
+            idle_at_ms: upstream.as_ref().and_then(|u| slot.as_deref()?.idle_at_ms(u)),
+            idle_timeout: upstream.as_ref().and_then(|u| u.idle_timeout),
             config,
             last_error: slot.as_deref().and_then(|s| s.failure(self.failure_ttl)),
         })
@@ -432,7 +714,8 @@ impl Fleet {
             .into_iter()
             .map(|d| {
                 let slot = self.get(d.as_ref());
-                let instance = instances.iter().find(|i| i.deployment == d);
+                let mine: Vec<Instance> = instances.iter().filter(|i| i.deployment == d).cloned().collect();
+                let instance = crate::engine::current(&mine);
                 Summary {
                     state: State::of(slot.as_deref(), instance, self.failure_ttl),
                     instance_id: instance.map(|i| i.id.clone()),

@@ -1,45 +1,145 @@
 //! One deployment in the table: where it answers (the hot path reads this
-//! with one atomic load) and what only the cold path touches.
+//! with one atomic load), what is open on it, and what only the cold path
+//! touches.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{BoxFuture, Shared};
 use pingora::upstreams::peer::HttpPeer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::PipesError;
 use crate::route::Deployment;
 
-/// How long Pipes waits to connect to a container that should be running.
+/// How long Pipes waits to connect to an instance that should be running.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Resolution of the last-request time; idle timeouts are at least a second.
+/// Resolution of the last-activity time; idle timeouts are at least a second.
 const TOUCH_RESOLUTION_MS: u64 = 100;
+/// Requests that waited for a start reach the fresh instance this many at a
+/// time: a burst of first requests must not overflow a small listen backlog
+/// (a dropped SYN costs a one-second retransmit).
+const WARMUP_CONCURRENCY: usize = 32;
 
 /// A running instance that answered: where requests for a deployment go.
 #[derive(Debug)]
 pub struct Upstream {
+    /// The backend's id of the instance.
+    pub instance_id: String,
     pub addr: SocketAddr,
-    /// Stop the instance after this long without requests.
+    /// The image digest the instance runs, if known.
+    pub digest: Option<String>,
+    /// Stop the instance after this long with nothing open.
     pub idle_timeout: Option<Duration>,
+    /// Ask the registry for the tag's digest this often.
+    pub watch: Option<Duration>,
     /// Unix time in milliseconds when it became ready.
     pub ready_ms: u64,
     peer: HttpPeer,
+    open: OpenCount,
+    warmup: Arc<Semaphore>,
 }
 
 impl Upstream {
-    /// An upstream at `addr`.
-    pub fn new(addr: SocketAddr, idle_timeout: Option<Duration>) -> Self {
+    /// An upstream at `addr`, served by instance `instance_id`.
+    pub fn new(instance_id: String, addr: SocketAddr, digest: Option<String>) -> Self {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(CONNECT_TIMEOUT);
-        Upstream { addr, idle_timeout, ready_ms: now_ms(), peer }
+        Upstream {
+            instance_id,
+            addr,
+            digest,
+            idle_timeout: None,
+            watch: None,
+            ready_ms: now_ms(),
+            peer,
+            open: OpenCount::default(),
+            warmup: Arc::new(Semaphore::new(WARMUP_CONCURRENCY)),
+        }
     }
 
     /// The peer Pingora connects to for one request.
     pub fn peer(&self) -> Box<HttpPeer> {
         Box::new(self.peer.clone())
+    }
+
+    /// Requests, upgraded connections and streaming responses open on it now.
+    pub fn open(&self) -> usize {
+        self.open.total()
+    }
+
+    /// A place among the requests that reach a fresh instance at once.
+    pub async fn warmup_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.warmup.clone().acquire_owned().await.ok()
+    }
+}
+
+/// A count that many threads change often and few read: one cache line per
+/// shard, so proxy threads do not bounce a shared line on every request.
+#[derive(Debug, Default)]
+pub struct OpenCount([Shard; SHARDS]);
+
+const SHARDS: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(AtomicI64);
+
+impl OpenCount {
+    /// Zero.
+    pub const fn new() -> Self {
+        OpenCount([const { Shard(AtomicI64::new(0)) }; SHARDS])
+    }
+
+    fn shard(&self) -> &AtomicI64 {
+        thread_local! {
+            static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let i = SHARD.with(|s| {
+            if s.get() == usize::MAX {
+                s.set(NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS);
+            }
+            s.get()
+        });
+        &self.0[i].0
+    }
+
+    /// Adds `n` (which may be negative) on this thread's shard.
+    pub fn add(&self, n: i64) {
+        self.shard().fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum over all shards.
+    pub fn total(&self) -> usize {
+        let sum: i64 = self.0.iter().map(|s| s.0.load(Ordering::Relaxed)).sum();
+        usize::try_from(sum).unwrap_or(0)
+    }
+}
+
+/// Something open on an upstream — a request, an upgraded connection, a
+/// streaming response — from when it was routed until Pipes is done with it,
+/// whichever way that ends. Idle time counts from when the last one ended.
+pub struct Activity {
+    slot: Arc<Slot>,
+    upstream: Arc<Upstream>,
+}
+
+impl Activity {
+    /// The upstream it is open on.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for Activity {
+    fn drop(&mut self) {
+        self.upstream.open.add(-1);
+        self.slot.touch();
     }
 }
 
@@ -55,15 +155,22 @@ pub(super) struct Cold {
     pub starting: Option<Start>,
     /// The last failed start, remembered for `PIPES_FAILURE_TTL`.
     pub failed: Option<(Instant, PipesError)>,
+    /// Instances that no longer get new requests and finish open ones.
+    pub draining: Vec<String>,
 }
 
 /// One deployment in the table.
 pub struct Slot {
     pub deployment: Deployment,
     upstream: ArcSwapOption<Upstream>,
-    /// Unix time in milliseconds of the last proxied request; 0 if none.
-    last_request_ms: AtomicU64,
+    /// Unix time in milliseconds of the last request's start or end; 0 if none.
+    last_activity_ms: AtomicU64,
+    /// Unix time in milliseconds when the tag's digest is next asked for.
+    pub(super) next_watch_ms: AtomicU64,
     cold: Mutex<Cold>,
+    /// Held by whatever changes the deployment's instances (start, stop,
+    /// redeploy, …), so they happen one at a time and in order.
+    pub(super) ops: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
@@ -71,8 +178,10 @@ impl Slot {
         Slot {
             deployment,
             upstream: ArcSwapOption::empty(),
-            last_request_ms: AtomicU64::new(0),
+            last_activity_ms: AtomicU64::new(0),
+            next_watch_ms: AtomicU64::new(0),
             cold: Mutex::new(Cold::default()),
+            ops: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -86,21 +195,58 @@ impl Slot {
         self.upstream.store(upstream);
     }
 
-    /// Records a proxied request, for idle accounting.
+    /// Opens an [`Activity`] on `upstream` for one routed request.
+    #[inline]
+    pub fn begin(self: &Arc<Self>, upstream: Arc<Upstream>) -> Activity {
+        upstream.open.add(1);
+        self.touch();
+        Activity { slot: self.clone(), upstream }
+    }
+
+    /// Records activity, for idle accounting.
     ///
     /// Writes at most every `TOUCH_RESOLUTION_MS`: a store on every request
     /// would bounce this cache line between the proxy threads.
     #[inline]
-    pub fn touch(&self) {
+    fn touch(&self) {
         let now = now_ms();
-        if now.saturating_sub(self.last_request_ms.load(Ordering::Relaxed)) >= TOUCH_RESOLUTION_MS {
-            self.last_request_ms.store(now, Ordering::Relaxed);
+        if now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)) >= TOUCH_RESOLUTION_MS {
+            self.last_activity_ms.store(now, Ordering::Relaxed);
         }
     }
 
-    /// Unix time in milliseconds of the last proxied request.
+    /// Unix time in milliseconds of the last request's start or end.
     pub fn last_request_ms(&self) -> Option<u64> {
-        Some(self.last_request_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+        Some(self.last_activity_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0)
+    }
+
+    /// When the deployment counts as idle, in Unix milliseconds: `None` while
+    /// something is open on it or it has no idle timeout.
+    pub fn idle_at_ms(&self, upstream: &Upstream) -> Option<u64> {
+        let idle = u64::try_from(upstream.idle_timeout?.as_millis()).unwrap_or(u64::MAX);
+        if upstream.open() > 0 {
+            return None;
+        }
+        let last = self.last_request_ms().unwrap_or(0).max(upstream.ready_ms);
+        Some(last.saturating_add(idle))
+    }
+
+    /// Takes the deployment out of the table and forgets its failure: the
+    /// next request asks the backend again.
+    pub(super) fn forget(&self) {
+        let mut cold = self.lock_cold();
+        self.set_upstream(None);
+        cold.failed = None;
+    }
+
+    /// Takes `upstream` out of the table if it is still there; whether it was.
+    pub(super) fn retract(&self, instance_id: &str) -> bool {
+        let _cold = self.lock_cold();
+        let there = self.upstream().is_some_and(|up| up.instance_id == instance_id);
+        if there {
+            self.set_upstream(None);
+        }
+        there
     }
 
     /// Whether a start is under way.
@@ -123,4 +269,41 @@ impl Slot {
 /// Unix time in milliseconds.
 pub(super) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_counts_sum_across_threads() {
+        let up = Arc::new(Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None));
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap()));
+        let held: Vec<Activity> = (0..3).map(|_| slot.begin(up.clone())).collect();
+        let moved = std::thread::spawn({
+            let (slot, up) = (slot.clone(), up.clone());
+            move || slot.begin(up)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(up.open(), 4);
+        // Ended on another thread than it began: the sum is still right.
+        std::thread::spawn(move || drop(moved)).join().unwrap();
+        drop(held);
+        assert_eq!(up.open(), 0);
+        assert!(slot.last_request_ms().is_some());
+    }
+
+    #[test]
+    fn idle_counts_from_the_last_activity_and_never_while_open() {
+        let mut up = Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None);
+        up.idle_timeout = Some(Duration::from_secs(10));
+        let up = Arc::new(up);
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap()));
+        let activity = slot.begin(up.clone());
+        assert_eq!(slot.idle_at_ms(&up), None);
+        drop(activity);
+        let at = slot.idle_at_ms(&up).unwrap();
+        assert!(at >= slot.last_request_ms().unwrap() + 10_000);
+    }
 }

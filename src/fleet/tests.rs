@@ -38,11 +38,16 @@ impl Harness {
         Harness { fleet, fake, dir }
     }
 
-    /// Publishes `alice/{repo}:{tag}` in the fake registry.
+    /// Publishes `key` (`user/repo:tag`) in the fake registry.
     fn publish(&self, key: &str, behaviour: Behaviour) -> Deployment {
+        self.push(key, behaviour);
+        Deployment::parse(key).expect("a key")
+    }
+
+    /// Pushes `key` again: a new digest, which it returns.
+    fn push(&self, key: &str, behaviour: Behaviour) -> String {
         let d = Deployment::parse(key).expect("a key");
-        self.fake.publish(&format!("registry.test/{}/{}:{}", d.user, d.repo, d.tag), behaviour);
-        d
+        self.fake.publish(&format!("registry.test/{}/{}:{}", d.user, d.repo, d.tag), behaviour)
     }
 
     async fn ready(&self, d: &Deployment) -> StartResult {
@@ -155,7 +160,12 @@ async fn a_refused_connection_starts_the_deployment_again() {
     let d = h.publish("alice/app:v1", Behaviour::default());
     let first = h.ready(&d).await.unwrap();
     h.fake.kill(&d);
-    assert!(tokio::net::TcpStream::connect(first.addr).await.is_err(), "the killed instance refuses");
+    // Its listener closes once the aborted server task is dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(first.addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the killed instance refuses");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let slot = h.fleet.slot(d.as_ref());
     let second = h.fleet.recover(&slot, first.addr).await.expect("recovered");
     assert_ne!(first.addr, second.addr);
@@ -252,4 +262,158 @@ async fn an_unreachable_backend_is_a_503() {
     let e = h.ready(&d).await.unwrap_err();
     assert_eq!(e.status(), 503, "{e}");
     assert!(h.fleet.status(&d).await.is_err());
+}
+
+/// `d`'s upstream right now.
+fn upstream_of(h: &Harness, d: &Deployment) -> Option<Arc<Upstream>> {
+    h.fleet.get(d.as_ref()).and_then(|s| s.upstream())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_switches_to_the_new_digest_and_keeps_the_old_stopped() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let first = h.ready(&d).await.unwrap();
+    assert_eq!(h.fleet.redeploy(&d).await.unwrap(), Switch::Unchanged(Generation {
+        instance: Some(first.instance_id.clone()),
+        digest: first.digest.clone(),
+    }));
+    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "an unchanged tag makes nothing");
+
+    let pushed = h.push("alice/app:v1", Behaviour::default());
+    let Switch::Replaced { previous, current } = h.fleet.redeploy(&d).await.unwrap() else { panic!("replaced") };
+    assert_eq!(previous.instance.as_deref(), Some(first.instance_id.as_str()));
+    assert_eq!(current.digest.as_deref(), Some(pushed.as_str()));
+    let now = upstream_of(&h, &d).unwrap();
+    assert_eq!(now.digest.as_deref(), Some(pushed.as_str()), "the table points at the new generation");
+    let (fake, d2) = (h.fake.clone(), d.clone());
+    eventually("the old generation is drained and stopped", move || fake.running(&d2) == [now.instance_id.clone()]).await;
+    assert_eq!(h.fake.instance_count(), 2, "the previous generation is kept");
+
+    // One more push: the oldest generation goes, one previous stays.
+    h.publish("alice/app:v1", Behaviour::default());
+    h.fleet.redeploy(&d).await.unwrap();
+    let fake = h.fake.clone();
+    eventually("only two generations are kept", move || fake.instance_count() == 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_push_never_replaces_a_good_instance() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let good = h.ready(&d).await.unwrap();
+    h.publish("alice/app:v1", Behaviour { exit_code: Some(2), ..Behaviour::default() });
+    match h.fleet.redeploy(&d).await.unwrap_err() {
+        PipesError::Exited { code, logs, .. } => {
+            assert_eq!(code, 2);
+            assert!(!logs.is_empty(), "the failed generation's log is in the answer");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(Arc::ptr_eq(&upstream_of(&h, &d).unwrap(), &good), "the good instance keeps serving");
+    assert_eq!(h.fake.instance_count(), 1, "the failed generation was removed");
+    assert!(h.fleet.slot(d.as_ref()).failure(Duration::from_secs(3600)).is_none(), "no failure is remembered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_waits_for_what_is_open_on_the_old_generation() {
+    let h = Harness::new(&[("PIPES_DRAIN_TIMEOUT", "30s")]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let old = h.ready(&d).await.unwrap();
+    let slot = h.fleet.slot(d.as_ref());
+    let open = slot.begin(old.clone());
+    h.publish("alice/app:v1", Behaviour::default());
+    h.fleet.redeploy(&d).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.fake.running(&d).contains(&old.instance_id), "still running while a connection is open on it");
+    drop(open);
+    let (fake, d2, id) = (h.fake.clone(), d.clone(), old.instance_id.clone());
+    eventually("stopped once the connection ended", move || !fake.running(&d2).contains(&id)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_brings_back_the_previous_generation() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    assert_eq!(h.ready(&d).await.map(|_| ()).and(h.fleet.rollback(&d).await.map(|_| ())).unwrap_err().status(), 409);
+    let first = upstream_of(&h, &d).unwrap();
+    h.publish("alice/app:v1", Behaviour::default());
+    h.fleet.redeploy(&d).await.unwrap();
+    let second = upstream_of(&h, &d).unwrap();
+    let (fake, d2, id) = (h.fake.clone(), d.clone(), second.instance_id.clone());
+    eventually("the first generation drained", move || fake.running(&d2) == [id.clone()]).await;
+
+    let Switch::Replaced { current, previous } = h.fleet.rollback(&d).await.unwrap() else { panic!("replaced") };
+    assert_eq!(current.instance.as_deref(), Some(first.instance_id.as_str()));
+    assert_eq!(previous.instance.as_deref(), Some(second.instance_id.as_str()));
+    assert_eq!(upstream_of(&h, &d).unwrap().instance_id, first.instance_id);
+    let (fake, d2, id) = (h.fake.clone(), d.clone(), first.instance_id.clone());
+    eventually("the rolled-back-from generation stops", move || fake.running(&d2) == [id.clone()]).await;
+    assert_eq!(h.fake.instance_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_counts_from_when_the_last_open_connection_ended() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/idle:v1", Behaviour::default());
+    h.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
+    let up = h.ready(&d).await.unwrap();
+    let open = h.fleet.slot(d.as_ref()).begin(up.clone());
+    let until = Instant::now() + Duration::from_millis(1600);
+    while Instant::now() < until {
+        h.fleet.stop_idle();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.fake.is_running(&d), "an open connection keeps it running past its idle timeout");
+    drop(open);
+    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
+    eventually("stopped an idle timeout after the connection ended", move || {
+        fleet.stop_idle();
+        !fake.is_running(&d2)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_keep_the_table_true_without_a_request() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let up = h.ready(&d).await.unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let watcher = Watcher::new(h.fleet.clone());
+    let watching = tokio::spawn(async move { pingora::services::background::BackgroundService::start(&watcher, shutdown).await });
+
+    h.fake.kill(&d);
+    let fleet = h.fleet.clone();
+    let d2 = d.clone();
+    eventually("a killed instance leaves the table", move || fleet.get(d2.as_ref()).unwrap().upstream().is_none()).await;
+    assert_eq!(h.fleet.status(&d).await.unwrap().state, State::Stopped);
+
+    // Started by hand: adopted, probed, served.
+    h.fake.start(&up.instance_id).await.unwrap();
+    let fleet = h.fleet.clone();
+    let d2 = d.clone();
+    eventually("a started instance is adopted", move || fleet.get(d2.as_ref()).unwrap().upstream().is_some()).await;
+    stop.send(true).unwrap();
+    watching.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_tag_is_redeployed_when_it_moves() {
+    let h = Harness::new(&[("PIPES_WATCH", "1s")]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.ready(&d).await.unwrap();
+    let pushed = h.push("alice/app:v1", Behaviour::default());
+    let (fleet, d2) = (h.fleet.clone(), d.clone());
+    eventually("the new digest serves", move || {
+        fleet.poll_tags();
+        upstream_of_fleet(&fleet, &d2).and_then(|u| u.digest.clone()).as_deref() == Some(pushed.as_str())
+    })
+    .await;
+    let asked = h.fake.calls.digests.load(Ordering::Relaxed);
+    assert!(asked <= 3, "at most one question per interval: {asked}");
+}
+
+fn upstream_of_fleet(fleet: &Fleet, d: &Deployment) -> Option<Arc<Upstream>> {
+    fleet.get(d.as_ref()).and_then(|s| s.upstream())
 }

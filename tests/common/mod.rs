@@ -128,6 +128,22 @@ impl Fixtures {
         self.publish(repo, tag, "")
     }
 
+    /// Pushes a new image under `repo:tag` (a new digest) answering with
+    /// `id` as identity, with extra Dockerfile lines.
+    pub fn push(&mut self, repo: &str, tag: &str, id: &str, extra: &str) -> String {
+        let reference = self.reference(repo, tag);
+        build_image(
+            &reference,
+            &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n{extra}\n", env().fixture),
+        );
+        docker_ok(&["push", "-q", &reference]);
+        docker_ok(&["rmi", &reference]);
+        if !self.refs.contains(&reference) {
+            self.refs.push(reference.clone());
+        }
+        reference
+    }
+
     /// The host name of `repo:tag` of this user under `domain`.
     pub fn host(&self, repo: &str, tag: &str, domain: &str) -> String {
         format!("{tag}.{repo}.{}.{domain}", self.user)
@@ -153,6 +169,28 @@ pub struct Pipes {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
+/// (from `/proc`: the listening socket's inode among the process's files).
+fn listens(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
+    let local = format!("0100007F:{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address, state 0A (LISTEN), inode
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")).then(|| fields.get(9).map(|s| s.to_string()))?
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|target| inodes.iter().any(|inode| target.to_string_lossy() == format!("socket:[{inode}]")))
+            .unwrap_or(false)
+    })
 }
 
 impl Pipes {
@@ -185,7 +223,16 @@ impl Pipes {
         let instance = unique("t");
         let dir = std::env::temp_dir().join(format!("pipes-{instance}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
+        // Its own pid file and upgrade socket, so tests can upgrade in parallel.
+        let conf = dir.join("pipes.yaml");
+        let yaml = format!(
+            "---\nversion: 1\nthreads: 2\ngraceful_shutdown_timeout_seconds: 1\npid_file: {}\nupgrade_sock: {}\n",
+            dir.join("pipes.pid").display(),
+            dir.join("upgrade.sock").display()
+        );
+        std::fs::write(&conf, yaml).expect("server configuration");
         let mut env = Self::base_env(&instance, port, &dir);
+        env.push(("PIPES_SERVER_CONF".into(), conf.display().to_string()));
         for (name, value) in changes {
             env.retain(|(k, _)| k != name);
             if let Some(v) = value {
@@ -197,29 +244,63 @@ impl Pipes {
         pipes
     }
 
-    fn spawn(&mut self) {
+    fn command(&self, args: &[&str]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("pipes.log"))
             .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipes"));
-        cmd.env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Ok(path) = std::env::var("PATH") {
             cmd.env("PATH", path);
         }
-        let child = cmd
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("pipes starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("pipes exited at start with {status}:\n{}", self.log());
+        cmd.stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("pipes starts")
+    }
+
+    /// Starts the process and waits until it listens. Ports come from
+    /// `free_port`, which another test process may be handed too: a port
+    /// someone else took is noticed (the listener is not our child's) and a
+    /// new one is tried.
+    fn spawn(&mut self) {
+        for _ in 0..3 {
+            self.child = Some(self.command(&[]));
+            match self.until_listening(Duration::from_secs(20)) {
+                Ok(()) => return,
+                Err(why) if why.contains("another process") => {
+                    eprintln!("port {} {why}; trying another", self.port);
+                    self.kill9();
+                    self.port = free_port();
+                    let listen = format!("127.0.0.1:{}", self.port);
+                    self.env.retain(|(k, _)| k != "PIPES_LISTEN");
+                    self.env.push(("PIPES_LISTEN".into(), listen));
+                }
+                Err(why) => panic!("{why}:\n{}", self.log()),
             }
-            assert!(Instant::now() < deadline, "pipes did not listen within 20 s:\n{}", self.log());
+        }
+        panic!("no free port after three tries:\n{}", self.log());
+    }
+
+    fn until_listening(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut taken_since = None;
+        loop {
+            let child = self.child.as_mut().expect("spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("pipes exited at start with {status}"));
+            }
+            if listens(child.id(), self.port) {
+                return Ok(());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let since = *taken_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(1) {
+                    return Err("is held by another process".into());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("pipes did not listen within {timeout:?}"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -254,6 +335,56 @@ impl Pipes {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `QUIT`) to the running Pipes.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status();
+        }
+    }
+
+    /// Waits at most `timeout` for the running Pipes to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The zero-downtime upgrade as an operator does it: a new process with
+    /// `-u`, then SIGQUIT to the old one, which hands over its listening
+    /// sockets and drains. Returns the old process, still draining.
+    pub fn upgrade(&mut self) -> Child {
+        let sock = self.dir.join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let new = self.command(&["-u"]);
+        // The new process waits for the sockets on its upgrade socket.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "the new process did not open its upgrade socket:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let old = self.child.replace(new).expect("a running Pipes");
+        let _ = Command::new("kill").args(["-QUIT", &old.id().to_string()]).status();
+        old
+    }
+
+    /// Resident and peak resident memory of the running Pipes, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid().expect("running"))).expect("status");
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     /// Kills Pipes with SIGKILL, as a crash or `kill -9` would.
@@ -319,6 +450,24 @@ pub fn client_for(host: &str, _port: u16) -> reqwest::Client {
         .expect("client")
 }
 
+/// Waits (at most `timeout`) until `check` holds, polling; panics naming `what`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether container `id` runs.
+pub fn running(id: &str) -> bool {
+    docker(&["inspect", "-f", "{{.State.Running}}", id]).stdout.starts_with(b"true")
+}
+
 /// The JSON body of a response, with its status.
 pub async fn json(resp: reqwest::Response) -> (u16, serde_json::Value) {
     let status = resp.status().as_u16();
@@ -371,4 +520,57 @@ pub fn engine_state(pipes: &Pipes) -> Vec<String> {
         .iter()
         .map(|id| docker_ok(&["inspect", "-f", "{{.Id}} {{.State.Status}} {{.State.StartedAt}}", id]))
         .collect()
+}
+
+/// A registry of a test's own (Debian's `docker-registry`, no auth) on
+/// 127.0.0.1, sending its push notifications to `notify` with a bearer
+/// token, as its `notifications.endpoints` config does. Stopped on drop.
+pub struct Registry {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// Starts it on `port` and waits until it answers.
+    pub fn start(port: u16, notify: &str, token: &str) -> Registry {
+        let dir = std::env::temp_dir().join(unique("registry"));
+        std::fs::create_dir_all(dir.join("data")).expect("registry dir");
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\nnotifications:\n  endpoints:\n    - name: pipes\n      url: {notify}\n\
+             \x20     headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 2s\n      threshold: 3\n      backoff: 1s\n",
+            data = dir.join("data").display()
+        );
+        std::fs::write(dir.join("config.yml"), config).expect("registry config");
+        let log = std::fs::File::create(dir.join("registry.log")).expect("registry log");
+        let child = Command::new("docker-registry")
+            .args(["serve", &dir.join("config.yml").display().to_string()])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry runs (scripts/test installs it)");
+        let registry = Registry { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not listen:\n{}", registry.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// What the registry logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("registry.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- registry log ---\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

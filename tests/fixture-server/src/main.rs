@@ -2,13 +2,25 @@
 //!
 //! It answers every request with JSON naming itself (`FIXTURE_ID`), the Host
 //! it was asked for, the request and its `FIXTURE_*`/`APP_*` environment, so
-//! tests can tell deployments apart. `GET /bytes/N` answers N bytes instead.
+//! tests can tell deployments apart. Other paths:
+//!
+//! - `GET /bytes/N`: N bytes.
+//! - `GET /slow?ms=N`: the JSON answer after N ms.
+//! - `GET /stream?lines=N&interval_ms=M`: a chunked answer, one line every M ms.
+//! - `GET /sse?events=N&interval_ms=M`: the same as server-sent events.
+//! - `GET /ws`: a WebSocket that echoes every message, prefixed with its id.
+//! - `POST /upload`: reads the body as it comes (any length, chunked or not)
+//!   and answers `{"id", "bytes"}`, never holding it in memory.
+//!
 //! `FIXTURE_MODE` makes it misbehave on purpose: `crash` exits at once with a
 //! log line, `hang` never listens. `FIXTURE_DELAY_MS` delays listening.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
+
+use tungstenite::protocol::{Role, WebSocket};
+use tungstenite::Message;
 
 fn main() {
     let id = std::env::var("FIXTURE_ID").unwrap_or_else(|_| "fixture".into());
@@ -76,13 +88,67 @@ fn serve(stream: TcpStream, id: &str) {
                 headers.push((name, value));
             }
         }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
+        let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
+        let param = |name: &str| -> u64 {
+            query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
+        };
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        match route {
+            "/ws" if header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) => {
+                let Some(key) = header("sec-websocket-key") else { return };
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let head = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                );
+                if out.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                echo(reader.buffer().to_vec(), out, id);
+                return;
+            }
+            "/stream" | "/sse" => {
+                let sse = route == "/sse";
+                let count = param(if sse { "events" } else { "lines" });
+                let content_type = if sse { "text/event-stream" } else { "text/plain" };
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n\r\n");
+                if out.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for i in 1..=count {
+                    std::thread::sleep(Duration::from_millis(param("interval_ms")));
+                    let item = if sse { format!("data: {i}\n\n") } else { format!("line {i}\n") };
+                    if out.write_all(format!("{:x}\r\n{item}\r\n", item.len()).as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                if out.write_all(b"0\r\n\r\n").is_err() || close {
+                    return;
+                }
+                continue;
+            }
+            _ => {}
         }
-        let (content_type, payload) = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-            Some(n) => ("application/octet-stream", vec![b'x'; n.min(16 << 20)]),
-            None => ("application/json", describe(id, &method, &path, &host, &headers, &body).into_bytes()),
+        let chunked = header("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        let (content_type, payload) = if route == "/upload" {
+            let Some(bytes) = discard_body(&mut reader, length, chunked) else { return };
+            ("application/json", format!("{{\"id\":{},\"bytes\":{bytes}}}\n", json(id)).into_bytes())
+        } else {
+            let mut body = Vec::new();
+            if chunked {
+                let Some(_) = discard_body(&mut reader, 0, true) else { return };
+            } else {
+                body.resize(length, 0);
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+            }
+            if route == "/slow" {
+                std::thread::sleep(Duration::from_millis(param("ms")));
+            }
+            match route.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) => ("application/octet-stream", vec![b'x'; n.min(16 << 20)]),
+                None => ("application/json", describe(id, &method, &path, &host, &headers, &body).into_bytes()),
+            }
         };
         let head = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{}\r\n",
@@ -91,6 +157,67 @@ fn serve(stream: TcpStream, id: &str) {
         );
         if out.write_all(head.as_bytes()).is_err() || out.write_all(&payload).is_err() || close {
             return;
+        }
+    }
+}
+
+/// Reads and drops a request body, `length` bytes or chunked; its size, or
+/// `None` if the connection broke.
+fn discard_body(reader: &mut BufReader<TcpStream>, length: usize, chunked: bool) -> Option<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut take = |reader: &mut BufReader<TcpStream>, mut n: u64| -> Option<u64> {
+        let total = n;
+        while n > 0 {
+            let want = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len());
+            let got = reader.read(&mut buf[..want]).ok().filter(|g| *g > 0)?;
+            n -= got as u64;
+        }
+        Some(total)
+    };
+    if !chunked {
+        return take(reader, length as u64);
+    }
+    let mut total = 0;
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).ok().filter(|n| *n > 0)?;
+        let size = u64::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        if size == 0 {
+            // Trailers, then the empty line.
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).ok().filter(|n| *n > 0)?;
+                if line.trim().is_empty() {
+                    return Some(total);
+                }
+            }
+        }
+        total += take(reader, size)?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf).ok()?;
+    }
+}
+
+/// Echoes every WebSocket message as `{id}: {message}` until the client closes.
+fn echo(already_read: Vec<u8>, stream: TcpStream, id: &str) {
+    let mut ws = WebSocket::from_partially_read(stream, already_read, Role::Server, None);
+    loop {
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                if ws.send(Message::text(format!("{id}: {text}"))).is_err() {
+                    return;
+                }
+            }
+            Ok(Message::Binary(data)) => {
+                if ws.send(Message::Binary(data)).is_err() {
+                    return;
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => {
+                let _ = ws.flush();
+                return;
+            }
+            Ok(_) => {}
         }
     }
 }
