@@ -23,3 +23,4 @@ pub mod secret;
 pub mod server;
 pub mod settings;
 mod store;
+mod websocket;

@@ -12,6 +12,7 @@
 //! stopping Pipes knows when the last one finished.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -28,6 +29,7 @@ use crate::fleet::{Activity, Fleet, OpenCount, Slot};
 use crate::reply;
 use crate::route::{self, Deployment, Domain, Target};
 use crate::settings::Settings;
+use crate::websocket;
 
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
@@ -49,6 +51,11 @@ impl Pipes {
 
 /// Requests Pipes is handling now, of every kind.
 pub static IN_FLIGHT: OpenCount = OpenCount::new();
+
+/// Set once this process hands its sockets to a new one: every answer then
+/// closes its connection, so clients move to new connections (which the new
+/// process accepts) before this one closes the idle ones.
+pub static HANDING_OVER: AtomicBool = AtomicBool::new(false);
 
 /// What one request carries between hooks.
 pub struct RequestCtx {
@@ -95,6 +102,9 @@ impl ProxyHttp for Pipes {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if HANDING_OVER.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         let next = self.decide(session.req_header());
         let slot = match next {
             Next::Proxy(slot) => slot,
@@ -131,6 +141,9 @@ impl ProxyHttp for Pipes {
             },
         };
         ctx.activity = Some(slot.begin(upstream));
+        if websocket::wanted(session.req_header()) && !session.is_http2() {
+            return self.websocket(session, &slot, ctx).await;
+        }
         ctx.slot = Some(slot);
         Ok(false)
     }
@@ -175,18 +188,7 @@ impl ProxyHttp for Pipes {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            match upstream_request.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(earlier) => {
-                    let forwarded = format!("{earlier}, {ip}");
-                    upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
-                }
-                None => upstream_request.insert_header(X_FORWARDED_FOR, ip)?,
-            }
-        }
-        upstream_request.insert_header(X_FORWARDED_PROTO, HTTP)?;
-        Ok(())
+        forwarding_headers(session, upstream_request)
     }
 
     async fn upstream_response_filter(
@@ -271,6 +273,58 @@ fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
         _ => format!("the connection to its container failed ({})", e.etype().as_str()),
     };
     PipesError::Unservable { deployment, reason }
+}
+
+/// Tells the instance who asked and how: `X-Forwarded-For`, `X-Forwarded-Proto`.
+fn forwarding_headers(session: &Session, upstream_request: &mut RequestHeader) -> Result<()> {
+    if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+        let ip = client.ip().to_string();
+        match upstream_request.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(earlier) => {
+                let forwarded = format!("{earlier}, {ip}");
+                upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+            }
+            None => upstream_request.insert_header(X_FORWARDED_FOR, ip)?,
+        }
+    }
+    upstream_request.insert_header(X_FORWARDED_PROTO, HTTP)?;
+    Ok(())
+}
+
+impl Pipes {
+    /// Relays a WebSocket to the deployment of `slot`, restarting it once if
+    /// nothing answers at its address (as `fail_to_connect` does for requests).
+    async fn websocket(&self, session: &mut Session, slot: &Arc<Slot>, ctx: &mut RequestCtx) -> Result<bool> {
+        let mut handshake = session.req_header().clone();
+        forwarding_headers(session, &mut handshake)?;
+        loop {
+            let Some(upstream) = ctx.activity.as_ref().map(|a| a.upstream().clone()) else {
+                return Error::e_explain(ErrorType::InternalError, "no upstream chosen");
+            };
+            let failure = match websocket::relay(session, &slot.deployment.to_string(), &upstream, &handshake).await {
+                Ok(()) => return Ok(true),
+                Err(failure) => failure,
+            };
+            let error = match failure {
+                websocket::Failure::Refused if !ctx.recovered => {
+                    ctx.recovered = true;
+                    match self.fleet.recover(slot, upstream.addr).await {
+                        Ok(up) => {
+                            ctx.activity = Some(slot.begin(up));
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                websocket::Failure::Refused => PipesError::Unservable {
+                    deployment: slot.deployment.to_string(),
+                    reason: "its container does not accept connections".into(),
+                },
+                websocket::Failure::Error(e) => e,
+            };
+            return reply_error(session, &error).await;
+        }
+    }
 }
 
 async fn reply_error(session: &mut Session, error: &PipesError) -> Result<bool> {

@@ -15,11 +15,14 @@ use crate::auth::ApiAuth;
 use crate::engine::docker::Docker;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
-use crate::proxy::{Pipes, IN_FLIGHT};
+use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
 use crate::settings::Settings;
+use crate::websocket;
 
 /// Seconds Pingora gives runtimes to end after the drain, before it exits.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 1;
+/// How long before the drain timeout WebSockets are sent their close frame.
+const WEBSOCKET_CLOSE_LEAD: Duration = Duration::from_millis(500);
 
 /// Why Pipes could not start.
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,7 +73,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     server.add_service(proxy);
     server.add_service(background_service("fleet upkeep", Janitor::new(fleet.clone())));
     server.add_service(background_service("engine events", Watcher::new(fleet.clone())));
-    exit_when_drained(server.watch_execution_phase(), fleet);
+    exit_when_drained(server.watch_execution_phase(), fleet, settings.drain_timeout);
     server.run(RunArgs::default());
     // The control runtime outlives the server: in-flight starts end with it.
     drop(control);
@@ -108,12 +111,17 @@ fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
 /// Watches Pingora's shutdown: when the process hands over (SIGQUIT) or
 /// stops (SIGTERM) its fleet retires, and once the listeners are closed the
 /// process exits as soon as no request is in flight, rather than after the
-/// whole grace period.
-fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc<Fleet>) {
+/// whole grace period. Shortly before the drain timeout, WebSockets still
+/// open are closed with 1001.
+fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc<Fleet>, drain: Duration) {
     let watch = move || {
         loop {
             match phases.blocking_recv() {
-                Ok(ExecutionPhase::GracefulUpgradeTransferringFds | ExecutionPhase::GracefulTerminate) => fleet.retire(),
+                Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => {
+                    fleet.retire();
+                    HANDING_OVER.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(ExecutionPhase::GracefulTerminate) => fleet.retire(),
                 Ok(ExecutionPhase::ShutdownGracePeriod) => break,
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -121,11 +129,15 @@ fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc
         }
         fleet.retire();
         let began = Instant::now();
+        let close_at = drain.saturating_sub(WEBSOCKET_CLOSE_LEAD);
         let mut reported = 0;
         loop {
             let open = IN_FLIGHT.total();
             if open == 0 {
                 break;
+            }
+            if began.elapsed() >= close_at {
+                websocket::going_away();
             }
             if open != reported {
                 log::info!("draining: {open} request(s) in flight");
@@ -159,4 +171,14 @@ fn log_summary(settings: &Settings) {
         ApiAuth::Tokens { admin: Some(_) } => log::info!("management API needs a bearer token"),
     }
     log::info!("configs in {}", settings.config_dir.display());
+    // Each tag check is a manifest GET at the registry, which Docker Hub counts as a pull.
+    if let (None, Some(every)) = (&settings.registry, settings.defaults.watch) {
+        if every < Duration::from_secs(300) {
+            log::warn!(
+                "PIPES_WATCH={} against Docker Hub: every check of every running deployment counts as a pull \
+                 (100 per 6 hours anonymous); prefer 5m or more, or Docker Hub's webhook",
+                humantime::format_duration(every)
+            );
+        }
+    }
 }

@@ -144,3 +144,104 @@ async fn the_image_serves_deployments_over_a_network() {
         assert_eq!(networks.trim(), network, "the deployment joined the test network only");
     }
 }
+
+/// The image's zero-downtime upgrade as the README describes it: both
+/// containers on the host's network, sharing the upgrade socket's directory;
+/// the new one started with `-u`, the old one sent SIGQUIT.
+#[tokio::test]
+async fn the_image_hands_over_to_a_new_container_without_dropping_requests() {
+    if common::skip() {
+        return;
+    }
+    let mut created = Created::default();
+    let image = build_pipes_image(&mut created);
+    let e = env();
+    let instance = unique("c");
+    created.instances.push(instance.clone());
+    let dir = std::env::temp_dir().join(format!("pipes-{instance}"));
+    std::fs::create_dir_all(dir.join("configs")).unwrap();
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    created.dirs.push(dir.clone());
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |extra: &[&str]| -> String {
+        let mut args: Vec<String> = [
+            "run", "-d", "--label", &format!("pipes.test={}", e.run), "--network", "host",
+            "-v", "/var/run/docker.sock:/var/run/docker.sock",
+            "-v", &format!("{}:/configs", dir.join("configs").display()),
+            "-v", &format!("{}:/tmp", dir.join("run").display()),
+            "-e", &format!("PIPES_LISTEN=127.0.0.1:{port}"),
+            "-e", &format!("PIPES_INSTANCE={instance}"),
+            "-e", &format!("PIPES_LABELS=pipes.test={}", e.run),
+            "-e", &format!("PIPES_REGISTRY={}", e.registry),
+            "-e", "PIPES_ALLOW=*",
+            "-e", "DOCKER_AUTH=true",
+            "-e", &format!("DOCKER_AUTH_USERNAME={}", e.user),
+            "-e", &format!("DOCKER_AUTH_PASSWORD={}", e.password),
+            &image,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker_ok(&refs)
+    };
+    let old = run(&[]);
+    created.containers.push(old.clone());
+    until_answering(port).await;
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let host = f.host("app", "v1", "example.com");
+    let client = common::client_for(&host, port);
+    let url = format!("http://{host}:{port}/");
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    let deployed = docker_ok(&["ps", "-aq", "--filter", &format!("label=pipes.instance={instance}")]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, url, stop) = (client.clone(), url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                    match client.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => ok += 1,
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let sock = dir.join("run/pipes_upgrade.sock");
+    let _ = std::fs::remove_file(&sock);
+    let new = run(&["-u"]);
+    created.containers.push(new.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "the new container did not open the upgrade socket");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    docker_ok(&["kill", "--signal", "QUIT", &old]);
+    let exit = tokio::task::spawn_blocking(move || docker_ok(&["wait", &old])).await.unwrap();
+    assert_eq!(exit, "0", "the old container drains and exits cleanly");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for l in load {
+        let (o, f) = l.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(failed.is_empty(), "{} of {} requests failed during the hand-over: {failed:?}", failed.len(), ok + failed.len());
+    eprintln!("{ok} requests during the hand-over, all 200");
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200, "the new container serves");
+    assert!(docker_ok(&["inspect", "-f", "{{.State.Running}}", &new]) == "true");
+    let now = docker_ok(&["ps", "-aq", "--filter", &format!("label=pipes.instance={instance}")]);
+    let deployments: Vec<&str> = now.lines().filter(|id| !new.starts_with(id)).collect();
+    assert_eq!(deployments, deployed.lines().collect::<Vec<_>>(), "the deployment's container was adopted, not duplicated");
+}

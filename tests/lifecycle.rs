@@ -495,3 +495,52 @@ async fn a_1_gib_upload_streams_through_with_flat_memory() {
     eprintln!("Pipes resident memory: {before} KiB before, peak {peak} KiB during a 1 GiB upload");
     assert!(peak < before + 64 * 1024, "memory stayed flat: {before} KiB → peak {peak} KiB");
 }
+
+/// A WebSocket through Pipes to `host`, after one echo.
+async fn websocket(port: u16, host: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), stream).await.expect("handshake");
+    ws.send(Message::text("hello")).await.unwrap();
+    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+    ws
+}
+
+/// Waits (bounded) for the server's close frame; its status code.
+async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
+    let frame = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(message) = ws.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 20 s");
+    frame.map(|f| u16::from(f.code))
+}
+
+#[tokio::test]
+async fn websockets_open_at_the_drain_deadline_are_closed_with_1001() {
+    if common::skip() {
+        return;
+    }
+    let mut f = Fixtures::new();
+    f.push("app", "main", "one", "");
+    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DRAIN_TIMEOUT", Some("2s"))]);
+    let host = f.host("app", "main", DOMAIN);
+
+    // A redeploy drains the old generation for 2 s.
+    let mut on_old = websocket(pipes.port, &host).await;
+    f.push("app", "main", "two", "");
+    let (status, body) = api(&pipes, &host, "POST", "/__proxyapi/container/redeploy", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(close_code(&mut on_old).await, Some(1001), "going away, as the old generation stops");
+
+    // SIGTERM drains Pipes for 2 s.
+    let mut open = websocket(pipes.port, &host).await;
+    pipes.signal("TERM");
+    assert_eq!(close_code(&mut open).await, Some(1001), "going away, as Pipes stops");
+    let status = tokio::task::spawn_blocking(move || pipes.wait_exit(Duration::from_secs(20))).await.unwrap();
+    assert!(status.expect("Pipes exits").success());
+}

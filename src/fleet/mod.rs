@@ -474,6 +474,14 @@ impl Fleet {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let d = &slot.deployment;
+            if old.open() > 0 {
+                // WebSockets relayed to it end with a close frame (1001), then the rest is cut.
+                old.going_away();
+                let grace = tokio::time::Instant::now() + Duration::from_secs(1);
+                while old.open() > 0 && tokio::time::Instant::now() < grace {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             match old.open() {
                 0 => log::info!("{d}: instance {} drained, stopping it", short_id(&old.instance_id)),
                 n => log::warn!("{d}: {n} connection(s) still open on {} after the drain timeout; stopping it", short_id(&old.instance_id)),

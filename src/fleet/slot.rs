@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwapOption;
 use futures_util::future::{BoxFuture, Shared};
 use pingora::upstreams::peer::HttpPeer;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -42,6 +42,8 @@ pub struct Upstream {
     peer: HttpPeer,
     open: OpenCount,
     warmup: Arc<Semaphore>,
+    /// Set when its drain ends: relayed WebSockets close with 1001.
+    drained: watch::Sender<bool>,
 }
 
 impl Upstream {
@@ -59,7 +61,18 @@ impl Upstream {
             peer,
             open: OpenCount::default(),
             warmup: Arc::new(Semaphore::new(WARMUP_CONCURRENCY)),
+            drained: watch::channel(false).0,
         }
+    }
+
+    /// Tells connections relayed to it that it goes away (its drain ended).
+    pub fn going_away(&self) {
+        self.drained.send_replace(true);
+    }
+
+    /// Resolves, for a relayed connection, once its drain ended.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.drained.subscribe()
     }
 
     /// The peer Pingora connects to for one request.
