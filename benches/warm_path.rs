@@ -297,7 +297,9 @@ async fn bench() {
     let mut table = String::new();
     writeln!(table, "| case | system | req/s | p50 ms | p99 ms | errors | req/s vs nginx | req/s vs direct | req/s vs bare | p99 vs nginx |").unwrap();
     writeln!(table, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
-    for (case, path, keepalive) in cases {
+    // PIPES_BENCH_ONLY picks cases by name (e.g. "new connection") and skips the 100 deployments.
+    let only = std::env::var("PIPES_BENCH_ONLY").ok();
+    for (case, path, keepalive) in cases.into_iter().filter(|(c, _, _)| only.as_ref().is_none_or(|o| c.contains(o.as_str()))) {
         let mut runs: Vec<Vec<Load>> = vec![Vec::new(); systems.len()];
         for _ in 0..rounds {
             for (i, (_, port)) in systems.iter().enumerate() {
@@ -314,6 +316,11 @@ async fn bench() {
             )
             .unwrap();
         }
+    }
+
+    if only.is_some() {
+        println!("\n{table}");
+        return;
     }
 
     // 100 deployments: start them (8 at a time), then spread the load over them.
