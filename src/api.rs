@@ -248,7 +248,7 @@ fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Result<Jso
             Some(reason) => ignored.push(json!({ "deployment": d.to_string(), "reason": reason })),
             None => {
                 redeploying.push(json!(d.to_string()));
-                fleet.redeploy_later(d);
+                fleet.redeploy_later(d, "push notification");
             }
         }
     }

@@ -185,6 +185,16 @@ fn failures(seen: &[(u16, String)]) -> Vec<&(u16, String)> {
     seen.iter().filter(|(status, _)| *status != 200).collect()
 }
 
+/// A Pipes with `changes` serving a fresh `app:main` that answers as `one`;
+/// its fixtures (to push again) and the deployment's host.
+fn serving_one(changes: &[(&str, Option<&str>)]) -> (Fixtures, Pipes, String) {
+    let mut f = Fixtures::new();
+    f.push("app", "main", "one", "");
+    let pipes = Pipes::start(changes);
+    let host = f.host("app", "main", DOMAIN);
+    (f, pipes, host)
+}
+
 /// The state of `host`'s deployment as `GET container` says.
 async fn state(pipes: &Pipes, host: &str) -> serde_json::Value {
     let (status, body) = api(pipes, host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
@@ -229,10 +239,7 @@ async fn a_redeploy_under_load_fails_no_request_and_a_rollback_brings_the_old_on
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DRAIN_TIMEOUT", Some("5s"))]);
-    let host = f.host("app", "main", DOMAIN);
+    let (mut f, pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DRAIN_TIMEOUT", Some("5s"))]);
     let (_, body) = json(pipes.get(&host, "/").await).await;
     assert_eq!(body["id"], "one");
     let (status, same) = api(&pipes, &host, "POST", "/__proxyapi/container/redeploy", None, Some(TOKEN)).await;
@@ -304,10 +311,7 @@ async fn a_watched_tag_follows_pushes() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_WATCH", Some("1s"))]);
-    let host = f.host("app", "main", DOMAIN);
+    let (mut f, pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_WATCH", Some("1s"))]);
     assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
     f.push("app", "main", "two", "");
     eventually("the pushed image serves", Duration::from_secs(30), || async {
@@ -369,10 +373,7 @@ async fn long_lived_connections_keep_an_idle_deployment_running() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "main", DOMAIN);
+    let (_f, pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     let (status, body) = api(&pipes, &host, "PUT", "/__proxyapi/container/config", Some(r#"{"idle_timeout":"1s"}"#), Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     let connections = open_all(pipes.port, &host);
@@ -391,10 +392,7 @@ async fn long_lived_connections_survive_a_redeploy() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "main", DOMAIN);
+    let (mut f, pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let old = pipes.containers()[0].clone();
     let connections = open_all(pipes.port, &host);
@@ -413,10 +411,7 @@ async fn sigterm_lets_requests_and_connections_in_flight_finish() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let mut pipes = Pipes::start(&[]);
-    let host = f.host("app", "main", DOMAIN);
+    let (_f, mut pipes, host) = serving_one(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let slow = {
         let (client, url) = (pipes.client(&host), pipes.url(&host, "/slow?ms=2000"));
@@ -448,10 +443,7 @@ async fn an_upgrade_under_load_fails_no_request_and_adopts_the_containers() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let mut pipes = Pipes::start(&[]);
-    let host = f.host("app", "main", DOMAIN);
+    let (_f, mut pipes, host) = serving_one(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let containers = pipes.containers();
     let connections = open_all(pipes.port, &host);
@@ -474,10 +466,7 @@ async fn a_1_gib_upload_streams_through_with_flat_memory() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "main", DOMAIN);
+    let (_f, pipes, host) = serving_one(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let (before, _) = pipes.memory_kib();
     let sent = Arc::new(AtomicUsize::new(0));
@@ -525,10 +514,7 @@ async fn websockets_open_at_the_drain_deadline_are_closed_with_1001() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.push("app", "main", "one", "");
-    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DRAIN_TIMEOUT", Some("2s"))]);
-    let host = f.host("app", "main", DOMAIN);
+    let (mut f, mut pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DRAIN_TIMEOUT", Some("2s"))]);
 
     // A redeploy drains the old generation for 2 s.
     let mut on_old = websocket(pipes.port, &host).await;

@@ -186,7 +186,7 @@ impl Fleet {
     /// process is about to hand over to another or stop.
     pub fn retire(&self) {
         if !self.retired.swap(true, Ordering::AcqRel) {
-            log::info!("handing over: no more idle stops or tag checks from this process");
+            log::info!("stopping or handing over: no more idle stops or tag checks from this process");
         }
     }
 
@@ -363,16 +363,7 @@ impl Fleet {
                 continue;
             }
             slot.next_watch_ms.store(next, Ordering::Relaxed);
-            let (fleet, d) = (self.clone(), slot.deployment.clone());
-            self.control.spawn(async move {
-                match fleet.redeploy(&d).await {
-                    Ok(Switch::Unchanged(_)) => log::debug!("{d}: tag unchanged"),
-                    Ok(Switch::Replaced { current, .. }) => {
-                        log::info!("{d}: the tag moved; now serving {}", current.digest.unwrap_or_default())
-                    }
-                    Err(e) => log::warn!("{d}: tag check failed: {e}"),
-                }
-            });
+            self.redeploy_later(slot.deployment.clone(), "tag check");
         }
     }
 
@@ -400,17 +391,17 @@ impl Fleet {
         .await
     }
 
-    /// Redeploys `d` in the background, logging the outcome (for webhooks,
-    /// which must be answered at once).
-    pub fn redeploy_later(self: &Arc<Self>, d: Deployment) {
+    /// Redeploys `d` in the background (after a tag check or a push
+    /// notification, which must not wait), logging the outcome.
+    pub fn redeploy_later(self: &Arc<Self>, d: Deployment, cause: &'static str) {
         let fleet = self.clone();
         self.control.spawn(async move {
             match fleet.redeploy(&d).await {
-                Ok(Switch::Unchanged(_)) => log::info!("{d}: pushed, but the tag names what serves already"),
+                Ok(Switch::Unchanged(_)) => log::debug!("{d}: {cause}: the tag names what serves already"),
                 Ok(Switch::Replaced { current, .. }) => {
-                    log::info!("{d}: redeployed after a push; now {}", current.digest.unwrap_or_default())
+                    log::info!("{d}: {cause}: the tag moved, now serving {}", current.digest.unwrap_or_default())
                 }
-                Err(e) => log::warn!("{d}: redeploy after a push failed, the previous generation keeps serving: {e}"),
+                Err(e) => log::warn!("{d}: {cause}: redeploy failed, the current generation keeps serving: {e}"),
             }
         });
     }
