@@ -133,36 +133,57 @@ pub(crate) struct Request {
     pub body: Vec<u8>,
 }
 
-/// Answers one API request.
-pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> Result<Json, PipesError> {
-    let not_found = || PipesError::ApiNotFound {
-        path: req.path.clone(),
-        known: Endpoint::ALL.iter().map(|e| e.path()).collect(),
-    };
-    let endpoint = Endpoint::find(&req.path).ok_or_else(not_found)?;
+/// An API request whose endpoint, method and token were checked, before
+/// its body is read: a client without a valid token gets nothing read.
+pub(crate) struct Admitted {
+    endpoint: Endpoint,
+    method: Method,
+    access: Access,
+}
+
+/// Checks what the request head alone can tell: endpoint, method, token.
+pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
+    let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path))?;
     let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
     if endpoint.on() != on {
-        return Err(not_found());
+        return Err(not_found(&req.path));
     }
     let method = if req.method == Method::HEAD { Method::GET } else { req.method.clone() };
     if !endpoint.methods().contains(&method) {
         return Err(PipesError::MethodNotAllowed { path: req.path.clone(), allow: endpoint.allow() });
     }
-    let tokens = fleet.tokens().await?;
+    // A broken tokens.json must not lock the admin out: its tokens are ignored.
+    let tokens = fleet.tokens().await.unwrap_or_else(|e| {
+        log::error!("{e}; the tokens it grants are ignored until it is fixed");
+        Vec::new()
+    });
     // Docker Hub's webhooks cannot send headers: the hook takes `?token=` too.
     let from_query = match (endpoint, &req.authorization) {
-        (Endpoint::RegistryHook, None) => query_param(req.query.as_deref(), "token").map(|t| format!("Bearer {t}").into_bytes()),
+        (Endpoint::RegistryHook, None) => {
+            query_param(req.query.as_deref(), "token").map(|t| format!("Bearer {t}").into_bytes())
+        }
         _ => None,
     };
     let access = auth.authorize(req.authorization.as_deref().or(from_query.as_deref()), &tokens)?;
+    if let Some(d) = &req.deployment {
+        access.check(&d.user)?;
+    }
+    Ok(Admitted { endpoint, method, access })
+}
 
+fn not_found(path: &str) -> PipesError {
+    PipesError::ApiNotFound { path: path.to_owned(), known: Endpoint::ALL.iter().map(|e| e.path()).collect() }
+}
+
+/// Answers an admitted API request, its body read.
+pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request) -> Result<Json, PipesError> {
+    let Admitted { endpoint, method, access } = admitted;
     let Some(d) = &req.deployment else {
         return match endpoint {
             Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body),
             _ => deployments(fleet, &access).await.map(Json::ok),
         };
     };
-    access.check(&d.user)?;
     match (endpoint, method) {
         (Endpoint::Container, Method::GET) => state(fleet, d).await.map(Json::ok),
         (Endpoint::Container, _) => {
@@ -201,7 +222,7 @@ pub(crate) async fn handle(fleet: &Arc<Fleet>, auth: &ApiAuth, req: Request) -> 
             log::info!("{}: repository config replaced over the API", d.repository());
             repository_config(fleet, d).await.map(Json::ok)
         }
-        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found()),
+        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found(&req.path)),
     }
 }
 

@@ -16,26 +16,31 @@ use crate::error::PipesError;
 
 /// Docker refuses memory limits below 6 MiB.
 const MIN_MEMORY: u64 = 6 << 20;
+const MIN_CPUS: f64 = 0.01;
 const MAX_CPUS: f64 = 1024.0;
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Shortest interval between two digest checks of one tag.
 pub const MIN_WATCH: Duration = Duration::from_secs(1);
 
-/// A memory limit the engine accepts, or why not.
+/// A memory limit the engine honours, or why not. A value too large for the
+/// engine's signed 64-bit field would otherwise become "no limit".
 pub fn check_memory(size: ByteSize) -> Result<ByteSize, String> {
     if size.0 < MIN_MEMORY {
         Err("must be at least 6m (the engine's minimum)".into())
+    } else if i64::try_from(size.0).is_err() {
+        Err("is more than the engine can set; give a size such as 512m or 8g".into())
     } else {
         Ok(size)
     }
 }
 
-/// A CPU limit in cores the engine accepts, or why not.
+/// A CPU limit in cores the engine honours, or why not. The engine counts in
+/// billionths of a core and reads 0 as "no limit"; it takes no less than 0.01.
 pub fn check_cpus(cpus: f64) -> Result<f64, String> {
-    if cpus > 0.0 && cpus <= MAX_CPUS {
+    if (MIN_CPUS..=MAX_CPUS).contains(&cpus) {
         Ok(cpus)
     } else {
-        Err(format!("must be more than 0 and at most {MAX_CPUS}"))
+        Err(format!("must be from {MIN_CPUS} to {MAX_CPUS}"))
     }
 }
 
@@ -73,6 +78,32 @@ pub struct DeployConfig {
     /// How often a running deployment asks the registry whether its tag moved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<Watch>,
+    /// Most processes (and threads) the container may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
+    /// Linux capabilities to add to the base set (`NET_RAW`, …), each one
+    /// the operator allows (`PIPES_ALLOWED_CAPABILITIES`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+}
+
+/// The capabilities every container keeps, all others dropped: what common
+/// images need to start as root and step down (nginx, databases' entrypoints)
+/// and to bind ports below 1024.
+pub const BASE_CAPABILITIES: [&str; 7] = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL", "NET_BIND_SERVICE", "SETGID", "SETUID"];
+/// Processes a container may run unless its config says otherwise.
+pub const DEFAULT_PIDS: u32 = 512;
+const MIN_PIDS: u32 = 16;
+
+/// Whether `name` reads as a Linux capability (`NET_RAW`; `CAP_` may be left out).
+pub fn check_capability(name: &str) -> Result<String, String> {
+    let name = name.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("CAP_").unwrap_or(&name).to_owned();
+    if !name.is_empty() && name.len() <= 32 && name.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') {
+        Ok(name)
+    } else {
+        Err(format!("'{name}' is not a capability name such as NET_RAW"))
+    }
 }
 
 /// Whether and how often the tag is watched for a new digest.
@@ -294,8 +325,8 @@ impl DeployConfig {
     /// Parses a JSON body: 400 for bad JSON or an unknown field (naming it),
     /// 422 for a wrong type or value (naming the field).
     pub fn from_json(body: &[u8]) -> Result<DeployConfig, PipesError> {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let parsed: Result<DeployConfig, _> = serde_path_to_error::deserialize(de);
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let parsed: Result<DeployConfig, _> = serde_path_to_error::deserialize(&mut de);
         let config = parsed.map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
@@ -317,6 +348,12 @@ impl DeployConfig {
                 },
                 _ => PipesError::BadJson { message, line, column },
             }
+        })?;
+        // Anything after the object (`{} x`, `{}{}`) is malformed too.
+        de.end().map_err(|e| PipesError::BadJson {
+            message: strip_position(&e.to_string()),
+            line: e.line(),
+            column: e.column(),
         })?;
         config.validate().map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
         Ok(config)
@@ -361,6 +398,12 @@ impl DeployConfig {
         if let Some(Watch::Every(span)) = self.watch {
             check_span("watch", Some(span), MIN_WATCH)?;
         }
+        if self.pids.is_some_and(|p| p < MIN_PIDS) {
+            return Err(field_error("pids", format!("must be at least {MIN_PIDS}")));
+        }
+        for cap in self.capabilities.iter().flatten() {
+            check_capability(cap).map_err(|m| field_error("capabilities", m))?;
+        }
         Ok(())
     }
 
@@ -385,6 +428,8 @@ impl DeployConfig {
             restart: self.restart.or(lower.restart),
             pull: self.pull.or(lower.pull),
             watch: self.watch.or(lower.watch),
+            pids: self.pids.or(lower.pids),
+            capabilities: self.capabilities.clone().or(lower.capabilities.clone()),
         }
     }
 }
@@ -429,6 +474,9 @@ pub struct Effective {
     pub restart: Restart,
     pub pull: Pull,
     pub watch: Option<Duration>,
+    pub pids: u32,
+    /// Capabilities added to [`BASE_CAPABILITIES`].
+    pub capabilities: Vec<String>,
 }
 
 impl Effective {
@@ -452,6 +500,8 @@ impl Effective {
                 Some(w) => w.interval(),
                 None => defaults.watch,
             },
+            pids: c.pids.unwrap_or(DEFAULT_PIDS),
+            capabilities: c.capabilities.unwrap_or_default().iter().filter_map(|n| check_capability(n).ok()).collect(),
         }
     }
 
@@ -468,6 +518,8 @@ impl Effective {
             "restart": self.restart.as_str(),
             "pull": match self.pull { Pull::Missing => "missing", Pull::Always => "always" },
             "watch": self.watch.map_or_else(|| "off".to_owned(), |d| Span(d).to_string()),
+            "pids": self.pids,
+            "capabilities": self.capabilities,
         })
     }
 
@@ -493,6 +545,11 @@ impl Effective {
         h.update(self.memory.0.to_be_bytes());
         h.update(self.cpus.to_bits().to_be_bytes());
         h.update(self.restart.as_str());
+        h.update(self.pids.to_be_bytes());
+        for cap in &self.capabilities {
+            h.update(cap);
+            h.update([0]);
+        }
         h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -542,6 +599,9 @@ mod tests {
             other => panic!("{other}"),
         }
         assert_eq!(status("").0, 400);
+        assert_eq!(status("{} x").0, 400, "trailing input");
+        assert_eq!(status("{}{}").0, 400, "two objects");
+        assert_eq!(status("{} \n").0, 200, "trailing white space is fine");
         assert_eq!(status("[1,2]").0, 422, "a JSON array is valid JSON of the wrong type");
     }
 
@@ -566,6 +626,10 @@ mod tests {
             (r#"{"memory":"1k"}"#, "memory"),
             (r#"{"cpus":0}"#, "cpus"),
             (r#"{"cpus":-1}"#, "cpus"),
+            (r#"{"cpus":1e-300}"#, "cpus"),
+            (r#"{"cpus":2000}"#, "cpus"),
+            (r#"{"memory":"9000000t"}"#, "memory"),
+            (r#"{"memory":"18446744073709551615"}"#, "memory"),
             (r#"{"idle_timeout":"soon"}"#, "idle_timeout"),
             (r#"{"health":{"timeout":"1ms"}}"#, "health.timeout"),
             (r#"{"health":{"path":"healthz"}}"#, "health.path"),
@@ -575,6 +639,9 @@ mod tests {
             (r#"{"cmd":[]}"#, "cmd"),
             (r#"{"watch":"sometimes"}"#, "watch"),
             (r#"{"watch":"10ms"}"#, "watch"),
+            (r#"{"pids":3}"#, "pids"),
+            (r#"{"pids":-1}"#, "pids"),
+            (r#"{"capabilities":["net raw"]}"#, "capabilities"),
         ] {
             let (code, json) = status(body);
             assert_eq!(code, 422, "{body}: {json}");

@@ -60,6 +60,22 @@ pub enum PipesError {
     Unservable { deployment: String, reason: String },
     /// A rollback was asked for and no previous generation is kept.
     NoPreviousGeneration { deployment: String },
+    /// `PIPES_MAX_CONNECTIONS` connections are open already.
+    TooManyConnections { max: usize },
+    /// The request head did not arrive within `PIPES_HEADER_TIMEOUT`.
+    HeaderTimeout { timeout: Duration },
+    /// The request head is larger than `PIPES_MAX_HEADER_SIZE`.
+    HeadersTooLarge { limit: usize },
+    /// An API request's body did not arrive within `PIPES_HEADER_TIMEOUT`.
+    BodyTimeout { timeout: Duration },
+    /// The pull took longer than `PIPES_PULL_TIMEOUT`.
+    PullTimeout { image: String, timeout: Duration },
+    /// This client has `PIPES_MAX_STARTS_PER_CLIENT` cold starts under way.
+    TooManyStarts { max: usize },
+    /// `PIPES_MAX_NOT_RUNNING` deployments that do not run are known already.
+    TooManyNotRunning { max: usize },
+    /// The client broke HTTP (a bad chunk size, a forbidden header).
+    BadRequest { reason: String },
 }
 
 /// Seconds a client is told to wait after a 503.
@@ -84,6 +100,13 @@ impl PipesError {
             Self::Unservable { .. } => 502,
             Self::NotReady { .. } => 504,
             Self::NoPreviousGeneration { .. } => 409,
+            Self::TooManyConnections { .. } => 503,
+            Self::HeaderTimeout { .. } => 408,
+            Self::HeadersTooLarge { .. } => 431,
+            Self::BodyTimeout { .. } => 408,
+            Self::PullTimeout { .. } => 504,
+            Self::TooManyStarts { .. } | Self::TooManyNotRunning { .. } => 503,
+            Self::BadRequest { .. } => 400,
             Self::EngineUnavailable { .. } => 503,
         }
     }
@@ -116,12 +139,45 @@ impl PipesError {
             Self::Engine { .. } => "engine_error",
             Self::Unservable { .. } => "unservable",
             Self::NoPreviousGeneration { .. } => "no_previous_generation",
+            Self::TooManyConnections { .. } => "too_many_connections",
+            Self::HeaderTimeout { .. } => "header_timeout",
+            Self::HeadersTooLarge { .. } => "headers_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
+            Self::PullTimeout { .. } => "pull_timeout",
+            Self::TooManyStarts { .. } => "too_many_starts",
+            Self::TooManyNotRunning { .. } => "too_many_not_running",
+            Self::BadRequest { .. } => "bad_request",
         }
     }
 
     /// Seconds for a `Retry-After` header, where the failure is passing.
     pub fn retry_after(&self) -> Option<u32> {
-        matches!(self, Self::EngineUnavailable { .. } | Self::TooManyContainers { .. }).then_some(RETRY_AFTER_SECS)
+        matches!(
+            self,
+            Self::EngineUnavailable { .. }
+                | Self::TooManyContainers { .. }
+                | Self::TooManyConnections { .. }
+                | Self::TooManyStarts { .. }
+                | Self::TooManyNotRunning { .. }
+        )
+        .then_some(RETRY_AFTER_SECS)
+    }
+
+    /// Whether a start that failed this way is remembered for
+    /// `PIPES_FAILURE_TTL`: failures of the deployment itself are, passing
+    /// ones of the engine or of Pipes' own limits are not — the next request
+    /// tries again.
+    pub fn remembered(&self) -> bool {
+        matches!(
+            self,
+            Self::ImageNotFound { .. }
+                | Self::RegistryAuth { .. }
+                | Self::Exited { .. }
+                | Self::NotReady { .. }
+                | Self::Unservable { .. }
+                | Self::ConfigBroken { .. }
+                | Self::PullTimeout { .. }
+        )
     }
 }
 
@@ -188,6 +244,28 @@ impl fmt::Display for PipesError {
             Self::NoPreviousGeneration { deployment } => {
                 write!(f, "{deployment} has no previous generation to roll back to; one is kept after a redeploy")
             }
+            Self::TooManyConnections { max } => {
+                write!(f, "{max} connections are open already (PIPES_MAX_CONNECTIONS); retry in {RETRY_AFTER_SECS} s")
+            }
+            Self::HeaderTimeout { timeout } => {
+                write!(f, "the request head did not arrive within {}", DisplayDuration(*timeout))
+            }
+            Self::HeadersTooLarge { limit } => write!(f, "the request head is larger than {limit} bytes"),
+            Self::BodyTimeout { timeout } => {
+                write!(f, "the request body did not arrive within {}", DisplayDuration(*timeout))
+            }
+            Self::PullTimeout { image, timeout } => {
+                write!(f, "pulling {image} took longer than {} (PIPES_PULL_TIMEOUT)", DisplayDuration(*timeout))
+            }
+            Self::TooManyStarts { max } => write!(
+                f,
+                "{max} deployments are starting for this client already (PIPES_MAX_STARTS_PER_CLIENT); retry in {RETRY_AFTER_SECS} s"
+            ),
+            Self::BadRequest { reason } => write!(f, "the request is not valid HTTP: {reason}"),
+            Self::TooManyNotRunning { max } => write!(
+                f,
+                "{max} deployments that do not run are known already (PIPES_MAX_NOT_RUNNING); retry in {RETRY_AFTER_SECS} s"
+            ),
         }
     }
 }

@@ -12,9 +12,11 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+mod connection;
 pub mod engine;
 pub mod error;
 pub mod fleet;
+pub mod forwarded;
 pub mod policy;
 mod proxy;
 mod reply;

@@ -20,32 +20,42 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::ErrorType;
+use pingora::{ErrorSource, ErrorType};
 
 use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::fleet::{Activity, Fleet, OpenCount, Slot};
-use crate::reply;
+use crate::reply::{self, Audience};
 use crate::route::{self, Deployment, Domain, Target};
 use crate::settings::Settings;
+use crate::forwarded::Trusted;
 use crate::websocket;
 
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
-const HTTP: http::HeaderValue = http::HeaderValue::from_static("http");
 
 /// The Pingora application of Pipes.
 pub struct Pipes {
     fleet: Arc<Fleet>,
     domain: Domain,
     api_auth: ApiAuth,
+    /// `PIPES_KEEPALIVE_TIMEOUT`, in whole seconds as Pingora takes it.
+    keepalive_secs: u64,
+    /// How long an API request's body may take (`PIPES_HEADER_TIMEOUT`).
+    body_timeout: std::time::Duration,
+    trusted: Trusted,
 }
 
 impl Pipes {
     /// The proxy for `fleet`, routing as `settings` say.
     pub fn new(fleet: Arc<Fleet>, settings: &Settings) -> Self {
-        Pipes { fleet, domain: settings.domain.clone(), api_auth: settings.api_auth.clone() }
+        Pipes {
+            fleet,
+            domain: settings.domain.clone(),
+            api_auth: settings.api_auth.clone(),
+            keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
+            body_timeout: settings.connections.header_timeout,
+            trusted: settings.trusted_proxies.clone(),
+        }
     }
 }
 
@@ -102,8 +112,12 @@ impl ProxyHttp for Pipes {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // Pingora waits for a kept-alive connection's next request forever;
+        // wait PIPES_KEEPALIVE_TIMEOUT (or not at all while handing over).
         if HANDING_OVER.load(Ordering::Relaxed) {
             session.set_keepalive(None);
+        } else if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.keepalive_secs));
         }
         let next = self.decide(session.req_header());
         let slot = match next {
@@ -112,19 +126,18 @@ impl ProxyHttp for Pipes {
                 if !self.fleet.allows(d.as_ref()) {
                     return reply_error(session, &PipesError::Forbidden { deployment: d.to_string() }).await;
                 }
-                self.fleet.slot(d.as_ref())
+                if let Some(missing) = self.fleet.missing(d.as_ref()) {
+                    return reply_error(session, &missing).await;
+                }
+                match self.fleet.slot_for_request(d.as_ref()) {
+                    Ok(slot) => slot,
+                    Err(e) => return reply_error(session, &e).await,
+                }
             }
-            Next::Api(mut request) => {
-                let answer = match reply::read_body(session, api::MAX_BODY).await {
-                    Ok(body) => {
-                        request.body = body;
-                        api::handle(&self.fleet, &self.api_auth, request).await
-                    }
-                    Err(e) => Err(e),
-                };
-                match answer {
+            Next::Api(request) => {
+                match self.api(session, request).await {
                     Ok(json) => reply::json(session, json).await?,
-                    Err(e) => reply::error(session, &e).await?,
+                    Err((e, audience)) => reply::error(session, &e, audience, false).await?,
                 }
                 return Ok(true);
             }
@@ -132,13 +145,20 @@ impl ProxyHttp for Pipes {
         };
         let upstream = match slot.upstream() {
             Some(up) => up,
-            None => match self.fleet.ready(&slot).await {
-                Ok(up) => {
-                    ctx.warmup = up.warmup_permit().await;
-                    up
+            None => {
+                let client = self.client(session);
+                let started = match client.map(|c| self.fleet.client_start(c, &slot.deployment)).transpose() {
+                    Ok(_start) => self.fleet.ready(&slot).await,
+                    Err(e) => Err(e),
+                };
+                match started {
+                    Ok(up) => {
+                        ctx.warmup = up.warmup_permit().await;
+                        up
+                    }
+                    Err(e) => return reply_error(session, &e).await,
                 }
-                Err(e) => return reply_error(session, &e).await,
-            },
+            }
         };
         ctx.activity = Some(slot.begin(upstream));
         if websocket::wanted(session.req_header()) && !session.is_http2() {
@@ -188,7 +208,9 @@ impl ProxyHttp for Pipes {
         upstream_request: &mut RequestHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        forwarding_headers(session, upstream_request)
+        self.forwarding_headers(session, upstream_request)?;
+        canonical_content_length(upstream_request)?;
+        origin_form(upstream_request)
     }
 
     async fn upstream_response_filter(
@@ -202,6 +224,12 @@ impl ProxyHttp for Pipes {
         Ok(())
     }
 
+    /// A client's broken HTTP is its own fault: logged at debug (in
+    /// `fail_to_proxy`), not as Pingora's error.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        error.esource() == &ErrorSource::Downstream
+    }
+
     /// What error logs say of a request: never its query, which may carry a token.
     fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
         let req = session.req_header();
@@ -211,8 +239,11 @@ impl ProxyHttp for Pipes {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
         let error = ctx.error.take().unwrap_or_else(|| proxy_failure(e, ctx.slot.as_deref()));
+        if matches!(error, PipesError::BadRequest { .. }) {
+            log::debug!("{}: {error}", self.request_summary(session, ctx));
+        }
         let code = error.status();
-        if let Err(write) = reply::error(session, &error).await {
+        if let Err(write) = reply::error(session, &error, Audience::Public, true).await {
             log::debug!("cannot send the error response: {write}");
         }
         FailToProxy { error_code: code, can_reuse_downstream: false }
@@ -222,14 +253,9 @@ impl ProxyHttp for Pipes {
 impl Pipes {
     /// Routes a request without touching the engine: the hot path ends in `Next::Proxy`.
     fn decide(&self, req: &RequestHeader) -> Next {
-        // HTTP/2 carries the host in :authority, which lands in the URI.
-        let raw = req
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
-        let Some(raw) = raw else {
-            return Next::Fail(PipesError::NotOurs { host: String::new(), expected: "a Host header".into() });
+        let raw = match request_host(req) {
+            Ok(raw) => raw,
+            Err(e) => return Next::Fail(e),
         };
         let host = route::normalize_host(raw);
         let target = match route::route(&host, &self.domain) {
@@ -262,8 +288,12 @@ impl Pipes {
     }
 }
 
-/// What a proxying failure that is not Pipes' own reads as.
+/// What a proxying failure that is not Pipes' own reads as: the client's
+/// fault is a 400, the container's a 502.
 fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
+    if e.esource() == &ErrorSource::Downstream {
+        return PipesError::BadRequest { reason: e.etype().as_str().to_lowercase() };
+    }
     let deployment = slot.map_or_else(|| "the deployment".to_owned(), |s| s.deployment.to_string());
     let reason = match e.etype() {
         ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => {
@@ -275,28 +305,98 @@ fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
     PipesError::Unservable { deployment, reason }
 }
 
-/// Tells the instance who asked and how: `X-Forwarded-For`, `X-Forwarded-Proto`.
-fn forwarding_headers(session: &Session, upstream_request: &mut RequestHeader) -> Result<()> {
-    if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-        let ip = client.ip().to_string();
-        match upstream_request.headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(earlier) => {
-                let forwarded = format!("{earlier}, {ip}");
-                upstream_request.insert_header(X_FORWARDED_FOR, forwarded)?;
+/// The host a request names: HTTP/2's `:authority` (or an absolute-form
+/// target), else `Host`.
+fn request_host(req: &RequestHeader) -> std::result::Result<&str, PipesError> {
+    if let Some(authority) = req.uri.authority() {
+        return Ok(authority.as_str());
+    }
+    let host = req.headers.get(http::header::HOST).ok_or_else(|| PipesError::NotOurs {
+        host: String::new(),
+        expected: "a Host header".into(),
+    })?;
+    std::str::from_utf8(host.as_bytes()).map_err(|_| PipesError::BadName {
+        label: String::from_utf8_lossy(host.as_bytes()).into_owned(),
+        reason: "a host name is letters, digits, dots and dashes",
+    })
+}
+
+/// The one `Content-Length` value Pingora framed the body by, where the
+/// client wrote several equal ones (`5, 5`) or leading zeros (`05`).
+fn canonical_content_length(upstream_request: &mut RequestHeader) -> Result<()> {
+    let mut length: Option<u64> = None;
+    let mut written = 0;
+    for value in upstream_request.headers.get_all(http::header::CONTENT_LENGTH) {
+        written += 1;
+        for part in value.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
+            let n = part.parse::<u64>().ok().filter(|_| part.bytes().all(|b| b.is_ascii_digit()));
+            match (n, length) {
+                (Some(n), None) => length = Some(n),
+                (Some(n), Some(l)) if n == l => {}
+                // Pingora refuses conflicting lengths before this; never pass one on.
+                _ => return Error::e_explain(ErrorType::InvalidHTTPHeader, "conflicting Content-Length"),
             }
-            None => upstream_request.insert_header(X_FORWARDED_FOR, ip)?,
         }
     }
-    upstream_request.insert_header(X_FORWARDED_PROTO, HTTP)?;
+    if let Some(n) = length {
+        let canonical = n.to_string();
+        let as_written = written == 1
+            && upstream_request.headers.get(http::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == canonical.as_bytes());
+        if !as_written {
+            upstream_request.insert_header(http::header::CONTENT_LENGTH, canonical)?;
+        }
+    }
+    Ok(())
+}
+
+/// The request line as origin-form (`GET /path?q`): a client may have sent
+/// absolute-form (`GET http://host/path`), which is for proxies, not apps.
+fn origin_form(upstream_request: &mut RequestHeader) -> Result<()> {
+    if upstream_request.uri.scheme().is_some() || upstream_request.uri.authority().is_some() {
+        let target = upstream_request.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let uri = target.parse::<http::Uri>().or_err(ErrorType::InvalidHTTPHeader, "request target")?;
+        upstream_request.set_uri(uri);
+    }
     Ok(())
 }
 
 impl Pipes {
+    /// The client's address: the peer, or the client behind a trusted proxy.
+    fn client(&self, session: &Session) -> Option<std::net::IpAddr> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())?;
+        Some(self.trusted.client(peer, session.req_header()))
+    }
+
+    /// Tells the instance who asked, and how (see `forwarded`).
+    fn forwarding_headers(&self, session: &Session, upstream_request: &mut RequestHeader) -> Result<()> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let host = request_host(session.req_header()).unwrap_or_default().to_owned();
+        self.trusted.apply(peer, &host, upstream_request)
+    }
+
+    /// Answers an API request: nothing of its body is read before its token
+    /// was checked, and the body must arrive within `PIPES_HEADER_TIMEOUT`.
+    /// Errors before the token was accepted are the public's; after, the operator's.
+    async fn api(
+        &self,
+        session: &mut Session,
+        mut request: api::Request,
+    ) -> std::result::Result<reply::Json, (PipesError, Audience)> {
+        let public = |e| (e, Audience::Public);
+        let admitted = api::admit(&self.fleet, &self.api_auth, &request).await.map_err(public)?;
+        let body = tokio::time::timeout(self.body_timeout, reply::read_body(session, api::MAX_BODY));
+        let body = body.await.map_err(|_| PipesError::BodyTimeout { timeout: self.body_timeout }).and_then(|b| b);
+        request.body = body.map_err(|e| (e, Audience::Operator))?;
+        api::answer(&self.fleet, admitted, request).await.map_err(|e| (e, Audience::Operator))
+    }
+
     /// Relays a WebSocket to the deployment of `slot`, restarting it once if
     /// nothing answers at its address (as `fail_to_connect` does for requests).
     async fn websocket(&self, session: &mut Session, slot: &Arc<Slot>, ctx: &mut RequestCtx) -> Result<bool> {
         let mut handshake = session.req_header().clone();
-        forwarding_headers(session, &mut handshake)?;
+        self.forwarding_headers(session, &mut handshake)?;
+        origin_form(&mut handshake)?;
         loop {
             let Some(upstream) = ctx.activity.as_ref().map(|a| a.upstream().clone()) else {
                 return Error::e_explain(ErrorType::InternalError, "no upstream chosen");
@@ -328,6 +428,6 @@ impl Pipes {
 }
 
 async fn reply_error(session: &mut Session, error: &PipesError) -> Result<bool> {
-    reply::error(session, error).await?;
+    reply::error(session, error, Audience::Public, false).await?;
     Ok(true)
 }

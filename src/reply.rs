@@ -23,8 +23,71 @@ impl Json {
     }
 }
 
-/// The JSON body of an error: `error`, `status`, `message` and the fields
-/// that explain it.
+/// Who an error is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// Anyone who reaches a deployment's host: the kind of failure and a
+    /// sentence, no addresses, engine messages or file paths.
+    Public,
+    /// A caller the API authenticated, or the log: everything.
+    Operator,
+}
+
+/// What the public is told instead of an error's details, where those
+/// would show how Pipes is set up (registry, engine, files, addresses).
+fn public_message(e: &PipesError) -> Option<String> {
+    Some(match e {
+        PipesError::EngineUnavailable { .. } => format!("the Docker engine is unavailable; retry in {RETRY_AFTER_SECS} s"),
+        PipesError::Engine { action, .. } => format!("the Docker engine failed to {action}"),
+        PipesError::RegistryAuth { .. } => "the registry refused the credentials this Pipes uses".to_owned(),
+        PipesError::ImageNotFound { image } => format!("image {} was not found in the registry", without_registry(image)),
+        PipesError::PullTimeout { image, .. } => format!("pulling {} took too long", without_registry(image)),
+        PipesError::ConfigBroken { .. } => "a stored config of this deployment cannot be used; the operator is told".to_owned(),
+        PipesError::NotReady { deployment, timeout, .. } => {
+            format!("the container of {deployment} did not answer within {}", crate::error::DisplayDuration(*timeout))
+        }
+        PipesError::Unservable { deployment, .. } => format!("{deployment} cannot be served right now"),
+        _ => return None,
+    })
+}
+
+/// `user/repo:tag` of an image reference, without the registry in front.
+fn without_registry(image: &str) -> &str {
+    let mut slashes = image.rmatch_indices('/');
+    match (slashes.next(), slashes.next()) {
+        (Some(_), Some((i, _))) => &image[i + 1..],
+        _ => image,
+    }
+}
+
+/// The JSON body of an error for `audience`.
+pub fn error_body_for(e: &PipesError, audience: Audience) -> Value {
+    match (audience, public_message(e)) {
+        (Audience::Public, Some(message)) => {
+            let mut body = json!({ "error": e.kind(), "status": e.status(), "message": message });
+            let extra = match e {
+                PipesError::ImageNotFound { image } | PipesError::PullTimeout { image, .. } => {
+                    json!({ "image": without_registry(image) })
+                }
+                PipesError::NotReady { deployment, timeout, .. } => json!({
+                    "deployment": deployment,
+                    "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                }),
+                PipesError::Unservable { deployment, .. } => json!({ "deployment": deployment }),
+                PipesError::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
+                _ => json!({}),
+            };
+            if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+                body.extend(extra);
+            }
+            body
+        }
+        _ => error_body(e),
+    }
+}
+
+/// The JSON body of an error, whole: `error`, `status`, `message` and the
+/// fields that explain it.
 pub fn error_body(e: &PipesError) -> Value {
     let mut body = json!({
         "error": e.kind(),
@@ -64,6 +127,30 @@ pub fn error_body(e: &PipesError) -> Value {
         PipesError::Unservable { deployment, .. } | PipesError::NoPreviousGeneration { deployment } => {
             json!({ "deployment": deployment })
         }
+        PipesError::TooManyConnections { max } => {
+            json!({ "max": max, "setting": "PIPES_MAX_CONNECTIONS", "retry_after": RETRY_AFTER_SECS })
+        }
+        PipesError::HeaderTimeout { timeout } => json!({
+            "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "setting": "PIPES_HEADER_TIMEOUT",
+        }),
+        PipesError::HeadersTooLarge { limit } => json!({ "limit_bytes": limit, "setting": "PIPES_MAX_HEADER_SIZE" }),
+        PipesError::BodyTimeout { timeout } => json!({
+            "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "setting": "PIPES_HEADER_TIMEOUT",
+        }),
+        PipesError::PullTimeout { image, timeout } => json!({
+            "image": image,
+            "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "setting": "PIPES_PULL_TIMEOUT",
+        }),
+        PipesError::TooManyStarts { max } => {
+            json!({ "max": max, "setting": "PIPES_MAX_STARTS_PER_CLIENT", "retry_after": RETRY_AFTER_SECS })
+        }
+        PipesError::TooManyNotRunning { max } => {
+            json!({ "max": max, "setting": "PIPES_MAX_NOT_RUNNING", "retry_after": RETRY_AFTER_SECS })
+        }
+        PipesError::BadRequest { .. } => json!({}),
     };
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);
@@ -71,14 +158,15 @@ pub fn error_body(e: &PipesError) -> Value {
     body
 }
 
-/// A short HTML page for browsers.
+/// A short HTML page for browsers (who are the public).
 pub fn error_page(e: &PipesError) -> String {
+    let message = public_message(e).unwrap_or_else(|| e.to_string());
     let mut page = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status} {kind}</title></head>\
          <body><h1>{status}</h1><p>{message}</p>",
         status = e.status(),
         kind = e.kind(),
-        message = escape_html(&e.to_string()),
+        message = escape_html(&message),
     );
     if let PipesError::Exited { logs, .. } = e {
         if !logs.is_empty() {
@@ -91,13 +179,33 @@ pub fn error_page(e: &PipesError) -> String {
     page
 }
 
-/// Answers with `e`: HTML if the client accepts it, else JSON.
-pub async fn error(session: &mut Session, e: &PipesError) -> Result<()> {
+/// A whole HTTP/1.1 response for `e` that closes the connection, for when
+/// there is no Pingora session to write it (the connection gate).
+pub fn raw(e: &PipesError) -> Vec<u8> {
+    let body = error_body(e).to_string();
+    let reason = http::StatusCode::from_u16(e.status()).ok().and_then(|s| s.canonical_reason()).unwrap_or("Error");
+    let retry = e.retry_after().map(|s| format!("retry-after: {s}\r\n")).unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}\
+         cache-control: no-store\r\nconnection: close\r\n\r\n{body}",
+        e.status(),
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Answers with `e` for `audience`: HTML if the client accepts it, else
+/// JSON. The connection is closed after it if `close`, or if the request's
+/// body was not read: either way the answer says `Connection: close`.
+pub async fn error(session: &mut Session, e: &PipesError, audience: Audience, close: bool) -> Result<()> {
     let (content_type, body) = if wants_html(session.req_header()) {
         ("text/html; charset=utf-8", error_page(e))
     } else {
-        ("application/json", error_body(e).to_string())
+        ("application/json", error_body_for(e, audience).to_string())
     };
+    if close || !session.is_body_done() {
+        session.set_keepalive(None);
+    }
     let mut head = ResponseHeader::build(e.status(), Some(5))?;
     if let Some(secs) = e.retry_after() {
         head.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
@@ -192,6 +300,38 @@ mod tests {
         assert_eq!(body["setting"], "PIPES_ALLOW");
         let e = PipesError::ApiNotFound { path: "/__proxyapi/x".into(), known: vec!["/__proxyapi/container"] };
         assert_eq!(error_body(&e)["known"][0], "/__proxyapi/container");
+    }
+
+    #[test]
+    fn raw_answers_are_whole_responses_that_close() {
+        let raw = String::from_utf8(raw(&PipesError::TooManyConnections { max: 3 })).unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{raw}");
+        assert!(raw.contains("connection: close\r\n") && raw.contains("retry-after: 5\r\n"), "{raw}");
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        assert_eq!(serde_json::from_str::<Value>(body).unwrap()["setting"], "PIPES_MAX_CONNECTIONS");
+    }
+
+    #[test]
+    fn the_public_is_not_told_how_pipes_is_set_up() {
+        let cases = [
+            PipesError::EngineUnavailable { reason: "cannot use unix:///var/run/docker.sock: no such file".into() },
+            PipesError::Engine { action: "start a container", detail: "driver failed on /var/lib/docker".into() },
+            PipesError::RegistryAuth { registry: "10.1.2.3:5000".into(), user: Some("ci".into()), detail: "denied".into() },
+            PipesError::ImageNotFound { image: "10.1.2.3:5000/alice/app:v1".into() },
+            PipesError::ConfigBroken { file: "repos/alice/app/repository.json".into(), problem: "EOF".into() },
+            PipesError::NotReady { deployment: "alice/app:v1".into(), timeout: std::time::Duration::from_secs(5), probed: "GET http://172.17.0.5:80/".into() },
+        ];
+        for e in cases {
+            let public = error_body_for(&e, Audience::Public).to_string() + &error_page(&e);
+            for secret in ["docker.sock", "/var/lib", "10.1.2.3", "\"ci\"", "repository.json", "172.17.0.5"] {
+                assert!(!public.contains(secret), "{secret} shown to the public: {public}");
+            }
+            assert_eq!(error_body_for(&e, Audience::Public)["error"], e.kind());
+            assert_eq!(error_body_for(&e, Audience::Operator), error_body(&e), "the operator sees everything");
+        }
+        let e = PipesError::ImageNotFound { image: "10.1.2.3:5000/alice/app:v1".into() };
+        assert_eq!(error_body_for(&e, Audience::Public)["image"], "alice/app:v1");
     }
 
     #[test]

@@ -73,6 +73,12 @@ impl hashbrown::Equivalent<Deployment> for DeploymentRef<'_> {
     }
 }
 
+impl hashbrown::Equivalent<std::sync::Arc<Deployment>> for DeploymentRef<'_> {
+    fn equivalent(&self, key: &std::sync::Arc<Deployment>) -> bool {
+        self.equivalent(&**key)
+    }
+}
+
 impl Deployment {
     /// The borrowed form of this key.
     pub fn as_ref(&self) -> DeploymentRef<'_> {
@@ -144,6 +150,9 @@ pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesErro
     let not_ours = || PipesError::NotOurs { host: host.to_owned(), expected: domain.describe() };
     if host.is_empty() || host.starts_with('[') || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(not_ours());
+    }
+    if host.split('.').any(str::is_empty) {
+        return Err(PipesError::BadName { label: String::new(), reason: "the host has an empty label ('..')" });
     }
     let names = match domain {
         Domain::Suffix(suffix) => {
@@ -315,6 +324,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(dep("-v1.app.alice.example.com", &two), Err(400));
+        // Empty labels are never a name, wherever they are.
+        assert_eq!(dep("v1..web.alice.example.com", &two), Err(400));
+        assert_eq!(dep("v1.web.alice.example.com..", &two), Err(400));
+        assert_eq!(dep("v1.web..alice.example.com", &two), Err(400));
+        assert_eq!(dep("v1.wéb.alice.example.com", &two), Err(400));
         assert_eq!(dep("a__b.x-y.u_v.example.com", &two), Ok("u_v/x-y:a__b".into()));
     }
 

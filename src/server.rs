@@ -5,13 +5,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pingora::apps::HttpServerOptions;
-use pingora::proxy::http_proxy_service;
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use tokio::sync::broadcast;
 
 use crate::auth::ApiAuth;
+use crate::connection::Gate;
 use crate::engine::docker::Docker;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
@@ -60,13 +62,17 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let opt = Opt { upgrade: settings.upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    let mut proxy = http_proxy_service(&server.configuration, Pipes::new(fleet.clone(), &settings));
-    if let Some(app) = proxy.app_logic_mut() {
-        // Accept HTTP/2 without TLS (prior knowledge) beside HTTP/1.
+    // Two Pingora apps behind one gate: HTTP/1, and HTTP/2 without TLS.
+    let app = |h2c: bool| {
+        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings));
         let mut options = HttpServerOptions::default();
-        options.h2c = true;
+        options.h2c = h2c;
+        options.h2_idle_timeout = Some(settings.keepalive_timeout);
         app.server_options = Some(options);
-    }
+        app
+    };
+    let gate = Gate::new(app(false), app(true), settings.connections);
+    let mut proxy = Service::new("Pipes".to_owned(), gate);
     for addr in &settings.listen {
         proxy.add_tcp(&addr.to_string());
     }
@@ -171,6 +177,13 @@ fn log_summary(settings: &Settings) {
         ApiAuth::Tokens { admin: Some(_) } => log::info!("management API needs a bearer token"),
     }
     log::info!("configs in {}", settings.config_dir.display());
+    let limits = &settings.connections;
+    log::info!(
+        "at most {} client connections; each sends its first request head within {} ({} bytes at most)",
+        limits.max_connections,
+        humantime::format_duration(limits.header_timeout),
+        limits.max_header_size
+    );
     // Each tag check is a manifest GET at the registry, which Docker Hub counts as a pull.
     if let (None, Some(every)) = (&settings.registry, settings.defaults.watch) {
         if every < Duration::from_secs(300) {

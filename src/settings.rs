@@ -18,15 +18,20 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::auth::{ApiAuth, MIN_TOKEN_LEN};
-use crate::config::{check_cpus, check_memory, ByteSize, Defaults, Span, Watch, MIN_WATCH};
+use crate::config::{check_capability, check_cpus, check_memory, ByteSize, Defaults, Span, Watch, DEFAULT_PIDS, MIN_WATCH};
 use crate::engine::docker::DockerOptions;
 use crate::engine::{RegistryAuth, RESERVED_LABELS};
+use crate::forwarded::Trusted;
 use crate::policy::Policy;
 use crate::route::Domain;
 use crate::secret::Secret;
 
 /// Longest duration a timeout setting may have.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The open-files limit assumed when the process's cannot be read.
+const DEFAULT_OPEN_FILES: u64 = 1024;
+/// Descriptors kept out of `PIPES_MAX_CONNECTIONS`' default.
+const RESERVED_FILES: u64 = 64;
 
 /// The command line, which declares every setting.
 #[derive(Parser, Debug)]
@@ -110,6 +115,42 @@ struct Cli {
     /// How long requests and connections in flight may finish when a container is replaced or Pipes stops
     #[arg(long, env = "PIPES_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     drain_timeout: Duration,
+    /// How long a new connection may take to send its first request head (or HTTP/2 preface)
+    #[arg(long, env = "PIPES_HEADER_TIMEOUT", value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
+    header_timeout: Duration,
+    /// Largest request head accepted, e.g. 64k
+    #[arg(long, env = "PIPES_MAX_HEADER_SIZE", value_name = "SIZE", default_value = "64k", value_parser = parse_header_size)]
+    max_header_size: ByteSize,
+    /// How long a kept-alive connection may stay idle between requests (HTTP/1 and HTTP/2)
+    #[arg(long, env = "PIPES_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
+    keepalive_timeout: Duration,
+    /// Most client connections open at once; more are answered 503 and closed [default: half the open-files limit]
+    #[arg(long, env = "PIPES_MAX_CONNECTIONS", value_name = "N", value_parser = parse_count)]
+    max_connections: Option<usize>,
+    /// How long a pull may take before the start fails (504)
+    #[arg(long, env = "PIPES_PULL_TIMEOUT", value_name = "DURATION", default_value = "10m", value_parser = parse_timeout)]
+    pull_timeout: Duration,
+    /// Most cold starts one client address may have under way; more get 503
+    #[arg(long, env = "PIPES_MAX_STARTS_PER_CLIENT", value_name = "N", default_value = "8", value_parser = parse_count)]
+    max_starts_per_client: usize,
+    /// Most deployments kept in the table that do not run (starting, stopped, failed); requests for more names get 503
+    #[arg(long, env = "PIPES_MAX_NOT_RUNNING", value_name = "N", default_value = "1000", value_parser = parse_count)]
+    max_not_running: usize,
+    /// Highest memory limit any config may set, e.g. 4g [default: the host's memory]
+    #[arg(long, env = "PIPES_MAX_MEMORY", value_name = "SIZE", value_parser = parse_memory)]
+    max_memory: Option<ByteSize>,
+    /// Most processes any config may let a container run
+    #[arg(long, env = "PIPES_MAX_PIDS", value_name = "N", default_value = "4096", value_parser = parse_count)]
+    max_pids: usize,
+    /// Linux capabilities configs may add to the base set, comma-separated (e.g. NET_RAW) [default: none]
+    #[arg(long, env = "PIPES_ALLOWED_CAPABILITIES", value_name = "CAPS", value_parser = parse_capabilities)]
+    allowed_capabilities: Option<Capabilities>,
+    /// Proxies in front of Pipes whose X-Forwarded-* headers are believed, comma-separated addresses or networks
+    #[arg(long, env = "PIPES_TRUSTED_PROXIES", value_name = "ADDRS", value_parser = Trusted::parse)]
+    trusted_proxies: Option<Trusted>,
+    /// Highest CPU limit (cores) any config may set [default: the host's CPUs]
+    #[arg(long, env = "PIPES_MAX_CPUS", value_name = "CPUS", value_parser = parse_cpus)]
+    max_cpus: Option<f64>,
     /// Pingora server configuration (YAML): threads, grace periods, upgrades
     #[arg(short = 'c', long = "conf", env = "PIPES_SERVER_CONF", value_name = "FILE")]
     server_conf: Option<PathBuf>,
@@ -152,11 +193,53 @@ pub struct Settings {
     pub failure_ttl: Duration,
     /// `PIPES_DRAIN_TIMEOUT`.
     pub drain_timeout: Duration,
+    /// What every client connection is held to.
+    pub connections: ConnectionLimits,
+    /// `PIPES_KEEPALIVE_TIMEOUT`.
+    pub keepalive_timeout: Duration,
+    /// `PIPES_PULL_TIMEOUT`.
+    pub pull_timeout: Duration,
+    /// `PIPES_MAX_STARTS_PER_CLIENT`.
+    pub max_starts_per_client: usize,
+    /// `PIPES_MAX_NOT_RUNNING`.
+    pub max_not_running: usize,
+    /// What no deployment's config may exceed.
+    pub ceilings: Ceilings,
+    /// `PIPES_TRUSTED_PROXIES`.
+    pub trusted_proxies: Trusted,
     /// The Docker backend's settings.
     pub docker: DockerOptions,
     pub server_conf: Option<PathBuf>,
     pub upgrade: bool,
     pub test: bool,
+}
+
+/// What no deployment's config may exceed, whoever writes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ceilings {
+    /// `PIPES_MAX_MEMORY`.
+    pub memory: ByteSize,
+    /// `PIPES_MAX_CPUS`.
+    pub cpus: f64,
+    /// `PIPES_MAX_PIDS`.
+    pub pids: u32,
+    /// `PIPES_ALLOWED_CAPABILITIES`: what a config may add to the base set.
+    pub capabilities: Vec<String>,
+}
+
+/// Capability names.
+#[derive(Debug, Clone)]
+struct Capabilities(Vec<String>);
+
+/// The limits every client connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// `PIPES_MAX_CONNECTIONS`.
+    pub max_connections: usize,
+    /// `PIPES_HEADER_TIMEOUT`: from accept to a complete first head.
+    pub header_timeout: Duration,
+    /// `PIPES_MAX_HEADER_SIZE`.
+    pub max_header_size: usize,
 }
 
 /// A setting that could not be used: the one line printed before exiting.
@@ -180,13 +263,26 @@ fn err(name: &str, message: impl Into<String>) -> SettingError {
 }
 
 /// Where settings come from besides flags: the environment and the machine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sources {
     pub env: HashMap<String, String>,
     /// This machine's host name: a container's id when Pipes runs in one.
     pub hostname: Option<String>,
     /// Whether `/.dockerenv` exists.
     pub in_container: bool,
+    /// The soft limit on open files.
+    pub open_files: Option<u64>,
+    /// The host's memory in bytes.
+    pub memory: Option<u64>,
+    /// The host's CPUs.
+    pub cpus: usize,
+}
+
+impl Default for Sources {
+    /// No environment, and a machine of 8 GiB and 2 CPUs.
+    fn default() -> Self {
+        Sources { env: HashMap::new(), hostname: None, in_container: false, open_files: None, memory: Some(8 << 30), cpus: 2 }
+    }
 }
 
 impl Sources {
@@ -196,6 +292,15 @@ impl Sources {
             env: std::env::vars().collect(),
             hostname: std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()),
             in_container: std::path::Path::new("/.dockerenv").exists(),
+            open_files: std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
+                let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+                line.split_whitespace().nth(3)?.parse().ok()
+            }),
+            memory: std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+                let kib: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
+                kib.checked_mul(1024)
+            }),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 
@@ -293,6 +398,27 @@ impl Settings {
         } else {
             None
         };
+        let ceilings = Ceilings {
+            memory: cli.max_memory.or(src.memory.map(ByteSize)).unwrap_or(ByteSize(u64::MAX)),
+            cpus: cli.max_cpus.unwrap_or(src.cpus as f64),
+            pids: u32::try_from(cli.max_pids).unwrap_or(u32::MAX),
+            capabilities: cli.allowed_capabilities.map(|c| c.0).unwrap_or_default(),
+        };
+        if ceilings.pids < DEFAULT_PIDS {
+            return Err(err("PIPES_MAX_PIDS", format!("is {} but containers get {DEFAULT_PIDS} by default; give at least that", ceilings.pids)));
+        }
+        if cli.default_memory > ceilings.memory {
+            return Err(err(
+                "PIPES_DEFAULT_MEMORY",
+                format!("is {} but PIPES_MAX_MEMORY is {}; the default must fit under the ceiling", cli.default_memory, ceilings.memory),
+            ));
+        }
+        if cli.default_cpus > ceilings.cpus {
+            return Err(err(
+                "PIPES_DEFAULT_CPUS",
+                format!("is {} but PIPES_MAX_CPUS is {}; the default must fit under the ceiling", cli.default_cpus, ceilings.cpus),
+            ));
+        }
         let registry_host = match &cli.registry {
             Some(r) => r.split('/').next().unwrap_or(r).to_owned(),
             None => "docker.io".to_owned(),
@@ -313,6 +439,22 @@ impl Settings {
             },
             failure_ttl: cli.failure_ttl,
             drain_timeout: cli.drain_timeout,
+            connections: ConnectionLimits {
+                // Each client connection may hold an upstream one too; some
+                // descriptors stay for the engine, the listeners and logs.
+                max_connections: cli.max_connections.unwrap_or_else(|| {
+                    let files = src.open_files.unwrap_or(DEFAULT_OPEN_FILES);
+                    usize::try_from(files.saturating_sub(RESERVED_FILES) / 2).unwrap_or(usize::MAX).clamp(16, 100_000)
+                }),
+                header_timeout: cli.header_timeout,
+                max_header_size: usize::try_from(cli.max_header_size.0).unwrap_or(usize::MAX),
+            },
+            keepalive_timeout: cli.keepalive_timeout,
+            pull_timeout: cli.pull_timeout,
+            max_starts_per_client: cli.max_starts_per_client,
+            max_not_running: cli.max_not_running,
+            ceilings,
+            trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
             docker: DockerOptions {
                 host: cli.docker_host,
                 instance: cli.instance,
@@ -512,6 +654,17 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
         .map_err(|_| format!("expected a duration such as 60s, 1500ms or 2m (up to 24h), got '{value}'"))
 }
 
+fn parse_capabilities(value: &str) -> Result<Capabilities, String> {
+    value.split(',').filter(|c| !c.trim().is_empty()).map(check_capability).collect::<Result<_, _>>().map(Capabilities)
+}
+
+fn parse_header_size(value: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(value)
+        .ok()
+        .filter(|b| (1 << 10..=16 << 20).contains(&b.0))
+        .ok_or_else(|| format!("expected a size from 1k to 16m such as 64k, got '{value}'"))
+}
+
 fn parse_watch(value: &str) -> Result<Watch, String> {
     let expected = || format!("expected off or a duration of at least 1s such as 5m, got '{value}'");
     match Watch::parse(value).map_err(|_| expected())? {
@@ -556,6 +709,41 @@ mod tests {
         assert_eq!(s.defaults.watch, None, "no registry polling unless asked");
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(load(&[("PIPES_WATCH", "5m")]).unwrap().defaults.watch, Some(Duration::from_secs(300)));
+        assert_eq!(s.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(s.connections.max_header_size, 64 << 10);
+    }
+
+    #[test]
+    fn ceilings_default_to_the_host_and_bound_the_defaults() {
+        let s = load(&[]).unwrap();
+        assert_eq!((s.ceilings.memory, s.ceilings.cpus, s.ceilings.pids), (ByteSize(8 << 30), 2.0, 4096));
+        assert!(s.ceilings.capabilities.is_empty(), "no capability beyond the base set unless allowed");
+        let s = load(&[
+            ("PIPES_MAX_MEMORY", "1g"),
+            ("PIPES_MAX_CPUS", "0.5"),
+            ("PIPES_DEFAULT_CPUS", "0.25"),
+            ("PIPES_ALLOWED_CAPABILITIES", "net_raw, CAP_SYS_PTRACE"),
+        ])
+        .unwrap();
+        assert_eq!((s.ceilings.memory, s.ceilings.cpus), (ByteSize(1 << 30), 0.5));
+        assert_eq!(s.ceilings.capabilities, ["NET_RAW", "SYS_PTRACE"]);
+        assert_eq!(load(&[("PIPES_MAX_PIDS", "100")]).unwrap_err().name, "PIPES_MAX_PIDS");
+        assert_eq!(load(&[("PIPES_MAX_MEMORY", "256m")]).unwrap_err().name, "PIPES_DEFAULT_MEMORY");
+        assert_eq!(load(&[("PIPES_MAX_CPUS", "0.5")]).unwrap_err().name, "PIPES_DEFAULT_CPUS");
+    }
+
+    #[test]
+    fn the_connection_cap_follows_the_open_files_limit() {
+        let with_files = |n| Sources { open_files: Some(n), ..Sources::default() };
+        let cap = |src: &Sources| match Settings::from_sources(["pipes"], src) {
+            Ok(s) => s.connections.max_connections,
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_eq!(cap(&with_files(256)), 96, "half of what is left after a reserve");
+        assert_eq!(cap(&with_files(1 << 20)), 100_000);
+        let mut set = with_files(256);
+        set.env.insert("PIPES_MAX_CONNECTIONS".into(), "500".into());
+        assert_eq!(cap(&set), 500, "the setting wins");
     }
 
     #[test]
@@ -584,6 +772,18 @@ mod tests {
             ("PIPES_WATCH", "often"),
             ("PIPES_WATCH", "100ms"),
             ("PIPES_DRAIN_TIMEOUT", "forever"),
+            ("PIPES_HEADER_TIMEOUT", "0"),
+            ("PIPES_MAX_HEADER_SIZE", "10"),
+            ("PIPES_MAX_CONNECTIONS", "none"),
+            ("PIPES_KEEPALIVE_TIMEOUT", "later"),
+            ("PIPES_PULL_TIMEOUT", "never"),
+            ("PIPES_MAX_STARTS_PER_CLIENT", "0"),
+            ("PIPES_MAX_NOT_RUNNING", "-3"),
+            ("PIPES_MAX_MEMORY", "1k"),
+            ("PIPES_MAX_CPUS", "0"),
+            ("PIPES_TRUSTED_PROXIES", "lb.example.com"),
+            ("PIPES_ALLOWED_CAPABILITIES", "net raw"),
+            ("PIPES_MAX_PIDS", "lots"),
         ];
         for (name, value) in cases {
             let e = load(&[(name, value)]).unwrap_err();

@@ -32,6 +32,7 @@ impl Drop for Created {
             for id in String::from_utf8_lossy(&out.stdout).lines() {
                 let _ = docker(&["rm", "-f", id]);
             }
+            let _ = docker(&["network", "rm", &format!("pipes-{instance}")]);
         }
         if let Some(n) = &self.network {
             let _ = docker(&["network", "rm", n]);

@@ -22,7 +22,9 @@ use bollard::auth::DockerCredentials;
 use futures_util::stream::BoxStream;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
+    NetworkCreateRequest,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum,
+    EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
     RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -89,6 +91,8 @@ pub struct Docker {
     password: Option<Secret>,
     /// Caps pulls under way at once (`PIPES_MAX_PULLS`).
     pulls: Arc<Semaphore>,
+    /// Set once this instance's own network exists (published mode).
+    network: Arc<OnceCell<()>>,
 }
 
 impl Docker {
@@ -112,6 +116,7 @@ impl Docker {
             registry_host: options.registry_host.clone(),
             password: options.auth.as_ref().map(|a| a.password.clone()),
             pulls: Arc::new(Semaphore::new(options.max_pulls)),
+            network: Arc::new(OnceCell::new()),
         }
     }
 
@@ -222,6 +227,10 @@ impl Docker {
 
     fn instance_of(&self, c: ContainerInspectResponse) -> Option<Instance> {
         let state = c.state.unwrap_or_default();
+        // A container on its way out (`docker rm -f`) is as good as absent.
+        if matches!(state.status, Some(ContainerStateStatusEnum::REMOVING | ContainerStateStatusEnum::DEAD)) {
+            return None;
+        }
         let labels = c.config.and_then(|cfg| cfg.labels).unwrap_or_default();
         let net = c.network_settings.unwrap_or_default();
         let running = state.running.unwrap_or(false);
@@ -236,6 +245,9 @@ impl Docker {
 
     /// An instance from `docker ps` facts, which lack the start time.
     fn instance_of_summary(&self, c: ContainerSummary) -> Option<Instance> {
+        if matches!(c.state, Some(ContainerSummaryStateEnum::REMOVING | ContainerSummaryStateEnum::DEAD)) {
+            return None;
+        }
         let labels = c.labels.unwrap_or_default();
         let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
         // "Exited (3) 5 minutes ago"
@@ -290,20 +302,26 @@ impl Docker {
 
     fn create_body(&self, spec: &Spec) -> ContainerCreateBody {
         let port_key = format!("{}/tcp", spec.port);
-        let mut host_config = HostConfig::default();
-        let mut networking = None;
-        match &self.reach {
+        let mut host_config = HostConfig {
+            // A fork bomb stays in its container; root in it cannot gain more.
+            pids_limit: Some(i64::from(spec.pids)),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(spec.capabilities.clone()),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            ..HostConfig::default()
+        };
+        let network = match &self.reach {
             Reach::Published => {
                 let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
                 host_config.port_bindings = Some(HashMap::from([(port_key.clone(), Some(vec![binding]))]));
+                self.instance_network()
             }
-            Reach::Network(name) => {
-                host_config.network_mode = Some(name.clone());
-                networking = Some(NetworkingConfig {
-                    endpoints_config: Some(HashMap::from([(name.clone(), EndpointSettings::default())])),
-                });
-            }
-        }
+            Reach::Network(name) => name.clone(),
+        };
+        host_config.network_mode = Some(network.clone());
+        let networking = Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(network, EndpointSettings::default())])),
+        });
         host_config.memory = i64::try_from(spec.memory_bytes).ok();
         host_config.nano_cpus = Some((spec.cpus * 1e9).round() as i64);
         host_config.restart_policy = Some(RestartPolicy {
@@ -325,6 +343,60 @@ impl Docker {
             networking_config: networking,
             ..Default::default()
         }
+    }
+
+    /// Waits (a while at most) until the container `name` is removed.
+    async fn until_removed(&self, name: &str) {
+        let Ok(docker) = self.docker().await else { return };
+        let options = WaitContainerOptions { condition: "removed".into() };
+        let mut wait = docker.wait_container(name, Some(options));
+        let _ = tokio::time::timeout(REMOVAL_WAIT, wait.next()).await;
+    }
+
+    /// The network of this instance's containers in published mode.
+    fn instance_network(&self) -> String {
+        format!("pipes-{}", self.instance)
+    }
+
+    /// Makes this instance's own network if it is missing: a bridge without
+    /// inter-container traffic, so one deployment cannot call another past
+    /// Pipes (Docker's default bridge lets them). Published ports reach
+    /// containers on it as on any bridge.
+    async fn ensure_network(&self) -> Result<(), PipesError> {
+        if self.reach != Reach::Published {
+            return Ok(());
+        }
+        self.network
+            .get_or_try_init(|| async {
+                let docker = self.docker().await?;
+                let name = self.instance_network();
+                match docker.inspect_network(&name, None).await {
+                    Ok(_) => return Ok(()),
+                    Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+                    Err(e) => return Err(self.fail("inspect a network", e)),
+                }
+                let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
+                labels.insert(LABEL_MANAGED.into(), "true".into());
+                labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
+                let request = NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    options: Some(HashMap::from([("com.docker.network.bridge.enable_icc".into(), "false".into())])),
+                    labels: Some(labels),
+                    ..Default::default()
+                };
+                match docker.create_network(request).await {
+                    Ok(_) => {
+                        log::info!("created network {name} for this instance's containers (no traffic between them)");
+                        Ok(())
+                    }
+                    // Made meanwhile by another Pipes of this instance.
+                    Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+                    Err(e) => Err(self.fail("create a network", e)),
+                }
+            })
+            .await
+            .map(|_| ())
     }
 
     /// Starts a container (a running one is left as it is).
@@ -483,9 +555,11 @@ impl Backend for Docker {
     }
 
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
+        self.ensure_network().await?;
         let name = self.container_name(spec);
-        // A second attempt only after removing a same-named container made from another spec.
-        for _ in 0..2 {
+        // Another attempt only after a same-named container left: removed by
+        // Pipes (made from another spec) or by someone else.
+        for _ in 0..3 {
             let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
@@ -499,10 +573,11 @@ impl Backend for Docker {
                     return self.start(&created.id).await;
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
-                    let existing = self.inspect(&name).await?.ok_or_else(|| PipesError::Engine {
-                        action: "create a container",
-                        detail: format!("name {name} is taken but no such container exists"),
-                    })?;
+                    let Some(existing) = self.inspect(&name).await? else {
+                        // The name's holder is being removed: wait for it, then create.
+                        self.until_removed(&name).await;
+                        continue;
+                    };
                     if existing.spec_hash.as_deref() == Some(spec.hash.as_str()) {
                         // Another Pipes made it first, or it is a generation coming back.
                         return if existing.running { Ok(existing) } else { self.start(&existing.id).await };
@@ -626,6 +701,9 @@ fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
         time_nano: message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0),
     })
 }
+
+/// Longest wait for a container being removed to be gone.
+const REMOVAL_WAIT: Duration = Duration::from_secs(10);
 
 /// The engine takes whole seconds.
 fn grace_secs(grace: Duration) -> i32 {

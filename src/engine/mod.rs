@@ -122,6 +122,10 @@ pub struct Spec {
     pub restart: Restart,
     /// The image's digest (`sha256:…`): the generation this instance is.
     pub digest: Option<String>,
+    /// Most processes the instance may run.
+    pub pids: u32,
+    /// The Linux capabilities it keeps; all others are dropped.
+    pub capabilities: Vec<String>,
 }
 
 /// Something the backend did to one of this Pipes' instances.

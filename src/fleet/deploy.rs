@@ -17,11 +17,11 @@ use tokio::sync::Mutex;
 
 use super::probe;
 use super::slot::Upstream;
-use crate::config::{Defaults, Effective, Pull};
+use crate::config::{check_capability, DeployConfig, Defaults, Effective, Pull, BASE_CAPABILITIES};
 use crate::engine::{current, generation_of, short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
-use crate::settings::Settings;
+use crate::settings::{Ceilings, Settings};
 use crate::store::Store;
 
 /// Lines of an instance's log shown when it exits while starting.
@@ -40,7 +40,9 @@ pub struct Deployer {
     /// `PIPES_REGISTRY`: prefix of every image reference; `None` is Docker Hub.
     registry: Option<String>,
     defaults: Defaults,
+    ceilings: Ceilings,
     max_containers: usize,
+    pull_timeout: Duration,
     /// Instances admitted and not yet started.
     starting: Arc<AtomicUsize>,
     /// Serializes admission, so two starts cannot both take the last place.
@@ -65,7 +67,9 @@ impl Deployer {
             store,
             registry: settings.registry.clone(),
             defaults: settings.defaults.clone(),
+            ceilings: settings.ceilings.clone(),
             max_containers: settings.max_containers,
+            pull_timeout: settings.pull_timeout,
             starting: Arc::new(AtomicUsize::new(0)),
             admission: Mutex::new(()),
         }
@@ -101,6 +105,34 @@ impl Deployer {
         Ok(Effective::merge(tag.as_ref(), repository.as_ref(), &self.defaults))
     }
 
+    /// `Ok` if `config` stays under the operator's ceilings
+    /// (`PIPES_MAX_MEMORY`, `PIPES_MAX_CPUS`), else 422 naming the field.
+    pub fn check_ceilings(&self, config: &DeployConfig) -> Result<(), PipesError> {
+        let over = |field: &str, value: String, ceiling: String, setting: &str| PipesError::InvalidField {
+            field: field.to_owned(),
+            message: format!("{value} is more than {ceiling}, the most this Pipes allows ({setting})"),
+        };
+        if let Some(memory) = config.memory.filter(|m| *m > self.ceilings.memory) {
+            return Err(over("memory", memory.to_string(), self.ceilings.memory.to_string(), "PIPES_MAX_MEMORY"));
+        }
+        if let Some(cpus) = config.cpus.filter(|c| *c > self.ceilings.cpus) {
+            return Err(over("cpus", cpus.to_string(), self.ceilings.cpus.to_string(), "PIPES_MAX_CPUS"));
+        }
+        if let Some(pids) = config.pids.filter(|p| *p > self.ceilings.pids) {
+            return Err(over("pids", pids.to_string(), self.ceilings.pids.to_string(), "PIPES_MAX_PIDS"));
+        }
+        for cap in config.capabilities.iter().flatten() {
+            let name = check_capability(cap).unwrap_or_else(|_| cap.clone());
+            if !self.ceilings.capabilities.contains(&name) {
+                return Err(PipesError::InvalidField {
+                    field: "capabilities".into(),
+                    message: format!("{name} is not among the capabilities this Pipes allows (PIPES_ALLOWED_CAPABILITIES)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Brings `d` to a running, answering instance and returns where it answers.
     ///
     /// The current generation is used if it runs, started if it is stopped and
@@ -108,6 +140,7 @@ impl Deployer {
     /// image (pulled when missing, or always if the config says so).
     pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
         let config = self.effective(d).await?;
+        self.within_ceilings(d, &config)?;
         let image_ref = self.image_ref(d);
         let instances = self.backend.instances(d).await?;
         let instance = match current(&instances) {
@@ -115,16 +148,18 @@ impl Deployer {
             Some(i) if i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
                 let admitted = self.admit().await?;
                 log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
-                let started = self.backend.start(&i.id).await?;
+                let started = self.backend.start(&i.id).await;
                 drop(admitted);
-                started
+                match started {
+                    Ok(started) => started,
+                    // It may have been removed since it was listed: make a new one.
+                    Err(e) => {
+                        log::info!("{d}: instance {} did not start ({e}); making a new one", short_id(&i.id));
+                        self.run(d, &image_ref, &config, config.pull == Pull::Always, true).await?
+                    }
+                }
             }
-            _ => {
-                let admitted = self.admit().await?;
-                let made = self.run(d, &image_ref, &config, config.pull == Pull::Always).await?;
-                drop(admitted);
-                made
-            }
+            _ => self.run(d, &image_ref, &config, config.pull == Pull::Always, true).await?,
         };
         self.answering(d, &instance, &config).await
     }
@@ -154,15 +189,42 @@ impl Deployer {
         Ok(Some(upstream_of(instance, addr, config.as_ref())))
     }
 
+    /// An effective config above the ceilings (stored before they were
+    /// lowered) is not run.
+    fn within_ceilings(&self, d: &Deployment, config: &Effective) -> Result<(), PipesError> {
+        let layer = DeployConfig {
+            memory: Some(config.memory),
+            cpus: Some(config.cpus),
+            pids: Some(config.pids),
+            capabilities: Some(config.capabilities.clone()),
+            ..DeployConfig::default()
+        };
+        self.check_ceilings(&layer).map_err(|e| PipesError::Unservable {
+            deployment: d.to_string(),
+            reason: format!("its config asks for more than this Pipes allows: {e}; replace the config"),
+        })
+    }
+
     /// Pulls if missing (or always when `fresh`), then runs an instance of
-    /// the image's generation.
-    async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, fresh: bool) -> Result<Instance, PipesError> {
+    /// the image's generation. A place among `PIPES_MAX_CONTAINERS` is taken
+    /// (when `admit`) only once the image is known to exist, so names of
+    /// images that do not exist never hold one.
+    async fn run(
+        &self,
+        d: &Deployment,
+        image_ref: &str,
+        config: &Effective,
+        fresh: bool,
+        admit: bool,
+    ) -> Result<Instance, PipesError> {
         let local = if fresh { None } else { self.backend.image(image_ref).await? };
         let image = match local {
             Some(image) => image,
             None => {
                 log::info!("{d}: pulling {image_ref}");
-                self.backend.pull(image_ref).await?
+                tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref))
+                    .await
+                    .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })??
             }
         };
         let port = match config.port {
@@ -180,8 +242,19 @@ impl Deployer {
             cpus: config.cpus,
             restart: config.restart,
             digest: image.digest,
+            pids: config.pids,
+            capabilities: {
+                let mut caps: Vec<String> = BASE_CAPABILITIES.iter().map(|c| c.to_string()).collect();
+                caps.extend(config.capabilities.iter().cloned());
+                caps.sort();
+                caps.dedup();
+                caps
+            },
         };
-        self.backend.run(&spec).await
+        let admitted = if admit { Some(self.admit().await?) } else { None };
+        let instance = self.backend.run(&spec).await;
+        drop(admitted);
+        instance
     }
 
     /// Makes a new generation from what the tag names in the registry now,
@@ -195,8 +268,10 @@ impl Deployer {
             return Ok(None);
         }
         let config = self.effective(d).await?;
+        self.within_ceilings(d, &config)?;
         log::info!("{d}: the tag now names {}", generation_of(&digest));
-        let instance = self.run(d, &image_ref, &config, true).await?;
+        // A new generation replaces one: it takes no place of its own.
+        let instance = self.run(d, &image_ref, &config, true, false).await?;
         if serving.is_some() && instance.digest.as_deref() == serving {
             // The tag moved back between the question and the pull.
             return Ok(None);

@@ -16,10 +16,10 @@ mod probe;
 mod slot;
 mod watch;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -42,7 +42,12 @@ pub use janitor::Janitor;
 pub use slot::{Activity, OpenCount, Slot, StartResult, Upstream};
 pub use watch::Watcher;
 
-type Table = hashbrown::HashMap<Deployment, Arc<Slot>>;
+/// Keys are shared with nothing but cheap to copy: growing the table copies
+/// pointers, not names.
+type Table = hashbrown::HashMap<Arc<Deployment>, Arc<Slot>>;
+
+/// Images the registry did not have, remembered at most this many at once.
+const MAX_MISSING: usize = 4096;
 
 /// What a deployment is doing, as the API and its users see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,11 +67,10 @@ pub enum State {
 impl State {
     /// The one rule for every view: a start under way wins, then the backend's
     /// word on the instance, then a remembered failure.
-    fn of(slot: Option<&Slot>, instance: Option<&Instance>, failure_ttl: Duration) -> State {
+    fn of(slot: Option<&Slot>, instance: Option<&Instance>, failed: bool) -> State {
         if slot.is_some_and(Slot::starting) {
             return State::Starting;
         }
-        let failed = slot.and_then(|s| s.failure(failure_ttl)).is_some();
         match instance {
             Some(i) if i.running => State::Running,
             _ if failed => State::Failed,
@@ -164,6 +168,40 @@ pub struct Fleet {
     /// Set when this process hands over or stops: it no longer stops idle
     /// deployments or watches tags, which the next process does.
     retired: AtomicBool,
+    /// `PIPES_MAX_NOT_RUNNING`.
+    max_not_running: usize,
+    /// Images the registry did not have, and when it said so: kept apart from
+    /// the table, so that names of images that do not exist hold no slot.
+    missing: Mutex<hashbrown::HashMap<Deployment, Instant>>,
+    /// Deployments each client address waits on a start of, and how many of
+    /// its requests wait on each (`PIPES_MAX_STARTS_PER_CLIENT`).
+    starts: Arc<Mutex<Starts>>,
+    max_starts_per_client: usize,
+}
+
+type Starts = HashMap<IpAddr, HashMap<Deployment, usize>>;
+
+/// A request of one client waiting on a deployment's start; ends when dropped.
+pub struct ClientStart {
+    starts: Arc<Mutex<Starts>>,
+    client: IpAddr,
+    deployment: Deployment,
+}
+
+impl Drop for ClientStart {
+    fn drop(&mut self) {
+        let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(waiting) = starts.get_mut(&self.client) else { return };
+        if let Some(n) = waiting.get_mut(&self.deployment) {
+            *n -= 1;
+            if *n == 0 {
+                waiting.remove(&self.deployment);
+            }
+        }
+        if waiting.is_empty() {
+            starts.remove(&self.client);
+        }
+    }
 }
 
 impl Fleet {
@@ -179,7 +217,62 @@ impl Fleet {
             deployer: Arc::new(Deployer::new(backend, store, settings)),
             control,
             retired: AtomicBool::new(false),
+            max_not_running: settings.max_not_running,
+            missing: Mutex::new(hashbrown::HashMap::new()),
+            starts: Arc::new(Mutex::new(HashMap::new())),
+            max_starts_per_client: settings.max_starts_per_client,
         }
+    }
+
+    /// The remembered answer for `d` if the registry did not have its image
+    /// within `PIPES_FAILURE_TTL`: answered without the engine or a slot.
+    pub fn missing(&self, d: DeploymentRef<'_>) -> Option<PipesError> {
+        let missing = self.missing.lock().unwrap_or_else(PoisonError::into_inner);
+        let (key, at) = missing.get_key_value(&d)?;
+        (at.elapsed() < self.failure_ttl).then(|| PipesError::ImageNotFound { image: self.deployer.image_ref(key) })
+    }
+
+    /// Remembers that the registry has no image for `d`, and takes `d` out of
+    /// the table.
+    fn remember_missing(&self, d: &Deployment) {
+        {
+            let mut missing = self.missing.lock().unwrap_or_else(PoisonError::into_inner);
+            if missing.len() >= MAX_MISSING {
+                missing.retain(|_, at| at.elapsed() < self.failure_ttl);
+                if missing.len() >= MAX_MISSING {
+                    // A flood of names: forget the oldest half.
+                    let mut ages: Vec<Instant> = missing.values().copied().collect();
+                    ages.sort_unstable();
+                    let cut = ages[ages.len() / 2];
+                    missing.retain(|_, at| *at > cut);
+                }
+            }
+            missing.insert(d.clone(), Instant::now());
+        }
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = self.table.load();
+        if let Some(slot) = table.get(&d.as_ref()) {
+            let idle = slot.upstream().is_none() && !slot.starting();
+            if idle {
+                let mut next = Table::clone(&table);
+                next.remove(&d.as_ref());
+                self.table.store(Arc::new(next));
+            }
+        }
+    }
+
+    /// Lets `client` wait on the start of `d`, unless it waits on the starts
+    /// of `PIPES_MAX_STARTS_PER_CLIENT` other deployments already: a flood of
+    /// names from one address cannot take every start from others, while any
+    /// number of its requests may wait on one start.
+    pub fn client_start(&self, client: IpAddr, d: &Deployment) -> Result<ClientStart, PipesError> {
+        let mut starts = self.starts.lock().unwrap_or_else(PoisonError::into_inner);
+        let waiting = starts.entry(client).or_default();
+        if !waiting.contains_key(d) && waiting.len() >= self.max_starts_per_client {
+            return Err(PipesError::TooManyStarts { max: self.max_starts_per_client });
+        }
+        *waiting.entry(d.clone()).or_insert(0) += 1;
+        Ok(ClientStart { starts: self.starts.clone(), client, deployment: d.clone() })
     }
 
     /// Stops this fleet's upkeep (idle stops, tag watching, adoption), as the
@@ -221,13 +314,36 @@ impl Fleet {
             return slot;
         }
         let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        self.insert(d)
+    }
+
+    /// The slot of a deployment a request names, added to the table if new —
+    /// unless `PIPES_MAX_NOT_RUNNING` slots that do not run are there already
+    /// (after a sweep): then 503.
+    pub fn slot_for_request(&self, d: DeploymentRef<'_>) -> Result<Arc<Slot>, PipesError> {
+        if let Some(slot) = self.get(d) {
+            return Ok(slot);
+        }
+        let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        let not_running = |table: &Table| table.values().filter(|s| s.upstream().is_none()).count();
+        if not_running(&self.table.load()) >= self.max_not_running {
+            self.sweep_locked();
+            if not_running(&self.table.load()) >= self.max_not_running {
+                return Err(PipesError::TooManyNotRunning { max: self.max_not_running });
+            }
+        }
+        Ok(self.insert(d))
+    }
+
+    /// Adds `d` to the table (or finds it); the caller holds `grow`.
+    fn insert(&self, d: DeploymentRef<'_>) -> Arc<Slot> {
         let table = self.table.load();
         if let Some(slot) = table.get(&d) {
             return slot.clone();
         }
         let slot = Arc::new(Slot::new(d.to_owned()));
         let mut next = Table::clone(&table);
-        next.insert(slot.deployment.clone(), slot.clone());
+        next.insert(Arc::new(slot.deployment.clone()), slot.clone());
         self.table.store(Arc::new(next));
         slot
     }
@@ -240,7 +356,7 @@ impl Fleet {
     }
 
     /// The upstream of a running deployment, starting it first if needed.
-    pub async fn ready(&self, slot: &Arc<Slot>) -> StartResult {
+    pub async fn ready(self: &Arc<Self>, slot: &Arc<Slot>) -> StartResult {
         if let Some(up) = slot.upstream() {
             return Ok(up);
         }
@@ -248,7 +364,7 @@ impl Fleet {
     }
 
     /// After `failed` refused a connection: forget it and start the deployment again.
-    pub async fn recover(&self, slot: &Arc<Slot>, failed: SocketAddr) -> StartResult {
+    pub async fn recover(self: &Arc<Self>, slot: &Arc<Slot>, failed: SocketAddr) -> StartResult {
         {
             let _cold = slot.lock_cold();
             if slot.upstream().is_some_and(|up| up.addr == failed) {
@@ -288,13 +404,13 @@ impl Fleet {
     }
 
     /// Restarts the deployment's instance (or starts one) and waits until it answers.
-    pub async fn restart(&self, d: &Deployment) -> StartResult {
+    pub async fn restart(self: &Arc<Self>, d: &Deployment) -> StartResult {
         self.operate(d, |deployer, d| async move { deployer.restart(&d).await }).await?;
         self.ready(&self.slot(d.as_ref())).await
     }
 
     /// Replaces the deployment's instance with one made from its current config.
-    pub async fn recreate(&self, d: &Deployment) -> StartResult {
+    pub async fn recreate(self: &Arc<Self>, d: &Deployment) -> StartResult {
         self.remove(d).await?;
         self.ready(&self.slot(d.as_ref())).await
     }
@@ -549,7 +665,10 @@ impl Fleet {
     }
 
     /// Starts a deployment, or joins the start already under way.
-    async fn start(&self, slot: &Arc<Slot>) -> StartResult {
+    async fn start(self: &Arc<Self>, slot: &Arc<Slot>) -> StartResult {
+        if let Some(missing) = self.missing(slot.deployment.as_ref()) {
+            return Err(missing);
+        }
         let start = {
             let mut cold = slot.lock_cold();
             if let Some(up) = slot.upstream() {
@@ -572,8 +691,8 @@ impl Fleet {
         start.await
     }
 
-    fn spawn_start(&self, slot: Arc<Slot>) -> Start {
-        let deployer = self.deployer.clone();
+    fn spawn_start(self: &Arc<Self>, slot: Arc<Slot>) -> Start {
+        let (fleet, deployer) = (self.clone(), self.deployer.clone());
         let task = self.control.spawn(async move {
             let _op = slot.ops.lock().await;
             let began = Instant::now();
@@ -592,7 +711,15 @@ impl Fleet {
                 }
                 Err(e) => {
                     log::warn!("{}: start failed after {:?}: {e}", slot.deployment, began.elapsed());
-                    cold.failed = Some((Instant::now(), e.clone()));
+                    match e {
+                        PipesError::ImageNotFound { .. } => {
+                            drop(cold);
+                            fleet.remember_missing(&slot.deployment);
+                        }
+                        // A passing engine trouble is not the deployment's: the next request tries again.
+                        e if e.remembered() => cold.failed = Some((Instant::now(), e.clone())),
+                        _ => {}
+                    }
                 }
             }
             result
@@ -611,6 +738,12 @@ impl Fleet {
     /// accumulate. A dropped deployment is found again through the backend.
     pub fn sweep(&self) -> usize {
         let _grow = self.grow.lock().unwrap_or_else(PoisonError::into_inner);
+        self.missing.lock().unwrap_or_else(PoisonError::into_inner).retain(|_, at| at.elapsed() < self.failure_ttl);
+        self.sweep_locked()
+    }
+
+    /// The sweep, with `grow` held by the caller.
+    fn sweep_locked(&self) -> usize {
         let table = self.table.load();
         let idle = |slot: &Slot| {
             let cold = slot.lock_cold();
@@ -683,9 +816,10 @@ impl Fleet {
             .await?;
         let slot = self.get(d.as_ref());
         let upstream = slot.as_deref().and_then(Slot::upstream);
+        let last_error = slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).or_else(|| self.missing(d.as_ref()));
         Ok(Status {
             deployment: d.clone(),
-            state: State::of(slot.as_deref(), instance.as_ref(), self.failure_ttl),
+            state: State::of(slot.as_deref(), instance.as_ref(), last_error.is_some()),
             image_ref: self.deployer.image_ref(d),
             image,
             allowed: self.allows(d.as_ref()),
@@ -697,7 +831,7 @@ impl Fleet {
             idle_at_ms: upstream.as_ref().and_then(|u| slot.as_deref()?.idle_at_ms(u)),
             idle_timeout: upstream.as_ref().and_then(|u| u.idle_timeout),
             config,
-            last_error: slot.as_deref().and_then(|s| s.failure(self.failure_ttl)),
+            last_error,
         })
     }
 
@@ -716,7 +850,7 @@ impl Fleet {
                 let mine: Vec<Instance> = instances.iter().filter(|i| i.deployment == d).cloned().collect();
                 let instance = crate::engine::current(&mine);
                 Summary {
-                    state: State::of(slot.as_deref(), instance, self.failure_ttl),
+                    state: State::of(slot.as_deref(), instance, slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).is_some()),
                     instance_id: instance.map(|i| i.id.clone()),
                     upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
                     last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),

@@ -225,7 +225,7 @@ async fn the_sweep_keeps_running_and_recently_failed_slots() {
     let h = Harness::new(&[("PIPES_FAILURE_TTL", "1h")]);
     let running = h.publish("alice/run:v1", Behaviour::default());
     h.ready(&running).await.unwrap();
-    let failed = key("alice/fail:v1");
+    let failed = h.publish("alice/fail:v1", Behaviour { exit_code: Some(1), ..Behaviour::default() });
     assert!(h.ready(&failed).await.is_err());
     h.fleet.slot(key("alice/idle:v1").as_ref());
 
@@ -416,4 +416,59 @@ async fn a_watched_tag_is_redeployed_when_it_moves() {
 
 fn upstream_of_fleet(fleet: &Fleet, d: &Deployment) -> Option<Arc<Upstream>> {
     fleet.get(d.as_ref()).and_then(|s| s.upstream())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_of_missing_images_hold_no_slot_and_no_place() {
+    let h = Harness::new(&[("PIPES_MAX_CONTAINERS", "1"), ("PIPES_FAILURE_TTL", "1h")]);
+    let good = h.publish("alice/good:v1", Behaviour::default());
+    for i in 0..20 {
+        let bad = key(&format!("alice/nope{i}:v1"));
+        let e = h.fleet.ready(&h.fleet.slot_for_request(bad.as_ref()).unwrap()).await.unwrap_err();
+        assert!(matches!(e, PipesError::ImageNotFound { .. }), "{e}");
+        assert!(h.fleet.get(bad.as_ref()).is_none(), "a missing image leaves no slot");
+        assert!(h.fleet.missing(bad.as_ref()).is_some(), "and is remembered");
+    }
+    // Twenty missing images took no place: the one place is still free.
+    h.ready(&good).await.expect("a real deployment starts");
+    assert_eq!(h.fleet.status(&key("alice/nope3:v1")).await.unwrap().state, State::Failed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_engine_failure_is_not_remembered() {
+    let h = Harness::new(&[("PIPES_FAILURE_TTL", "1h")]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.fake.set_down(true);
+    assert_eq!(h.ready(&d).await.unwrap_err().status(), 503);
+    h.fake.set_down(false);
+    h.ready(&d).await.expect("the next request tries again at once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_waits_on_a_bounded_number_of_starts() {
+    let h = Harness::new(&[("PIPES_MAX_STARTS_PER_CLIENT", "2")]);
+    let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+    let (one, two, three) = (key("alice/one:v1"), key("alice/two:v1"), key("alice/three:v1"));
+    let first = h.fleet.client_start(a, &one).unwrap();
+    let many: Vec<_> = (0..50).map(|_| h.fleet.client_start(a, &two).unwrap()).collect();
+    assert!(matches!(h.fleet.client_start(a, &three), Err(PipesError::TooManyStarts { max: 2 })), "a third deployment");
+    let _more = h.fleet.client_start(a, &one).expect("any number of requests may wait on one start");
+    let _other = h.fleet.client_start(b, &three).expect("another client is not held back");
+    drop(many);
+    let _now = h.fleet.client_start(a, &three).expect("a place came free");
+    drop(first);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_holds_a_bounded_number_of_deployments_that_do_not_run() {
+    let h = Harness::new(&[("PIPES_MAX_NOT_RUNNING", "3"), ("PIPES_FAILURE_TTL", "1h")]);
+    let running = h.publish("alice/run:v1", Behaviour::default());
+    h.ready(&running).await.unwrap();
+    for i in 0..3 {
+        let crash = h.publish(&format!("alice/crash{i}:v1"), Behaviour { exit_code: Some(1), ..Behaviour::default() });
+        assert!(h.ready(&crash).await.is_err());
+    }
+    let Err(e) = h.fleet.slot_for_request(key("alice/more:v1").as_ref()) else { panic!("a fourth slot") };
+    assert!(matches!(e, PipesError::TooManyNotRunning { max: 3 }), "{e}");
+    assert!(h.fleet.slot_for_request(running.as_ref()).is_ok(), "known deployments are found as ever");
 }

@@ -436,6 +436,8 @@ impl Drop for Pipes {
         for id in self.containers() {
             let _ = docker(&["rm", "-f", &id]);
         }
+        // Its containers' own network (published mode).
+        let _ = docker(&["network", "rm", &format!("pipes-{}", self.instance)]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -11,6 +11,8 @@
 //! - `GET /ws`: a WebSocket that echoes every message, prefixed with its id.
 //! - `POST /upload`: reads the body as it comes (any length, chunked or not)
 //!   and answers `{"id", "bytes"}`, never holding it in memory.
+//! - `GET /connect?to=IP:PORT`: whether this container can open a TCP
+//!   connection there (within 2 s): `{"id", "connected"}`.
 //!
 //! `FIXTURE_MODE` makes it misbehave on purpose: `crash` exits at once with a
 //! log line, `hang` never listens. `FIXTURE_DELAY_MS` delays listening.
@@ -145,8 +147,14 @@ fn serve(stream: TcpStream, id: &str) {
             if route == "/slow" {
                 std::thread::sleep(Duration::from_millis(param("ms")));
             }
+            if route == "/connect" {
+                let to = query.split('&').find_map(|kv| kv.strip_prefix("to=")).and_then(|a| a.parse().ok());
+                let connected = to.is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok());
+                body = format!("{{\"id\":{},\"connected\":{connected}}}\n", json(id)).into_bytes();
+            }
             match route.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) => ("application/octet-stream", vec![b'x'; n.min(16 << 20)]),
+                None if route == "/connect" => ("application/json", body),
                 None => ("application/json", describe(id, &method, &path, &host, &headers, &body).into_bytes()),
             }
         };

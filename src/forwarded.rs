@@ -1,0 +1,148 @@
+//! What a container is told of who asked, and who the client is for Pipes'
+//! own limits.
+//!
+//! As the edge, Pipes sets `X-Forwarded-For` to the peer it saw, replacing
+//! whatever the client wrote, unless the peer is a proxy the operator trusts
+//! (`PIPES_TRUSTED_PROXIES`), whose header is then extended. `X-Real-IP`,
+//! `X-Forwarded-Host` and `X-Forwarded-Proto` are set; `Forwarded` is
+//! removed, so nothing a client writes passes as Pipes' word.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use pingora::http::RequestHeader;
+
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: http::HeaderName = http::HeaderName::from_static("x-real-ip");
+const FORWARDED: http::HeaderName = http::HeaderName::from_static("forwarded");
+
+/// The proxies in front of Pipes whose forwarding headers are believed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trusted(Vec<IpNet>);
+
+impl Trusted {
+    /// Parses a comma-separated list of addresses and networks
+    /// (`10.0.0.1, 192.168.0.0/16, ::1`).
+    pub fn parse(list: &str) -> Result<Trusted, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("expected addresses or networks such as 10.0.0.1 or 10.0.0.0/8, got '{s}'"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Trusted)
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client behind `peer`: the peer itself, or — where the peer is
+    /// trusted — the nearest address in `X-Forwarded-For` that is not.
+    pub fn client(&self, peer: IpAddr, req: &RequestHeader) -> IpAddr {
+        if !self.contains(peer) {
+            return peer;
+        }
+        forwarded_for(req)
+            .rev()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .find(|ip| !self.contains(*ip))
+            .unwrap_or(peer)
+    }
+
+    /// Sets the forwarding headers of a request that goes to a container.
+    pub fn apply(&self, peer: Option<IpAddr>, host: &str, upstream: &mut RequestHeader) -> pingora::Result<()> {
+        let Some(peer) = peer else {
+            for name in [X_FORWARDED_FOR, X_REAL_IP, FORWARDED] {
+                upstream.remove_header(&name);
+            }
+            return Ok(());
+        };
+        let trusted = self.contains(peer);
+        let chain = if trusted {
+            let earlier: Vec<&str> = forwarded_for(upstream).collect();
+            earlier.into_iter().chain(std::iter::once(peer.to_string().as_str())).collect::<Vec<_>>().join(", ")
+        } else {
+            peer.to_string()
+        };
+        let client = self.client(peer, upstream);
+        upstream.insert_header(X_FORWARDED_FOR, chain)?;
+        upstream.insert_header(X_REAL_IP, client.to_string())?;
+        upstream.insert_header(X_FORWARDED_HOST, host)?;
+        // TLS ends at a trusted proxy in front: its word on the scheme stands.
+        let proto_from_proxy = trusted && upstream.headers.contains_key(X_FORWARDED_PROTO);
+        if !proto_from_proxy {
+            upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+        }
+        upstream.remove_header(&FORWARDED);
+        Ok(())
+    }
+}
+
+/// The addresses in every `X-Forwarded-For` line, in order.
+fn forwarded_for(req: &RequestHeader) -> impl DoubleEndedIterator<Item = &str> {
+    req.headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(xff: &[&str]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        for v in xff {
+            req.append_header("x-forwarded-for", *v).unwrap();
+        }
+        req.insert_header("forwarded", "for=6.6.6.6").unwrap();
+        req.insert_header("x-real-ip", "6.6.6.6").unwrap();
+        req
+    }
+
+    fn header<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
+        req.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn an_untrusted_peer_replaces_what_the_client_wrote() {
+        let mut req = request(&["6.6.6.6"]);
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "v1.a.b.example.com", &mut req).unwrap();
+        assert_eq!(header(&req, "x-forwarded-for"), Some("203.0.113.7"));
+        assert_eq!(header(&req, "x-real-ip"), Some("203.0.113.7"));
+        assert_eq!(header(&req, "x-forwarded-host"), Some("v1.a.b.example.com"));
+        assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
+        assert_eq!(header(&req, "forwarded"), None);
+    }
+
+    #[test]
+    fn a_trusted_proxy_is_extended_and_names_the_client() {
+        let trusted = Trusted::parse("10.0.0.0/8, 127.0.0.1").unwrap();
+        let mut req = request(&["6.6.6.6, 198.51.100.4", "10.1.2.3"]);
+        req.insert_header("x-forwarded-proto", "https").unwrap();
+        let peer = "127.0.0.1".parse().unwrap();
+        assert_eq!(trusted.client(peer, &req), "198.51.100.4".parse::<IpAddr>().unwrap());
+        trusted.apply(Some(peer), "h", &mut req).unwrap();
+        assert_eq!(header(&req, "x-forwarded-for"), Some("6.6.6.6, 198.51.100.4, 10.1.2.3, 127.0.0.1"));
+        assert_eq!(header(&req, "x-real-ip"), Some("198.51.100.4"));
+        assert_eq!(header(&req, "x-forwarded-proto"), Some("https"));
+    }
+
+    #[test]
+    fn lists_parse_addresses_and_networks() {
+        assert_eq!(Trusted::parse("").unwrap(), Trusted::default());
+        assert!(Trusted::parse("10.0.0.1, ::1, 192.168.0.0/16").is_ok());
+        assert!(Trusted::parse("10.0.0.1, proxy.example.com").unwrap_err().contains("proxy.example.com"));
+    }
+}
