@@ -122,8 +122,12 @@ async fn opening(stream: &mut Stream, read: &mut BytesMut, max: usize) -> Openin
             continue;
         }
         let could_be_h2 = H2_PREFACE.starts_with(&read[..read.len().min(H2_PREFACE.len())]);
-        if !could_be_h2 && head_complete(read) {
-            return Opening::Http1;
+        if !could_be_h2 {
+            match head_length(read) {
+                Some(length) if length > max => return Opening::TooLarge,
+                Some(_) => return Opening::Http1,
+                None => {}
+            }
         }
         if read.len() > max {
             return Opening::TooLarge;
@@ -143,12 +147,18 @@ fn first_frame_complete(bytes: &[u8]) -> bool {
     }
 }
 
-/// Whether `bytes` hold a whole HTTP/1 head. Clients may precede the request
-/// line with empty lines (RFC 9112 §2.2).
-fn head_complete(bytes: &[u8]) -> bool {
-    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(bytes.len());
+/// The length of the whole HTTP/1 head at the start of `bytes`, once it is
+/// there. Clients may precede the request line with empty lines (RFC 9112 §2.2).
+fn head_length(bytes: &[u8]) -> Option<usize> {
+    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n')?;
     let rest = &bytes[start..];
-    rest.windows(4).any(|w| w == b"\r\n\r\n") || rest.windows(2).any(|w| w == b"\n\n")
+    let crlf = rest.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = rest.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let end = match (crlf, lf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    Some(start + end)
 }
 
 /// Answers `e` with a bare HTTP/1.1 response and closes: there is no
@@ -282,13 +292,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn heads_are_complete_at_the_empty_line() {
-        assert!(head_complete(b"GET / HTTP/1.0\r\n\r\n"));
-        assert!(head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"));
-        assert!(head_complete(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"), "leading empty lines are allowed");
-        assert!(head_complete(b"GET / HTTP/1.1\nHost: a\n\n"), "bare LF line ends");
-        assert!(!head_complete(b"GET / HTTP/1.1\r\nHost: a\r\n"));
-        assert!(!head_complete(b"\r\n\r\n"));
-        assert!(!head_complete(b""));
+    fn heads_end_at_the_empty_line() {
+        assert_eq!(head_length(b"GET / HTTP/1.0\r\n\r\n"), Some(18));
+        assert_eq!(head_length(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), Some(27), "the body is not the head");
+        assert_eq!(head_length(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"), Some(29), "leading empty lines are allowed");
+        assert_eq!(head_length(b"GET / HTTP/1.1\nHost: a\n\n"), Some(24), "bare LF line ends");
+        assert_eq!(head_length(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_length(b"\r\n\r\n"), None);
+        assert_eq!(head_length(b""), None);
     }
 }

@@ -120,8 +120,8 @@ impl ProxyHttp for Pipes {
             session.set_keepalive(Some(self.keepalive_secs));
         }
         let next = self.decide(session.req_header());
-        let slot = match next {
-            Next::Proxy(slot) => slot,
+        let (slot, mut start) = match next {
+            Next::Proxy(slot) => (slot, None),
             Next::Start(d) => {
                 if !self.fleet.allows(d.as_ref()) {
                     return reply_error(session, &PipesError::Forbidden { deployment: d.to_string() }).await;
@@ -129,8 +129,13 @@ impl ProxyHttp for Pipes {
                 if let Some(missing) = self.fleet.missing(d.as_ref()) {
                     return reply_error(session, &missing).await;
                 }
+                // A name the client may not start now gets no slot either.
+                let start = match self.client(session).map(|c| self.fleet.client_start(c, &d)).transpose() {
+                    Ok(start) => start,
+                    Err(e) => return reply_error(session, &e).await,
+                };
                 match self.fleet.slot_for_request(d.as_ref()) {
-                    Ok(slot) => slot,
+                    Ok(slot) => (slot, start),
                     Err(e) => return reply_error(session, &e).await,
                 }
             }
@@ -146,11 +151,14 @@ impl ProxyHttp for Pipes {
         let upstream = match slot.upstream() {
             Some(up) => up,
             None => {
-                let client = self.client(session);
-                let started = match client.map(|c| self.fleet.client_start(c, &slot.deployment)).transpose() {
-                    Ok(_start) => self.fleet.ready(&slot).await,
-                    Err(e) => Err(e),
-                };
+                if start.is_none() {
+                    start = match self.client(session).map(|c| self.fleet.client_start(c, &slot.deployment)).transpose() {
+                        Ok(start) => start,
+                        Err(e) => return reply_error(session, &e).await,
+                    };
+                }
+                let started = self.fleet.ready(&slot).await;
+                drop(start);
                 match started {
                     Ok(up) => {
                         ctx.warmup = up.warmup_permit().await;
@@ -352,10 +360,11 @@ fn canonical_content_length(upstream_request: &mut RequestHeader) -> Result<()> 
 
 /// The request line as origin-form (`GET /path?q`): a client may have sent
 /// absolute-form (`GET http://host/path`), which is for proxies, not apps.
+/// Pingora keeps such a target as written, with the path alone in the URI.
 fn origin_form(upstream_request: &mut RequestHeader) -> Result<()> {
-    if upstream_request.uri.scheme().is_some() || upstream_request.uri.authority().is_some() {
-        let target = upstream_request.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-        let uri = target.parse::<http::Uri>().or_err(ErrorType::InvalidHTTPHeader, "request target")?;
+    let raw = upstream_request.raw_path();
+    if !raw.starts_with(b"/") && raw != b"*" {
+        let uri = upstream_request.uri.clone();
         upstream_request.set_uri(uri);
     }
     Ok(())

@@ -86,6 +86,21 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime and
+/// nginx do: every client connection and its upstream one takes a
+/// descriptor, and the soft limit (often 1024) is a default, not a policy.
+/// Call before the settings are read, whose connection cap follows it.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Pingora's configuration: the YAML file if given, with Pipes' shutdown defaults.
 fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
     let mut conf = match &settings.server_conf {

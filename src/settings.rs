@@ -124,7 +124,7 @@ struct Cli {
     /// How long a kept-alive connection may stay idle between requests (HTTP/1 and HTTP/2)
     #[arg(long, env = "PIPES_KEEPALIVE_TIMEOUT", value_name = "DURATION", default_value = "60s", value_parser = parse_timeout)]
     keepalive_timeout: Duration,
-    /// Most client connections open at once; more are answered 503 and closed [default: half the open-files limit]
+    /// Most client connections open at once; more are answered 503 and closed [default: a quarter of the open-files limit]
     #[arg(long, env = "PIPES_MAX_CONNECTIONS", value_name = "N", value_parser = parse_count)]
     max_connections: Option<usize>,
     /// How long a pull may take before the start fails (504)
@@ -440,11 +440,12 @@ impl Settings {
             failure_ttl: cli.failure_ttl,
             drain_timeout: cli.drain_timeout,
             connections: ConnectionLimits {
-                // Each client connection may hold an upstream one too; some
-                // descriptors stay for the engine, the listeners and logs.
+                // Each client connection may hold an upstream one too, and
+                // connections past the cap hold one until they are refused;
+                // some descriptors stay for the engine, the listeners and logs.
                 max_connections: cli.max_connections.unwrap_or_else(|| {
                     let files = src.open_files.unwrap_or(DEFAULT_OPEN_FILES);
-                    usize::try_from(files.saturating_sub(RESERVED_FILES) / 2).unwrap_or(usize::MAX).clamp(16, 100_000)
+                    usize::try_from(files.saturating_sub(RESERVED_FILES) / 4).unwrap_or(usize::MAX).clamp(16, 100_000)
                 }),
                 header_timeout: cli.header_timeout,
                 max_header_size: usize::try_from(cli.max_header_size.0).unwrap_or(usize::MAX),
@@ -739,7 +740,7 @@ mod tests {
             Ok(s) => s.connections.max_connections,
             Err(e) => panic!("{e:?}"),
         };
-        assert_eq!(cap(&with_files(256)), 96, "half of what is left after a reserve");
+        assert_eq!(cap(&with_files(256)), 48, "a quarter of what is left after a reserve");
         assert_eq!(cap(&with_files(1 << 20)), 100_000);
         let mut set = with_files(256);
         set.env.insert("PIPES_MAX_CONNECTIONS".into(), "500".into());

@@ -1,5 +1,7 @@
 //! Arbitrary methods, paths and bodies thrown at the API of a running Pipes:
-//! no 5xx, no crash, and whatever is refused changes no config file.
+//! no 5xx, no crash, and whatever is refused changes no config file. And
+//! arbitrary bytes thrown at its port: every connection is answered with
+//! HTTP or closed, and Pipes serves on.
 
 mod common;
 
@@ -118,4 +120,79 @@ fn arbitrary_api_requests_are_refused_cleanly() {
     let last = rt.block_on(pipes.get(HOST, "/__proxyapi/container"));
     assert!(last.status().as_u16() < 500, "Pipes still answers");
     eprintln!("sent {} requests; statuses: {:?}", sent.load(Ordering::Relaxed), statuses.lock().unwrap());
+}
+
+/// Raw request bytes: garbage, and valid requests with bytes replaced,
+/// inserted or cut.
+fn raw_request() -> impl Strategy<Value = Vec<u8>> {
+    let valid = prop::sample::select(vec![
+        "GET / HTTP/1.1\r\nHost: v1.app.fuzz.example.com\r\n\r\n",
+        "GET / HTTP/1.0\r\n\r\n",
+        "POST /__proxyapi/repository/config HTTP/1.1\r\nHost: v1.app.fuzz.example.com\r\nContent-Length: 2\r\n\r\n{}",
+        "POST / HTTP/1.1\r\nHost: v1.app.fuzz.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "GET /ws HTTP/1.1\r\nHost: v1.app.fuzz.example.com\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    ]);
+    let edit = (any::<prop::sample::Index>(), prop::collection::vec(any::<u8>(), 0..8), 0usize..3);
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..200),
+        (valid, prop::collection::vec(edit, 0..4)).prop_map(|(v, edits)| {
+            let mut bytes = v.as_bytes().to_vec();
+            for (at, insert, kind) in edits {
+                let i = at.index(bytes.len() + 1);
+                let end = match kind {
+                    0 => i,
+                    1 => (i + insert.len()).min(bytes.len()),
+                    _ => bytes.len(),
+                };
+                let insert = if kind == 2 { Vec::new() } else { insert };
+                bytes.splice(i..end, insert);
+            }
+            bytes
+        }),
+    ]
+}
+
+#[test]
+fn arbitrary_bytes_are_answered_or_closed_and_pipes_serves_on() {
+    if common::skip() {
+        return;
+    }
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some("fuzz/*"))]);
+    let statuses = Mutex::new(BTreeMap::<String, usize>::new());
+    let config = ProptestConfig { cases: 1500, failure_persistence: None, ..ProptestConfig::default() };
+    proptest!(config, |(bytes in raw_request())| {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", pipes.port)).expect("Pipes accepts");
+        let _ = s.write_all(&bytes);
+        // The client is done: an unfinished head ends here, not at the deadline.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let (mut answer, mut buf, deadline) = (Vec::new(), [0u8; 4096], Instant::now() + Duration::from_secs(15));
+        let closed = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    if Instant::now() > deadline { break false; }
+                }
+                Err(_) => break true,
+            }
+        };
+        prop_assert!(closed, "the connection ended: {:?}", String::from_utf8_lossy(&bytes));
+        let kind = match common::status_of(&answer) {
+            Some(status) => status.to_string(),
+            None if answer.is_empty() => "closed".to_owned(),
+            None if answer.starts_with(&[0, 0]) => "http/2".to_owned(),
+            None => format!("other: {:?}", String::from_utf8_lossy(&answer[..answer.len().min(40)])),
+        };
+        prop_assert!(!kind.starts_with("other") && !kind.starts_with('5'), "{kind} for {:?}", String::from_utf8_lossy(&bytes));
+        *statuses.lock().unwrap().entry(kind).or_default() += 1;
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let last = rt.block_on(pipes.get(HOST, "/__proxyapi/container"));
+    assert!(last.status().as_u16() < 500, "Pipes still answers");
+    assert!(!pipes.log().contains("panicked"), "{}", pipes.log());
+    eprintln!("answers to arbitrary bytes: {:?}", statuses.lock().unwrap());
 }

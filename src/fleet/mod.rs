@@ -876,13 +876,17 @@ impl Fleet {
     }
 
     /// Replaces `d`'s own config; its instance is not touched.
+    /// Refused (422) above the operator's ceilings.
     pub async fn put_config(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
+        self.deployer.check_ceilings(&config)?;
         self.deployer.store().put_tag(d, config).await
     }
 
     /// Replaces the default config of `d`'s repository, and forgets the
     /// remembered failures of its deployments: the next request tries again.
+    /// Refused (422) above the operator's ceilings.
     pub async fn put_repository_config(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
+        self.deployer.check_ceilings(&config)?;
         self.deployer.store().put_repository(&d.user, &d.repo, config).await?;
         for slot in self.table.load().values() {
             if slot.deployment.user == d.user && slot.deployment.repo == d.repo {

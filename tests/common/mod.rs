@@ -165,6 +165,8 @@ pub struct Pipes {
     pub instance: String,
     pub dir: PathBuf,
     env: Vec<(String, String)>,
+    /// A command Pipes is run under (e.g. `prlimit --nofile=256`), if any.
+    wrapper: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -219,6 +221,12 @@ impl Pipes {
     /// Starts Pipes with the base environment changed by `changes`
     /// (`(name, Some(value))` sets, `(name, None)` removes).
     pub fn start(changes: &[(&str, Option<&str>)]) -> Pipes {
+        Self::start_under(&[], changes)
+    }
+
+    /// Starts Pipes as [`Pipes::start`] does, run by `wrapper` (a command
+    /// that runs the one after it, such as `prlimit --nofile=256:256`).
+    pub fn start_under(wrapper: &[&str], changes: &[(&str, Option<&str>)]) -> Pipes {
         let port = free_port();
         let instance = unique("t");
         let dir = std::env::temp_dir().join(format!("pipes-{instance}"));
@@ -239,7 +247,8 @@ impl Pipes {
                 env.push((name.to_string(), v.to_string()));
             }
         }
-        let mut pipes = Pipes { child: None, port, instance, dir, env };
+        let wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        let mut pipes = Pipes { child: None, port, instance, dir, env, wrapper };
         pipes.spawn();
         pipes
     }
@@ -250,7 +259,14 @@ impl Pipes {
             .append(true)
             .open(self.dir.join("pipes.log"))
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipes"));
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut cmd = Command::new(first);
+                cmd.args(rest).arg(env!("CARGO_BIN_EXE_pipes"));
+                cmd
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_pipes")),
+        };
         cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Ok(path) = std::env::var("PATH") {
             cmd.env("PATH", path);
@@ -463,6 +479,33 @@ where
         assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Sends `request` (raw bytes) on a new connection to 127.0.0.1:`port` and
+/// reads until the server closes or `wait` passes; what came back, and
+/// whether the server closed.
+pub fn raw_exchange(port: u16, request: &[u8], wait: Duration) -> (Vec<u8>, bool) {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let _ = stream.write_all(request);
+    let (mut answer, deadline) = (Vec::new(), Instant::now() + wait);
+    let mut buf = [0u8; 8192];
+    while Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return (answer, true),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return (answer, true),
+        }
+    }
+    (answer, false)
+}
+
+/// The status code of a raw HTTP/1 answer, if it has one.
+pub fn status_of(answer: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(answer.get(..12)?).ok()?;
+    text.strip_prefix("HTTP/1.1 ").or(text.strip_prefix("HTTP/1.0 "))?.get(..3)?.parse().ok()
 }
 
 /// Whether container `id` runs.
