@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use bollard::auth::DockerCredentials;
 use bollard::models::{ContainerCreateBody, HostConfig, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, ListContainersOptions, PushImageOptions, RemoveContainerOptions,
-    RemoveImageOptions, TagImageOptions,
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, PushImageOptions, RemoveContainerOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::Docker;
 use common::{client_for, env, Pipes, TestEnv as Env};
@@ -75,10 +74,7 @@ async fn direct(docker: &Docker, e: &Env, image: &str, pull: bool, name: &str) -
         image: Some(image.into()),
         labels: Some(HashMap::from([("pipes.test".to_string(), e.run.clone())])),
         exposed_ports: Some(vec!["80/tcp".into()]),
-        host_config: Some(HostConfig {
-            port_bindings: Some(HashMap::from([("80/tcp".to_string(), Some(vec![binding]))])),
-            ..Default::default()
-        }),
+        host_config: Some(HostConfig { port_bindings: Some(HashMap::from([("80/tcp".to_string(), Some(vec![binding]))])), ..Default::default() }),
         ..Default::default()
     };
     let options = CreateContainerOptions { name: Some(name.into()), ..Default::default() };
@@ -109,12 +105,8 @@ async fn tag(docker: &Docker, source: &str, repo: &str, tag: &str) {
 }
 
 async fn push(docker: &Docker, e: &Env, repo: &str, tag: &str) {
-    let creds = DockerCredentials {
-        username: Some(e.user.clone()),
-        password: Some(e.password.clone()),
-        serveraddress: Some(e.registry.clone()),
-        ..Default::default()
-    };
+    let creds =
+        DockerCredentials { username: Some(e.user.clone()), password: Some(e.password.clone()), serveraddress: Some(e.registry.clone()), ..Default::default() };
     let options = PushImageOptions { tag: Some(tag.into()), ..Default::default() };
     let mut s = docker.push_image(repo, Some(options), Some(creds));
     while let Some(item) = s.next().await {
@@ -129,10 +121,7 @@ async fn untag(docker: &Docker, image: &str) {
 
 async fn remove_labelled(docker: &Docker, label: &str) {
     let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
-    let list = docker
-        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-        .await
-        .unwrap_or_default();
+    let list = docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })).await.unwrap_or_default();
     for c in list {
         if let Some(id) = c.id {
             let options = RemoveContainerOptions { force: true, ..Default::default() };
@@ -229,15 +218,7 @@ async fn main() {
     println!("| burst | containers created | errors | p50 ms | p99 ms | p99 − p50 ms |");
     println!("|---|---|---|---|---|---|");
     for (i, b) in bursts.iter().enumerate() {
-        println!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} |",
-            i + 1,
-            b.created,
-            b.errors,
-            ms(b.p50),
-            ms(b.p99),
-            ms(b.p99) - ms(b.p50)
-        );
+        println!("| {} | {} | {} | {:.1} | {:.1} | {:.1} |", i + 1, b.created, b.errors, ms(b.p50), ms(b.p99), ms(b.p99) - ms(b.p50));
     }
     println!();
 
@@ -287,14 +268,7 @@ async fn burst(docker: &Docker, pipes: &Pipes, tag: &str) -> Burst {
         took.push(d);
     }
     took.sort();
-    let filters = HashMap::from([(
-        "label".to_string(),
-        vec![format!("pipes.instance={}", pipes.instance), format!("pipes.deployment=bench/app:{tag}")],
-    )]);
-    let created = docker
-        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
-        .await
-        .unwrap()
-        .len();
+    let filters = HashMap::from([("label".to_string(), vec![format!("pipes.instance={}", pipes.instance), format!("pipes.deployment=bench/app:{tag}")])]);
+    let created = docker.list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() })).await.unwrap().len();
     Burst { created, errors, p50: percentile(&took, 0.5), p99: percentile(&took, 0.99) }
 }

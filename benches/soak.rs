@@ -90,7 +90,8 @@ async fn main() {
     let pid = pipes.pid().expect("running");
     let warm = f.host("warm", "v1", "example.com");
     // Every tag of the cold repository stops after 2 s without requests.
-    let (status, _) = api(&pipes, &f.host("cold", "c0", "example.com"), "PUT", "/__proxyapi/repository/config", Some(r#"{"idle_timeout":"2s"}"#), Some(TOKEN)).await;
+    let (status, _) =
+        api(&pipes, &f.host("cold", "c0", "example.com"), "PUT", "/__proxyapi/repository/config", Some(r#"{"idle_timeout":"2s"}"#), Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(pipes.get(&warm, "/").await.status(), 200);
 
@@ -122,7 +123,9 @@ async fn main() {
         })
     };
 
-    println!("\nSoak: {WARM_CONNECTIONS} warm connections (wrk), {SLOWLORIS} slowloris connections, cold traffic every 250 ms; {total} s in windows of {WINDOW} s\n");
+    println!(
+        "\nSoak: {WARM_CONNECTIONS} warm connections (wrk), {SLOWLORIS} slowloris connections, cold traffic every 250 ms; {total} s in windows of {WINDOW} s\n"
+    );
     println!("| minute | Pipes RSS MiB | open fds | warm req/s | warm p99 ms | warm failed | cold answers | slowloris cut |");
     println!("|---|---|---|---|---|---|---|---|");
     let began = Instant::now();
@@ -146,11 +149,7 @@ async fn main() {
             .sum();
         let (rss, fds) = proc_status(pid);
         let cold = std::mem::take(&mut *cold_answers.lock().unwrap());
-        println!(
-            "| {minute} | {:.1} | {fds} | {rps} | {p99} | {failed} | {cold:?} | {} |",
-            rss as f64 / 1024.0,
-            cut.swap(0, Ordering::Relaxed)
-        );
+        println!("| {minute} | {:.1} | {fds} | {rps} | {p99} | {failed} | {cold:?} | {} |", rss as f64 / 1024.0, cut.swap(0, Ordering::Relaxed));
     }
     stop.store(true, Ordering::Relaxed);
     cold.await.unwrap();

@@ -39,14 +39,8 @@ fn setting(name: &str, default: u64) -> u64 {
 
 /// Runs wrk once; `script` may replace the request (several hosts).
 fn wrk(url: &str, keepalive: bool, script: Option<&Path>, seconds: u64, commands: &mut Vec<String>) -> Load {
-    let mut args = vec![
-        "-t1".to_owned(),
-        format!("-c{CONNECTIONS}"),
-        format!("-d{seconds}s"),
-        "--latency".to_owned(),
-        "-H".to_owned(),
-        format!("Host: {HOST}"),
-    ];
+    let mut args =
+        vec!["-t1".to_owned(), format!("-c{CONNECTIONS}"), format!("-d{seconds}s"), "--latency".to_owned(), "-H".to_owned(), format!("Host: {HOST}")];
     if !keepalive {
         args.extend(["-H".to_owned(), "Connection: close".to_owned()]);
     }
@@ -72,10 +66,7 @@ fn parse_wrk(text: &str) -> Load {
             (Some("99%"), Some(v)) => load.p99_ms = millis(v),
             (Some("Non-2xx"), _) => load.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
             (Some("Socket"), Some("errors:")) => {
-                load.errors += line
-                    .split(',')
-                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
-                    .sum::<u64>()
+                load.errors += line.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>()
             }
             _ => {}
         }
@@ -311,8 +302,14 @@ async fn bench() {
             writeln!(
                 table,
                 "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
-                s[i].rps, s[i].p50_ms, s[i].p99_ms, s[i].errors,
-                s[i].rps / s[1].rps, s[i].rps / s[0].rps, s[i].rps / s[2].rps, s[i].p99_ms / s[1].p99_ms
+                s[i].rps,
+                s[i].p50_ms,
+                s[i].p99_ms,
+                s[i].errors,
+                s[i].rps / s[1].rps,
+                s[i].rps / s[0].rps,
+                s[i].rps / s[2].rps,
+                s[i].p99_ms / s[1].p99_ms
             )
             .unwrap();
         }

@@ -89,10 +89,7 @@ impl Endpoint {
             Endpoint::ContainerConfig | Endpoint::RepositoryConfig => &[Method::GET, Method::PUT],
             // The original API stopped on GET; POST is the proper verb.
             Endpoint::ContainerStop => &[Method::GET, Method::POST],
-            Endpoint::ContainerRestart
-            | Endpoint::ContainerRedeploy
-            | Endpoint::ContainerRollback
-            | Endpoint::RegistryHook => &[Method::POST],
+            Endpoint::ContainerRestart | Endpoint::ContainerRedeploy | Endpoint::ContainerRollback | Endpoint::RegistryHook => &[Method::POST],
             Endpoint::ContainerLogs | Endpoint::Deployments => &[Method::GET],
         }
     }
@@ -159,9 +156,7 @@ pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> 
     });
     // Docker Hub's webhooks cannot send headers: the hook takes `?token=` too.
     let from_query = match (endpoint, &req.authorization) {
-        (Endpoint::RegistryHook, None) => {
-            query_param(req.query.as_deref(), "token").map(|t| format!("Bearer {t}").into_bytes())
-        }
+        (Endpoint::RegistryHook, None) => query_param(req.query.as_deref(), "token").map(|t| format!("Bearer {t}").into_bytes()),
         _ => None,
     };
     let access = auth.authorize(req.authorization.as_deref().or(from_query.as_deref()), &tokens)?;
@@ -282,8 +277,7 @@ fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Result<Jso
 /// "repository": {"repo_name"}}`. A registry behind a path
 /// (`PIPES_REGISTRY=host/team`) names repositories `team/user/repo`.
 fn pushes(body: &[u8], registry_path: Option<&str>) -> Result<Vec<Deployment>, PipesError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| PipesError::BadJson { message: e.to_string(), line: e.line(), column: e.column() })?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| PipesError::BadJson { message: e.to_string(), line: e.line(), column: e.column() })?;
     let key = |repository: &str, tag: &str| {
         let repository = match registry_path {
             Some(path) => repository.strip_prefix(path)?.strip_prefix('/')?,
@@ -298,15 +292,10 @@ fn pushes(body: &[u8], registry_path: Option<&str>) -> Result<Vec<Deployment>, P
             .filter_map(|e| key(e["target"]["repository"].as_str()?, e["target"]["tag"].as_str()?))
             .collect());
     }
-    if let (Some(repository), Some(tag)) =
-        (value["repository"]["repo_name"].as_str(), value["push_data"]["tag"].as_str())
-    {
+    if let (Some(repository), Some(tag)) = (value["repository"]["repo_name"].as_str(), value["push_data"]["tag"].as_str()) {
         return Ok(key(repository, tag).into_iter().collect());
     }
-    Err(PipesError::InvalidField {
-        field: "events".into(),
-        message: "expected a registry notification ({\"events\": [...]}) or a Docker Hub webhook".into(),
-    })
+    Err(PipesError::InvalidField { field: "events".into(), message: "expected a registry notification ({\"events\": [...]}) or a Docker Hub webhook".into() })
 }
 
 /// The answer after an operation that starts the deployment: its state, or
@@ -401,10 +390,11 @@ async fn repository_config(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, 
 async fn logs(fleet: &Arc<Fleet>, d: &Deployment, query: Option<&str>) -> Result<Value, PipesError> {
     let tail = match query_param(query, "tail") {
         None => DEFAULT_TAIL,
-        Some(t) => t.parse::<usize>().ok().filter(|n| (1..=MAX_TAIL).contains(n)).ok_or_else(|| PipesError::BadQuery {
-            parameter: "tail",
-            message: format!("expected a whole number from 1 to {MAX_TAIL}, got '{t}'"),
-        })?,
+        Some(t) => t
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_TAIL).contains(n))
+            .ok_or_else(|| PipesError::BadQuery { parameter: "tail", message: format!("expected a whole number from 1 to {MAX_TAIL}, got '{t}'") })?,
     };
     let (id, lines) = fleet.logs(d, tail).await?;
     Ok(json!({ "deployment": d.to_string(), "container": id, "tail": tail, "lines": lines }))

@@ -48,13 +48,10 @@ pub fn parse_tokens(bytes: &[u8]) -> Result<Vec<ScopedToken>, String> {
         .map(|t| {
             let digest = match (&t.token, &t.sha256) {
                 (Some(token), None) if token.len() >= MIN_TOKEN_LEN => digest(token.as_bytes()),
-                (Some(_), None) => {
-                    return Err(format!("token '{}' is shorter than {MIN_TOKEN_LEN} characters", t.name))
-                }
+                (Some(_), None) => return Err(format!("token '{}' is shorter than {MIN_TOKEN_LEN} characters", t.name)),
                 (None, Some(hex)) => {
                     let mut out = [0u8; 32];
-                    hex::decode_to_slice(hex.trim(), &mut out)
-                        .map_err(|_| format!("token '{}': sha256 is not 64 hex digits", t.name))?;
+                    hex::decode_to_slice(hex.trim(), &mut out).map_err(|_| format!("token '{}': sha256 is not 64 hex digits", t.name))?;
                     out
                 }
                 _ => return Err(format!("token '{}' needs exactly one of token and sha256", t.name)),

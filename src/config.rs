@@ -273,9 +273,7 @@ impl Span {
         let t = text.trim();
         match t.parse::<u64>() {
             Ok(secs) => Ok(Span(Duration::from_secs(secs))),
-            Err(_) => humantime::parse_duration(t)
-                .map(Span)
-                .map_err(|_| format!("'{text}' is not a duration: expected e.g. 30s, 1500ms or 15m")),
+            Err(_) => humantime::parse_duration(t).map(Span).map_err(|_| format!("'{text}' is not a duration: expected e.g. 30s, 1500ms or 15m")),
         }
     }
 }
@@ -350,11 +348,7 @@ impl DeployConfig {
             }
         })?;
         // Anything after the object (`{} x`, `{}{}`) is malformed too.
-        de.end().map_err(|e| PipesError::BadJson {
-            message: strip_position(&e.to_string()),
-            line: e.line(),
-            column: e.column(),
-        })?;
+        de.end().map_err(|e| PipesError::BadJson { message: strip_position(&e.to_string()), line: e.line(), column: e.column() })?;
         config.validate().map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
         Ok(config)
     }
@@ -412,9 +406,7 @@ impl DeployConfig {
         let mut env = lower.env.clone();
         env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let health = match (&self.health, &lower.health) {
-            (Some(h), Some(l)) => {
-                Some(Health { path: h.path.clone().or(l.path.clone()), timeout: h.timeout.or(l.timeout) })
-            }
+            (Some(h), Some(l)) => Some(Health { path: h.path.clone().or(l.path.clone()), timeout: h.timeout.or(l.timeout) }),
             (h, l) => h.clone().or(l.clone()),
         };
         DeployConfig {

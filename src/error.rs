@@ -187,10 +187,7 @@ impl fmt::Display for PipesError {
             Self::NotOurs { host, expected } => {
                 write!(f, "host '{host}' is not served here; expected {expected}")
             }
-            Self::NoDeployment { host } => write!(
-                f,
-                "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"
-            ),
+            Self::NoDeployment { host } => write!(f, "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"),
             Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
             Self::ApiNotFound { path, known } => write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", ")),
             Self::Forbidden { deployment } => write!(
@@ -199,9 +196,7 @@ impl fmt::Display for PipesError {
                  (e.g. PIPES_ALLOW='{deployment}' or a pattern such as 'user/*')"
             ),
             Self::Unauthorized => f.write_str("this API needs the header 'Authorization: Bearer <token>' with a valid token"),
-            Self::ApiClosed => f.write_str(
-                "the management API is closed; the operator opens it by setting PIPES_API_TOKEN (or PIPES_API_TOKEN_FILE)",
-            ),
+            Self::ApiClosed => f.write_str("the management API is closed; the operator opens it by setting PIPES_API_TOKEN (or PIPES_API_TOKEN_FILE)"),
             Self::OutOfScope { user } => write!(f, "this token does not manage deployments of user '{user}'"),
             Self::BadBody { message } => write!(f, "the request body could not be read: {message}"),
             Self::BadJson { message, line, column } => {
@@ -212,30 +207,19 @@ impl fmt::Display for PipesError {
             Self::BadQuery { parameter, message } => write!(f, "query parameter '{parameter}': {message}"),
             Self::BodyTooLarge { limit } => write!(f, "the body is larger than {limit} bytes"),
             Self::MethodNotAllowed { path, allow } => write!(f, "{path} accepts {allow}"),
-            Self::ConfigBroken { file, problem } => write!(
-                f,
-                "the config file {file} cannot be used ({problem}); fix or remove it, or replace it with a PUT"
-            ),
-            Self::TooManyContainers { max } => write!(
-                f,
-                "{max} containers run already (PIPES_MAX_CONTAINERS); retry in {RETRY_AFTER_SECS} s"
-            ),
+            Self::ConfigBroken { file, problem } => write!(f, "the config file {file} cannot be used ({problem}); fix or remove it, or replace it with a PUT"),
+            Self::TooManyContainers { max } => write!(f, "{max} containers run already (PIPES_MAX_CONTAINERS); retry in {RETRY_AFTER_SECS} s"),
             Self::ImageNotFound { image } => write!(f, "image {image} was not found in the registry"),
             Self::RegistryAuth { registry, user, detail } => match user {
                 Some(user) => write!(f, "registry {registry} refused the credentials of user '{user}': {detail}"),
-                None => write!(
-                    f,
-                    "registry {registry} requires credentials (set DOCKER_AUTH and DOCKER_AUTH_*): {detail}"
-                ),
+                None => write!(f, "registry {registry} requires credentials (set DOCKER_AUTH and DOCKER_AUTH_*): {detail}"),
             },
             Self::Exited { deployment, code, .. } => {
                 write!(f, "the container of {deployment} exited with code {code} while starting")
             }
-            Self::NotReady { deployment, timeout, probed } => write!(
-                f,
-                "the container of {deployment} did not answer {probed} within {}",
-                DisplayDuration(*timeout)
-            ),
+            Self::NotReady { deployment, timeout, probed } => {
+                write!(f, "the container of {deployment} did not answer {probed} within {}", DisplayDuration(*timeout))
+            }
             Self::EngineUnavailable { reason } => {
                 write!(f, "the Docker engine is unavailable: {reason}; retry in {RETRY_AFTER_SECS} s")
             }
@@ -257,15 +241,13 @@ impl fmt::Display for PipesError {
             Self::PullTimeout { image, timeout } => {
                 write!(f, "pulling {image} took longer than {} (PIPES_PULL_TIMEOUT)", DisplayDuration(*timeout))
             }
-            Self::TooManyStarts { max } => write!(
-                f,
-                "{max} deployments are starting for this client already (PIPES_MAX_STARTS_PER_CLIENT); retry in {RETRY_AFTER_SECS} s"
-            ),
+            Self::TooManyStarts { max } => {
+                write!(f, "{max} deployments are starting for this client already (PIPES_MAX_STARTS_PER_CLIENT); retry in {RETRY_AFTER_SECS} s")
+            }
             Self::BadRequest { reason } => write!(f, "the request is not valid HTTP: {reason}"),
-            Self::TooManyNotRunning { max } => write!(
-                f,
-                "{max} deployments that do not run are known already (PIPES_MAX_NOT_RUNNING); retry in {RETRY_AFTER_SECS} s"
-            ),
+            Self::TooManyNotRunning { max } => {
+                write!(f, "{max} deployments that do not run are known already (PIPES_MAX_NOT_RUNNING); retry in {RETRY_AFTER_SECS} s")
+            }
         }
     }
 }
@@ -301,14 +283,7 @@ mod tests {
             (PipesError::ImageNotFound { image: "a/b:c".into() }, 404),
             (PipesError::RegistryAuth { registry: "r".into(), user: Some("u".into()), detail: "d".into() }, 502),
             (PipesError::Exited { deployment: "a/b:c".into(), code: 3, logs: vec![] }, 502),
-            (
-                PipesError::NotReady {
-                    deployment: "a/b:c".into(),
-                    timeout: Duration::from_secs(1),
-                    probed: "GET /".into(),
-                },
-                504,
-            ),
+            (PipesError::NotReady { deployment: "a/b:c".into(), timeout: Duration::from_secs(1), probed: "GET /".into() }, 504),
             (PipesError::EngineUnavailable { reason: "down".into() }, 503),
         ];
         for (error, status) in cases {

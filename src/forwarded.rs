@@ -48,11 +48,7 @@ impl Trusted {
         if !self.contains(peer) {
             return peer;
         }
-        forwarded_for(req)
-            .rev()
-            .filter_map(|a| a.parse::<IpAddr>().ok())
-            .find(|ip| !self.contains(*ip))
-            .unwrap_or(peer)
+        forwarded_for(req).rev().filter_map(|a| a.parse::<IpAddr>().ok()).find(|ip| !self.contains(*ip)).unwrap_or(peer)
     }
 
     /// Sets the forwarding headers of a request that goes to a container.

@@ -130,8 +130,19 @@ mod tests {
     #[test]
     fn patterns_that_no_host_can_match_are_refused() {
         for bad in [
-            "", "alice", "Alice/*", "alice/", "/app", "alice/app:", "alice/app:v 1", "*/app", "al.ice/*", "alice/a.pp",
-            "-alice/*", "alice/app:.v1", "alice/app:v1..2",
+            "",
+            "alice",
+            "Alice/*",
+            "alice/",
+            "/app",
+            "alice/app:",
+            "alice/app:v 1",
+            "*/app",
+            "al.ice/*",
+            "alice/a.pp",
+            "-alice/*",
+            "alice/app:.v1",
+            "alice/app:v1..2",
         ] {
             assert!(AllowPattern::parse(bad).is_err(), "{bad}");
         }

@@ -26,12 +26,11 @@ use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::fleet::{Activity, Fleet, OpenCount, Slot};
+use crate::forwarded::Trusted;
 use crate::reply::{self, Audience};
 use crate::route::{self, Deployment, Domain, Target};
 use crate::settings::Settings;
-use crate::forwarded::Trusted;
 use crate::websocket;
-
 
 /// The Pingora application of Pipes.
 pub struct Pipes {
@@ -193,13 +192,7 @@ impl ProxyHttp for Pipes {
         }
     }
 
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut RequestCtx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
         if !ctx.recovered {
             if let Some(activity) = &ctx.activity {
                 ctx.recovered = true;
@@ -210,12 +203,7 @@ impl ProxyHttp for Pipes {
         e
     }
 
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
-    ) -> Result<()> {
+    async fn upstream_request_filter(&self, session: &mut Session, upstream_request: &mut RequestHeader, _ctx: &mut RequestCtx) -> Result<()> {
         self.forwarding_headers(session, upstream_request)?;
         canonical_content_length(upstream_request)?;
         origin_form(upstream_request)
@@ -304,9 +292,7 @@ fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
     }
     let deployment = slot.map_or_else(|| "the deployment".to_owned(), |s| s.deployment.to_string());
     let reason = match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => {
-            "its container does not accept connections".to_owned()
-        }
+        ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectNoRoute => "its container does not accept connections".to_owned(),
         ErrorType::ReadTimedout | ErrorType::WriteTimedout => "its container did not answer in time".to_owned(),
         _ => format!("the connection to its container failed ({})", e.etype().as_str()),
     };
@@ -319,10 +305,7 @@ fn request_host(req: &RequestHeader) -> std::result::Result<&str, PipesError> {
     if let Some(authority) = req.uri.authority() {
         return Ok(authority.as_str());
     }
-    let host = req.headers.get(http::header::HOST).ok_or_else(|| PipesError::NotOurs {
-        host: String::new(),
-        expected: "a Host header".into(),
-    })?;
+    let host = req.headers.get(http::header::HOST).ok_or_else(|| PipesError::NotOurs { host: String::new(), expected: "a Host header".into() })?;
     std::str::from_utf8(host.as_bytes()).map_err(|_| PipesError::BadName {
         label: String::from_utf8_lossy(host.as_bytes()).into_owned(),
         reason: "a host name is letters, digits, dots and dashes",
@@ -349,8 +332,7 @@ fn canonical_content_length(upstream_request: &mut RequestHeader) -> Result<()> 
     }
     if let Some(n) = length {
         let canonical = n.to_string();
-        let as_written = written == 1
-            && upstream_request.headers.get(http::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == canonical.as_bytes());
+        let as_written = written == 1 && upstream_request.headers.get(http::header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() == canonical.as_bytes());
         if !as_written {
             upstream_request.insert_header(http::header::CONTENT_LENGTH, canonical)?;
         }
@@ -387,11 +369,7 @@ impl Pipes {
     /// Answers an API request: nothing of its body is read before its token
     /// was checked, and the body must arrive within `PIPES_HEADER_TIMEOUT`.
     /// Errors before the token was accepted are the public's; after, the operator's.
-    async fn api(
-        &self,
-        session: &mut Session,
-        mut request: api::Request,
-    ) -> std::result::Result<reply::Json, (PipesError, Audience)> {
+    async fn api(&self, session: &mut Session, mut request: api::Request) -> std::result::Result<reply::Json, (PipesError, Audience)> {
         let public = |e| (e, Audience::Public);
         let admitted = api::admit(&self.fleet, &self.api_auth, &request).await.map_err(public)?;
         let body = tokio::time::timeout(self.body_timeout, reply::read_body(session, api::MAX_BODY));
@@ -425,10 +403,9 @@ impl Pipes {
                         Err(e) => e,
                     }
                 }
-                websocket::Failure::Refused => PipesError::Unservable {
-                    deployment: slot.deployment.to_string(),
-                    reason: "its container does not accept connections".into(),
-                },
+                websocket::Failure::Refused => {
+                    PipesError::Unservable { deployment: slot.deployment.to_string(), reason: "its container does not accept connections".into() }
+                }
                 websocket::Failure::Error(e) => e,
             };
             return reply_error(session, &error).await;

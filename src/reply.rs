@@ -241,12 +241,7 @@ async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &s
 /// Reads a request body of at most `limit` bytes.
 pub async fn read_body(session: &mut Session, limit: usize) -> std::result::Result<Vec<u8>, PipesError> {
     let too_large = PipesError::BodyTooLarge { limit };
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = session.req_header().headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large);
     }
@@ -266,10 +261,7 @@ pub async fn read_body(session: &mut Session, limit: usize) -> std::result::Resu
 }
 
 fn wants_html(req: &pingora::http::RequestHeader) -> bool {
-    req.headers
-        .get(http::header::ACCEPT)
-        .and_then(|a| a.to_str().ok())
-        .is_some_and(|a| a.contains("text/html"))
+    req.headers.get(http::header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"))
 }
 
 fn escape_html(text: &str) -> String {

@@ -95,8 +95,7 @@ impl Deployment {
         let (user, rest) = key.split_once('/')?;
         let (repo, tag) = rest.split_once(':').unwrap_or((rest, DEFAULT_TAG));
         let d = DeploymentRef { user, repo, tag };
-        (check_component(user).is_ok() && check_component(repo).is_ok() && check_tag(tag).is_ok())
-            .then(|| d.to_owned())
+        (check_component(user).is_ok() && check_component(repo).is_ok() && check_tag(tag).is_ok()).then(|| d.to_owned())
     }
 }
 
@@ -197,8 +196,7 @@ pub fn is_api_path(path: &str) -> bool {
     path.strip_prefix(API_PREFIX).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-const COMPONENT_RULE: &str =
-    "a repository or user name is lowercase a-z and 0-9, separated by '_', '__' or dashes, starting and ending with a letter or digit";
+const COMPONENT_RULE: &str = "a repository or user name is lowercase a-z and 0-9, separated by '_', '__' or dashes, starting and ending with a letter or digit";
 const TAG_RULE: &str = "a tag is at most 128 of a-z, 0-9, '_', '.' and '-', not starting with '.' or '-'";
 
 /// A path component of a Docker reference, without dots (a DNS label cannot hold one):

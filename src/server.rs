@@ -39,11 +39,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
 
     // Cold starts and backend calls live on their own runtime: a slow pull
     // never occupies a proxy thread, and the engine connection has one home.
-    let control = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("pipes-control")
-        .enable_all()
-        .build()?;
+    let control = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("pipes-control").enable_all().build()?;
     let backend: Arc<dyn Backend> = Arc::new(control.block_on(Docker::connect(&settings.docker)));
     let fleet = Arc::new(Fleet::new(&settings, backend, control.handle().clone()));
     match control.block_on(fleet.describe_backend()) {
@@ -105,14 +101,10 @@ pub fn raise_open_files_limit() {
 fn server_conf(settings: &Settings) -> Result<ServerConf, StartError> {
     let mut conf = match &settings.server_conf {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("PIPES_SERVER_CONF: cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| format!("PIPES_SERVER_CONF: cannot read {}: {e}", path.display()))?;
             ServerConf::from_yaml(&text).map_err(|e| format!("PIPES_SERVER_CONF: {}: {e}", path.display()))?
         }
-        None => ServerConf {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ..ServerConf::default()
-        },
+        None => ServerConf { threads: std::thread::available_parallelism().map_or(1, |n| n.get()), ..ServerConf::default() },
     };
     if conf.daemon {
         return Err("the server configuration asks for daemon: true; run Pipes under a supervisor instead".into());

@@ -372,10 +372,7 @@ impl Settings {
             (Some(d), levels) => {
                 let count = d.split('.').count();
                 if let Some(n) = levels.filter(|n| *n != count) {
-                    return Err(err(
-                        "DOMAINLEVELS",
-                        format!("is {n} but PIPES_DOMAIN '{d}' has {count} labels; set only one of them"),
-                    ));
+                    return Err(err("DOMAINLEVELS", format!("is {n} but PIPES_DOMAIN '{d}' has {count} labels; set only one of them")));
                 }
                 Domain::Suffix(d)
             }
@@ -387,13 +384,9 @@ impl Settings {
         };
         let auth = if cli.docker_auth {
             Some(RegistryAuth {
-                username: cli
-                    .docker_auth_username
-                    .ok_or_else(|| err("DOCKER_AUTH_USERNAME", "is required when DOCKER_AUTH=true"))?,
+                username: cli.docker_auth_username.ok_or_else(|| err("DOCKER_AUTH_USERNAME", "is required when DOCKER_AUTH=true"))?,
                 email: cli.docker_auth_email,
-                password: cli
-                    .docker_auth_password
-                    .ok_or_else(|| err("DOCKER_AUTH_PASSWORD", "is required when DOCKER_AUTH=true"))?,
+                password: cli.docker_auth_password.ok_or_else(|| err("DOCKER_AUTH_PASSWORD", "is required when DOCKER_AUTH=true"))?,
             })
         } else {
             None
@@ -431,12 +424,7 @@ impl Settings {
             policy: cli.allow.unwrap_or_default(),
             api_auth,
             max_containers: cli.max_containers,
-            defaults: Defaults {
-                memory: cli.default_memory,
-                cpus: cli.default_cpus,
-                health_timeout: cli.start_timeout,
-                watch: cli.watch.interval(),
-            },
+            defaults: Defaults { memory: cli.default_memory, cpus: cli.default_cpus, health_timeout: cli.start_timeout, watch: cli.watch.interval() },
             failure_ttl: cli.failure_ttl,
             drain_timeout: cli.drain_timeout,
             connections: ConnectionLimits {
@@ -501,12 +489,7 @@ fn clap_error(e: clap::Error) -> LoadError {
 }
 
 fn parse_listen(value: &str) -> Result<Addrs, String> {
-    let addrs: Result<Vec<SocketAddr>, _> = value
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(|a| a.parse::<SocketAddr>().map_err(|_| a))
-        .collect();
+    let addrs: Result<Vec<SocketAddr>, _> = value.split(',').map(str::trim).filter(|a| !a.is_empty()).map(|a| a.parse::<SocketAddr>().map_err(|_| a)).collect();
     match addrs {
         Ok(a) if !a.is_empty() => Ok(Addrs(a)),
         Ok(_) => Err("expected at least one address:port, e.g. 0.0.0.0:8080".into()),
@@ -515,12 +498,7 @@ fn parse_listen(value: &str) -> Result<Addrs, String> {
 }
 
 fn parse_levels(value: &str) -> Result<usize, String> {
-    value
-        .trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (1..=16).contains(n))
-        .ok_or_else(|| format!("expected a number from 1 to 16, got '{value}'"))
+    value.trim().parse::<usize>().ok().filter(|n| (1..=16).contains(n)).ok_or_else(|| format!("expected a number from 1 to 16, got '{value}'"))
 }
 
 fn parse_domain(value: &str) -> Result<String, String> {
@@ -535,10 +513,7 @@ fn parse_domain(value: &str) -> Result<String, String> {
 
 fn parse_registry(value: &str) -> Result<String, String> {
     let r = value.trim().trim_end_matches('/');
-    let ok = !r.is_empty()
-        && !r.contains("://")
-        && !r.starts_with('/')
-        && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:/[]".contains(&b));
+    let ok = !r.is_empty() && !r.contains("://") && !r.starts_with('/') && r.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:/[]".contains(&b));
     if ok {
         Ok(r.to_owned())
     } else {
@@ -576,18 +551,11 @@ fn parse_api_auth(value: &str) -> Result<AuthMode, String> {
 }
 
 fn parse_count(value: &str) -> Result<usize, String> {
-    value
-        .trim()
-        .parse::<usize>()
-        .ok()
-        .filter(|n| (1..=100_000).contains(n))
-        .ok_or_else(|| format!("expected a whole number from 1 to 100000, got '{value}'"))
+    value.trim().parse::<usize>().ok().filter(|n| (1..=100_000).contains(n)).ok_or_else(|| format!("expected a whole number from 1 to 100000, got '{value}'"))
 }
 
 fn parse_memory(value: &str) -> Result<ByteSize, String> {
-    ByteSize::parse(value)
-        .and_then(check_memory)
-        .map_err(|why| format!("expected a size of at least 6m such as 512m, got '{value}' ({why})"))
+    ByteSize::parse(value).and_then(check_memory).map_err(|why| format!("expected a size of at least 6m such as 512m, got '{value}' ({why})"))
 }
 
 fn parse_cpus(value: &str) -> Result<f64, String> {
@@ -616,10 +584,8 @@ fn parse_bool(value: &str) -> Result<bool, String> {
 }
 
 fn parse_instance(value: &str) -> Result<String, String> {
-    let ok = !value.is_empty()
-        && value.len() <= 32
-        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-');
+    let ok =
+        !value.is_empty() && value.len() <= 32 && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') && !value.starts_with('-');
     if ok {
         Ok(value.to_owned())
     } else {
@@ -818,12 +784,7 @@ mod tests {
         let file = dir.join("password");
         std::fs::write(&file, "s3cret\n").unwrap();
         let path = file.to_str().unwrap();
-        let s = load(&[
-            ("DOCKER_AUTH", "true"),
-            ("DOCKER_AUTH_USERNAME", "alice"),
-            ("DOCKER_AUTH_PASSWORD_FILE", path),
-        ])
-        .unwrap();
+        let s = load(&[("DOCKER_AUTH", "true"), ("DOCKER_AUTH_USERNAME", "alice"), ("DOCKER_AUTH_PASSWORD_FILE", path)]).unwrap();
         let auth = s.docker.auth.unwrap();
         assert_eq!(auth.password.expose(), "s3cret");
         assert!(!format!("{auth:?}").contains("s3cret"));
@@ -855,10 +816,7 @@ mod tests {
     #[test]
     fn domain_settings() {
         assert_eq!(load(&[("DOMAINLEVELS", "3")]).unwrap().domain, Domain::Levels(3));
-        assert_eq!(
-            load(&[("PIPES_DOMAIN", "Pipe.Example.com")]).unwrap().domain,
-            Domain::Suffix("pipe.example.com".into())
-        );
+        assert_eq!(load(&[("PIPES_DOMAIN", "Pipe.Example.com")]).unwrap().domain, Domain::Suffix("pipe.example.com".into()));
         assert_eq!(load(&[("PIPES_DOMAIN", "pipe.example.com"), ("DOMAINLEVELS", "2")]).unwrap_err().name, "DOMAINLEVELS");
     }
 

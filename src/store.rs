@@ -90,9 +90,9 @@ impl Store {
         T: Send + 'static,
     {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store)).await.unwrap_or_else(|e| {
-            Err(PipesError::ConfigBroken { file: String::new(), problem: format!("the file task failed: {e}") })
-        })
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .unwrap_or_else(|e| Err(PipesError::ConfigBroken { file: String::new(), problem: format!("the file task failed: {e}") }))
     }
 
     fn repository_dir(&self, user: &str, repo: &str) -> PathBuf {
@@ -143,10 +143,7 @@ impl Store {
     fn write_config(&self, path: &Path, config: &DeployConfig) -> Result<(), PipesError> {
         let mut bytes = serde_json::to_vec_pretty(config).map_err(|e| self.broken(path, e.to_string()))?;
         bytes.push(b'\n');
-        write_atomic(path, &bytes).map_err(|e| PipesError::ConfigBroken {
-            file: self.relative(path),
-            problem: format!("cannot be written: {e}"),
-        })
+        write_atomic(path, &bytes).map_err(|e| PipesError::ConfigBroken { file: self.relative(path), problem: format!("cannot be written: {e}") })
     }
 
     fn broken(&self, path: &Path, problem: String) -> PipesError {

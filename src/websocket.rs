@@ -42,10 +42,7 @@ pub fn going_away() {
 
 /// Whether a request asks for a WebSocket (HTTP/1.1 `Upgrade: websocket`).
 pub fn wanted(req: &RequestHeader) -> bool {
-    req.headers
-        .get(http::header::UPGRADE)
-        .and_then(|u| u.to_str().ok())
-        .is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
+    req.headers.get(http::header::UPGRADE).and_then(|u| u.to_str().ok()).is_some_and(|u| u.trim().eq_ignore_ascii_case("websocket"))
 }
 
 /// Why a relay could not begin.
@@ -59,12 +56,7 @@ pub enum Failure {
 /// Relays the WebSocket `session` asks for to `upstream` (of `deployment`),
 /// until either side closes or Pipes says it is going away. `request` is the
 /// handshake as it goes upstream (forwarding headers set).
-pub async fn relay(
-    session: &mut Session,
-    deployment: &str,
-    upstream: &Upstream,
-    request: &RequestHeader,
-) -> Result<(), Failure> {
+pub async fn relay(session: &mut Session, deployment: &str, upstream: &Upstream, request: &RequestHeader) -> Result<(), Failure> {
     let mut stream = match TcpStream::connect(upstream.addr).await {
         Ok(stream) => stream,
         Err(_) => return Err(Failure::Refused),
@@ -134,11 +126,7 @@ async fn read_head(stream: &mut TcpStream) -> Result<(ResponseHeader, Vec<u8>), 
 /// body is small, so it is read whole and sent with its length.
 async fn refused(session: &mut Session, mut stream: TcpStream, mut head: ResponseHeader, mut body: Vec<u8>) -> Result<()> {
     let length = head.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<usize>().ok());
-    let chunked = head
-        .headers
-        .get(http::header::TRANSFER_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let chunked = head.headers.get(http::header::TRANSFER_ENCODING).and_then(|v| v.to_str().ok()).is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let mut chunk = [0u8; 8192];
     loop {
         let complete = match (length, chunked) {

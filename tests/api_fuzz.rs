@@ -31,12 +31,8 @@ fn json_value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 24, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            prop::collection::btree_map(
-                prop_oneof![prop::sample::select(FIELDS).prop_map(str::to_owned), "[A-Za-z_]{1,8}"],
-                inner,
-                0..5
-            )
-            .prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(prop_oneof![prop::sample::select(FIELDS).prop_map(str::to_owned), "[A-Za-z_]{1,8}"], inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -55,8 +51,7 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn path() -> impl Strategy<Value = String> {
-    let known: Vec<&'static str> =
-        std::iter::once("/__proxyapi").chain(pipes::api::Endpoint::ALL.iter().map(|e| e.path())).collect();
+    let known: Vec<&'static str> = std::iter::once("/__proxyapi").chain(pipes::api::Endpoint::ALL.iter().map(|e| e.path())).collect();
     let (k1, k2, k3) = (known.clone(), known.clone(), known);
     prop_oneof![
         prop::sample::select(k1).prop_map(str::to_owned),

@@ -3,12 +3,7 @@
 use std::process::Command;
 
 fn pipes(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pipes"))
-        .args(args)
-        .env_clear()
-        .envs(env.iter().copied())
-        .output()
-        .expect("pipes runs")
+    Command::new(env!("CARGO_BIN_EXE_pipes")).args(args).env_clear().envs(env.iter().copied()).output().expect("pipes runs")
 }
 
 #[test]
@@ -17,9 +12,20 @@ fn help_documents_every_variable() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for var in [
-        "PIPES_LISTEN", "PIPES_DOMAIN", "DOMAINLEVELS", "PIPES_REGISTRY", "PIPES_NETWORK", "PIPES_CONFIG_DIR",
-        "PIPES_ALLOW", "PIPES_API_TOKEN", "DOCKER_HOST", "DOCKER_AUTH", "DOCKER_AUTH_USERNAME", "DOCKER_AUTH_EMAIL",
-        "DOCKER_AUTH_PASSWORD", "NAME_FILE",
+        "PIPES_LISTEN",
+        "PIPES_DOMAIN",
+        "DOMAINLEVELS",
+        "PIPES_REGISTRY",
+        "PIPES_NETWORK",
+        "PIPES_CONFIG_DIR",
+        "PIPES_ALLOW",
+        "PIPES_API_TOKEN",
+        "DOCKER_HOST",
+        "DOCKER_AUTH",
+        "DOCKER_AUTH_USERNAME",
+        "DOCKER_AUTH_EMAIL",
+        "DOCKER_AUTH_PASSWORD",
+        "NAME_FILE",
     ] {
         assert!(help.contains(var), "--help does not mention {var}:\n{help}");
     }

@@ -193,11 +193,7 @@ async fn two_deployments_start_in_parallel() {
     assert_eq!(b.status(), 200);
     // Each container takes 3 s to answer after it started. Had the starts been
     // serial, one container would have started after the other answered.
-    let started: Vec<String> = pipes
-        .containers()
-        .iter()
-        .map(|id| docker_ok(&["inspect", "-f", "{{.State.StartedAt}}", id]))
-        .collect();
+    let started: Vec<String> = pipes.containers().iter().map(|id| docker_ok(&["inspect", "-f", "{{.State.StartedAt}}", id])).collect();
     assert_eq!(started.len(), 2);
     let t = |s: &str| humantime::parse_rfc3339(s).unwrap_or_else(|e| panic!("{s}: {e}"));
     let (s1, s2) = (t(&started[0]), t(&started[1]));
@@ -372,12 +368,7 @@ async fn http2_requests_route_by_authority() {
     f.serving("app", "v1");
     let pipes = Pipes::start(&[]);
     let host = f.host("app", "v1", DOMAIN);
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .http2_prior_knowledge()
-        .resolve(&host, ([127, 0, 0, 1], 0).into())
-        .build()
-        .unwrap();
+    let client = reqwest::Client::builder().no_proxy().http2_prior_knowledge().resolve(&host, ([127, 0, 0, 1], 0).into()).build().unwrap();
     let resp = client.get(pipes.url(&host, "/h2")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);
     let (status, body) = json(resp).await;

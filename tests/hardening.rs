@@ -60,10 +60,7 @@ async fn connections_that_never_finish_a_request_are_closed_and_capped() {
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     // The descriptor limit the attack exhausted: 256. The cap follows it.
-    let pipes = Pipes::start_under(
-        &["prlimit", "--nofile=256:256"],
-        &[("PIPES_HEADER_TIMEOUT", Some("1s")), ("PIPES_KEEPALIVE_TIMEOUT", Some("2s"))],
-    );
+    let pipes = Pipes::start_under(&["prlimit", "--nofile=256:256"], &[("PIPES_HEADER_TIMEOUT", Some("1s")), ("PIPES_KEEPALIVE_TIMEOUT", Some("2s"))]);
     let host = f.host("app", "v1", DOMAIN);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
 
@@ -166,12 +163,8 @@ async fn a_flood_of_missing_images_holds_no_place_and_starves_no_start() {
     // Another client's real cold start, meanwhile.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let host = f.host("app", "good", DOMAIN);
-    let other = reqwest::Client::builder()
-        .no_proxy()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .resolve(&host, ([127, 0, 0, 1], 0).into())
-        .build()
-        .unwrap();
+    let other =
+        reqwest::Client::builder().no_proxy().local_address(std::net::IpAddr::from([127, 0, 0, 2])).resolve(&host, ([127, 0, 0, 1], 0).into()).build().unwrap();
     let good = other.get(pipes.url(&host, "/")).send().await.unwrap().status().as_u16();
     let statuses = flood.await.unwrap();
     eprintln!("flood answers by status: {statuses:?}");
@@ -273,22 +266,18 @@ async fn a_pull_that_stalls_ends_at_its_timeout() {
     let held = std::thread::spawn({
         let done = done.clone();
         move || {
-        let mut open = Vec::new();
-        stall.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline && !done.load(Ordering::Relaxed) {
-            if let Ok((s, _)) = stall.accept() {
-                open.push(s);
+            let mut open = Vec::new();
+            stall.set_nonblocking(true).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && !done.load(Ordering::Relaxed) {
+                if let Ok((s, _)) = stall.accept() {
+                    open.push(s);
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
-        }
         }
     });
-    let pipes = Pipes::start(&[
-        ("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))),
-        ("DOCKER_AUTH", None),
-        ("PIPES_PULL_TIMEOUT", Some("2s")),
-    ]);
+    let pipes = Pipes::start(&[("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))), ("DOCKER_AUTH", None), ("PIPES_PULL_TIMEOUT", Some("2s"))]);
     let began = Instant::now();
     let (status, body) = json(pipes.get("v1.app.stalled.example.com", "/").await).await;
     assert_eq!(status, 504, "{body}");

@@ -60,11 +60,7 @@ fn build_pipes_image(created: &mut Created) -> String {
         .env("DOCKER_BUILDKIT", "0")
         .output()
         .expect("docker build runs");
-    assert!(
-        out.status.success(),
-        "building the image failed (the binary must be static: run through scripts/test): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "building the image failed (the binary must be static: run through scripts/test): {}", String::from_utf8_lossy(&out.stderr));
     created.image = Some(tag.clone());
     tag
 }
@@ -78,17 +74,32 @@ fn run_pipes(created: &mut Created, image: &str, network: &str, extra_env: &[Str
     std::fs::create_dir_all(&configs).unwrap();
     created.dirs.push(configs.clone());
     let mut args: Vec<String> = [
-        "run", "-d", "--label", &format!("pipes.test={}", e.run), "--network", network,
-        "-v", "/var/run/docker.sock:/var/run/docker.sock",
-        "-v", &format!("{}:/configs", configs.display()),
-        "-p", "127.0.0.1::8080",
-        "-e", &format!("PIPES_INSTANCE={instance}"),
-        "-e", &format!("PIPES_LABELS=pipes.test={}", e.run),
-        "-e", &format!("PIPES_REGISTRY={}", e.registry),
-        "-e", "PIPES_ALLOW=*",
-        "-e", "DOCKER_AUTH=true",
-        "-e", &format!("DOCKER_AUTH_USERNAME={}", e.user),
-        "-e", &format!("DOCKER_AUTH_PASSWORD={}", e.password),
+        "run",
+        "-d",
+        "--label",
+        &format!("pipes.test={}", e.run),
+        "--network",
+        network,
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-v",
+        &format!("{}:/configs", configs.display()),
+        "-p",
+        "127.0.0.1::8080",
+        "-e",
+        &format!("PIPES_INSTANCE={instance}"),
+        "-e",
+        &format!("PIPES_LABELS=pipes.test={}", e.run),
+        "-e",
+        &format!("PIPES_REGISTRY={}", e.registry),
+        "-e",
+        "PIPES_ALLOW=*",
+        "-e",
+        "DOCKER_AUTH=true",
+        "-e",
+        &format!("DOCKER_AUTH_USERNAME={}", e.user),
+        "-e",
+        &format!("DOCKER_AUTH_PASSWORD={}", e.password),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -166,18 +177,34 @@ async fn the_image_hands_over_to_a_new_container_without_dropping_requests() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let run = |extra: &[&str]| -> String {
         let mut args: Vec<String> = [
-            "run", "-d", "--label", &format!("pipes.test={}", e.run), "--network", "host",
-            "-v", "/var/run/docker.sock:/var/run/docker.sock",
-            "-v", &format!("{}:/configs", dir.join("configs").display()),
-            "-v", &format!("{}:/tmp", dir.join("run").display()),
-            "-e", &format!("PIPES_LISTEN=127.0.0.1:{port}"),
-            "-e", &format!("PIPES_INSTANCE={instance}"),
-            "-e", &format!("PIPES_LABELS=pipes.test={}", e.run),
-            "-e", &format!("PIPES_REGISTRY={}", e.registry),
-            "-e", "PIPES_ALLOW=*",
-            "-e", "DOCKER_AUTH=true",
-            "-e", &format!("DOCKER_AUTH_USERNAME={}", e.user),
-            "-e", &format!("DOCKER_AUTH_PASSWORD={}", e.password),
+            "run",
+            "-d",
+            "--label",
+            &format!("pipes.test={}", e.run),
+            "--network",
+            "host",
+            "-v",
+            "/var/run/docker.sock:/var/run/docker.sock",
+            "-v",
+            &format!("{}:/configs", dir.join("configs").display()),
+            "-v",
+            &format!("{}:/tmp", dir.join("run").display()),
+            "-e",
+            &format!("PIPES_LISTEN=127.0.0.1:{port}"),
+            "-e",
+            &format!("PIPES_INSTANCE={instance}"),
+            "-e",
+            &format!("PIPES_LABELS=pipes.test={}", e.run),
+            "-e",
+            &format!("PIPES_REGISTRY={}", e.registry),
+            "-e",
+            "PIPES_ALLOW=*",
+            "-e",
+            "DOCKER_AUTH=true",
+            "-e",
+            &format!("DOCKER_AUTH_USERNAME={}", e.user),
+            "-e",
+            &format!("DOCKER_AUTH_PASSWORD={}", e.password),
             &image,
         ]
         .iter()

@@ -59,7 +59,17 @@ async fn long_lived(kind: Kind, port: u16, host: String) -> Outcome {
                         ids.push(id.to_owned());
                         units += 1;
                     }
-                    other => return Outcome { kind, ids, units, clean: { eprintln!("ws: {other:?}"); false } },
+                    other => {
+                        return Outcome {
+                            kind,
+                            ids,
+                            units,
+                            clean: {
+                                eprintln!("ws: {other:?}");
+                                false
+                            },
+                        }
+                    }
                 }
                 tokio::time::sleep(TICK).await;
             }
@@ -96,11 +106,7 @@ async fn long_lived(kind: Kind, port: u16, host: String) -> Outcome {
                 Some((Ok::<_, std::io::Error>(vec![b'u'; 64 * 1024]), i + 1))
             });
             let client = common::client_for(&host, port);
-            let resp = client
-                .post(format!("http://{host}:{port}/upload"))
-                .body(reqwest::Body::wrap_stream(chunks))
-                .send()
-                .await;
+            let resp = client.post(format!("http://{host}:{port}/upload")).body(reqwest::Body::wrap_stream(chunks)).send().await;
             match resp {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -314,10 +320,7 @@ async fn a_watched_tag_follows_pushes() {
     let (mut f, pipes, host) = serving_one(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_WATCH", Some("1s"))]);
     assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
     f.push("app", "main", "two", "");
-    eventually("the pushed image serves", Duration::from_secs(30), || async {
-        json(pipes.get(&host, "/").await).await.1["id"] == "two"
-    })
-    .await;
+    eventually("the pushed image serves", Duration::from_secs(30), || async { json(pipes.get(&host, "/").await).await.1["id"] == "two" }).await;
 }
 
 #[tokio::test]
@@ -337,10 +340,7 @@ async fn the_registry_notifies_pipes_of_a_push() {
     let user = common::unique("n");
     let reference = format!("127.0.0.1:{port}/{user}/app:v1");
     let push = |id: &str| {
-        common::build_image(
-            &reference,
-            &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture),
-        );
+        common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
     };
@@ -349,10 +349,8 @@ async fn the_registry_notifies_pipes_of_a_push() {
     assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
 
     push("two");
-    eventually("the registry's notification redeployed it", Duration::from_secs(30), || async {
-        json(pipes.get(&host, "/").await).await.1["id"] == "two"
-    })
-    .await;
+    eventually("the registry's notification redeployed it", Duration::from_secs(30), || async { json(pipes.get(&host, "/").await).await.1["id"] == "two" })
+        .await;
     // At least once, unordered: the registry may send a push more than once.
     let created = pipes.log().matches(&format!("{user}/app:v1: created container")).count();
     assert_eq!(created, 2, "one container per generation:\n{}", pipes.log());

@@ -27,10 +27,8 @@ fn spec_operations(spec: &Value) -> BTreeSet<(String, String)> {
 
 #[test]
 fn the_spec_lists_exactly_the_server_routes() {
-    let from_server: BTreeSet<(String, String)> = pipes::api::Endpoint::ALL
-        .iter()
-        .flat_map(|e| e.methods().iter().map(move |m| (e.path().to_owned(), m.to_string())))
-        .collect();
+    let from_server: BTreeSet<(String, String)> =
+        pipes::api::Endpoint::ALL.iter().flat_map(|e| e.methods().iter().map(move |m| (e.path().to_owned(), m.to_string()))).collect();
     assert_eq!(spec_operations(&spec()), from_server);
 }
 

@@ -36,12 +36,7 @@ async fn kill_9_during_config_writes_never_tears_a_file() {
         // Writers keep PUTs in flight; the kill lands in the middle of them.
         let writers: Vec<_> = (0..3)
             .map(|w| {
-                let (client, url, sent, filler) = (
-                    pipes.client(HOST),
-                    pipes.url(HOST, "/__proxyapi/repository/config"),
-                    sent.clone(),
-                    filler.clone(),
-                );
+                let (client, url, sent, filler) = (pipes.client(HOST), pipes.url(HOST, "/__proxyapi/repository/config"), sent.clone(), filler.clone());
                 tokio::spawn(async move {
                     for i in 0..10_000 {
                         let n = format!("{round}-{w}-{i}");
@@ -71,11 +66,8 @@ async fn kill_9_during_config_writes_never_tears_a_file() {
         let (status, body) = api(&pipes, HOST, "GET", "/__proxyapi/repository/config", None, Some(TOKEN)).await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["config"]["env"]["APP_N"].as_str(), Some(n.as_str()), "Pipes reads what is on disk");
-        let leftovers: Vec<_> = std::fs::read_dir(file.parent().unwrap())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
-            .collect();
+        let leftovers: Vec<_> =
+            std::fs::read_dir(file.parent().unwrap()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
         assert!(leftovers.is_empty(), "temporary files are cleaned at start: {leftovers:?}");
     }
     let writes = sent.lock().unwrap().len();

@@ -19,24 +19,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::auth::DockerCredentials;
-use futures_util::stream::BoxStream;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    NetworkCreateRequest,
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum,
-    EndpointSettings, HostConfig, NetworkingConfig, PortBinding,
-    RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig,
+    NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
-    RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions, RestartContainerOptions,
+    StopContainerOptions, WaitContainerOptions,
 };
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
-    generation_of, short_id, Backend, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH,
-    LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
+    generation_of, short_id, Backend, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE,
+    LABEL_MANAGED, LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -157,13 +155,10 @@ impl Docker {
     async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
         self.client
             .get_or_try_init(|| async {
-                let docker = bollard::Docker::connect_with_host(&self.host).map_err(|e| {
-                    PipesError::EngineUnavailable { reason: format!("cannot use {}: {e}", self.host) }
-                })?;
+                let docker = bollard::Docker::connect_with_host(&self.host)
+                    .map_err(|e| PipesError::EngineUnavailable { reason: format!("cannot use {}: {e}", self.host) })?;
                 // Older engines (API 1.41) reject newer version prefixes outright.
-                docker.negotiate_version().await.map_err(|e| PipesError::EngineUnavailable {
-                    reason: format!("no answer from {}: {e}", self.host),
-                })
+                docker.negotiate_version().await.map_err(|e| PipesError::EngineUnavailable { reason: format!("no answer from {}: {e}", self.host) })
             })
             .await
     }
@@ -171,9 +166,7 @@ impl Docker {
     /// The networks of container `name`, or `None` if the engine has no such container.
     async fn networks_of(&self, name: &str) -> Result<Option<Vec<String>>, PipesError> {
         match self.docker().await?.inspect_container(name, None).await {
-            Ok(c) => Ok(Some(
-                c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default(),
-            )),
+            Ok(c) => Ok(Some(c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default())),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(self.fail("inspect a container", e)),
         }
@@ -193,11 +186,7 @@ impl Docker {
     async fn containers(&self, d: Option<&Deployment>) -> Result<Vec<ContainerSummary>, PipesError> {
         let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
         labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([("label".to_string(), labels)])),
-            ..Default::default()
-        };
+        let options = ListContainersOptions { all: true, filters: Some(HashMap::from([("label".to_string(), labels)])), ..Default::default() };
         self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))
     }
 
@@ -237,10 +226,18 @@ impl Docker {
         // The engine reports a zero time for a container that never ran.
         let started_at = state.started_at.filter(|s| !s.starts_with("0001-"));
         let exit_code = (!running && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
-        self.facts(c.id?, &labels, running, exit_code, started_at, |port| {
-            let bindings = net.ports.as_ref()?.get(&format!("{port}/tcp"))?.as_ref()?;
-            bindings.iter().find_map(|b| b.host_port.as_deref()?.parse().ok())
-        }, |network| net.networks.as_ref()?.get(network)?.ip_address.as_deref()?.parse().ok())
+        self.facts(
+            c.id?,
+            &labels,
+            running,
+            exit_code,
+            started_at,
+            |port| {
+                let bindings = net.ports.as_ref()?.get(&format!("{port}/tcp"))?.as_ref()?;
+                bindings.iter().find_map(|b| b.host_port.as_deref()?.parse().ok())
+            },
+            |network| net.networks.as_ref()?.get(network)?.ip_address.as_deref()?.parse().ok(),
+        )
     }
 
     /// An instance from `docker ps` facts, which lack the start time.
@@ -251,17 +248,18 @@ impl Docker {
         let labels = c.labels.unwrap_or_default();
         let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
         // "Exited (3) 5 minutes ago"
-        let exit_code = c
-            .status
-            .as_deref()
-            .and_then(|s| s.strip_prefix("Exited ("))
-            .and_then(|s| s.split(')').next())
-            .and_then(|n| n.parse().ok());
+        let exit_code = c.status.as_deref().and_then(|s| s.strip_prefix("Exited (")).and_then(|s| s.split(')').next()).and_then(|n| n.parse().ok());
         let ports = c.ports.unwrap_or_default();
         let networks = c.network_settings.and_then(|n| n.networks).unwrap_or_default();
-        self.facts(c.id?, &labels, running, exit_code, None, |port| {
-            ports.iter().find(|p| p.private_port == port).and_then(|p| p.public_port)
-        }, |network| networks.get(network)?.ip_address.as_deref()?.parse().ok())
+        self.facts(
+            c.id?,
+            &labels,
+            running,
+            exit_code,
+            None,
+            |port| ports.iter().find(|p| p.private_port == port).and_then(|p| p.public_port),
+            |network| networks.get(network)?.ip_address.as_deref()?.parse().ok(),
+        )
     }
 
     /// An instance from what the engine says of a container; `None` if the
@@ -280,9 +278,7 @@ impl Docker {
         let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
         let address = match (port, running) {
             (Some(port), true) => match &self.reach {
-                Reach::Published => {
-                    host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port))
-                }
+                Reach::Published => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
                 Reach::Network(name) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
             },
             _ => None,
@@ -319,9 +315,7 @@ impl Docker {
             Reach::Network(name) => name.clone(),
         };
         host_config.network_mode = Some(network.clone());
-        let networking = Some(NetworkingConfig {
-            endpoints_config: Some(HashMap::from([(network, EndpointSettings::default())])),
-        });
+        let networking = Some(NetworkingConfig { endpoints_config: Some(HashMap::from([(network, EndpointSettings::default())])) });
         host_config.memory = i64::try_from(spec.memory_bytes).ok();
         host_config.nano_cpus = Some((spec.cpus * 1e9).round() as i64);
         host_config.restart_policy = Some(RestartPolicy {
@@ -415,19 +409,9 @@ impl Docker {
         };
         let lower = message.to_ascii_lowercase();
         let detail = self.scrub(&message);
-        if ["unauthorized", "authentication required", "no basic auth credentials", "incorrect username or password"]
-            .iter()
-            .any(|m| lower.contains(m))
-        {
-            PipesError::RegistryAuth {
-                registry: self.registry_host.clone(),
-                user: self.credentials.as_ref().and_then(|c| c.username.clone()),
-                detail,
-            }
-        } else if ["manifest unknown", "not found", "name unknown", "does not exist", "pull access denied"]
-            .iter()
-            .any(|m| lower.contains(m))
-        {
+        if ["unauthorized", "authentication required", "no basic auth credentials", "incorrect username or password"].iter().any(|m| lower.contains(m)) {
+            PipesError::RegistryAuth { registry: self.registry_host.clone(), user: self.credentials.as_ref().and_then(|c| c.username.clone()), detail }
+        } else if ["manifest unknown", "not found", "name unknown", "does not exist", "pull access denied"].iter().any(|m| lower.contains(m)) {
             PipesError::ImageNotFound { image: reference.to_owned() }
         } else {
             PipesError::Engine { action: "pull an image", detail }
@@ -437,16 +421,10 @@ impl Docker {
     /// Turns an engine error into what a client sees.
     fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
         match e {
-            DockerError::DockerResponseServerError { message, .. } => {
-                PipesError::Engine { action, detail: self.scrub(&message) }
-            }
+            DockerError::DockerResponseServerError { message, .. } => PipesError::Engine { action, detail: self.scrub(&message) },
             DockerError::DockerStreamError { error } => PipesError::Engine { action, detail: self.scrub(&error) },
-            DockerError::JsonDataError { .. } | DockerError::JsonSerdeError { .. } => {
-                PipesError::Engine { action, detail: self.scrub(&e.to_string()) }
-            }
-            other => {
-                PipesError::EngineUnavailable { reason: format!("cannot {action}: {}", self.scrub(&other.to_string())) }
-            }
+            DockerError::JsonDataError { .. } | DockerError::JsonSerdeError { .. } => PipesError::Engine { action, detail: self.scrub(&e.to_string()) },
+            other => PipesError::EngineUnavailable { reason: format!("cannot {action}: {}", self.scrub(&other.to_string())) },
         }
     }
 
@@ -466,12 +444,7 @@ impl Backend for Docker {
             Reach::Published => "containers are reached on 127.0.0.1 at published ports".to_owned(),
             Reach::Network(n) => format!("containers are reached at their IP on network '{n}'"),
         };
-        Ok(format!(
-            "Docker engine {} (API {}) at {}; {reach}",
-            v.version.unwrap_or_default(),
-            v.api_version.unwrap_or_default(),
-            self.host
-        ))
+        Ok(format!("Docker engine {} (API {}) at {}; {reach}", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), self.host))
     }
 
     async fn list(&self) -> Result<Vec<Instance>, PipesError> {
@@ -490,13 +463,8 @@ impl Backend for Docker {
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
         match self.docker().await?.inspect_image(reference).await {
             Ok(img) => {
-                let mut exposed_tcp: Vec<u16> = img
-                    .config
-                    .and_then(|c| c.exposed_ports)
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|p| p.strip_suffix("/tcp")?.parse().ok())
-                    .collect();
+                let mut exposed_tcp: Vec<u16> =
+                    img.config.and_then(|c| c.exposed_ports).unwrap_or_default().iter().filter_map(|p| p.strip_suffix("/tcp")?.parse().ok()).collect();
                 exposed_tcp.sort_unstable();
                 exposed_tcp.dedup();
                 // "registry/user/repo@sha256:…", one per repository the image was pulled from.
@@ -517,17 +485,9 @@ impl Backend for Docker {
 
     async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
         {
-            let _place = self
-                .pulls
-                .acquire()
-                .await
-                .map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
+            let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
             let (repo, tag) = split_reference(reference);
-            let options = CreateImageOptions {
-                from_image: Some(repo.to_owned()),
-                tag: Some(tag.to_owned()),
-                ..Default::default()
-            };
+            let options = CreateImageOptions { from_image: Some(repo.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
             let mut progress = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
             while let Some(item) = progress.next().await {
                 if let Err(e) = item {
@@ -535,23 +495,12 @@ impl Backend for Docker {
                 }
             }
         }
-        self.image(reference).await?.ok_or_else(|| PipesError::Engine {
-            action: "pull an image",
-            detail: format!("{reference} is missing after the pull"),
-        })
+        self.image(reference).await?.ok_or_else(|| PipesError::Engine { action: "pull an image", detail: format!("{reference} is missing after the pull") })
     }
 
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        let answer = self
-            .docker()
-            .await?
-            .inspect_registry_image(reference, self.credentials.clone())
-            .await
-            .map_err(|e| self.pull_failure(reference, e))?;
-        answer.descriptor.digest.ok_or_else(|| PipesError::Engine {
-            action: "ask the registry for a digest",
-            detail: format!("no digest for {reference}"),
-        })
+        let answer = self.docker().await?.inspect_registry_image(reference, self.credentials.clone()).await.map_err(|e| self.pull_failure(reference, e))?;
+        answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
     }
 
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
@@ -563,13 +512,7 @@ impl Backend for Docker {
             let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
-                    log::info!(
-                        "{}: created container {} ({} port {})",
-                        spec.deployment,
-                        short_id(&created.id),
-                        spec.image,
-                        spec.port
-                    );
+                    log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&created.id), spec.image, spec.port);
                     return self.start(&created.id).await;
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -593,10 +536,9 @@ impl Backend for Docker {
 
     async fn start(&self, id: &str) -> Result<Instance, PipesError> {
         self.start_container(id).await?;
-        self.inspect(id).await?.ok_or_else(|| PipesError::Engine {
-            action: "start a container",
-            detail: format!("container {} vanished after start", short_id(id)),
-        })
+        self.inspect(id)
+            .await?
+            .ok_or_else(|| PipesError::Engine { action: "start a container", detail: format!("container {} vanished after start", short_id(id)) })
     }
 
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {

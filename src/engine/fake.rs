@@ -95,15 +95,8 @@ impl Fake {
     }
 
     fn emit(&self, entry: &Entry, kind: EventKind) {
-        let time_nano = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        let _ = self.events.send(Event {
-            id: entry.instance.id.clone(),
-            deployment: Some(entry.instance.deployment.clone()),
-            kind,
-            time_nano,
-        });
+        let time_nano = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+        let _ = self.events.send(Event { id: entry.instance.id.clone(), deployment: Some(entry.instance.deployment.clone()), kind, time_nano });
     }
 
     /// Makes every call fail as if the engine were unreachable (or answer again).
@@ -251,11 +244,7 @@ impl Backend for Fake {
         let published = inner.registry.get(reference).cloned();
         match published {
             Some((behaviour, digest)) => {
-                let image = Image {
-                    id: format!("sha256:image-of-{digest}"),
-                    digest: Some(digest),
-                    exposed_tcp: behaviour.exposed.clone(),
-                };
+                let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone() };
                 inner.local.insert(reference.to_owned(), image.clone());
                 Ok(image)
             }
@@ -267,11 +256,7 @@ impl Backend for Fake {
         self.up()?;
         self.calls.digests.fetch_add(1, Ordering::Relaxed);
         let inner = self.lock();
-        inner
-            .registry
-            .get(reference)
-            .map(|(_, digest)| digest.clone())
-            .ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
+        inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
     }
 
     async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {

@@ -38,8 +38,7 @@ pub const LABEL_PORT: &str = "pipes.port";
 pub const LABEL_DIGEST: &str = "pipes.digest";
 
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
-pub const RESERVED_LABELS: [&str; 6] =
-    [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST];
+pub const RESERVED_LABELS: [&str; 6] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST];
 
 /// The first 12 characters of an instance id, as `docker ps` shows it.
 pub fn short_id(id: &str) -> &str {

@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 
 use super::probe;
 use super::slot::Upstream;
-use crate::config::{check_capability, DeployConfig, Defaults, Effective, Pull, BASE_CAPABILITIES};
+use crate::config::{check_capability, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
 use crate::engine::{current, generation_of, short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -209,14 +209,7 @@ impl Deployer {
     /// the image's generation. A place among `PIPES_MAX_CONTAINERS` is taken
     /// (when `admit`) only once the image is known to exist, so names of
     /// images that do not exist never hold one.
-    async fn run(
-        &self,
-        d: &Deployment,
-        image_ref: &str,
-        config: &Effective,
-        fresh: bool,
-        admit: bool,
-    ) -> Result<Instance, PipesError> {
+    async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, fresh: bool, admit: bool) -> Result<Instance, PipesError> {
         let local = if fresh { None } else { self.backend.image(image_ref).await? };
         let image = match local {
             Some(image) => image,
@@ -355,14 +348,7 @@ impl Deployer {
         PipesError::Exited { deployment: d.to_string(), code, logs }
     }
 
-    async fn probe_until(
-        &self,
-        d: &Deployment,
-        id: &str,
-        addr: SocketAddr,
-        path: &str,
-        timeout: Duration,
-    ) -> Result<(), PipesError> {
+    async fn probe_until(&self, d: &Deployment, id: &str, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), PipesError> {
         if probe::until_answers(addr, path, timeout).await {
             return Ok(());
         }
@@ -410,10 +396,7 @@ impl Deployer {
     pub async fn generations(&self, d: &Deployment) -> Result<(Option<Instance>, Option<Instance>), PipesError> {
         let instances = self.backend.instances(d).await?;
         let now = current(&instances).cloned();
-        let previous = instances
-            .into_iter()
-            .filter(|i| Some(&i.id) != now.as_ref().map(|n| &n.id))
-            .max_by_key(|i| i.started());
+        let previous = instances.into_iter().filter(|i| Some(&i.id) != now.as_ref().map(|n| &n.id)).max_by_key(|i| i.started());
         Ok((now, previous))
     }
 

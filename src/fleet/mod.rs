@@ -539,10 +539,7 @@ impl Fleet {
         self.on_control(async move {
             let _op = slot.ops.lock().await;
             let serving = slot.upstream();
-            let was = Generation {
-                instance: serving.as_ref().map(|u| u.instance_id.clone()),
-                digest: serving.as_ref().and_then(|u| u.digest.clone()),
-            };
+            let was = Generation { instance: serving.as_ref().map(|u| u.instance_id.clone()), digest: serving.as_ref().and_then(|u| u.digest.clone()) };
             let back = fleet.deployer.previous_generation(&slot.deployment, was.instance.as_deref()).await?;
             Ok(fleet.switch(&slot, back, was).await)
         })
@@ -724,13 +721,9 @@ impl Fleet {
             }
             result
         });
-        async move {
-            task.await.unwrap_or_else(|e| {
-                Err(PipesError::Engine { action: "start the deployment", detail: format!("start task failed: {e}") })
-            })
-        }
-        .boxed()
-        .shared()
+        async move { task.await.unwrap_or_else(|e| Err(PipesError::Engine { action: "start the deployment", detail: format!("start task failed: {e}") })) }
+            .boxed()
+            .shared()
     }
 
     /// Drops slots with no upstream, no start under way and no failure still
@@ -747,9 +740,7 @@ impl Fleet {
         let table = self.table.load();
         let idle = |slot: &Slot| {
             let cold = slot.lock_cold();
-            slot.upstream().is_none()
-                && cold.starting.is_none()
-                && cold.failed.as_ref().is_none_or(|(at, _)| at.elapsed() >= self.failure_ttl)
+            slot.upstream().is_none() && cold.starting.is_none() && cold.failed.as_ref().is_none_or(|(at, _)| at.elapsed() >= self.failure_ttl)
         };
         let keep: Table = table.iter().filter(|(_, s)| !idle(s)).map(|(d, s)| (d.clone(), s.clone())).collect();
         let dropped = table.len() - keep.len();
@@ -765,9 +756,7 @@ impl Fleet {
         F: Future<Output = Result<T, PipesError>> + Send + 'static,
         T: Send + 'static,
     {
-        self.control.spawn(work).await.unwrap_or_else(|e| {
-            Err(PipesError::Engine { action: "finish an engine call", detail: format!("task failed: {e}") })
-        })
+        self.control.spawn(work).await.unwrap_or_else(|e| Err(PipesError::Engine { action: "finish an engine call", detail: format!("task failed: {e}") }))
     }
 
     /// Takes over the instances this Pipes left running or stopped: the
@@ -863,11 +852,7 @@ impl Fleet {
     /// `d`'s own config, its repository's, and what they merge to.
     pub async fn configs(&self, d: &Deployment) -> Result<Configs, PipesError> {
         let store = self.deployer.store();
-        Ok(Configs {
-            own: store.tag(d).await?,
-            repository: store.repository(&d.user, &d.repo).await?,
-            effective: self.deployer.effective(d).await?,
-        })
+        Ok(Configs { own: store.tag(d).await?, repository: store.repository(&d.user, &d.repo).await?, effective: self.deployer.effective(d).await? })
     }
 
     /// The default config of `d`'s repository.

@@ -20,16 +20,12 @@ struct Harness {
 impl Harness {
     fn new(vars: &[(&str, &str)]) -> Harness {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("pipes-fleet-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
-        let mut env: std::collections::HashMap<String, String> = [
-            ("PIPES_ALLOW", "alice/*"),
-            ("PIPES_REGISTRY", "registry.test"),
-            ("PIPES_START_TIMEOUT", "5s"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
+        let dir = std::env::temp_dir().join(format!("pipes-fleet-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let mut env: std::collections::HashMap<String, String> =
+            [("PIPES_ALLOW", "alice/*"), ("PIPES_REGISTRY", "registry.test"), ("PIPES_START_TIMEOUT", "5s")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
         env.insert("PIPES_CONFIG_DIR".into(), dir.display().to_string());
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::from_sources(["pipes"], &Sources { env, ..Sources::default() }).expect("settings");
@@ -240,11 +236,8 @@ async fn adoption_takes_over_running_instances() {
     let d = h.publish("alice/app:v1", Behaviour::default());
     let up = h.ready(&d).await.unwrap();
     // A second fleet on the same backend, as after a restart of Pipes.
-    let settings = Settings::from_sources(
-        ["pipes"],
-        &Sources { env: [("PIPES_ALLOW".to_owned(), "alice/*".to_owned())].into(), ..Sources::default() },
-    )
-    .unwrap();
+    let settings =
+        Settings::from_sources(["pipes"], &Sources { env: [("PIPES_ALLOW".to_owned(), "alice/*".to_owned())].into(), ..Sources::default() }).unwrap();
     let fresh = Fleet::new(&settings, h.fake.clone(), tokio::runtime::Handle::current());
     assert_eq!(fresh.adopt().await.unwrap(), 1);
     let slot = fresh.get(d.as_ref()).expect("adopted into the table");
@@ -274,10 +267,7 @@ async fn a_redeploy_switches_to_the_new_digest_and_keeps_the_old_stopped() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
     let first = h.ready(&d).await.unwrap();
-    assert_eq!(h.fleet.redeploy(&d).await.unwrap(), Switch::Unchanged(Generation {
-        instance: Some(first.instance_id.clone()),
-        digest: first.digest.clone(),
-    }));
+    assert_eq!(h.fleet.redeploy(&d).await.unwrap(), Switch::Unchanged(Generation { instance: Some(first.instance_id.clone()), digest: first.digest.clone() }));
     assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "an unchanged tag makes nothing");
 
     let pushed = h.push("alice/app:v1", Behaviour::default());

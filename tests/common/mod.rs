@@ -113,10 +113,7 @@ impl Fixtures {
         // The reference label comes first: it makes every image, and every
         // intermediate layer the classic builder caches, unique to this test.
         // Shared ones would be pruned from under one test by another's clean-up.
-        build_image(
-            &reference,
-            &format!("FROM {}\nLABEL pipes.fixture={reference}\nENV FIXTURE_ID={tag}\n{extra}\n", env().fixture),
-        );
+        build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}\nENV FIXTURE_ID={tag}\n{extra}\n", env().fixture));
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
         self.refs.push(reference.clone());
@@ -132,10 +129,7 @@ impl Fixtures {
     /// `id` as identity, with extra Dockerfile lines.
     pub fn push(&mut self, repo: &str, tag: &str, id: &str, extra: &str) -> String {
         let reference = self.reference(repo, tag);
-        build_image(
-            &reference,
-            &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n{extra}\n", env().fixture),
-        );
+        build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n{extra}\n", env().fixture));
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
         if !self.refs.contains(&reference) {
@@ -189,9 +183,7 @@ fn listens(pid: u32, port: u16) -> bool {
         .collect();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
     fds.flatten().any(|fd| {
-        std::fs::read_link(fd.path())
-            .map(|target| inodes.iter().any(|inode| target.to_string_lossy() == format!("socket:[{inode}]")))
-            .unwrap_or(false)
+        std::fs::read_link(fd.path()).map(|target| inodes.iter().any(|inode| target.to_string_lossy() == format!("socket:[{inode}]"))).unwrap_or(false)
     })
 }
 
@@ -254,11 +246,7 @@ impl Pipes {
     }
 
     fn command(&self, args: &[&str]) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("pipes.log"))
-            .expect("log file");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pipes.log")).expect("log file");
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut cmd = Command::new(first);
@@ -397,9 +385,7 @@ impl Pipes {
     /// Resident and peak resident memory of the running Pipes, in KiB.
     pub fn memory_kib(&self) -> (u64, u64) {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid().expect("running"))).expect("status");
-        let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-        };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.split_whitespace().next()?.parse().ok()).unwrap_or(0);
         (field("VmRSS:"), field("VmHWM:"))
     }
 
@@ -460,12 +446,7 @@ impl Drop for Pipes {
 
 /// A client that resolves `host` to 127.0.0.1, so the URL carries the real host name.
 pub fn client_for(host: &str, _port: u16) -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .resolve(host, SocketAddr::from(([127, 0, 0, 1], 0)))
-        .timeout(Duration::from_secs(90))
-        .build()
-        .expect("client")
+    reqwest::Client::builder().no_proxy().resolve(host, SocketAddr::from(([127, 0, 0, 1], 0))).timeout(Duration::from_secs(90)).build().expect("client")
 }
 
 /// Waits (at most `timeout`) until `check` holds, polling; panics naming `what`.
@@ -522,14 +503,7 @@ pub async fn json(resp: reqwest::Response) -> (u16, serde_json::Value) {
 }
 
 /// An API call: method, path (with query) on `host`, optional JSON body and token.
-pub async fn api(
-    pipes: &Pipes,
-    host: &str,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    token: Option<&str>,
-) -> (u16, serde_json::Value) {
+pub async fn api(pipes: &Pipes, host: &str, method: &str, path: &str, body: Option<&str>, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = pipes.client(host).request(method.parse().expect("method"), pipes.url(host, path));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -560,11 +534,7 @@ pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Ve
 
 /// The state and id of each container of `pipes`, to show the engine did not change.
 pub fn engine_state(pipes: &Pipes) -> Vec<String> {
-    pipes
-        .containers()
-        .iter()
-        .map(|id| docker_ok(&["inspect", "-f", "{{.Id}} {{.State.Status}} {{.State.StartedAt}}", id]))
-        .collect()
+    pipes.containers().iter().map(|id| docker_ok(&["inspect", "-f", "{{.Id}} {{.State.Status}} {{.State.StartedAt}}", id])).collect()
 }
 
 /// A registry of a test's own (Debian's `docker-registry`, no auth) on

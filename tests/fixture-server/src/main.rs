@@ -91,17 +91,13 @@ fn serve(stream: TcpStream, id: &str) {
             }
         }
         let (route, query) = path.split_once('?').unwrap_or((path.as_str(), ""));
-        let param = |name: &str| -> u64 {
-            query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0)
-        };
+        let param = |name: &str| -> u64 { query.split('&').find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok()).unwrap_or(0) };
         let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         match route {
             "/ws" if header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket")) => {
                 let Some(key) = header("sec-websocket-key") else { return };
                 let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let head = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
-                );
+                let head = format!("HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n");
                 if out.write_all(head.as_bytes()).is_err() {
                     return;
                 }
@@ -231,10 +227,8 @@ fn echo(already_read: Vec<u8>, stream: TcpStream, id: &str) {
 }
 
 fn describe(id: &str, method: &str, path: &str, host: &str, headers: &[(String, String)], body: &[u8]) -> String {
-    let env: Vec<String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("FIXTURE_") || k.starts_with("APP_"))
-        .map(|(k, v)| format!("{}:{}", json(&k), json(&v)))
-        .collect();
+    let env: Vec<String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("FIXTURE_") || k.starts_with("APP_")).map(|(k, v)| format!("{}:{}", json(&k), json(&v))).collect();
     let headers: Vec<String> = headers.iter().map(|(k, v)| format!("{}:{}", json(k), json(v))).collect();
     format!(
         "{{\"id\":{},\"method\":{},\"path\":{},\"host\":{},\"body\":{},\"headers\":{{{}}},\"env\":{{{}}}}}\n",
