@@ -76,10 +76,7 @@ async fn container_endpoints_do_what_they_say() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
 
     let (status, body) = api(&pipes, &host, "GET", "/__proxyapi/container", None, admin()).await;
     assert_eq!((status, body["state"].as_str()), (200, Some("absent")), "asking starts nothing: {body}");
@@ -173,10 +170,7 @@ async fn bad_input_changes_nothing() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_OK":"1"}}"#), admin()).await;
     assert_eq!(status, 200);
     let files = snapshot(&pipes.dir.join("configs"));
@@ -221,10 +215,7 @@ async fn the_policy_holds_over_the_api() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some("nobody/*"))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some("nobody/*"))]);
     let files = snapshot(&pipes.dir.join("configs"));
     let (status, body) = api(&pipes, &host, "PUT", "/__proxyapi/container/config", Some("{}"), admin()).await;
     assert_eq!(status, 403, "{body}");
@@ -241,10 +232,7 @@ async fn configs_and_containers_survive_a_restart() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, mut pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some(r#"{"env":{"APP_R":"1"}}"#), admin()).await;
     assert_eq!(status, 200);
     let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_T":"2"}}"#), admin()).await;
@@ -266,10 +254,7 @@ async fn a_broken_config_file_is_reported_and_kept() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (f, mut pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some("{}"), admin()).await;
     assert_eq!(status, 200);
     let file = pipes.dir.join(format!("configs/repos/{}/app/repository.json", f.user));
@@ -311,10 +296,7 @@ async fn idle_containers_are_stopped() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some(r#"{"idle_timeout":"1s"}"#), admin()).await;
     assert_eq!(status, 200);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);

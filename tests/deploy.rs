@@ -13,10 +13,7 @@ async fn serves_a_cold_deployment_then_reuses_its_container() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (f, pipes, host) = common::serving_app(&[]);
 
     let (status, body) = json(pipes.get(&host, "/hello?x=1").await).await;
     assert_eq!(status, 200, "{body}");
@@ -138,10 +135,7 @@ async fn a_post_body_reaches_the_cold_container() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     let resp = pipes.client(&host).post(pipes.url(&host, "/submit")).body("payload=42&x=y").send().await.unwrap();
     let (status, body) = json(resp).await;
     assert_eq!(status, 200, "{body}");
@@ -206,10 +200,7 @@ async fn a_restarted_pipes_reuses_its_container() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let mut pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, mut pipes, host) = common::serving_app(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let before = pipes.containers();
     assert_eq!(before.len(), 1);
@@ -232,10 +223,7 @@ async fn a_container_killed_from_outside_is_started_again() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     let client = pipes.client(&host);
     let url = pipes.url(&host, "/");
     assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
@@ -364,10 +352,7 @@ async fn http2_requests_route_by_authority() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     let client = reqwest::Client::builder().no_proxy().http2_prior_knowledge().resolve(&host, ([127, 0, 0, 1], 0).into()).build().unwrap();
     let resp = client.get(pipes.url(&host, "/h2")).send().await.unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_2);

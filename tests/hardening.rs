@@ -212,10 +212,7 @@ async fn a_container_killed_stopped_or_removed_under_load_costs_few_requests() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     const CLIENTS: usize = 4;
     for (what, args) in [("kill -9", vec!["kill", "-s", "KILL"]), ("stop", vec!["stop", "-t", "1"]), ("rm -f", vec!["rm", "-f"])] {
@@ -293,10 +290,7 @@ async fn broken_requests_are_the_clients_fault_and_close_the_connection() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let bad_chunk = format!("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n");
     let (answer, closed) = raw_exchange(pipes.port, bad_chunk.as_bytes(), Duration::from_secs(5));
@@ -312,10 +306,7 @@ async fn what_the_container_is_told_cannot_be_spoofed() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[]);
     let request = format!(
         "POST http://{host}/abs?x=1 HTTP/1.1\r\nHost: {host}\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
          Forwarded: for=6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello"

@@ -65,6 +65,24 @@ fn build_pipes_image(created: &mut Created) -> String {
     tag
 }
 
+/// `docker run` arguments every Pipes container of these tests shares: its
+/// instance, the test label for what it creates, the registry and credentials.
+fn pipes_env(instance: &str) -> Vec<String> {
+    let e = env();
+    [
+        format!("PIPES_INSTANCE={instance}"),
+        format!("PIPES_LABELS=pipes.test={}", e.run),
+        format!("PIPES_REGISTRY={}", e.registry),
+        "PIPES_ALLOW=*".to_owned(),
+        "DOCKER_AUTH=true".to_owned(),
+        format!("DOCKER_AUTH_USERNAME={}", e.user),
+        format!("DOCKER_AUTH_PASSWORD={}", e.password),
+    ]
+    .into_iter()
+    .flat_map(|v| ["-e".to_owned(), v])
+    .collect()
+}
+
 /// Runs the image on `network` and returns the 127.0.0.1 port it is published on.
 fn run_pipes(created: &mut Created, image: &str, network: &str, extra_env: &[String]) -> (String, u16) {
     let e = env();
@@ -86,24 +104,11 @@ fn run_pipes(created: &mut Created, image: &str, network: &str, extra_env: &[Str
         &format!("{}:/configs", configs.display()),
         "-p",
         "127.0.0.1::8080",
-        "-e",
-        &format!("PIPES_INSTANCE={instance}"),
-        "-e",
-        &format!("PIPES_LABELS=pipes.test={}", e.run),
-        "-e",
-        &format!("PIPES_REGISTRY={}", e.registry),
-        "-e",
-        "PIPES_ALLOW=*",
-        "-e",
-        "DOCKER_AUTH=true",
-        "-e",
-        &format!("DOCKER_AUTH_USERNAME={}", e.user),
-        "-e",
-        &format!("DOCKER_AUTH_PASSWORD={}", e.password),
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(pipes_env(&instance));
     for v in extra_env {
         args.push("-e".into());
         args.push(v.clone());
@@ -191,25 +196,12 @@ async fn the_image_hands_over_to_a_new_container_without_dropping_requests() {
             &format!("{}:/tmp", dir.join("run").display()),
             "-e",
             &format!("PIPES_LISTEN=127.0.0.1:{port}"),
-            "-e",
-            &format!("PIPES_INSTANCE={instance}"),
-            "-e",
-            &format!("PIPES_LABELS=pipes.test={}", e.run),
-            "-e",
-            &format!("PIPES_REGISTRY={}", e.registry),
-            "-e",
-            "PIPES_ALLOW=*",
-            "-e",
-            "DOCKER_AUTH=true",
-            "-e",
-            &format!("DOCKER_AUTH_USERNAME={}", e.user),
-            "-e",
-            &format!("DOCKER_AUTH_PASSWORD={}", e.password),
-            &image,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(pipes_env(&instance));
+        args.push(image.clone());
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         docker_ok(&refs)

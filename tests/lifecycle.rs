@@ -213,10 +213,7 @@ async fn a_killed_container_leaves_the_table_at_once_and_a_started_one_is_adopte
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
-    let host = f.host("app", "v1", DOMAIN);
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     let id = pipes.containers()[0].clone();
 

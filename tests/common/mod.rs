@@ -589,3 +589,14 @@ impl Drop for Registry {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The most common setup: `app:v1` of a fresh fixture user pushed and Pipes
+/// started with `changes`; returns the fixtures (keep them alive: dropping
+/// removes what they made), Pipes, and the deployment's host on example.com.
+pub fn serving_app(changes: &[(&str, Option<&str>)]) -> (Fixtures, Pipes, String) {
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let pipes = Pipes::start(changes);
+    let host = f.host("app", "v1", "example.com");
+    (f, pipes, host)
+}
