@@ -1,6 +1,7 @@
 # Pipes on scratch: one static binary, nothing else.
 #
-# Build the binary first (no registry or base image needed):
+# Build the binary first (no registry or base image needed; OpenSSL's static
+# libraries come from Debian's libssl-dev, see .cargo/config.toml):
 #   scripts/build-image            # or by hand:
 #   RUSTFLAGS="-C target-feature=+crt-static" \
 #     cargo build --release --target x86_64-unknown-linux-gnu

@@ -73,7 +73,10 @@ setup_test_env() {
   trap cleanup EXIT INT TERM
 
   # --- tools and engine -----------------------------------------------------
-  ensure_commands cmake:cmake docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io
+  ensure_commands cmake:cmake pkg-config:pkg-config docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io \
+    pebble:pebble pebble-challtestsrv:pebble promtool:prometheus
+  # OpenSSL's static libraries, linked into the static binary (.cargo/config.toml).
+  [ -f /usr/lib/x86_64-linux-gnu/libssl.a ] || apt_install libssl-dev
   ensure_engine "$WORK/dockerd.log"
   log "Docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
 

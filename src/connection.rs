@@ -9,7 +9,8 @@
 //! held forever. So the gate reads the first head itself, under one deadline,
 //! decides between HTTP/1 and HTTP/2, and hands the bytes it read to the
 //! matching Pingora app in front of the stream. Later requests on a kept-alive
-//! connection wait at most `PIPES_KEEPALIVE_TIMEOUT` between reads.
+//! connection wait at most `PIPES_KEEPALIVE_TIMEOUT` between reads. On an
+//! HTTPS listener the TLS handshake comes first, under the same deadline.
 
 use std::fmt;
 use std::io;
@@ -33,23 +34,32 @@ use tokio::sync::Semaphore;
 use crate::error::PipesError;
 use crate::reply;
 use crate::settings::ConnectionLimits as Limits;
+use crate::tls::Tls;
 
 /// What opens an HTTP/2 connection without TLS.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The gate in front of the two HTTP apps: one speaking HTTP/1 only, one
-/// HTTP/2 without TLS (prior knowledge).
+/// HTTP/2 without TLS (prior knowledge). Over TLS, Pingora picks HTTP/2 by
+/// ALPN in either.
 pub struct Gate<A> {
     http1: Arc<A>,
     h2c: Arc<A>,
+    /// Shared by every listener, plain and TLS: one cap on connections.
     places: Arc<Semaphore>,
     limits: Limits,
+    tls: Option<Arc<Tls>>,
 }
 
 impl<A> Gate<A> {
     /// A gate handing HTTP/1 connections to `http1` and HTTP/2 ones to `h2c`.
     pub fn new(http1: A, h2c: A, limits: Limits) -> Self {
-        Gate { http1: Arc::new(http1), h2c: Arc::new(h2c), places: Arc::new(Semaphore::new(limits.max_connections)), limits }
+        Gate { http1: Arc::new(http1), h2c: Arc::new(h2c), places: Arc::new(Semaphore::new(limits.max_connections)), limits, tls: None }
+    }
+
+    /// The same gate for an HTTPS listener, sharing this one's places.
+    pub fn with_tls(&self, http1: A, h2c: A, tls: Arc<Tls>) -> Self {
+        Gate { http1: Arc::new(http1), h2c: Arc::new(h2c), places: self.places.clone(), limits: self.limits, tls: Some(tls) }
     }
 }
 
@@ -73,6 +83,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Gate<A> {
             refuse(&mut stream, &full).await;
             return None;
         };
+        if let Some(tls) = &self.tls {
+            stream = tls.accept(stream, self.limits.header_timeout).await?;
+        }
         let mut read = BytesMut::with_capacity(1024);
         let limit = self.limits.max_header_size;
         let opening = tokio::time::timeout(self.limits.header_timeout, opening(&mut stream, &mut read, limit)).await;

@@ -12,8 +12,8 @@ use std::time::Duration;
 pub enum PipesError {
     /// The Host is not under the domain Pipes serves.
     NotOurs { host: String, expected: String },
-    /// The Host names no deployment (too few labels).
-    NoDeployment { host: String },
+    /// The Host names no deployment (too few labels); `expected` shows the layout.
+    NoDeployment { host: String, expected: String },
     /// A Host label cannot be part of a Docker image reference.
     BadName { label: String, reason: &'static str },
     /// An API path Pipes does not know; `known` lists the paths that exist.
@@ -187,7 +187,7 @@ impl fmt::Display for PipesError {
             Self::NotOurs { host, expected } => {
                 write!(f, "host '{host}' is not served here; expected {expected}")
             }
-            Self::NoDeployment { host } => write!(f, "host '{host}' names no deployment; use {{tag}}.{{repo}}.{{user}}.<domain> or {{repo}}.{{user}}.<domain>"),
+            Self::NoDeployment { host, expected } => write!(f, "host '{host}' names no deployment; use {expected}"),
             Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
             Self::ApiNotFound { path, known } => write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", ")),
             Self::Forbidden { deployment } => write!(

@@ -52,7 +52,7 @@ impl Trusted {
     }
 
     /// Sets the forwarding headers of a request that goes to a container.
-    pub fn apply(&self, peer: Option<IpAddr>, host: &str, upstream: &mut RequestHeader) -> pingora::Result<()> {
+    pub fn apply(&self, peer: Option<IpAddr>, host: &str, tls: bool, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let Some(peer) = peer else {
             for name in [X_FORWARDED_FOR, X_REAL_IP, FORWARDED] {
                 upstream.remove_header(&name);
@@ -73,7 +73,7 @@ impl Trusted {
         // TLS ends at a trusted proxy in front: its word on the scheme stands.
         let proto_from_proxy = trusted && upstream.headers.contains_key(X_FORWARDED_PROTO);
         if !proto_from_proxy {
-            upstream.insert_header(X_FORWARDED_PROTO, "http")?;
+            upstream.insert_header(X_FORWARDED_PROTO, if tls { "https" } else { "http" })?;
         }
         upstream.remove_header(&FORWARDED);
         Ok(())
@@ -114,12 +114,15 @@ mod tests {
     #[test]
     fn an_untrusted_peer_replaces_what_the_client_wrote() {
         let mut req = request(&["6.6.6.6"]);
-        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "v1.a.b.example.com", &mut req).unwrap();
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "v1.a.b.example.com", false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-real-ip"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-forwarded-host"), Some("v1.a.b.example.com"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
         assert_eq!(header(&req, "forwarded"), None);
+        let mut over_tls = request(&[]);
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "h", true, &mut over_tls).unwrap();
+        assert_eq!(header(&over_tls, "x-forwarded-proto"), Some("https"));
     }
 
     #[test]
@@ -129,7 +132,7 @@ mod tests {
         req.insert_header("x-forwarded-proto", "https").unwrap();
         let peer = "127.0.0.1".parse().unwrap();
         assert_eq!(trusted.client(peer, &req), "198.51.100.4".parse::<IpAddr>().unwrap());
-        trusted.apply(Some(peer), "h", &mut req).unwrap();
+        trusted.apply(Some(peer), "h", false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("6.6.6.6, 198.51.100.4, 10.1.2.3, 127.0.0.1"));
         assert_eq!(header(&req, "x-real-ip"), Some("198.51.100.4"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("https"));

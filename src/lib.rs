@@ -25,4 +25,5 @@ pub mod secret;
 pub mod server;
 pub mod settings;
 mod store;
+pub mod tls;
 mod websocket;

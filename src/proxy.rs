@@ -28,28 +28,36 @@ use crate::error::PipesError;
 use crate::fleet::{Activity, Fleet, OpenCount, Slot};
 use crate::forwarded::Trusted;
 use crate::reply::{self, Audience};
-use crate::route::{self, Deployment, Domain, Target};
+use crate::tls::acme::CHALLENGE_PREFIX;
+use crate::tls::Acme;
+use crate::route::{self, Deployment, Hosts, Target};
 use crate::settings::Settings;
 use crate::websocket;
 
 /// The Pingora application of Pipes.
 pub struct Pipes {
     fleet: Arc<Fleet>,
-    domain: Domain,
+    hosts: Hosts,
     api_auth: ApiAuth,
     /// `PIPES_KEEPALIVE_TIMEOUT`, in whole seconds as Pingora takes it.
     keepalive_secs: u64,
     /// How long an API request's body may take (`PIPES_HEADER_TIMEOUT`).
     body_timeout: std::time::Duration,
     trusted: Trusted,
+    /// Answers ACME's HTTP-01 challenges, with on-demand certificates.
+    acme: Option<Arc<Acme>>,
+    /// `PIPES_HTTPS_REDIRECT`: the HTTPS port plain requests are sent to.
+    https_redirect: Option<u16>,
 }
 
 impl Pipes {
     /// The proxy for `fleet`, routing as `settings` say.
-    pub fn new(fleet: Arc<Fleet>, settings: &Settings) -> Self {
+    pub fn new(fleet: Arc<Fleet>, settings: &Settings, acme: Option<Arc<Acme>>) -> Self {
         Pipes {
+            acme,
+            https_redirect: settings.https_redirect,
             fleet,
-            domain: settings.domain.clone(),
+            hosts: settings.hosts.clone(),
             api_auth: settings.api_auth.clone(),
             keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
             body_timeout: settings.connections.header_timeout,
@@ -117,6 +125,20 @@ impl ProxyHttp for Pipes {
             session.set_keepalive(None);
         } else if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.keepalive_secs));
+        }
+        let path = session.req_header().uri.path();
+        if let (Some(acme), Some(token)) = (&self.acme, path.strip_prefix(CHALLENGE_PREFIX)) {
+            match acme.key_authorization(token) {
+                Some(answer) => reply::text(session, 200, answer).await?,
+                None => reply::text(session, 404, "no such challenge\n".to_owned()).await?,
+            }
+            return Ok(true);
+        }
+        if let Some(port) = self.https_redirect.filter(|_| !is_tls(session)) {
+            return match https_location(session.req_header(), port) {
+                Some(location) => reply::redirect(session, &location).await.map(|()| true),
+                None => reply_error(session, &PipesError::NotOurs { host: String::new(), expected: "a Host header".into() }).await,
+            };
         }
         let next = self.decide(session.req_header());
         let (slot, mut start) = match next {
@@ -254,7 +276,7 @@ impl Pipes {
             Err(e) => return Next::Fail(e),
         };
         let host = route::normalize_host(raw);
-        let target = match route::route(&host, &self.domain) {
+        let target = match route::route(&host, &self.hosts) {
             Ok(target) => target,
             Err(e) => return Next::Fail(e),
         };
@@ -274,7 +296,7 @@ impl Pipes {
         }
         let d = match target {
             Target::Deployment(d) => d,
-            Target::Bare => return Next::Fail(PipesError::NoDeployment { host: host.into_owned() }),
+            Target::Bare => return Next::Fail(self.hosts.no_deployment(&host)),
         };
         match self.fleet.get(d) {
             Some(slot) if self.fleet.allows(d) => Next::Proxy(slot),
@@ -297,6 +319,22 @@ fn proxy_failure(e: &Error, slot: Option<&Slot>) -> PipesError {
         _ => format!("the connection to its container failed ({})", e.etype().as_str()),
     };
     PipesError::Unservable { deployment, reason }
+}
+
+/// Whether the request came over TLS.
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The same URL on https, at `port` (left out when it is 443).
+fn https_location(req: &RequestHeader, port: u16) -> Option<String> {
+    let host = request_host(req).ok()?;
+    let name = route::strip_port(host);
+    let target = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    Some(match port {
+        443 => format!("https://{name}{target}"),
+        port => format!("https://{name}:{port}{target}"),
+    })
 }
 
 /// The host a request names: HTTP/2's `:authority` (or an absolute-form
@@ -363,7 +401,7 @@ impl Pipes {
     fn forwarding_headers(&self, session: &Session, upstream_request: &mut RequestHeader) -> Result<()> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let host = request_host(session.req_header()).unwrap_or_default().to_owned();
-        self.trusted.apply(peer, &host, upstream_request)
+        self.trusted.apply(peer, &host, is_tls(session), upstream_request)
     }
 
     /// Answers an API request: nothing of its body is read before its token

@@ -96,7 +96,7 @@ pub fn error_body(e: &PipesError) -> Value {
     });
     let extra = match e {
         PipesError::NotOurs { host, expected } => json!({ "host": host, "expected": expected }),
-        PipesError::NoDeployment { host } => json!({ "host": host }),
+        PipesError::NoDeployment { host, .. } => json!({ "host": host }),
         PipesError::BadName { label, reason } => json!({ "label": label, "reason": reason }),
         PipesError::ApiNotFound { path, known } => json!({ "path": path, "known": known }),
         PipesError::Forbidden { deployment } => json!({ "deployment": deployment, "setting": "PIPES_ALLOW" }),
@@ -224,6 +224,23 @@ pub async fn json(session: &mut Session, reply: Json) -> Result<()> {
     let head = ResponseHeader::build(reply.status, Some(4))?;
     let body = serde_json::to_vec_pretty(&reply.body).unwrap_or_default();
     write(session, head, "application/json", body.into()).await
+}
+
+/// Answers with plain text.
+pub async fn text(session: &mut Session, status: u16, body: String) -> Result<()> {
+    let head = ResponseHeader::build(status, Some(4))?;
+    write(session, head, "text/plain; charset=utf-8", body.into()).await
+}
+
+/// Sends the client to `location` with 308, which keeps method and body.
+pub async fn redirect(session: &mut Session, location: &str) -> Result<()> {
+    let mut head = ResponseHeader::build(308, Some(5))?;
+    head.insert_header(http::header::LOCATION, location)?;
+    // The body was not read: the connection cannot carry another request.
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
 }
 
 async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &str, body: Bytes) -> Result<()> {

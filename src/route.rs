@@ -2,6 +2,9 @@
 //!
 //! `{tag}.{repo}.{user}.{domain}` names image `user/repo:tag`; `{repo}.{user}.{domain}`
 //! names `user/repo:latest`; a tag may hold dots (everything left of `{repo}`).
+//! In the flat style (`PIPES_HOST_STYLE=flat`) the same names are one label,
+//! `{tag}--{repo}--{user}.{domain}`, so that one wildcard certificate for
+//! `*.{domain}` covers every deployment.
 //! Parsing borrows from the Host and never allocates on success, so the warm path
 //! can look the deployment up without building a `String`.
 
@@ -25,20 +28,67 @@ pub enum Domain {
     Suffix(String),
 }
 
-impl Domain {
-    fn describe(&self) -> String {
+/// How a deployment's names are laid out in front of the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HostStyle {
+    /// `{tag}.{repo}.{user}.{domain}`: a label each.
+    #[default]
+    Dotted,
+    /// `{tag}--{repo}--{user}.{domain}`: one label, under one wildcard certificate.
+    Flat,
+}
+
+impl HostStyle {
+    /// The names of a deployment as this style writes them, in braces.
+    pub fn pattern(self) -> &'static str {
         match self {
-            Domain::Levels(n) => format!("a host with {n} domain labels after {{tag}}.{{repo}}.{{user}}"),
-            Domain::Suffix(s) => format!("a host under .{s}"),
+            HostStyle::Dotted => "{tag}.{repo}.{user}",
+            HostStyle::Flat => "{tag}--{repo}--{user}",
+        }
+    }
+
+    /// The names of `user/repo:latest` without its tag.
+    fn latest_pattern(self) -> &'static str {
+        match self {
+            HostStyle::Dotted => "{repo}.{user}",
+            HostStyle::Flat => "{repo}--{user}",
         }
     }
 }
 
-impl fmt::Display for Domain {
+/// How Pipes reads a Host: the domain it serves and the style of the names before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hosts {
+    pub domain: Domain,
+    pub style: HostStyle,
+}
+
+impl Hosts {
+    /// The classic layout, `{tag}.{repo}.{user}.{domain}`.
+    pub fn dotted(domain: Domain) -> Self {
+        Hosts { domain, style: HostStyle::Dotted }
+    }
+
+    fn describe(&self) -> String {
+        match &self.domain {
+            Domain::Levels(n) => format!("a host with {n} domain labels after {}", self.style.pattern()),
+            Domain::Suffix(s) => format!("a host under .{s}"),
+        }
+    }
+
+    /// The error for a host that names no deployment, showing this layout.
+    pub fn no_deployment(&self, host: &str) -> PipesError {
+        let (names, latest) = (self.style.pattern(), self.style.latest_pattern());
+        PipesError::NoDeployment { host: host.to_owned(), expected: format!("{names}.<domain> or {latest}.<domain>") }
+    }
+}
+
+impl fmt::Display for Hosts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Domain::Levels(n) => write!(f, "{{tag}}.{{repo}}.{{user}} under any domain of {n} labels"),
-            Domain::Suffix(s) => write!(f, "{{tag}}.{{repo}}.{{user}}.{s}"),
+        let names = self.style.pattern();
+        match &self.domain {
+            Domain::Levels(n) => write!(f, "{names} under any domain of {n} labels"),
+            Domain::Suffix(s) => write!(f, "{names}.{s}"),
         }
     }
 }
@@ -133,7 +183,8 @@ pub fn normalize_host(raw: &str) -> Cow<'_, str> {
     }
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` without its `:port`; IPv6 literals are kept whole.
+pub fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // IPv6 literal: never one of ours, keep it whole for the error message.
         return host;
@@ -145,15 +196,15 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// Resolves a normalized Host (see [`normalize_host`]) to what it addresses.
-pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesError> {
-    let not_ours = || PipesError::NotOurs { host: host.to_owned(), expected: domain.describe() };
+pub fn route<'h>(host: &'h str, hosts: &Hosts) -> Result<Target<'h>, PipesError> {
+    let not_ours = || PipesError::NotOurs { host: host.to_owned(), expected: hosts.describe() };
     if host.is_empty() || host.starts_with('[') || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return Err(not_ours());
     }
     if host.split('.').any(str::is_empty) {
         return Err(PipesError::BadName { label: String::new(), reason: "the host has an empty label ('..')" });
     }
-    let names = match domain {
+    let names = match &hosts.domain {
         Domain::Suffix(suffix) => {
             if host == suffix {
                 return Ok(Target::Bare);
@@ -179,11 +230,33 @@ pub fn route<'h>(host: &'h str, domain: &Domain) -> Result<Target<'h>, PipesErro
     if names.is_empty() {
         return Ok(Target::Bare);
     }
-    // names = "{tag...}.{repo}.{user}"
-    let (rest, user) = names.rsplit_once('.').ok_or_else(|| PipesError::NoDeployment { host: host.to_owned() })?;
-    let (tag, repo) = match rest.rsplit_once('.') {
-        Some((tag, repo)) => (tag, repo),
-        None => (DEFAULT_TAG, rest),
+    let (tag, repo, user) = match hosts.style {
+        // names = "{tag...}.{repo}.{user}"
+        HostStyle::Dotted => {
+            let (rest, user) = names.rsplit_once('.').ok_or_else(|| hosts.no_deployment(host))?;
+            match rest.rsplit_once('.') {
+                Some((tag, repo)) => (tag, repo, user),
+                None => (DEFAULT_TAG, rest, user),
+            }
+        }
+        // names = "{tag}--{repo}--{user}", one label
+        HostStyle::Flat => {
+            if names.contains('.') {
+                return Err(hosts.no_deployment(host));
+            }
+            let mut parts = names.split("--");
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(tag), Some(repo), Some(user), None) => (tag, repo, user),
+                (Some(repo), Some(user), None, None) => (DEFAULT_TAG, repo, user),
+                (_, None, ..) => return Err(hosts.no_deployment(host)),
+                _ => {
+                    return Err(PipesError::BadName {
+                        label: names.to_owned(),
+                        reason: "in flat host names '--' separates tag, repo and user, and appears only there",
+                    })
+                }
+            }
+        }
     };
     check_component(user).map_err(|reason| PipesError::BadName { label: user.to_owned(), reason })?;
     check_component(repo).map_err(|reason| PipesError::BadName { label: repo.to_owned(), reason })?;
@@ -257,7 +330,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn dep(host: &str, domain: &Domain) -> Result<String, u16> {
-        match route(&normalize_host(host), domain) {
+        match route(&normalize_host(host), &Hosts::dotted(domain.clone())) {
             Ok(Target::Deployment(d)) => Ok(d.to_string()),
             Ok(Target::Bare) => Ok("<domain>".into()),
             Err(e) => Err(e.status()),
@@ -314,10 +387,10 @@ mod tests {
     fn invalid_names_say_which_label() {
         let two = Domain::Levels(2);
         for host in ["v1.-app.alice.example.com", "v1.app.al!ce.example.com", "v1.a..b.example.com", ".app.alice.example.com", "v1.app_-x.alice.example.com"] {
-            let e = route(&normalize_host(host), &two).unwrap_err();
+            let e = route(&normalize_host(host), &Hosts::dotted(two.clone())).unwrap_err();
             assert_eq!(e.status(), 400, "{host}");
         }
-        match route("v1.app.al!ce.example.com", &two) {
+        match route("v1.app.al!ce.example.com", &Hosts::dotted(two.clone())) {
             Err(PipesError::BadName { label, .. }) => assert_eq!(label, "al!ce"),
             other => panic!("{other:?}"),
         }
@@ -328,6 +401,26 @@ mod tests {
         assert_eq!(dep("v1.web..alice.example.com", &two), Err(400));
         assert_eq!(dep("v1.wéb.alice.example.com", &two), Err(400));
         assert_eq!(dep("a__b.x-y.u_v.example.com", &two), Ok("u_v/x-y:a__b".into()));
+    }
+
+    #[test]
+    fn flat_names_are_one_label() {
+        let flat = Hosts { domain: Domain::Suffix("example.com".into()), style: HostStyle::Flat };
+        let dep = |host: &str| match route(&normalize_host(host), &flat) {
+            Ok(Target::Deployment(d)) => Ok(d.to_string()),
+            Ok(Target::Bare) => Ok("<domain>".into()),
+            Err(e) => Err(e.status()),
+        };
+        assert_eq!(dep("v1--app--alice.example.com"), Ok("alice/app:v1".into()));
+        assert_eq!(dep("app--alice.example.com"), Ok("alice/app:latest".into()));
+        assert_eq!(dep("pr-42--my-app--alice.example.com"), Ok("alice/my-app:pr-42".into()));
+        assert_eq!(dep("example.com"), Ok("<domain>".into()));
+        assert_eq!(dep("alice.example.com"), Err(404));
+        assert_eq!(dep("v1.app.alice.example.com"), Err(404), "dotted names are not served in the flat style");
+        assert_eq!(dep("a--b--c--d.example.com"), Err(400), "ambiguous");
+        assert_eq!(dep("v1--app---alice.example.com"), Err(400));
+        let e = route("alice.example.com", &flat).unwrap_err();
+        assert!(e.to_string().contains("{tag}--{repo}--{user}.<domain>"), "{e}");
     }
 
     #[test]
@@ -359,13 +452,15 @@ mod tests {
         #[test]
         fn parsing_never_panics(host in ".{0,300}", levels in 0usize..5) {
             let host = normalize_host(&host);
-            let _ = route(&host, &Domain::Levels(levels));
-            let _ = route(&host, &Domain::Suffix("example.com".into()));
+            for style in [HostStyle::Dotted, HostStyle::Flat] {
+                let _ = route(&host, &Hosts { domain: Domain::Levels(levels), style });
+                let _ = route(&host, &Hosts { domain: Domain::Suffix("example.com".into()), style });
+            }
         }
 
         #[test]
         fn parsed_names_are_valid_references(host in "[a-z0-9._-]{1,40}\\.example\\.com") {
-            if let Ok(Target::Deployment(d)) = route(&host, &Domain::Levels(2)) {
+            if let Ok(Target::Deployment(d)) = route(&host, &Hosts::dotted(Domain::Levels(2))) {
                 let key = d.to_string();
                 prop_assert_eq!(Deployment::parse(&key), Some(d.to_owned()));
             }

@@ -19,6 +19,8 @@ use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
 use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
 use crate::settings::Settings;
+use crate::tls::acme::Renewals;
+use crate::tls::{Acme, Tls};
 use crate::websocket;
 
 /// Seconds Pingora gives runtimes to end after the drain, before it exits.
@@ -58,21 +60,37 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     let opt = Opt { upgrade: settings.upgrade, ..Opt::default() };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
-    // Two Pingora apps behind one gate: HTTP/1, and HTTP/2 without TLS.
-    let app = |h2c: bool| {
-        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings));
+    // Two Pingora apps behind each gate: HTTP/1, and HTTP/2 without TLS
+    // (over TLS, either speaks HTTP/2 when ALPN chose it).
+    let app = |h2c: bool, acme: Option<Arc<Acme>>| {
+        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings, acme));
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
         options.h2_idle_timeout = Some(settings.keepalive_timeout);
         app.server_options = Some(options);
         app
     };
-    let gate = Gate::new(app(false), app(true), settings.connections);
+    let acme = match settings.tls.as_ref().and_then(|t| t.acme.as_ref()) {
+        Some(acme) => Some(Acme::new(acme, &settings.config_dir, fleet.clone(), settings.hosts.clone(), control.handle().clone())?),
+        None => None,
+    };
+    let gate = Gate::new(app(false, acme.clone()), app(true, acme.clone()), settings.connections);
+    if let Some(tls_settings) = &settings.tls {
+        let tls = Arc::new(Tls::new(tls_settings, acme.clone())?);
+        let mut https = Service::new("Pipes HTTPS".to_owned(), gate.with_tls(app(false, acme.clone()), app(true, acme.clone()), tls));
+        for addr in &tls_settings.listen {
+            https.add_tcp(&addr.to_string());
+        }
+        server.add_service(https);
+    }
     let mut proxy = Service::new("Pipes".to_owned(), gate);
     for addr in &settings.listen {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    if let Some(acme) = acme {
+        server.add_service(background_service("certificate renewals", Renewals(acme)));
+    }
     server.add_service(background_service("fleet upkeep", Janitor::new(fleet.clone())));
     server.add_service(background_service("engine events", Watcher::new(fleet.clone())));
     exit_when_drained(server.watch_execution_phase(), fleet, settings.drain_timeout);
@@ -168,7 +186,7 @@ fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc
 
 fn log_summary(settings: &Settings) {
     let listen: Vec<String> = settings.listen.iter().map(|a| a.to_string()).collect();
-    log::info!("listening on {} for {}", listen.join(", "), settings.domain);
+    log::info!("listening on {} for {}", listen.join(", "), settings.hosts);
     let allowed: Vec<String> = settings.policy.patterns().iter().map(|p| p.to_string()).collect();
     if allowed.is_empty() {
         log::warn!("PIPES_ALLOW is empty: no deployment may be started until the operator allows some");

@@ -23,7 +23,7 @@ use crate::engine::docker::DockerOptions;
 use crate::engine::{RegistryAuth, RESERVED_LABELS};
 use crate::forwarded::Trusted;
 use crate::policy::Policy;
-use crate::route::Domain;
+use crate::route::{Domain, HostStyle, Hosts};
 use crate::secret::Secret;
 
 /// Longest duration a timeout setting may have.
@@ -151,6 +151,45 @@ struct Cli {
     /// Highest CPU limit (cores) any config may set [default: the host's CPUs]
     #[arg(long, env = "PIPES_MAX_CPUS", value_name = "CPUS", value_parser = parse_cpus)]
     max_cpus: Option<f64>,
+    /// Addresses to serve HTTPS on, comma-separated, e.g. 0.0.0.0:8443 [default: none]
+    #[arg(long, env = "PIPES_TLS_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
+    tls_listen: Option<Addrs>,
+    /// Certificate chain (PEM) served over HTTPS to names it covers, e.g. a wildcard for the domain
+    #[arg(long, env = "PIPES_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of PIPES_TLS_CERT
+    #[arg(long, env = "PIPES_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// ACME v2 directory URL: obtain certificates on demand for names no certificate covers
+    #[arg(long, env = "PIPES_ACME_DIRECTORY", value_name = "URL", value_parser = parse_https_url)]
+    acme_directory: Option<String>,
+    /// Contact e-mail of the ACME account
+    #[arg(long, env = "PIPES_ACME_EMAIL", value_name = "EMAIL", value_parser = parse_email)]
+    acme_email: Option<String>,
+    /// CA bundle (PEM) to trust for the ACME server's own HTTPS [default: the public roots]
+    #[arg(long, env = "PIPES_ACME_CA", value_name = "FILE")]
+    acme_ca: Option<PathBuf>,
+    /// Most certificates obtained per hour
+    #[arg(long, env = "PIPES_ACME_MAX_PER_HOUR", value_name = "N", default_value = "20", value_parser = parse_count)]
+    acme_max_per_hour: usize,
+    /// Answer plain-HTTP requests with 308 to the same URL on https: true or false
+    #[arg(long, env = "PIPES_HTTPS_REDIRECT", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    https_redirect: bool,
+    /// Port clients reach HTTPS on, for redirects [default: the port of PIPES_TLS_LISTEN, else 443]
+    #[arg(long, env = "PIPES_HTTPS_PORT", value_name = "PORT", value_parser = parse_port)]
+    https_port: Option<u16>,
+    /// Host names: dotted ({tag}.{repo}.{user}.<domain>) or flat ({tag}--{repo}--{user}.<domain>)
+    #[arg(long, env = "PIPES_HOST_STYLE", value_name = "STYLE", default_value = "dotted", value_parser = parse_host_style)]
+    host_style: HostStyle,
+    /// Address to serve Prometheus metrics on at /metrics, e.g. 127.0.0.1:9100 [default: off]
+    #[arg(long, env = "PIPES_METRICS_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
+    metrics_listen: Option<Addrs>,
+    /// Most deployments with their own metric labels; the rest count as deployment="other"
+    #[arg(long, env = "PIPES_METRICS_MAX_DEPLOYMENTS", value_name = "N", default_value = "500", value_parser = parse_count)]
+    metrics_max_deployments: usize,
+    /// Access log on standard output: off or json
+    #[arg(long, env = "PIPES_ACCESS_LOG", value_name = "FORMAT", default_value = "off", value_parser = parse_access_log)]
+    access_log: AccessLog,
     /// Pingora server configuration (YAML): threads, grace periods, upgrades
     #[arg(short = 'c', long = "conf", env = "PIPES_SERVER_CONF", value_name = "FILE")]
     server_conf: Option<PathBuf>,
@@ -177,11 +216,48 @@ struct Addrs(Vec<SocketAddr>);
 #[derive(Debug, Clone)]
 struct Labels(Vec<(String, String)>);
 
+/// `PIPES_ACCESS_LOG`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    Off,
+    /// One JSON object per request, a line each, on standard output.
+    Json,
+}
+
+/// HTTPS: where, and with which certificates.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// `PIPES_TLS_LISTEN`.
+    pub listen: Vec<SocketAddr>,
+    /// `PIPES_TLS_CERT` and `PIPES_TLS_KEY`.
+    pub static_cert: Option<(PathBuf, PathBuf)>,
+    /// On-demand certificates, when `PIPES_ACME_DIRECTORY` is set.
+    pub acme: Option<AcmeSettings>,
+}
+
+/// `PIPES_ACME_*`.
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub email: Option<String>,
+    /// A CA bundle to trust for the ACME server's HTTPS.
+    pub ca: Option<PathBuf>,
+    pub max_per_hour: usize,
+}
+
+/// `PIPES_METRICS_*`.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub listen: Vec<SocketAddr>,
+    pub max_deployments: usize,
+}
+
 /// Every setting of Pipes, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: Vec<SocketAddr>,
-    pub domain: Domain,
+    /// How Hosts name deployments: the domain and the style.
+    pub hosts: Hosts,
     /// Registry prefix, without scheme or trailing slash; `None` is Docker Hub.
     pub registry: Option<String>,
     pub config_dir: PathBuf,
@@ -209,6 +285,13 @@ pub struct Settings {
     pub trusted_proxies: Trusted,
     /// The Docker backend's settings.
     pub docker: DockerOptions,
+    /// HTTPS, if `PIPES_TLS_LISTEN` is set.
+    pub tls: Option<TlsSettings>,
+    /// `PIPES_HTTPS_REDIRECT`: the port plain-HTTP requests are sent to.
+    pub https_redirect: Option<u16>,
+    /// Prometheus metrics, if `PIPES_METRICS_LISTEN` is set.
+    pub metrics: Option<MetricsSettings>,
+    pub access_log: AccessLog,
     pub server_conf: Option<PathBuf>,
     pub upgrade: bool,
     pub test: bool,
@@ -412,13 +495,40 @@ impl Settings {
                 format!("is {} but PIPES_MAX_CPUS is {}; the default must fit under the ceiling", cli.default_cpus, ceilings.cpus),
             ));
         }
+        let static_cert = match (cli.tls_cert, cli.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err(err("PIPES_TLS_KEY", "is required with PIPES_TLS_CERT")),
+            (None, Some(_)) => return Err(err("PIPES_TLS_CERT", "is required with PIPES_TLS_KEY")),
+        };
+        let acme = cli.acme_directory.map(|directory| AcmeSettings {
+            directory,
+            email: cli.acme_email,
+            ca: cli.acme_ca,
+            max_per_hour: cli.acme_max_per_hour,
+        });
+        if acme.is_some() && !matches!(domain, Domain::Suffix(_)) {
+            // Under DOMAINLEVELS, names under any domain route, and a
+            // scanner could have orders placed for domains not the operator's.
+            return Err(err("PIPES_ACME_DIRECTORY", "needs PIPES_DOMAIN: certificates are obtained only for names under the operator's domain"));
+        }
+        let tls = match cli.tls_listen {
+            Some(_) if static_cert.is_none() && acme.is_none() => {
+                return Err(err("PIPES_TLS_LISTEN", "needs certificates: PIPES_TLS_CERT and PIPES_TLS_KEY, or PIPES_ACME_DIRECTORY"));
+            }
+            Some(listen) => Some(TlsSettings { listen: listen.0, static_cert, acme }),
+            None if acme.is_some() => return Err(err("PIPES_ACME_DIRECTORY", "is set but PIPES_TLS_LISTEN is not; certificates need an HTTPS listener")),
+            None if static_cert.is_some() => return Err(err("PIPES_TLS_CERT", "is set but PIPES_TLS_LISTEN is not; say where to serve HTTPS")),
+            None => None,
+        };
+        let https_port = cli.https_port.or_else(|| tls.as_ref().and_then(|t| t.listen.first()).map(SocketAddr::port)).unwrap_or(443);
         let registry_host = match &cli.registry {
             Some(r) => r.split('/').next().unwrap_or(r).to_owned(),
             None => "docker.io".to_owned(),
         };
         Ok(Settings {
             listen: cli.listen.0,
-            domain,
+            hosts: Hosts { domain, style: cli.host_style },
             registry: cli.registry,
             config_dir: cli.config_dir,
             policy: cli.allow.unwrap_or_default(),
@@ -455,6 +565,10 @@ impl Settings {
                 hostname: src.hostname.clone(),
                 in_container: src.in_container,
             },
+            tls,
+            https_redirect: cli.https_redirect.then_some(https_port),
+            metrics: cli.metrics_listen.map(|l| MetricsSettings { listen: l.0, max_deployments: cli.metrics_max_deployments }),
+            access_log: cli.access_log,
             server_conf: cli.server_conf,
             upgrade: cli.upgrade,
             test: cli.test,
@@ -494,6 +608,43 @@ fn parse_listen(value: &str) -> Result<Addrs, String> {
         Ok(a) if !a.is_empty() => Ok(Addrs(a)),
         Ok(_) => Err("expected at least one address:port, e.g. 0.0.0.0:8080".into()),
         Err(bad) => Err(format!("expected address:port such as 0.0.0.0:8080 or [::]:8080, got '{bad}'")),
+    }
+}
+
+fn parse_port(value: &str) -> Result<u16, String> {
+    value.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("expected a port from 1 to 65535, got '{value}'"))
+}
+
+fn parse_https_url(value: &str) -> Result<String, String> {
+    let url = value.trim();
+    let rest = url.strip_prefix("https://").ok_or_else(|| format!("expected an https:// URL (ACME servers speak HTTPS), got '{value}'"))?;
+    if rest.is_empty() || rest.starts_with('/') || url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return Err(format!("expected an https:// URL with a host, got '{value}'"));
+    }
+    Ok(url.to_owned())
+}
+
+fn parse_email(value: &str) -> Result<String, String> {
+    let e = value.trim();
+    match e.split_once('@') {
+        Some((user, host)) if !user.is_empty() && host.contains('.') && !e.bytes().any(|b| b.is_ascii_whitespace() || b == b',') => Ok(e.to_owned()),
+        _ => Err(format!("expected an e-mail address, got '{value}'")),
+    }
+}
+
+fn parse_host_style(value: &str) -> Result<HostStyle, String> {
+    match value.trim() {
+        "dotted" => Ok(HostStyle::Dotted),
+        "flat" => Ok(HostStyle::Flat),
+        other => Err(format!("expected dotted or flat, got '{other}'")),
+    }
+}
+
+fn parse_access_log(value: &str) -> Result<AccessLog, String> {
+    match value.trim() {
+        "off" => Ok(AccessLog::Off),
+        "json" => Ok(AccessLog::Json),
+        other => Err(format!("expected off or json, got '{other}'")),
     }
 }
 
@@ -657,6 +808,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn https_needs_certificates_and_acme_a_domain() {
+        let e = load(&[("PIPES_TLS_LISTEN", "127.0.0.1:8443")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_TLS_LISTEN");
+        let e = load(&[("PIPES_TLS_LISTEN", "127.0.0.1:8443"), ("PIPES_TLS_CERT", "/c.pem")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_TLS_KEY");
+        let e = load(&[("PIPES_TLS_CERT", "/c.pem"), ("PIPES_TLS_KEY", "/k.pem")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_TLS_CERT");
+        let acme = [("PIPES_TLS_LISTEN", "127.0.0.1:8443"), ("PIPES_ACME_DIRECTORY", "https://127.0.0.1:14000/dir")];
+        assert_eq!(load(&acme).unwrap_err().name, "PIPES_ACME_DIRECTORY");
+        let s = load(&[acme[0], acme[1], ("PIPES_DOMAIN", "example.com"), ("PIPES_HTTPS_REDIRECT", "true")]).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.acme.unwrap().max_per_hour, 20);
+        assert_eq!(s.https_redirect, Some(8443), "redirects go to the HTTPS listener's port");
+        let e = load(&[("PIPES_ACME_DIRECTORY", "http://ca.example/dir")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_ACME_DIRECTORY");
+        assert_eq!(load(&[("PIPES_HTTPS_REDIRECT", "true")]).unwrap().https_redirect, Some(443));
+        assert_eq!(load(&[("PIPES_HOST_STYLE", "flat")]).unwrap().hosts.style, HostStyle::Flat);
+        assert_eq!(load(&[("PIPES_HOST_STYLE", "wide")]).unwrap_err().name, "PIPES_HOST_STYLE");
+        assert_eq!(load(&[("PIPES_ACCESS_LOG", "json")]).unwrap().access_log, AccessLog::Json);
+        assert_eq!(load(&[("PIPES_ACCESS_LOG", "yes")]).unwrap_err().name, "PIPES_ACCESS_LOG");
+        let metrics = load(&[("PIPES_METRICS_LISTEN", "127.0.0.1:9100")]).unwrap().metrics.unwrap();
+        assert_eq!((metrics.listen.len(), metrics.max_deployments), (1, 500));
+    }
+
     fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
         load_with(&[], vars)
     }
@@ -665,7 +841,7 @@ mod tests {
     fn defaults_are_safe() {
         let s = load(&[]).unwrap();
         assert_eq!(s.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
-        assert_eq!(s.domain, Domain::Levels(2));
+        assert_eq!(s.hosts, Hosts::dotted(Domain::Levels(2)));
         assert_eq!(s.docker.network, None);
         assert!(s.policy.patterns().is_empty(), "nothing may be deployed by default");
         assert!(matches!(s.api_auth, ApiAuth::Tokens { admin: None }));
@@ -815,8 +991,8 @@ mod tests {
 
     #[test]
     fn domain_settings() {
-        assert_eq!(load(&[("DOMAINLEVELS", "3")]).unwrap().domain, Domain::Levels(3));
-        assert_eq!(load(&[("PIPES_DOMAIN", "Pipe.Example.com")]).unwrap().domain, Domain::Suffix("pipe.example.com".into()));
+        assert_eq!(load(&[("DOMAINLEVELS", "3")]).unwrap().hosts.domain, Domain::Levels(3));
+        assert_eq!(load(&[("PIPES_DOMAIN", "Pipe.Example.com")]).unwrap().hosts.domain, Domain::Suffix("pipe.example.com".into()));
         assert_eq!(load(&[("PIPES_DOMAIN", "pipe.example.com"), ("DOMAINLEVELS", "2")]).unwrap_err().name, "DOMAINLEVELS");
     }
 

@@ -232,6 +232,33 @@ impl Fleet {
         (at.elapsed() < self.failure_ttl).then(|| PipesError::ImageNotFound { image: self.deployer.image_ref(key) })
     }
 
+    /// `Ok` if `d` may run here and its image exists: it runs, or the
+    /// registry has it (one manifest request, nothing pulled). Decides whether
+    /// a certificate may be obtained for `d`'s host, so that names a scanner
+    /// makes up cost the certificate authority nothing.
+    pub async fn check_exists(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.check_allowed(d)?;
+        if let Some(missing) = self.missing(d.as_ref()) {
+            return Err(missing);
+        }
+        if self.serving(d.as_ref()) {
+            return Ok(());
+        }
+        let deployer = self.deployer.clone();
+        let reference = deployer.image_ref(d);
+        let asked = self.control.spawn(async move { deployer.backend().registry_digest(&reference).await }).await;
+        match asked {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                if matches!(e, PipesError::ImageNotFound { .. }) {
+                    self.remember_missing(d);
+                }
+                Err(e)
+            }
+            Err(join) => Err(PipesError::Engine { action: "ask the registry for an image", detail: join.to_string() }),
+        }
+    }
+
     /// Remembers that the registry has no image for `d`, and takes `d` out of
     /// the table.
     fn remember_missing(&self, d: &Deployment) {

@@ -163,7 +163,8 @@ pub struct Pipes {
     wrapper: Vec<String>,
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
@@ -395,6 +396,12 @@ impl Pipes {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Changes setting `name` for the next start.
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.retain(|(k, _)| k != name);
+        self.env.push((name.to_owned(), value.to_owned()));
     }
 
     /// Stops Pipes and starts it again with the same instance and settings.
