@@ -57,6 +57,11 @@ impl<A> Gate<A> {
         Gate { http1: Arc::new(http1), h2c: Arc::new(h2c), places: Arc::new(Semaphore::new(limits.max_connections)), limits, tls: None }
     }
 
+    /// The places for connections, and how many there are.
+    pub fn places(&self) -> (Arc<Semaphore>, usize) {
+        (self.places.clone(), self.limits.max_connections)
+    }
+
     /// The same gate for an HTTPS listener, sharing this one's places.
     pub fn with_tls(&self, http1: A, h2c: A, tls: Arc<Tls>) -> Self {
         Gate { http1: Arc::new(http1), h2c: Arc::new(h2c), places: self.places.clone(), limits: self.limits, tls: Some(tls) }

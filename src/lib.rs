@@ -9,6 +9,7 @@
 
 // Public where the binary, the tests or the benchmarks use them; the rest is
 // private so that the compiler reports what nothing uses.
+mod access_log;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -17,10 +18,12 @@ pub mod engine;
 pub mod error;
 pub mod fleet;
 pub mod forwarded;
+pub mod metrics;
 pub mod policy;
 mod proxy;
 mod reply;
 pub mod route;
+mod scrape;
 pub mod secret;
 pub mod server;
 pub mod settings;

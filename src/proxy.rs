@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
@@ -22,6 +23,7 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::access_log::{self, AccessLog};
 use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
@@ -48,13 +50,16 @@ pub struct Pipes {
     acme: Option<Arc<Acme>>,
     /// `PIPES_HTTPS_REDIRECT`: the HTTPS port plain requests are sent to.
     https_redirect: Option<u16>,
+    /// `PIPES_ACCESS_LOG`, when on.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl Pipes {
     /// The proxy for `fleet`, routing as `settings` say.
-    pub fn new(fleet: Arc<Fleet>, settings: &Settings, acme: Option<Arc<Acme>>) -> Self {
+    pub fn new(fleet: Arc<Fleet>, settings: &Settings, acme: Option<Arc<Acme>>, access_log: Option<Arc<AccessLog>>) -> Self {
         Pipes {
             acme,
+            access_log,
             https_redirect: settings.https_redirect,
             fleet,
             hosts: settings.hosts.clone(),
@@ -87,12 +92,16 @@ pub struct RequestCtx {
     recovered: bool,
     /// A Pipes error to answer with from `fail_to_proxy`.
     error: Option<PipesError>,
+    /// When the request's head was read.
+    began: Instant,
+    /// Whether it waited for a cold start.
+    cold_start: bool,
 }
 
 impl RequestCtx {
     fn new() -> Self {
         IN_FLIGHT.add(1);
-        RequestCtx { slot: None, activity: None, warmup: None, refused: None, recovered: false, error: None }
+        RequestCtx { slot: None, activity: None, warmup: None, refused: None, recovered: false, error: None, began: Instant::now(), cold_start: false }
     }
 }
 
@@ -169,9 +178,11 @@ impl ProxyHttp for Pipes {
             }
             Next::Fail(e) => return reply_error(session, &e).await,
         };
+        ctx.slot = Some(slot.clone());
         let upstream = match slot.upstream() {
             Some(up) => up,
             None => {
+                ctx.cold_start = true;
                 if start.is_none() {
                     start = match self.client(session).map(|c| self.fleet.client_start(c, &slot.deployment)).transpose() {
                         Ok(start) => start,
@@ -193,7 +204,6 @@ impl ProxyHttp for Pipes {
         if websocket::wanted(session.req_header()) && !session.is_http2() {
             return self.websocket(session, &slot, ctx).await;
         }
-        ctx.slot = Some(slot);
         Ok(false)
     }
 
@@ -215,6 +225,9 @@ impl ProxyHttp for Pipes {
     }
 
     fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut RequestCtx, mut e: Box<Error>) -> Box<Error> {
+        if let Some(m) = ctx.slot.as_ref().and_then(|s| s.metrics.as_ref()) {
+            m.connect_error();
+        }
         if !ctx.recovered {
             if let Some(activity) = &ctx.activity {
                 ctx.recovered = true;
@@ -240,6 +253,33 @@ impl ProxyHttp for Pipes {
         // The fresh instance answered this one: let the next waiter in.
         ctx.warmup = None;
         Ok(())
+    }
+
+    /// Counts the request for metrics and writes its access log line.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        // nginx's word for a client that left before an answer.
+        let status = session.response_written().map_or(499, |r| r.status.as_u16());
+        let took = ctx.began.elapsed();
+        if let Some(metrics) = self.fleet.metrics() {
+            let counted = ctx.slot.as_ref().and_then(|s| s.metrics.as_ref()).unwrap_or(metrics.none());
+            counted.request(status, took);
+        }
+        if let Some(log) = &self.access_log {
+            let req = session.req_header();
+            log.log(&access_log::Entry {
+                time: access_log::timestamp(SystemTime::now() - took),
+                client: self.client(session),
+                host: route::strip_port(request_host(req).unwrap_or_default()),
+                deployment: ctx.slot.as_ref().map(|s| s.deployment.to_string()),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status,
+                bytes: session.body_bytes_sent(),
+                duration: access_log::seconds(took),
+                upstream: ctx.activity.as_ref().map(|a| a.upstream().addr.to_string()),
+                cold_start: ctx.cold_start,
+            });
+        }
     }
 
     /// A client's broken HTTP is its own fault: logged at debug (in

@@ -18,7 +18,9 @@ use crate::engine::docker::Docker;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
 use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
-use crate::settings::Settings;
+use crate::access_log;
+use crate::scrape::Scrape;
+use crate::settings::{AccessLog, Settings};
 use crate::tls::acme::Renewals;
 use crate::tls::{Acme, Tls};
 use crate::websocket;
@@ -62,8 +64,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     server.bootstrap();
     // Two Pingora apps behind each gate: HTTP/1, and HTTP/2 without TLS
     // (over TLS, either speaks HTTP/2 when ALPN chose it).
+    let access_log = match settings.access_log {
+        AccessLog::Json => Some(Arc::new(access_log::AccessLog::start()?)),
+        AccessLog::Off => None,
+    };
     let app = |h2c: bool, acme: Option<Arc<Acme>>| {
-        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings, acme));
+        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings, acme, access_log.clone()));
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
         options.h2_idle_timeout = Some(settings.keepalive_timeout);
@@ -82,6 +88,20 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             https.add_tcp(&addr.to_string());
         }
         server.add_service(https);
+    }
+    if let (Some(metrics_settings), Some(metrics)) = (&settings.metrics, fleet.metrics()) {
+        let scrape = Scrape {
+            metrics: metrics.clone(),
+            fleet: fleet.clone(),
+            acme: acme.clone(),
+            access_log: access_log.clone(),
+            connections: gate.places(),
+        };
+        let mut endpoint = Service::new("Pipes metrics".to_owned(), scrape);
+        for addr in &metrics_settings.listen {
+            endpoint.add_tcp(&addr.to_string());
+        }
+        server.add_service(endpoint);
     }
     let mut proxy = Service::new("Pipes".to_owned(), gate);
     for addr in &settings.listen {
@@ -185,8 +205,18 @@ fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc
 }
 
 fn log_summary(settings: &Settings) {
-    let listen: Vec<String> = settings.listen.iter().map(|a| a.to_string()).collect();
-    log::info!("listening on {} for {}", listen.join(", "), settings.hosts);
+    let addrs = |list: &[std::net::SocketAddr]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+    log::info!("listening on {} for {}", addrs(&settings.listen), settings.hosts);
+    if let Some(tls) = &settings.tls {
+        let on_demand = tls.acme.as_ref().map(|a| format!("; certificates on demand from {}", a.directory)).unwrap_or_default();
+        log::info!("HTTPS on {}{on_demand}", addrs(&tls.listen));
+    }
+    if let Some(port) = settings.https_redirect {
+        log::info!("plain-HTTP requests are redirected to https (port {port})");
+    }
+    if let Some(metrics) = &settings.metrics {
+        log::info!("Prometheus metrics on {} at /metrics", addrs(&metrics.listen));
+    }
     let allowed: Vec<String> = settings.policy.patterns().iter().map(|p| p.to_string()).collect();
     if allowed.is_empty() {
         log::warn!("PIPES_ALLOW is empty: no deployment may be started until the operator allows some");

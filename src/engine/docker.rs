@@ -503,7 +503,7 @@ impl Backend for Docker {
         answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
     }
 
-    async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
+    async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
         self.ensure_network().await?;
         let name = self.container_name(spec);
         // Another attempt only after a same-named container left: removed by
@@ -513,7 +513,17 @@ impl Backend for Docker {
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
                     log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&created.id), spec.image, spec.port);
-                    return self.start(&created.id).await;
+                    return Ok(Instance {
+                        id: created.id,
+                        deployment: spec.deployment.clone(),
+                        running: false,
+                        exit_code: None,
+                        spec_hash: Some(spec.hash.clone()),
+                        port: Some(spec.port),
+                        started_at: None,
+                        address: None,
+                        digest: spec.digest.clone(),
+                    });
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
                     let Some(existing) = self.inspect(&name).await? else {
@@ -523,7 +533,7 @@ impl Backend for Docker {
                     };
                     if existing.spec_hash.as_deref() == Some(spec.hash.as_str()) {
                         // Another Pipes made it first, or it is a generation coming back.
-                        return if existing.running { Ok(existing) } else { self.start(&existing.id).await };
+                        return Ok(existing);
                     }
                     log::info!("{}: replacing container {} made from another config", spec.deployment, short_id(&existing.id));
                     self.remove(&existing.id).await?;

@@ -57,7 +57,7 @@ struct Inner {
 #[derive(Default)]
 pub struct Calls {
     pub pulls: AtomicUsize,
-    pub runs: AtomicUsize,
+    pub creates: AtomicUsize,
     pub starts: AtomicUsize,
     pub stops: AtomicUsize,
     pub lists: AtomicUsize,
@@ -259,9 +259,9 @@ impl Backend for Fake {
         inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
     }
 
-    async fn run(&self, spec: &Spec) -> Result<Instance, PipesError> {
+    async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
         self.up()?;
-        self.calls.runs.fetch_add(1, Ordering::Relaxed);
+        self.calls.creates.fetch_add(1, Ordering::Relaxed);
         let reuse = {
             let mut inner = self.lock();
             let same_name = inner
@@ -283,9 +283,9 @@ impl Backend for Fake {
             }
         };
         if let Some(id) = reuse {
-            return self.start(&id).await;
+            return Ok(self.lock().entries.get(&id).ok_or_else(|| gone(&id))?.instance.clone());
         }
-        let id = {
+        let created = {
             let mut inner = self.lock();
             inner.next_id += 1;
             let id = format!("fake{:08}", inner.next_id);
@@ -301,10 +301,10 @@ impl Backend for Fake {
                 digest: spec.digest.clone(),
             };
             let (exit, _) = watch::channel(None);
-            inner.entries.insert(id.clone(), Entry { instance, spec: spec.clone(), server: None, exit });
-            id
+            inner.entries.insert(id.clone(), Entry { instance: instance.clone(), spec: spec.clone(), server: None, exit });
+            instance
         };
-        self.launch(&id).await
+        Ok(created)
     }
 
     async fn start(&self, id: &str) -> Result<Instance, PipesError> {

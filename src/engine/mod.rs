@@ -191,11 +191,12 @@ pub trait Backend: Send + Sync + 'static {
     /// with the configured credentials, without pulling.
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
 
-    /// Creates an instance from `spec` (one per deployment and digest) and
-    /// starts it. If that instance exists already (another Pipes won the
-    /// race, or a rollback target), it is started and returned when it was
-    /// made from the same spec, and replaced when not: there is never a second.
-    async fn run(&self, spec: &Spec) -> Result<Instance, PipesError>;
+    /// Creates an instance from `spec` (one per deployment and digest),
+    /// not started. If that instance exists already (another Pipes won the
+    /// race, or a rollback target), it is returned as it is (maybe running)
+    /// when it was made from the same spec, and replaced when not: there is
+    /// never a second.
+    async fn create(&self, spec: &Spec) -> Result<Instance, PipesError>;
 
     /// Starts a stopped instance and returns it as it then is.
     async fn start(&self, id: &str) -> Result<Instance, PipesError>;

@@ -11,7 +11,8 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
@@ -20,6 +21,7 @@ use super::slot::Upstream;
 use crate::config::{check_capability, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
 use crate::engine::{current, generation_of, short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
+use crate::metrics::{Metrics, Phase};
 use crate::route::Deployment;
 use crate::settings::{Ceilings, Settings};
 use crate::store::Store;
@@ -47,6 +49,8 @@ pub struct Deployer {
     starting: Arc<AtomicUsize>,
     /// Serializes admission, so two starts cannot both take the last place.
     admission: Mutex<()>,
+    /// Where cold-start phases are timed, when metrics are on.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
@@ -61,7 +65,7 @@ impl Drop for Admitted {
 
 impl Deployer {
     /// A deployer on `backend` with the configs in `store`.
-    pub fn new(backend: Arc<dyn Backend>, store: Store, settings: &Settings) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, store: Store, settings: &Settings, metrics: Option<Arc<Metrics>>) -> Self {
         Deployer {
             backend,
             store,
@@ -72,7 +76,18 @@ impl Deployer {
             pull_timeout: settings.pull_timeout,
             starting: Arc::new(AtomicUsize::new(0)),
             admission: Mutex::new(()),
+            metrics,
         }
+    }
+
+    /// Times `step` as cold-start `phase`.
+    async fn timed<T>(&self, phase: Phase, step: impl Future<Output = T>) -> T {
+        let began = Instant::now();
+        let out = step.await;
+        if let Some(m) = &self.metrics {
+            m.phase(phase, began.elapsed());
+        }
+        out
     }
 
     /// The backend it deploys on.
@@ -148,7 +163,7 @@ impl Deployer {
             Some(i) if i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
                 let admitted = self.admit().await?;
                 log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
-                let started = self.backend.start(&i.id).await;
+                let started = self.timed(Phase::Start, self.backend.start(&i.id)).await;
                 drop(admitted);
                 match started {
                     Ok(started) => started,
@@ -215,7 +230,7 @@ impl Deployer {
             Some(image) => image,
             None => {
                 log::info!("{d}: pulling {image_ref}");
-                tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref))
+                self.timed(Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref)))
                     .await
                     .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })??
             }
@@ -245,9 +260,10 @@ impl Deployer {
             },
         };
         let admitted = if admit { Some(self.admit().await?) } else { None };
-        let instance = self.backend.run(&spec).await;
+        let instance = self.timed(Phase::Create, self.backend.create(&spec)).await?;
+        let instance = if instance.running { instance } else { self.timed(Phase::Start, self.backend.start(&instance.id)).await? };
         drop(admitted);
-        instance
+        Ok(instance)
     }
 
     /// Makes a new generation from what the tag names in the registry now,
@@ -327,6 +343,10 @@ impl Deployer {
 
     /// Probes until the instance answers; fails if it exits or the timeout passes.
     async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {
+        self.timed(Phase::Probe, self.until_answering(d, id, addr, config)).await
+    }
+
+    async fn until_answering(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {
         let (path, timeout) = (config.health_path.as_str(), config.health_timeout);
         tokio::select! {
             biased;

@@ -31,6 +31,7 @@ use crate::auth::ScopedToken;
 use crate::config::{DeployConfig, Effective};
 use crate::engine::{short_id, Backend, Event, EventKind, Image, Instance};
 use crate::error::PipesError;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::route::{Deployment, DeploymentRef};
 use crate::settings::Settings;
@@ -177,6 +178,8 @@ pub struct Fleet {
     /// its requests wait on each (`PIPES_MAX_STARTS_PER_CLIENT`).
     starts: Arc<Mutex<Starts>>,
     max_starts_per_client: usize,
+    /// What is counted for Prometheus, when `PIPES_METRICS_LISTEN` is set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 type Starts = HashMap<IpAddr, HashMap<Deployment, usize>>;
@@ -208,20 +211,42 @@ impl Fleet {
     /// A fleet deploying on `backend`, running its work on the `control` runtime.
     pub fn new(settings: &Settings, backend: Arc<dyn Backend>, control: tokio::runtime::Handle) -> Self {
         let store = Store::new(settings.config_dir.clone());
+        let metrics = settings.metrics.as_ref().map(|m| Arc::new(Metrics::new(m.max_deployments)));
         Fleet {
             table: ArcSwap::from_pointee(Table::new()),
             grow: Mutex::new(()),
             policy: settings.policy.clone(),
             failure_ttl: settings.failure_ttl,
             drain_timeout: settings.drain_timeout,
-            deployer: Arc::new(Deployer::new(backend, store, settings)),
+            deployer: Arc::new(Deployer::new(backend, store, settings, metrics.clone())),
             control,
             retired: AtomicBool::new(false),
             max_not_running: settings.max_not_running,
             missing: Mutex::new(hashbrown::HashMap::new()),
             starts: Arc::new(Mutex::new(HashMap::new())),
             max_starts_per_client: settings.max_starts_per_client,
+            metrics,
         }
+    }
+
+    /// The state of `slot` as the table alone tells it, without asking the
+    /// backend: `stopped` covers deployments whose instance is stopped or
+    /// gone. For metrics, read at every scrape.
+    pub fn table_state(&self, slot: &Slot) -> &'static str {
+        if slot.upstream().is_some() {
+            "running"
+        } else if slot.starting() {
+            "starting"
+        } else if slot.failure(self.failure_ttl).is_some() {
+            "failed"
+        } else {
+            "stopped"
+        }
+    }
+
+    /// What is counted for Prometheus, if metrics are on.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     /// The remembered answer for `d` if the registry did not have its image
@@ -368,7 +393,9 @@ impl Fleet {
         if let Some(slot) = table.get(&d) {
             return slot.clone();
         }
-        let slot = Arc::new(Slot::new(d.to_owned()));
+        let d = d.to_owned();
+        let metrics = self.metrics.as_ref().map(|m| m.deployment(&d));
+        let slot = Arc::new(Slot::new(d, metrics));
         let mut next = Table::clone(&table);
         next.insert(Arc::new(slot.deployment.clone()), slot.clone());
         self.table.store(Arc::new(next));
@@ -478,6 +505,9 @@ impl Fleet {
         }
         let idle = seen.idle_timeout.map(humantime::format_duration);
         log::info!("{}: nothing open for {}, stopping it", slot.deployment, idle.map(|i| i.to_string()).unwrap_or_default());
+        if let Some(m) = &slot.metrics {
+            m.idle_stop();
+        }
         if let Err(e) = self.deployer.stop_instance(&seen.instance_id).await {
             log::warn!("{}: cannot stop idle instance: {e}", slot.deployment);
         }
@@ -526,7 +556,15 @@ impl Fleet {
                     Generation { instance: now.as_ref().map(|i| i.id.clone()), digest: now.and_then(|i| i.digest) }
                 }
             };
-            match fleet.deployer.next_generation(d, was.digest.as_deref()).await? {
+            let next = fleet.deployer.next_generation(d, was.digest.as_deref()).await;
+            if let Some(m) = &slot.metrics {
+                m.redeploy(match &next {
+                    Ok(None) => "unchanged",
+                    Ok(Some(_)) => "switched",
+                    Err(e) => e.kind(),
+                });
+            }
+            match next? {
                 None => Ok(Switch::Unchanged(was)),
                 Some(next) => Ok(fleet.switch(&slot, next, was).await),
             }
@@ -725,6 +763,9 @@ impl Fleet {
                 Some(up) => Ok(up),
                 None => deployer.deploy(&slot.deployment).await.map(Arc::new),
             };
+            if let Some(m) = &slot.metrics {
+                m.cold_start(result.as_ref().map_or_else(PipesError::kind, |_| "ready"));
+            }
             let mut cold = slot.lock_cold();
             cold.starting = None;
             match &result {

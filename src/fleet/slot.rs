@@ -14,6 +14,7 @@ use pingora::upstreams::peer::HttpPeer;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::PipesError;
+use crate::metrics::DeploymentMetrics;
 use crate::route::Deployment;
 
 /// How long Pipes waits to connect to an instance that should be running.
@@ -184,12 +185,15 @@ pub struct Slot {
     /// Held by whatever changes the deployment's instances (start, stop,
     /// redeploy, …), so they happen one at a time and in order.
     pub(super) ops: tokio::sync::Mutex<()>,
+    /// Where its requests are counted, when metrics are on.
+    pub metrics: Option<Arc<DeploymentMetrics>>,
 }
 
 impl Slot {
-    pub(super) fn new(deployment: Deployment) -> Self {
+    pub(super) fn new(deployment: Deployment, metrics: Option<Arc<DeploymentMetrics>>) -> Self {
         Slot {
             deployment,
+            metrics,
             upstream: ArcSwapOption::empty(),
             last_activity_ms: AtomicU64::new(0),
             next_watch_ms: AtomicU64::new(0),
@@ -291,7 +295,7 @@ mod tests {
     #[test]
     fn open_counts_sum_across_threads() {
         let up = Arc::new(Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None));
-        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap()));
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None));
         let held: Vec<Activity> = (0..3).map(|_| slot.begin(up.clone())).collect();
         let moved = std::thread::spawn({
             let (slot, up) = (slot.clone(), up.clone());
@@ -312,7 +316,7 @@ mod tests {
         let mut up = Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None);
         up.idle_timeout = Some(Duration::from_secs(10));
         let up = Arc::new(up);
-        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap()));
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None));
         let activity = slot.begin(up.clone());
         assert_eq!(slot.idle_at_ms(&up), None);
         drop(activity);

@@ -90,13 +90,13 @@ async fn a_cold_start_pulls_runs_and_probes() {
     let d = h.publish("alice/app:v1", Behaviour::default());
     let up = h.ready(&d).await.expect("started");
     assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), 1);
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1);
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1);
     // The upstream answers: the probe was real.
     assert!(tokio::net::TcpStream::connect(up.addr).await.is_ok());
     // Warm: the same upstream, no backend call.
     let again = h.ready(&d).await.unwrap();
     assert!(Arc::ptr_eq(&up, &again));
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1);
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1);
     let status = h.fleet.status(&d).await.unwrap();
     assert_eq!(status.state, State::Running);
     assert_eq!(status.upstream, Some(up.addr));
@@ -118,7 +118,7 @@ async fn concurrent_first_requests_share_one_start() {
     }
     addrs.dedup();
     assert_eq!(addrs.len(), 1, "one upstream for all");
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "exactly one instance was made");
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1, "exactly one instance was made");
     assert_eq!(h.fake.instance_count(), 1);
 }
 
@@ -166,7 +166,8 @@ async fn a_refused_connection_starts_the_deployment_again() {
     let second = h.fleet.recover(&slot, first.addr).await.expect("recovered");
     assert_ne!(first.addr, second.addr);
     assert!(tokio::net::TcpStream::connect(second.addr).await.is_ok());
-    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 1, "the stopped instance was started, not replaced");
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1, "the stopped instance was started again, not replaced");
+    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 2);
     assert_eq!(h.fake.instance_count(), 1);
     // A late report of the old address changes nothing.
     let third = h.fleet.recover(&slot, first.addr).await.unwrap();
@@ -181,7 +182,7 @@ async fn admission_stops_at_max_containers() {
     h.ready(&one).await.expect("the first fits");
     let e = h.ready(&two).await.unwrap_err();
     assert!(matches!(e, PipesError::TooManyContainers { max: 1 }), "{e}");
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "nothing was made for the second");
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1, "nothing was made for the second");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +212,8 @@ async fn a_changed_config_replaces_a_stopped_instance() {
     let config = DeployConfig::from_json(br#"{"env":{"A":"1"}}"#).unwrap();
     h.fleet.put_config(&d, config).await.unwrap();
     h.ready(&d).await.unwrap();
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 2, "a new instance for the new config");
-    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 0, "the old one was not started");
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 2, "a new instance for the new config");
+    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 2, "each new instance was started, the old one not again");
     assert_eq!(h.fake.instance_count(), 1);
 }
 
@@ -268,7 +269,7 @@ async fn a_redeploy_switches_to_the_new_digest_and_keeps_the_old_stopped() {
     let d = h.publish("alice/app:v1", Behaviour::default());
     let first = h.ready(&d).await.unwrap();
     assert_eq!(h.fleet.redeploy(&d).await.unwrap(), Switch::Unchanged(Generation { instance: Some(first.instance_id.clone()), digest: first.digest.clone() }));
-    assert_eq!(h.fake.calls.runs.load(Ordering::Relaxed), 1, "an unchanged tag makes nothing");
+    assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1, "an unchanged tag makes nothing");
 
     let pushed = h.push("alice/app:v1", Behaviour::default());
     let Switch::Replaced { previous, current } = h.fleet.redeploy(&d).await.unwrap() else { panic!("replaced") };
