@@ -19,7 +19,7 @@ fn fleet_of(n: usize, runtime: &tokio::runtime::Runtime) -> (Fleet, Vec<String>)
     let backend = Arc::new(Docker::new(&settings.docker, Reach::Published));
     let fleet = Fleet::new(&settings, backend, runtime.handle().clone());
     let hosts: Vec<String> = (0..n).map(|i| format!("v1.app{i}.bench.example.com:8080")).collect();
-    let domain = pipes::route::Domain::Levels(2);
+    let domain = pipes::route::Hosts::dotted(pipes::route::Domain::Levels(2));
     for h in &hosts {
         if let Ok(Target::Deployment(d)) = route(&normalize_host(h), &domain) {
             fleet.slot(d);
@@ -31,7 +31,7 @@ fn fleet_of(n: usize, runtime: &tokio::runtime::Runtime) -> (Fleet, Vec<String>)
 fn warm_request(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     let (fleet, hosts) = fleet_of(100, &runtime);
-    let domain = pipes::route::Domain::Levels(2);
+    let domain = pipes::route::Hosts::dotted(pipes::route::Domain::Levels(2));
     let mut i = 0;
     c.bench_function("host → slot → policy, 100 deployments", |b| {
         b.iter(|| {
