@@ -5,173 +5,27 @@
 //! time against its published port directly, against Debian's nginx as reverse
 //! proxy (upstream keepalive, as many workers as Pipes has threads), and against
 //! Pipes; and against a bare Pingora proxy to the same upstream (this binary,
-//! re-executed), the floor Pipes is held to. Systems alternate round by round
+//! re-executed), the floor Pipes is held to; and against Pipes with metrics
+//! on, and with the access log as well, for what recording costs. Systems
+//! alternate round by round
 //! so drift hits all of them. Then 100 deployments run and the same load is
 //! spread over their hosts, through Pipes and through nginx. Prints a table
 //! and writes `target/bench-results/warm_path.md`. Run through `scripts/bench`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/load.rs"]
+mod load;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
+use load::*;
 
-const HOST: &str = "v1.warm.bench.example.com";
-const CONNECTIONS: usize = 32;
 const SPREAD: usize = 100;
-
-/// What wrk measured in one run.
-#[derive(Debug, Clone, Copy, Default)]
-struct Load {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
-}
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Runs wrk once; `script` may replace the request (several hosts).
-fn wrk(url: &str, keepalive: bool, script: Option<&Path>, seconds: u64, commands: &mut Vec<String>) -> Load {
-    let mut args =
-        vec!["-t1".to_owned(), format!("-c{CONNECTIONS}"), format!("-d{seconds}s"), "--latency".to_owned(), "-H".to_owned(), format!("Host: {HOST}")];
-    if !keepalive {
-        args.extend(["-H".to_owned(), "Connection: close".to_owned()]);
-    }
-    if let Some(s) = script {
-        args.extend(["-s".to_owned(), s.display().to_string()]);
-    }
-    args.push(url.to_owned());
-    let line = format!("wrk {}", args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "));
-    if !commands.contains(&line) {
-        commands.push(line);
-    }
-    let out = Command::new("wrk").args(&args).output().expect("wrk runs");
-    parse_wrk(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn parse_wrk(text: &str) -> Load {
-    let mut load = Load::default();
-    for line in text.lines().map(str::trim) {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Requests/sec:"), Some(v)) => load.rps = v.parse().unwrap_or(0.0),
-            (Some("50%"), Some(v)) => load.p50_ms = millis(v),
-            (Some("99%"), Some(v)) => load.p99_ms = millis(v),
-            (Some("Non-2xx"), _) => load.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
-            (Some("Socket"), Some("errors:")) => {
-                load.errors += line.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>()
-            }
-            _ => {}
-        }
-    }
-    load
-}
-
-fn millis(v: &str) -> f64 {
-    let (number, factor) = if let Some(n) = v.strip_suffix("us") {
-        (n, 0.001)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (v, 1.0)
-    };
-    number.parse::<f64>().unwrap_or(f64::NAN) * factor
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
-/// The median of each figure over rounds.
-fn summary(runs: &[Load]) -> Load {
-    Load {
-        rps: median(runs.iter().map(|l| l.rps).collect()),
-        p50_ms: median(runs.iter().map(|l| l.p50_ms).collect()),
-        p99_ms: median(runs.iter().map(|l| l.p99_ms).collect()),
-        errors: runs.iter().map(|l| l.errors).sum(),
-    }
-}
-
-/// Debian's nginx as a reverse proxy, stopped on drop.
-struct Nginx {
-    _process: Process,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    /// nginx with `workers` workers, proxying the bench host to `upstream` and,
-    /// when `spread` is given, each of those hosts to its own upstream.
-    fn start(upstream: u16, workers: usize, spread: &[(String, u16)]) -> Nginx {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let location = "proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
-                        proxy_set_header Host $host;\n      \
-                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
-                        proxy_set_header X-Forwarded-Proto $scheme;";
-        let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
-        for (host, p) in spread {
-            upstreams.push_str(&format!("  upstream {host} {{ server 127.0.0.1:{p}; keepalive 8; }}\n"));
-        }
-        let conf = format!(
-            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             {upstreams}\
-               server {{\n    listen 127.0.0.1:{port} default_server;\n    server_name {HOST};\n\
-                 location / {{\n      proxy_pass http://fixture;\n      {location}\n    }}\n  }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n    server_name *.warm.bench.example.com;\n\
-                 location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = Command::new("nginx")
-            .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx starts");
-        let process = Process(child);
-        wait_listening(port, "nginx");
-        Nginx { _process: process, port, dir }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn version(cmd: &str, args: &[&str]) -> String {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| {
-            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-            text.lines().next().unwrap_or("").trim().to_owned()
-        })
-        .unwrap_or_else(|_| "not found".into())
-}
 
 fn main() {
     // The bench re-executes itself as the bare-Pingora baseline.
@@ -212,34 +66,6 @@ mod bare {
     }
 }
 
-/// A child process, stopped with SIGTERM (and waited for) on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The published 127.0.0.1 port of a container's port 80.
-fn published_port(container: &str) -> u16 {
-    let mapping = docker_ok(&["port", container, "80/tcp"]);
-    mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
-}
-
 async fn bench() {
     let e = env();
     let rounds = setting("PIPES_BENCH_ROUNDS", 3) as usize;
@@ -265,12 +91,26 @@ async fn bench() {
         ("RUST_LOG", Some("warn")),
     ]);
     let pid = pipes.pid().expect("pipes runs");
+    // The same with metrics on, and with the access log as well: what recording costs.
+    let observed = |log: bool| {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        Pipes::start(&[
+            ("PIPES_SERVER_CONF", Some(conf.to_str().unwrap())),
+            ("PIPES_ALLOW", Some("bench/*")),
+            ("PIPES_METRICS_LISTEN", Some(&metrics)),
+            ("PIPES_ACCESS_LOG", Some(if log { "json" } else { "off" })),
+            ("RUST_LOG", Some("warn")),
+        ])
+    };
+    let (metered, logged) = (observed(false), observed(true));
+    assert_eq!(metered.get(HOST, "/").await.status(), 200);
+    assert_eq!(logged.get(HOST, "/").await.status(), 200);
 
     // The warm deployment, and its container's published port for the direct runs.
     assert_eq!(pipes.get(HOST, "/").await.status(), 200);
     let container = pipes.containers()[0].clone();
     let direct_port = published_port(&container);
-    let nginx = Nginx::start(direct_port, threads, &[]);
+    let nginx = Nginx::start(direct_port, threads, &[], None);
     let bare_port = free_port();
     let _bare = Process(
         Command::new(std::env::current_exe().expect("bench binary"))
@@ -282,12 +122,20 @@ async fn bench() {
     wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();
-    let systems = [("direct", direct_port), ("nginx", nginx.port), ("bare Pingora", bare_port), ("Pipes", pipes.port)];
+    let systems = [
+        ("direct", direct_port),
+        ("nginx", nginx.port),
+        ("bare Pingora", bare_port),
+        ("Pipes", pipes.port),
+        ("Pipes, metrics on", metered.port),
+        ("Pipes, metrics and access log on", logged.port),
+    ];
     let cases: [(&str, &str, bool); 3] =
         [("3 B, keep-alive", "/bytes/3", true), ("64 KiB, keep-alive", "/bytes/65536", true), ("3 B, new connection each", "/bytes/3", false)];
     let mut table = String::new();
-    writeln!(table, "| case | system | req/s | p50 ms | p99 ms | errors | req/s vs nginx | req/s vs direct | req/s vs bare | p99 vs nginx |").unwrap();
-    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    writeln!(table, "| case | system | req/s | p50 ms | p99 ms | errors | req/s vs nginx | req/s vs direct | req/s vs bare | req/s vs Pipes | p99 vs nginx |")
+        .unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
     // PIPES_BENCH_ONLY picks cases by name (e.g. "new connection") and skips the 100 deployments.
     let only = std::env::var("PIPES_BENCH_ONLY").ok();
     for (case, path, keepalive) in cases.into_iter().filter(|(c, _, _)| only.as_ref().is_none_or(|o| c.contains(o.as_str()))) {
@@ -301,7 +149,7 @@ async fn bench() {
         for (i, (name, _)) in systems.iter().enumerate() {
             writeln!(
                 table,
-                "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
                 s[i].rps,
                 s[i].p50_ms,
                 s[i].p99_ms,
@@ -309,12 +157,14 @@ async fn bench() {
                 s[i].rps / s[1].rps,
                 s[i].rps / s[0].rps,
                 s[i].rps / s[2].rps,
+                s[i].rps / s[3].rps,
                 s[i].p99_ms / s[1].p99_ms
             )
             .unwrap();
         }
     }
 
+    drop((metered, logged));
     if only.is_some() {
         println!("\n{table}");
         return;
@@ -345,7 +195,7 @@ async fn bench() {
             (hosts[i].clone(), published_port(&id))
         })
         .collect();
-    let nginx_spread = Nginx::start(direct_port, threads, &ports);
+    let nginx_spread = Nginx::start(direct_port, threads, &ports, None);
     let url = format!("http://127.0.0.1:{}/bytes/3", pipes.port);
     let nginx_url = format!("http://127.0.0.1:{}/bytes/3", nginx_spread.port);
     let (mut single, mut spread, mut nginx_single, mut nginx_many) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

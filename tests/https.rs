@@ -10,93 +10,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use openssl::asn1::Asn1Time;
-use openssl::bn::{BigNum, MsbOption};
-use openssl::ec::{EcGroup, EcKey};
-use openssl::hash::MessageDigest;
-use openssl::nid::Nid;
-use openssl::pkey::{PKey, Private};
-use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
-use openssl::x509::{X509NameBuilder, X509};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
 
-use common::{free_port, unique, Fixtures, Pipes};
+use common::pki::TestCa;
+use common::{free_port, Fixtures, Pipes};
 
 const DOMAIN: &str = "example.com";
-
-/// A certificate authority made for one test, and certificates it signs.
-struct TestCa {
-    dir: PathBuf,
-    key: PKey<Private>,
-    cert: X509,
-}
-
-impl TestCa {
-    fn new(name: &str) -> TestCa {
-        let dir = std::env::temp_dir().join(unique(&format!("pipes-{name}-")));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = ec_key();
-        let mut builder = cert_builder(&key, "Pipes test CA", 3650);
-        builder.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
-        builder.set_issuer_name(builder_name("Pipes test CA").as_ref()).unwrap();
-        builder.sign(&key, MessageDigest::sha256()).unwrap();
-        let cert = builder.build();
-        std::fs::write(dir.join("ca.pem"), cert.to_pem().unwrap()).unwrap();
-        TestCa { dir, key, cert }
-    }
-
-    fn ca_pem(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-
-    /// Signs a certificate for `dns` names (and 127.0.0.1); returns the
-    /// chain and key files.
-    fn issue(&self, file: &str, dns: &[&str]) -> (PathBuf, PathBuf) {
-        let key = ec_key();
-        let mut builder = cert_builder(&key, dns[0], 30);
-        builder.set_issuer_name(self.cert.subject_name()).unwrap();
-        let mut san = SubjectAlternativeName::new();
-        for name in dns {
-            san.dns(name);
-        }
-        san.ip("127.0.0.1");
-        let san = san.build(&builder.x509v3_context(Some(&self.cert), None)).unwrap();
-        builder.append_extension(san).unwrap();
-        builder.sign(&self.key, MessageDigest::sha256()).unwrap();
-        let (cert, key_file) = (self.dir.join(format!("{file}.pem")), self.dir.join(format!("{file}.key")));
-        std::fs::write(&cert, builder.build().to_pem().unwrap()).unwrap();
-        std::fs::write(&key_file, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
-        (cert, key_file)
-    }
-}
-
-impl Drop for TestCa {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn ec_key() -> PKey<Private> {
-    PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap()).unwrap()
-}
-
-fn builder_name(cn: &str) -> openssl::x509::X509Name {
-    let mut name = X509NameBuilder::new().unwrap();
-    name.append_entry_by_text("CN", cn).unwrap();
-    name.build()
-}
-
-fn cert_builder(key: &PKey<Private>, cn: &str, days: u32) -> openssl::x509::X509Builder {
-    let mut builder = X509::builder().unwrap();
-    builder.set_version(2).unwrap();
-    let mut serial = BigNum::new().unwrap();
-    serial.rand(64, MsbOption::MAYBE_ZERO, false).unwrap();
-    builder.set_serial_number(&serial.to_asn1_integer().unwrap()).unwrap();
-    builder.set_subject_name(builder_name(cn).as_ref()).unwrap();
-    builder.set_pubkey(key).unwrap();
-    builder.set_not_before(Asn1Time::days_from_now(0).unwrap().as_ref()).unwrap();
-    builder.set_not_after(Asn1Time::days_from_now(days).unwrap().as_ref()).unwrap();
-    builder
-}
 
 /// curl, sending `name` to 127.0.0.1:`port` over HTTPS and trusting `ca`.
 fn curl_https(name: &str, port: u16, path: &str, ca: &Path, extra: &[&str]) -> Output {
@@ -152,6 +72,32 @@ async fn a_wildcard_certificate_serves_flat_names_over_http2_and_plain_http_is_r
 
     let out = curl_https(&host, tls_port, "/", &ca.ca_pem(), &["--http1.1", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1.1");
+
+    // A WebSocket, a server-sent event stream and an upload pass through over HTTPS too.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+    let mut connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+    connector.set_ca_file(ca.ca_pem()).unwrap();
+    let ssl = connector.build().configure().unwrap().into_ssl(&host).unwrap();
+    let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+    std::pin::Pin::new(&mut tls).connect().await.expect("TLS handshake");
+    let (mut ws, response) = tokio_tungstenite::client_async(format!("wss://{host}:{tls_port}/ws"), tls).await.expect("the WebSocket handshake");
+    assert_eq!(response.status(), 101);
+    for i in 0..3 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => assert!(text.ends_with(&format!(": ping {i}")), "{text}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    ws.close(None).await.unwrap();
+
+    let out = curl_https(&host, tls_port, "/sse?events=3&interval_ms=200", &ca.ca_pem(), &["-N"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "data: 1\n\ndata: 2\n\ndata: 3\n\n");
+    let upload = ca.dir.join("upload.bin");
+    std::fs::write(&upload, vec![7u8; 8 << 20]).unwrap();
+    let out = curl_https(&host, tls_port, "/upload", &ca.ca_pem(), &["--data-binary", &format!("@{}", upload.display())]);
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(answer["bytes"], 8 << 20, "{}", String::from_utf8_lossy(&out.stderr));
 
     // A dotted name is not covered by the wildcard, nor routed in the flat style.
     let out = curl_https(&format!("v1.app.{}.{DOMAIN}", f.user), tls_port, "/", &ca.ca_pem(), &[]);

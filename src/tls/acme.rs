@@ -137,7 +137,8 @@ impl Acme {
 
     /// The certificate for `name`: stored, or obtained now if `name` may have one.
     pub async fn certificate(self: &Arc<Self>, name: &str) -> Result<Arc<Certified>, String> {
-        if let Some(c) = self.issued.load().get(name) {
+        // One that expired (its renewal failed) is never served: order anew.
+        if let Some(c) = self.issued.load().get(name).filter(|c| c.valid_at(now_unix())) {
             return Ok(c.clone());
         }
         self.obtain(name).await
@@ -176,11 +177,15 @@ impl Acme {
         self.check_name(name).await?;
         self.rate.take(Instant::now())?;
         log::info!("obtaining a certificate for {name} from {}", self.settings.directory);
-        let (key_pem, chain_pem) = match tokio::time::timeout(ORDER_TIMEOUT, self.order(name)).await {
-            Ok(Ok(pems)) => pems,
-            Ok(Err(e)) => return Err(format!("the certificate authority refused: {e}")),
-            Err(_) => return Err(format!("the order took longer than {} s", ORDER_TIMEOUT.as_secs())),
+        let ordered = match tokio::time::timeout(ORDER_TIMEOUT, self.order(name)).await {
+            Ok(Ok(pems)) => Ok(pems),
+            Ok(Err(e)) => Err(format!("the certificate authority refused: {e}")),
+            Err(_) => Err(format!("the order took longer than {} s", ORDER_TIMEOUT.as_secs())),
         };
+        if let Some(m) = self.fleet.metrics() {
+            m.acme_order(if ordered.is_ok() { "issued" } else { "failed" });
+        }
+        let (key_pem, chain_pem) = ordered?;
         let pem = format!("{key_pem}{chain_pem}");
         let certified = Arc::new(Certified::from_pem(pem.as_bytes(), pem.as_bytes()).map_err(|e| format!("the issued certificate is unusable: {e}"))?);
         let path = self.dir.join(format!("{name}.pem"));

@@ -1,0 +1,203 @@
+//! What the load benchmarks share: wrk runs and their figures, nginx as the
+//! reference proxy, child processes.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::docker_ok;
+
+/// The host every load is sent for.
+pub const HOST: &str = "v1.warm.bench.example.com";
+/// Connections wrk keeps open.
+pub const CONNECTIONS: usize = 32;
+
+/// What wrk measured in one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Load {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+pub fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Runs wrk once; `script` may replace the request (several hosts).
+pub fn wrk(url: &str, keepalive: bool, script: Option<&Path>, seconds: u64, commands: &mut Vec<String>) -> Load {
+    let mut args =
+        vec!["-t1".to_owned(), format!("-c{CONNECTIONS}"), format!("-d{seconds}s"), "--latency".to_owned(), "-H".to_owned(), format!("Host: {HOST}")];
+    if !keepalive {
+        args.extend(["-H".to_owned(), "Connection: close".to_owned()]);
+    }
+    if let Some(s) = script {
+        args.extend(["-s".to_owned(), s.display().to_string()]);
+    }
+    args.push(url.to_owned());
+    let line = format!("wrk {}", args.iter().map(|a| if a.contains(' ') { format!("'{a}'") } else { a.clone() }).collect::<Vec<_>>().join(" "));
+    if !commands.contains(&line) {
+        commands.push(line);
+    }
+    let out = Command::new("wrk").args(&args).output().expect("wrk runs");
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+pub fn parse_wrk(text: &str) -> Load {
+    let mut load = Load::default();
+    for line in text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("Requests/sec:"), Some(v)) => load.rps = v.parse().unwrap_or(0.0),
+            (Some("50%"), Some(v)) => load.p50_ms = millis(v),
+            (Some("99%"), Some(v)) => load.p99_ms = millis(v),
+            (Some("Non-2xx"), _) => load.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            (Some("Socket"), Some("errors:")) => {
+                load.errors += line.split(',').filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    load
+}
+
+fn millis(v: &str) -> f64 {
+    let (number, factor) = if let Some(n) = v.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1000.0)
+    } else {
+        (v, 1.0)
+    };
+    number.parse::<f64>().unwrap_or(f64::NAN) * factor
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+/// The median of each figure over rounds.
+pub fn summary(runs: &[Load]) -> Load {
+    Load {
+        rps: median(runs.iter().map(|l| l.rps).collect()),
+        p50_ms: median(runs.iter().map(|l| l.p50_ms).collect()),
+        p99_ms: median(runs.iter().map(|l| l.p99_ms).collect()),
+        errors: runs.iter().map(|l| l.errors).sum(),
+    }
+}
+
+/// Debian's nginx as a reverse proxy, stopped on drop.
+pub struct Nginx {
+    _process: Process,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    /// nginx with `workers` workers, proxying the bench host to `upstream` and,
+    /// when `spread` is given, each of those hosts to its own upstream; over
+    /// TLS with `tls`'s certificate and key files.
+    pub fn start(upstream: u16, workers: usize, spread: &[(String, u16)], tls: Option<(&Path, &Path)>) -> Nginx {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.display();
+        let location = "proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
+                        proxy_set_header Host $host;\n      \
+                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
+                        proxy_set_header X-Forwarded-Proto $scheme;";
+        let ssl = match tls {
+            // The protocols Pipes offers (nginx 1.22 leaves TLS 1.3 out by default).
+            Some((cert, key)) => format!(
+                " ssl;\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {}",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
+        let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
+        for (host, p) in spread {
+            upstreams.push_str(&format!("  upstream {host} {{ server 127.0.0.1:{p}; keepalive 8; }}\n"));
+        }
+        let conf = format!(
+            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             {upstreams}\
+               server {{\n    listen 127.0.0.1:{port} default_server{ssl};\n    server_name {HOST};\n\
+                 location / {{\n      proxy_pass http://fixture;\n      {location}\n    }}\n  }}\n\
+               server {{\n    listen 127.0.0.1:{port}{ssl};\n    server_name *.warm.bench.example.com;\n\
+                 location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Command::new("nginx")
+            .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx starts");
+        let process = Process(child);
+        wait_listening(port, "nginx");
+        Nginx { _process: process, port, dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+pub fn version(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_else(|_| "not found".into())
+}
+
+/// A child process, stopped with SIGTERM (and waited for) on drop.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The published 127.0.0.1 port of a container's port 80.
+pub fn published_port(container: &str) -> u16 {
+    let mapping = docker_ok(&["port", container, "80/tcp"]);
+    mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
+}
+
