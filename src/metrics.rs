@@ -127,26 +127,23 @@ impl Metrics {
         for phase in Phase::ALL {
             self.phases[phase as usize].write(out, "pipes_cold_start_phase_seconds", &[("phase", phase.name())]);
         }
-        out.family("pipes_upstream_connect_errors_total", "counter", "Connections to a deployment's container that failed.");
-        for m in &all {
-            let n = m.connect_errors.load(Ordering::Relaxed);
-            if n > 0 {
-                out.sample("pipes_upstream_connect_errors_total", &[("deployment", &m.label)], n as f64);
+        let counts = |out: &mut Exposition, name: &str, help: &str, count: fn(&DeploymentMetrics) -> &AtomicU64| {
+            out.family(name, "counter", help);
+            for m in &all {
+                let n = count(m).load(Ordering::Relaxed);
+                if n > 0 {
+                    out.sample(name, &[("deployment", &m.label)], n as f64);
+                }
             }
-        }
+        };
+        counts(out, "pipes_upstream_connect_errors_total", "Connections to a deployment's container that failed.", |m| &m.connect_errors);
         out.family("pipes_redeploys_total", "counter", "Redeploys asked for, by outcome (switched, unchanged, or the error).");
         for m in &all {
             for (outcome, n) in m.map(&m.redeploys) {
                 out.sample("pipes_redeploys_total", &[("deployment", &m.label), ("outcome", outcome)], n as f64);
             }
         }
-        out.family("pipes_idle_stops_total", "counter", "Containers stopped after their idle timeout.");
-        for m in &all {
-            let n = m.idle_stops.load(Ordering::Relaxed);
-            if n > 0 {
-                out.sample("pipes_idle_stops_total", &[("deployment", &m.label)], n as f64);
-            }
-        }
+        counts(out, "pipes_idle_stops_total", "Containers stopped after their idle timeout.", |m| &m.idle_stops);
         out.family("pipes_acme_orders_total", "counter", "Certificate orders, by outcome (issued, failed).");
         for (outcome, n) in self.acme.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             out.sample("pipes_acme_orders_total", &[("outcome", outcome)], *n as f64);

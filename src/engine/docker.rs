@@ -513,17 +513,7 @@ impl Backend for Docker {
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
                     log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&created.id), spec.image, spec.port);
-                    return Ok(Instance {
-                        id: created.id,
-                        deployment: spec.deployment.clone(),
-                        running: false,
-                        exit_code: None,
-                        spec_hash: Some(spec.hash.clone()),
-                        port: Some(spec.port),
-                        started_at: None,
-                        address: None,
-                        digest: spec.digest.clone(),
-                    });
+                    return Ok(Instance::created(created.id, spec));
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
                     let Some(existing) = self.inspect(&name).await? else {

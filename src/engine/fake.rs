@@ -289,17 +289,7 @@ impl Backend for Fake {
             let mut inner = self.lock();
             inner.next_id += 1;
             let id = format!("fake{:08}", inner.next_id);
-            let instance = Instance {
-                id: id.clone(),
-                deployment: spec.deployment.clone(),
-                running: false,
-                exit_code: None,
-                spec_hash: Some(spec.hash.clone()),
-                port: Some(spec.port),
-                started_at: None,
-                address: None,
-                digest: spec.digest.clone(),
-            };
+            let instance = Instance::created(id.clone(), spec);
             let (exit, _) = watch::channel(None);
             inner.entries.insert(id.clone(), Entry { instance: instance.clone(), spec: spec.clone(), server: None, exit });
             instance

@@ -68,6 +68,21 @@ pub struct Instance {
 }
 
 impl Instance {
+    /// An instance just made from `spec` under `id`, not started yet.
+    pub fn created(id: String, spec: &Spec) -> Instance {
+        Instance {
+            id,
+            deployment: spec.deployment.clone(),
+            running: false,
+            exit_code: None,
+            spec_hash: Some(spec.hash.clone()),
+            port: Some(spec.port),
+            started_at: None,
+            address: None,
+            digest: spec.digest.clone(),
+        }
+    }
+
     /// When it last started, for telling generations apart; `None` if it never ran.
     pub fn started(&self) -> Option<SystemTime> {
         self.started_at.as_deref().and_then(|s| humantime::parse_rfc3339_weak(s.trim_end_matches('Z')).ok())
