@@ -6,7 +6,11 @@
 //!   driven directly over its API;
 //!
 //! once with the image present locally and once with a pull from the local
-//! registry. Then 200 concurrent first requests to one cold deployment.
+//! registry. Then waking: the first answer of a stopped and of a paused
+//! deployment through Pipes, against the engine's own start (or unpause) and
+//! first answer; and after a push, the first answer with the new image pulled
+//! ahead against pulling it on the request path. Then 200 concurrent first
+//! requests to one cold deployment.
 //! Run through `scripts/bench`, which prepares the engine, registry and fixture.
 
 #[path = "../tests/common/mod.rs"]
@@ -21,16 +25,19 @@ use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, PushImageOptions, RemoveContainerOptions, RemoveImageOptions, TagImageOptions,
 };
 use bollard::Docker;
-use common::{client_for, env, Pipes, TestEnv as Env};
+use common::{api, client_for, env, Pipes, TestEnv as Env};
 use futures_util::StreamExt;
 
 fn rounds() -> usize {
     std::env::var("PIPES_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15)
 }
 
+const TOKEN: &str = "bench-token-0123456789";
+
 fn start_pipes() -> Pipes {
     Pipes::start(&[
         ("PIPES_ALLOW", Some("bench/*")),
+        ("PIPES_API_TOKEN", Some(TOKEN)),
         ("PIPES_SERVER_CONF", Some(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))),
         ("RUST_LOG", Some("warn")),
     ])
@@ -201,6 +208,9 @@ async fn main() {
         pulled.direct.push(direct(&docker, e, &format!("{repo}:pd{i}"), true, &name).await);
     }
 
+    let (stopped, paused) = wake(&docker, e, &pipes, &repo, n).await;
+    let (ahead, on_path) = after_push(&docker, e, &pipes, &repo, n).await;
+
     // Coalescing: 200 concurrent first requests to one cold deployment, on
     // several deployments in turn, so the tail is not one sample's.
     let mut bursts = Vec::new();
@@ -214,6 +224,24 @@ async fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     local.print();
     pulled.print();
+    let (mut stopped, mut paused) = (stopped, paused);
+    stopped.print();
+    paused.print();
+    let p50 = |v: &mut Vec<Duration>| {
+        v.sort();
+        percentile(v, 0.5)
+    };
+    println!(
+        "\nPaused against stopped, first answer through Pipes (p50): {:.2}",
+        p50(&mut paused.pipes).as_secs_f64() / p50(&mut stopped.pipes).as_secs_f64()
+    );
+    let (mut ahead, mut on_path) = (ahead, on_path);
+    println!(
+        "\nAfter a push to a stopped deployment, first answer with the new image (p50 of {n}): pulled ahead {:.1} ms, \
+         pulled on the request path {:.1} ms",
+        ms(p50(&mut ahead)),
+        ms(p50(&mut on_path))
+    );
     println!("\nCoalescing: 200 concurrent first requests to one cold deployment, {BURSTS} deployments in turn\n");
     println!("| burst | containers created | errors | p50 ms | p99 ms | p99 − p50 ms |");
     println!("|---|---|---|---|---|---|");
@@ -232,6 +260,127 @@ async fn main() {
     for b in 0..BURSTS {
         untag(&docker, &format!("{repo}:burst{b}")).await;
     }
+}
+
+/// Waits until `GET container` of `host` reports `state`.
+async fn until_state(pipes: &Pipes, host: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = api(pipes, host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
+        if body["state"] == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{host} never {state}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The published port of a container's port 80.
+async fn port_of(docker: &Docker, id: &str) -> u16 {
+    let info = docker.inspect_container(id, None).await.expect("inspect");
+    info.network_settings
+        .and_then(|n| n.ports)
+        .and_then(|p| p.get("80/tcp").cloned().flatten())
+        .and_then(|b| b.first().and_then(|b| b.host_port.clone()))
+        .and_then(|p| p.parse().ok())
+        .expect("published port")
+}
+
+/// GETs `port` until it answers 200.
+async fn until_200(port: u16) {
+    let probe = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().unwrap();
+    let url = format!("http://127.0.0.1:{port}/");
+    while !probe.get(&url).send().await.is_ok_and(|r| r.status() == 200) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// First answers of stopped and of paused deployments, through Pipes and by
+/// the engine's own start (unpause) + first answer.
+async fn wake(docker: &Docker, e: &Env, pipes: &Pipes, repo: &str, n: usize) -> (Row, Row) {
+    let mut stopped = Row { case: "stopped container (start)", pipes: vec![], direct: vec![] };
+    let mut paused = Row { case: "paused container (unpause)", pipes: vec![], direct: vec![] };
+    let host = |t: &str| format!("{t}.app.bench.example.com");
+    let pause_config = r#"{"idle_timeout":"1s","idle_action":"pause","pause_timeout":"1h"}"#;
+    for i in 0..n {
+        for t in [format!("ws{i}"), format!("wp{i}")] {
+            tag(docker, &e.fixture, repo, &t).await;
+        }
+        let (status, _) = api(pipes, &host(&format!("wp{i}")), "PUT", "/__proxyapi/container/config", Some(pause_config), Some(TOKEN)).await;
+        assert_eq!(status, 200);
+        through_pipes(pipes, &format!("ws{i}")).await;
+        through_pipes(pipes, &format!("wp{i}")).await;
+        let (status, _) = api(pipes, &host(&format!("ws{i}")), "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
+        assert_eq!(status, 200);
+    }
+    for i in 0..n {
+        until_state(pipes, &host(&format!("wp{i}")), "paused").await;
+    }
+    // The engine's own: one container, stopped and started, paused and unpaused.
+    tag(docker, &e.fixture, repo, "wd").await;
+    let name = format!("bench-{}-wd", e.run);
+    direct(docker, e, &format!("{repo}:wd"), false, &name).await;
+    for i in 0..n {
+        stopped.pipes.push(through_pipes(pipes, &format!("ws{i}")).await);
+        docker.stop_container(&name, None).await.expect("stop");
+        let t0 = Instant::now();
+        docker.start_container(&name, None).await.expect("start");
+        until_200(port_of(docker, &name).await).await;
+        stopped.direct.push(t0.elapsed());
+
+        paused.pipes.push(through_pipes(pipes, &format!("wp{i}")).await);
+        docker.pause_container(&name).await.expect("pause");
+        let port = port_of(docker, &name).await;
+        let t0 = Instant::now();
+        docker.unpause_container(&name).await.expect("unpause");
+        until_200(port).await;
+        paused.direct.push(t0.elapsed());
+    }
+    for i in 0..n {
+        for t in [format!("ws{i}"), format!("wp{i}")] {
+            untag(docker, &format!("{repo}:{t}")).await;
+        }
+    }
+    untag(docker, &format!("{repo}:wd")).await;
+    (stopped, paused)
+}
+
+/// After a push to a stopped deployment's tag: its first answer with the new
+/// image pulled ahead (the push notification given to Pipes), against one
+/// that must pull on the request path (its container and image gone).
+async fn after_push(docker: &Docker, e: &Env, pipes: &Pipes, repo: &str, n: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut ahead, mut on_path) = (Vec::new(), Vec::new());
+    let repository = repo.split_once('/').map_or(repo, |(_, r)| r).to_owned();
+    for i in 0..n {
+        for t in [format!("ua{i}"), format!("ub{i}")] {
+            let reference = format!("{repo}:{t}");
+            tag(docker, &e.fixture, repo, &t).await;
+            through_pipes(pipes, &t).await;
+            let (status, _) = api(pipes, &format!("{t}.app.bench.example.com"), "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
+            assert_eq!(status, 200);
+            // The tag moves: a new image, pushed, not kept here.
+            common::build_image(&reference, &format!("FROM {}\nLABEL bench.push={t}\n", e.fixture));
+            push(docker, e, repo, &t).await;
+            untag(docker, &reference).await;
+        }
+        // Pulled ahead: the registry's notification, as Pipes' hook receives it.
+        let notification = format!(r#"{{"events":[{{"action":"push","target":{{"repository":"{repository}","tag":"ua{i}"}}}}]}}"#);
+        let url = format!("http://example.com:{}/__proxyapi/hooks/registry", pipes.port);
+        let resp = client("example.com").post(url).bearer_auth(TOKEN).body(notification).send().await.unwrap();
+        assert_eq!(resp.status(), 202);
+        let reference = format!("{repo}:ua{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while docker.inspect_image(&reference).await.is_err() {
+            assert!(Instant::now() < deadline, "{reference} was not pulled ahead");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ahead.push(through_pipes(pipes, &format!("ua{i}")).await);
+        // On the request path: nothing of it left here.
+        let (status, _) = api(pipes, &format!("ub{i}.app.bench.example.com"), "DELETE", "/__proxyapi/container", None, Some(TOKEN)).await;
+        assert_eq!(status, 200);
+        on_path.push(through_pipes(pipes, &format!("ub{i}")).await);
+    }
+    (ahead, on_path)
 }
 
 /// Cold deployments hit by a burst of first requests.

@@ -175,7 +175,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
     let Admitted { endpoint, method, access } = admitted;
     let Some(d) = &req.deployment else {
         return match endpoint {
-            Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body),
+            Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body).await,
             _ => deployments(fleet, &access).await.map(Json::ok),
         };
     };
@@ -244,31 +244,36 @@ fn switched(d: &Deployment, switch: Result<Switch, PipesError>) -> Result<Json, 
 
 /// `POST /__proxyapi/hooks/registry`: a registry's push notification. Every
 /// running deployment a push names (and the token covers) is redeployed in
-/// the background; the answer says which, and why the others were not.
-fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Result<Json, PipesError> {
+/// the background; one that ran here before and does not run now has the new
+/// image pulled in the background, so its next start neither pulls nor wakes
+/// the old image. The answer says which, and why the others were not.
+async fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Result<Json, PipesError> {
     let mut pushed = pushes(body, fleet.registry_path())?;
     pushed.sort();
     pushed.dedup();
-    let (mut redeploying, mut ignored) = (Vec::new(), Vec::new());
+    let (mut redeploying, mut pulling, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
     for d in pushed {
+        let name = d.to_string();
         let reason = if !access.covers(&d.user) {
             Some("this token does not manage its user")
         } else if !fleet.allows(d.as_ref()) {
             Some("not allowed by PIPES_ALLOW")
-        } else if !fleet.serving(d.as_ref()) {
-            Some("not running; its next start resolves the tag")
-        } else {
+        } else if fleet.serving(d.as_ref()) {
+            redeploying.push(json!(name));
+            fleet.redeploy_later(d, "push notification");
             None
+        } else if fleet.has_run(&d).await {
+            pulling.push(json!(name));
+            fleet.prepull_later(d);
+            None
+        } else {
+            Some("it never ran here; its first start pulls the image")
         };
-        match reason {
-            Some(reason) => ignored.push(json!({ "deployment": d.to_string(), "reason": reason })),
-            None => {
-                redeploying.push(json!(d.to_string()));
-                fleet.redeploy_later(d, "push notification");
-            }
+        if let Some(reason) = reason {
+            ignored.push(json!({ "deployment": name, "reason": reason }));
         }
     }
-    Ok(Json { status: 202, body: json!({ "redeploying": redeploying, "ignored": ignored }) })
+    Ok(Json { status: 202, body: json!({ "redeploying": redeploying, "pulling": pulling, "ignored": ignored }) })
 }
 
 /// The deployments a push notification names: Docker's registry
@@ -363,6 +368,7 @@ fn container(i: &Instance) -> Value {
         "id": i.id,
         "short_id": short_id(&i.id),
         "running": i.running,
+        "paused": i.paused,
         "exit_code": i.exit_code,
         "started_at": i.started_at,
         "port": i.port,

@@ -66,9 +66,15 @@ pub struct DeployConfig {
     /// Readiness probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
-    /// Stop the container after this long without requests.
+    /// Stop (or pause) the container after this long with nothing open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Span>,
+    /// What an idle container becomes: `stop` or `pause`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_action: Option<IdleAction>,
+    /// How long a paused container stays paused before it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_timeout: Option<Span>,
     /// The engine's restart policy for the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<Restart>,
@@ -183,6 +189,36 @@ impl Restart {
             Restart::OnFailure => "on-failure",
             Restart::Always => "always",
             Restart::UnlessStopped => "unless-stopped",
+        }
+    }
+}
+
+/// What an idle container becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdleAction {
+    /// Stopped: its memory is freed; the next request starts it (hundreds of ms).
+    Stop,
+    /// Paused (cgroup freezer): its memory stays; the next request thaws it
+    /// (tens of ms).
+    Pause,
+}
+
+impl IdleAction {
+    /// The name configs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdleAction::Stop => "stop",
+            IdleAction::Pause => "pause",
+        }
+    }
+
+    /// Parses `stop` or `pause`.
+    pub fn parse(text: &str) -> Result<IdleAction, String> {
+        match text.trim() {
+            "stop" => Ok(IdleAction::Stop),
+            "pause" => Ok(IdleAction::Pause),
+            other => Err(format!("expected stop or pause, got '{other}'")),
         }
     }
 }
@@ -389,6 +425,7 @@ impl DeployConfig {
             check_span("health.timeout", health.timeout, Duration::from_millis(100))?;
         }
         check_span("idle_timeout", self.idle_timeout, Duration::from_secs(1))?;
+        check_span("pause_timeout", self.pause_timeout, Duration::from_secs(1))?;
         if let Some(Watch::Every(span)) = self.watch {
             check_span("watch", Some(span), MIN_WATCH)?;
         }
@@ -417,6 +454,8 @@ impl DeployConfig {
             cpus: self.cpus.or(lower.cpus),
             health,
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            idle_action: self.idle_action.or(lower.idle_action),
+            pause_timeout: self.pause_timeout.or(lower.pause_timeout),
             restart: self.restart.or(lower.restart),
             pull: self.pull.or(lower.pull),
             watch: self.watch.or(lower.watch),
@@ -449,6 +488,10 @@ pub struct Defaults {
     pub health_timeout: Duration,
     /// `PIPES_WATCH`: how often running deployments check their tag.
     pub watch: Option<Duration>,
+    /// `PIPES_IDLE_ACTION`.
+    pub idle_action: IdleAction,
+    /// `PIPES_PAUSE_TIMEOUT`.
+    pub pause_timeout: Duration,
 }
 
 /// Everything a deployment runs with, all layers merged.
@@ -463,6 +506,8 @@ pub struct Effective {
     pub health_path: String,
     pub health_timeout: Duration,
     pub idle_timeout: Option<Duration>,
+    pub idle_action: IdleAction,
+    pub pause_timeout: Duration,
     pub restart: Restart,
     pub pull: Pull,
     pub watch: Option<Duration>,
@@ -486,6 +531,8 @@ impl Effective {
             health_path: health.path.unwrap_or_else(|| "/".to_owned()),
             health_timeout: health.timeout.map_or(defaults.health_timeout, |s| s.0),
             idle_timeout: c.idle_timeout.map(|s| s.0),
+            idle_action: c.idle_action.unwrap_or(defaults.idle_action),
+            pause_timeout: c.pause_timeout.map_or(defaults.pause_timeout, |s| s.0),
             restart: c.restart.unwrap_or(Restart::No),
             pull: c.pull.unwrap_or(Pull::Missing),
             watch: match c.watch {
@@ -507,6 +554,8 @@ impl Effective {
             "cpus": self.cpus,
             "health": { "path": self.health_path, "timeout": Span(self.health_timeout).to_string() },
             "idle_timeout": self.idle_timeout.map(|d| Span(d).to_string()),
+            "idle_action": self.idle_action.as_str(),
+            "pause_timeout": Span(self.pause_timeout).to_string(),
             "restart": self.restart.as_str(),
             "pull": match self.pull { Pull::Missing => "missing", Pull::Always => "always" },
             "watch": self.watch.map_or_else(|| "off".to_owned(), |d| Span(d).to_string()),
@@ -551,7 +600,14 @@ mod tests {
     use super::*;
 
     fn defaults() -> Defaults {
-        Defaults { memory: ByteSize(512 << 20), cpus: 1.0, health_timeout: Duration::from_secs(60), watch: None }
+        Defaults {
+            memory: ByteSize(512 << 20),
+            cpus: 1.0,
+            health_timeout: Duration::from_secs(60),
+            watch: None,
+            idle_action: IdleAction::Stop,
+            pause_timeout: Duration::from_secs(3600),
+        }
     }
 
     /// The status and the field named (if any) of the answer to `body`.

@@ -144,6 +144,7 @@ impl Metrics {
             }
         }
         counts(out, "pipes_idle_stops_total", "Containers stopped after their idle timeout.", |m| &m.idle_stops);
+        counts(out, "pipes_idle_pauses_total", "Containers paused after their idle timeout.", |m| &m.idle_pauses);
         out.family("pipes_acme_orders_total", "counter", "Certificate orders, by outcome (issued, failed).");
         for (outcome, n) in self.acme.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             out.sample("pipes_acme_orders_total", &[("outcome", outcome)], *n as f64);
@@ -159,6 +160,7 @@ pub struct DeploymentMetrics {
     duration: Histogram,
     connect_errors: AtomicU64,
     idle_stops: AtomicU64,
+    idle_pauses: AtomicU64,
     cold_starts: Mutex<BTreeMap<&'static str, u64>>,
     redeploys: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -172,6 +174,7 @@ impl DeploymentMetrics {
             duration: Histogram::new(&REQUEST_BUCKETS),
             connect_errors: AtomicU64::new(0),
             idle_stops: AtomicU64::new(0),
+            idle_pauses: AtomicU64::new(0),
             cold_starts: Mutex::new(BTreeMap::new()),
             redeploys: Mutex::new(BTreeMap::new()),
         }
@@ -202,6 +205,11 @@ impl DeploymentMetrics {
     /// Records a stop after the idle timeout.
     pub fn idle_stop(&self) {
         self.idle_stops.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a pause after the idle timeout.
+    pub fn idle_pause(&self) {
+        self.idle_pauses.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records how a cold start ended.

@@ -50,10 +50,15 @@ impl Scrape {
         self.metrics.write(&mut out);
 
         let slots = self.fleet.slots();
-        let mut states: BTreeMap<&str, usize> = ["running", "starting", "stopped", "failed"].into_iter().map(|s| (s, 0)).collect();
+        let paused = self.fleet.paused_deployments();
+        let mut states: BTreeMap<&str, usize> = ["running", "starting", "paused", "stopped", "failed"].into_iter().map(|s| (s, 0)).collect();
         let mut open: BTreeMap<&str, usize> = BTreeMap::new();
         for slot in &slots {
-            *states.entry(self.fleet.table_state(slot)).or_default() += 1;
+            let state = match self.fleet.table_state(slot) {
+                "stopped" if paused.contains(&slot.deployment) => "paused",
+                state => state,
+            };
+            *states.entry(state).or_default() += 1;
             if let (Some(up), Some(m)) = (slot.upstream(), &slot.metrics) {
                 *open.entry(m.label()).or_default() += up.open();
             }

@@ -18,7 +18,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 use crate::auth::{ApiAuth, MIN_TOKEN_LEN};
-use crate::config::{check_capability, check_cpus, check_memory, ByteSize, Defaults, Span, Watch, DEFAULT_PIDS, MIN_WATCH};
+use crate::config::{check_capability, check_cpus, check_memory, ByteSize, Defaults, IdleAction, Span, Watch, DEFAULT_PIDS, MIN_WATCH};
 use crate::engine::docker::DockerOptions;
 use crate::engine::{RegistryAuth, RESERVED_LABELS};
 use crate::forwarded::Trusted;
@@ -112,6 +112,15 @@ struct Cli {
     /// How often running deployments ask the registry whether their tag moved (off, or e.g. 5m); their config's `watch` wins
     #[arg(long, env = "PIPES_WATCH", value_name = "DURATION|off", default_value = "off", value_parser = parse_watch)]
     watch: Watch,
+    /// What an idle container becomes, unless its config says: stop or pause
+    #[arg(long, env = "PIPES_IDLE_ACTION", value_name = "ACTION", default_value = "stop", value_parser = IdleAction::parse)]
+    idle_action: IdleAction,
+    /// How long a container stays paused before it is stopped, unless its config says
+    #[arg(long, env = "PIPES_PAUSE_TIMEOUT", value_name = "DURATION", default_value = "1h", value_parser = parse_timeout)]
+    pause_timeout: Duration,
+    /// Most containers paused at once; past it the longest-paused is stopped [default: PIPES_MAX_CONTAINERS]
+    #[arg(long, env = "PIPES_MAX_PAUSED", value_name = "N", value_parser = parse_count)]
+    max_paused: Option<usize>,
     /// How long requests and connections in flight may finish when a container is replaced or Pipes stops
     #[arg(long, env = "PIPES_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     drain_timeout: Duration,
@@ -264,6 +273,8 @@ pub struct Settings {
     pub policy: Policy,
     pub api_auth: ApiAuth,
     pub max_containers: usize,
+    /// `PIPES_MAX_PAUSED`.
+    pub max_paused: usize,
     /// Lowest layer of every deployment's config.
     pub defaults: Defaults,
     pub failure_ttl: Duration,
@@ -534,7 +545,15 @@ impl Settings {
             policy: cli.allow.unwrap_or_default(),
             api_auth,
             max_containers: cli.max_containers,
-            defaults: Defaults { memory: cli.default_memory, cpus: cli.default_cpus, health_timeout: cli.start_timeout, watch: cli.watch.interval() },
+            defaults: Defaults {
+                memory: cli.default_memory,
+                cpus: cli.default_cpus,
+                health_timeout: cli.start_timeout,
+                watch: cli.watch.interval(),
+                idle_action: cli.idle_action,
+                pause_timeout: cli.pause_timeout,
+            },
+            max_paused: cli.max_paused.unwrap_or(cli.max_containers),
             failure_ttl: cli.failure_ttl,
             drain_timeout: cli.drain_timeout,
             connections: ConnectionLimits {

@@ -222,14 +222,16 @@ impl Docker {
         }
         let labels = c.config.and_then(|cfg| cfg.labels).unwrap_or_default();
         let net = c.network_settings.unwrap_or_default();
-        let running = state.running.unwrap_or(false);
+        // The engine calls a paused container running; Pipes does not.
+        let paused = state.paused.unwrap_or(false);
+        let running = state.running.unwrap_or(false) && !paused;
         // The engine reports a zero time for a container that never ran.
         let started_at = state.started_at.filter(|s| !s.starts_with("0001-"));
-        let exit_code = (!running && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
+        let exit_code = (!running && !paused && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
         self.facts(
             c.id?,
             &labels,
-            running,
+            (running, paused),
             exit_code,
             started_at,
             |port| {
@@ -238,6 +240,7 @@ impl Docker {
             },
             |network| net.networks.as_ref()?.get(network)?.ip_address.as_deref()?.parse().ok(),
         )
+        .map(|i| Instance { image_id: c.image, ..i })
     }
 
     /// An instance from `docker ps` facts, which lack the start time.
@@ -247,6 +250,7 @@ impl Docker {
         }
         let labels = c.labels.unwrap_or_default();
         let running = c.state == Some(ContainerSummaryStateEnum::RUNNING);
+        let paused = c.state == Some(ContainerSummaryStateEnum::PAUSED);
         // "Exited (3) 5 minutes ago"
         let exit_code = c.status.as_deref().and_then(|s| s.strip_prefix("Exited (")).and_then(|s| s.split(')').next()).and_then(|n| n.parse().ok());
         let ports = c.ports.unwrap_or_default();
@@ -254,12 +258,13 @@ impl Docker {
         self.facts(
             c.id?,
             &labels,
-            running,
+            (running, paused),
             exit_code,
             None,
             |port| ports.iter().find(|p| p.private_port == port).and_then(|p| p.public_port),
             |network| networks.get(network)?.ip_address.as_deref()?.parse().ok(),
         )
+        .map(|i| Instance { image_id: c.image_id, ..i })
     }
 
     /// An instance from what the engine says of a container; `None` if the
@@ -268,7 +273,7 @@ impl Docker {
         &self,
         id: String,
         labels: &HashMap<String, String>,
-        running: bool,
+        (running, paused): (bool, bool),
         exit_code: Option<i64>,
         started_at: Option<String>,
         host_port: impl FnOnce(u16) -> Option<u16>,
@@ -276,7 +281,8 @@ impl Docker {
     ) -> Option<Instance> {
         let deployment = Deployment::parse(labels.get(LABEL_DEPLOYMENT)?)?;
         let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
-        let address = match (port, running) {
+        // A paused container keeps its address for when it is thawed.
+        let address = match (port, running || paused) {
             (Some(port), true) => match &self.reach {
                 Reach::Published => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
                 Reach::Network(name) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
@@ -287,12 +293,14 @@ impl Docker {
             id,
             deployment,
             running,
-            exit_code: exit_code.filter(|_| !running),
+            paused,
+            exit_code: exit_code.filter(|_| !running && !paused),
             spec_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
             port,
             started_at,
             address,
             digest: labels.get(LABEL_DIGEST).cloned(),
+            image_id: None,
         })
     }
 
@@ -541,6 +549,17 @@ impl Backend for Docker {
             .ok_or_else(|| PipesError::Engine { action: "start a container", detail: format!("container {} vanished after start", short_id(id)) })
     }
 
+    async fn pause(&self, id: &str) -> Result<(), PipesError> {
+        self.docker().await?.pause_container(id).await.map_err(|e| self.fail("pause a container", e))
+    }
+
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
+        self.docker().await?.unpause_container(id).await.map_err(|e| self.fail("unpause a container", e))?;
+        self.inspect(id)
+            .await?
+            .ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
+    }
+
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
         let options = StopContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
         match self.docker().await?.stop_container(id, Some(options)).await {
@@ -634,6 +653,8 @@ fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
         "kill" => EventKind::Killed,
         "oom" => EventKind::OutOfMemory,
         "destroy" => EventKind::Destroyed,
+        "pause" => EventKind::Paused,
+        "unpause" => EventKind::Unpaused,
         other => EventKind::Health(other.strip_prefix("health_status: ")?.to_owned()),
     };
     Some(Event {

@@ -60,6 +60,8 @@ pub struct Calls {
     pub creates: AtomicUsize,
     pub starts: AtomicUsize,
     pub stops: AtomicUsize,
+    pub pauses: AtomicUsize,
+    pub unpauses: AtomicUsize,
     pub lists: AtomicUsize,
     pub digests: AtomicUsize,
 }
@@ -174,6 +176,7 @@ fn halt(entry: &mut Entry, code: i64) {
         server.abort();
     }
     entry.instance.running = false;
+    entry.instance.paused = false;
     entry.instance.address = None;
     entry.instance.exit_code = Some(code);
     entry.exit.send_replace(Some(code));
@@ -307,11 +310,39 @@ impl Backend for Fake {
         self.launch(id).await
     }
 
+    async fn pause(&self, id: &str) -> Result<(), PipesError> {
+        self.up()?;
+        self.calls.pauses.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        if entry.instance.running {
+            // Its server task stays, like a frozen process's socket.
+            entry.instance.running = false;
+            entry.instance.paused = true;
+            self.emit(entry, EventKind::Paused);
+        }
+        Ok(())
+    }
+
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
+        self.up()?;
+        self.calls.unpauses.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        if entry.instance.paused {
+            entry.instance.paused = false;
+            entry.instance.running = true;
+            self.emit(entry, EventKind::Unpaused);
+        }
+        Ok(entry.instance.clone())
+    }
+
     async fn stop(&self, id: &str, _grace: Duration) -> Result<(), PipesError> {
         self.up()?;
         self.calls.stops.fetch_add(1, Ordering::Relaxed);
         if let Some(entry) = self.lock().entries.get_mut(id) {
-            if entry.instance.running {
+            entry.instance.paused = false;
+            if entry.instance.running || entry.server.is_some() {
                 halt(entry, 0);
                 self.emit(entry, EventKind::Died(Some(0)));
                 self.emit(entry, EventKind::Stopped);

@@ -52,7 +52,11 @@ pub struct Instance {
     /// The backend's id of the instance.
     pub id: String,
     pub deployment: Deployment,
+    /// It runs and is not paused: it answers.
     pub running: bool,
+    /// It is frozen (paused): it holds its memory and answers nothing until
+    /// unpaused.
+    pub paused: bool,
     /// How it last exited; `None` while it runs or before it ever ran.
     pub exit_code: Option<i64>,
     /// The hash of the [`Spec`] it was made from (`None` if not made by Pipes' rules).
@@ -65,6 +69,8 @@ pub struct Instance {
     pub address: Option<SocketAddr>,
     /// The image digest (`sha256:…`) it was made from, if known.
     pub digest: Option<String>,
+    /// The id of the local image it was made from, if known.
+    pub image_id: Option<String>,
 }
 
 impl Instance {
@@ -74,12 +80,14 @@ impl Instance {
             id,
             deployment: spec.deployment.clone(),
             running: false,
+            paused: false,
             exit_code: None,
             spec_hash: Some(spec.hash.clone()),
             port: Some(spec.port),
             started_at: None,
             address: None,
             digest: spec.digest.clone(),
+            image_id: Some(spec.image_id.clone()),
         }
     }
 
@@ -136,6 +144,8 @@ pub struct Spec {
     pub restart: Restart,
     /// The image's digest (`sha256:…`): the generation this instance is.
     pub digest: Option<String>,
+    /// The local image's id, which the instance is made from.
+    pub image_id: String,
     /// Most processes the instance may run.
     pub pids: u32,
     /// The Linux capabilities it keeps; all others are dropped.
@@ -163,14 +173,18 @@ pub enum EventKind {
     Killed,
     OutOfMemory,
     Destroyed,
+    /// It was frozen: it answers nothing until unpaused.
+    Paused,
+    /// It was thawed.
+    Unpaused,
     /// Its health check reported this status.
     Health(String),
 }
 
 impl EventKind {
-    /// Whether the instance no longer runs after this.
+    /// Whether the instance no longer answers after this.
     pub fn ends_it(&self) -> bool {
-        matches!(self, EventKind::Died(_) | EventKind::Stopped | EventKind::Killed | EventKind::OutOfMemory | EventKind::Destroyed)
+        matches!(self, EventKind::Died(_) | EventKind::Stopped | EventKind::Killed | EventKind::OutOfMemory | EventKind::Destroyed | EventKind::Paused)
     }
 }
 
@@ -215,6 +229,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts a stopped instance and returns it as it then is.
     async fn start(&self, id: &str) -> Result<Instance, PipesError>;
+
+    /// Freezes a running instance (it keeps its memory and answers nothing).
+    async fn pause(&self, id: &str) -> Result<(), PipesError>;
+
+    /// Thaws a paused instance and returns it, running.
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError>;
 
     /// Stops an instance, giving it `grace` before it is killed; a stopped or
     /// vanished one is left as it is.

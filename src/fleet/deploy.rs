@@ -90,6 +90,11 @@ impl Deployer {
         out
     }
 
+    /// Pipes' own defaults, the lowest config layer.
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
+    }
+
     /// The backend it deploys on.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
@@ -150,47 +155,92 @@ impl Deployer {
 
     /// Brings `d` to a running, answering instance and returns where it answers.
     ///
-    /// The current generation is used if it runs, started if it is stopped and
-    /// made from the current config; otherwise a new instance is made from the
-    /// image (pulled when missing, or always if the config says so).
+    /// The current generation is used if it runs; thawed if it is paused, or
+    /// started if it is stopped, when it was made from the current config and
+    /// from the image the tag names here now; otherwise a new instance is made
+    /// from the image (pulled when missing, or always if the config says so).
     pub async fn deploy(&self, d: &Deployment) -> Result<Upstream, PipesError> {
         let config = self.effective(d).await?;
         self.within_ceilings(d, &config)?;
         let image_ref = self.image_ref(d);
         let instances = self.backend.instances(d).await?;
-        let instance = match current(&instances) {
+        let fresh = config.pull == Pull::Always;
+        let current = current(&instances).filter(|i| i.running || i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))));
+        let instance = match current {
             Some(i) if i.running => i.clone(),
-            Some(i) if i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))) => {
-                let admitted = self.admit().await?;
-                log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
-                let started = self.timed(Phase::Start, self.backend.start(&i.id)).await;
-                drop(admitted);
-                match started {
-                    Ok(started) => started,
-                    // It may have been removed since it was listed: make a new one.
-                    Err(e) => {
-                        log::info!("{d}: instance {} did not start ({e}); making a new one", short_id(&i.id));
-                        self.run(d, &image_ref, &config, config.pull == Pull::Always, true).await?
+            Some(i) => match self.newer_local_image(&image_ref, i).await? {
+                Some(newer) => {
+                    log::info!("{d}: the tag names {newer} here since instance {} was made: making a new generation", short_id(&i.id));
+                    if i.paused {
+                        self.stop_instance(&i.id).await?;
+                    }
+                    self.run(d, &image_ref, &config, fresh, true).await?
+                }
+                None => {
+                    let admitted = self.admit().await?;
+                    let woken = if i.paused {
+                        log::info!("{d}: thawing its paused instance {}", short_id(&i.id));
+                        self.timed(Phase::Start, self.backend.unpause(&i.id)).await
+                    } else {
+                        log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
+                        self.timed(Phase::Start, self.backend.start(&i.id)).await
+                    };
+                    drop(admitted);
+                    match woken {
+                        // A thawed instance was answering when it froze: a connection is proof enough.
+                        Ok(woken) if i.paused && woken.running => return self.connected(d, &woken, &config).await,
+                        Ok(woken) => woken,
+                        // It may have been removed since it was listed: make a new one.
+                        Err(e) => {
+                            log::info!("{d}: instance {} did not start ({e}); making a new one", short_id(&i.id));
+                            self.run(d, &image_ref, &config, fresh, true).await?
+                        }
                     }
                 }
-            }
-            _ => self.run(d, &image_ref, &config, config.pull == Pull::Always, true).await?,
+            },
+            None => self.run(d, &image_ref, &config, fresh, true).await?,
         };
         self.answering(d, &instance, &config).await
     }
 
+    /// The image the tag names here now, when it is not the one `instance`
+    /// was made from (the tag moved and was pulled since): a stopped or
+    /// paused instance of an older image is not woken.
+    async fn newer_local_image(&self, image_ref: &str, instance: &Instance) -> Result<Option<String>, PipesError> {
+        let Some(local) = self.backend.image(image_ref).await? else { return Ok(None) };
+        Ok(match &instance.image_id {
+            Some(made_from) if *made_from != local.id => Some(local.digest.unwrap_or(local.id)),
+            _ => None,
+        })
+    }
+
     /// The upstream of a started instance, once it answers.
     async fn answering(&self, d: &Deployment, instance: &Instance, config: &Effective) -> Result<Upstream, PipesError> {
+        let addr = self.address(d, instance).await?;
+        self.until_ready(d, &instance.id, addr, config).await?;
+        Ok(upstream_of(instance, addr, Some(config)))
+    }
+
+    /// The upstream of a thawed instance, once it accepts a connection.
+    async fn connected(&self, d: &Deployment, instance: &Instance, config: &Effective) -> Result<Upstream, PipesError> {
+        let addr = self.address(d, instance).await?;
+        let probed = self.timed(Phase::Probe, probe::until_connects(addr, config.health_timeout)).await;
+        if !probed {
+            return Err(PipesError::NotReady { deployment: d.to_string(), timeout: config.health_timeout, probed: format!("connect {addr}") });
+        }
+        Ok(upstream_of(instance, addr, Some(config)))
+    }
+
+    /// Where a started instance answers; the exit failure if it does not run.
+    async fn address(&self, d: &Deployment, instance: &Instance) -> Result<SocketAddr, PipesError> {
         if !instance.running {
             let code = instance.exit_code.unwrap_or(0);
             return Err(self.exit_failure(d, &instance.id, code).await);
         }
-        let addr = instance.address.ok_or_else(|| PipesError::Unservable {
+        instance.address.ok_or_else(|| PipesError::Unservable {
             deployment: d.to_string(),
             reason: "the running instance has no address Pipes can reach (is PIPES_NETWORK shared with Pipes?)".into(),
-        })?;
-        self.until_ready(d, &instance.id, addr, config).await?;
-        Ok(upstream_of(instance, addr, Some(config)))
+        })
     }
 
     /// The upstream of `d`'s current generation if it runs, without probing:
@@ -250,6 +300,7 @@ impl Deployer {
             cpus: config.cpus,
             restart: config.restart,
             digest: image.digest,
+            image_id: image.id,
             pids: config.pids,
             capabilities: {
                 let mut caps: Vec<String> = BASE_CAPABILITIES.iter().map(|c| c.to_string()).collect();
@@ -264,6 +315,16 @@ impl Deployer {
         let instance = if instance.running { instance } else { self.timed(Phase::Start, self.backend.start(&instance.id)).await? };
         drop(admitted);
         Ok(instance)
+    }
+
+    /// Pulls the image `d`'s tag names in the registry now; its digest.
+    pub async fn pull(&self, d: &Deployment) -> Result<String, PipesError> {
+        let image_ref = self.image_ref(d);
+        let image = self
+            .timed(Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(&image_ref)))
+            .await
+            .map_err(|_| PipesError::PullTimeout { image: image_ref.clone(), timeout: self.pull_timeout })??;
+        Ok(image.digest.unwrap_or(image.id))
     }
 
     /// Makes a new generation from what the tag names in the registry now,
@@ -436,6 +497,10 @@ impl Deployer {
 fn upstream_of(instance: &Instance, addr: SocketAddr, config: Option<&Effective>) -> Upstream {
     let mut upstream = Upstream::new(instance.id.clone(), addr, instance.digest.clone());
     upstream.idle_timeout = config.and_then(|c| c.idle_timeout);
+    if let Some(c) = config {
+        upstream.idle_action = c.idle_action;
+        upstream.pause_timeout = c.pause_timeout;
+    }
     upstream.watch = config.and_then(|c| c.watch);
     upstream
 }

@@ -1,5 +1,6 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
-//! server: idle instances are stopped, watched tags are checked, and slots
+//! server: idle instances are stopped (or paused), paused ones past their
+//! pause timeout stopped, watched tags are checked, and slots
 //! that never became deployments are dropped from the table.
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ impl BackgroundService for Janitor {
                 _ = every.tick() => {}
             }
             self.fleet.stop_idle();
+            self.fleet.expire_paused();
             self.fleet.poll_tags();
             if tick % SWEEP_EVERY_TICKS == 0 {
                 let dropped = self.fleet.sweep();

@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use futures_util::future::FutureExt;
 
 use crate::auth::ScopedToken;
-use crate::config::{DeployConfig, Effective};
+use crate::config::{DeployConfig, Effective, IdleAction};
 use crate::engine::{short_id, Backend, Event, EventKind, Image, Instance};
 use crate::error::PipesError;
 use crate::metrics::Metrics;
@@ -57,6 +57,9 @@ pub enum State {
     Running,
     /// A start is under way.
     Starting,
+    /// Its instance is paused: it holds its memory, and the next request
+    /// thaws it in milliseconds.
+    Paused,
     /// Its instance exists and does not run.
     Stopped,
     /// It has no instance.
@@ -74,6 +77,7 @@ impl State {
         }
         match instance {
             Some(i) if i.running => State::Running,
+            Some(i) if i.paused => State::Paused,
             _ if failed => State::Failed,
             Some(_) => State::Stopped,
             None => State::Absent,
@@ -85,6 +89,7 @@ impl State {
         match self {
             State::Running => "running",
             State::Starting => "starting",
+            State::Paused => "paused",
             State::Stopped => "stopped",
             State::Absent => "absent",
             State::Failed => "failed",
@@ -171,6 +176,10 @@ pub struct Fleet {
     retired: AtomicBool,
     /// `PIPES_MAX_NOT_RUNNING`.
     max_not_running: usize,
+    /// Instances this Pipes paused (or found paused), by id.
+    paused: Mutex<HashMap<String, Paused>>,
+    /// `PIPES_MAX_PAUSED`.
+    max_paused: usize,
     /// Images the registry did not have, and when it said so: kept apart from
     /// the table, so that names of images that do not exist hold no slot.
     missing: Mutex<hashbrown::HashMap<Deployment, Instant>>,
@@ -183,6 +192,14 @@ pub struct Fleet {
 }
 
 type Starts = HashMap<IpAddr, HashMap<Deployment, usize>>;
+
+/// A paused instance: whose, since when, and for how long at most.
+#[derive(Debug, Clone)]
+struct Paused {
+    deployment: Deployment,
+    since: Instant,
+    timeout: Duration,
+}
 
 /// A request of one client waiting on a deployment's start; ends when dropped.
 pub struct ClientStart {
@@ -222,6 +239,8 @@ impl Fleet {
             control,
             retired: AtomicBool::new(false),
             max_not_running: settings.max_not_running,
+            paused: Mutex::new(HashMap::new()),
+            max_paused: settings.max_paused,
             missing: Mutex::new(hashbrown::HashMap::new()),
             starts: Arc::new(Mutex::new(HashMap::new())),
             max_starts_per_client: settings.max_starts_per_client,
@@ -503,14 +522,89 @@ impl Fleet {
             slot.set_upstream(Some(seen));
             return;
         }
-        let idle = seen.idle_timeout.map(humantime::format_duration);
-        log::info!("{}: nothing open for {}, stopping it", slot.deployment, idle.map(|i| i.to_string()).unwrap_or_default());
+        let idle = seen.idle_timeout.map(humantime::format_duration).map(|i| i.to_string()).unwrap_or_default();
+        if seen.idle_action == IdleAction::Pause {
+            self.make_room_to_pause().await;
+            log::info!("{}: nothing open for {idle}, pausing it", slot.deployment);
+            match self.deployer.backend().pause(&seen.instance_id).await {
+                Ok(()) => {
+                    let paused = Paused { deployment: slot.deployment.clone(), since: Instant::now(), timeout: seen.pause_timeout };
+                    self.paused.lock().unwrap_or_else(PoisonError::into_inner).insert(seen.instance_id.clone(), paused);
+                    if let Some(m) = &slot.metrics {
+                        m.idle_pause();
+                    }
+                    return;
+                }
+                Err(e) => log::warn!("{}: cannot pause idle instance, stopping it: {e}", slot.deployment),
+            }
+        } else {
+            log::info!("{}: nothing open for {idle}, stopping it", slot.deployment);
+        }
         if let Some(m) = &slot.metrics {
             m.idle_stop();
         }
         if let Err(e) = self.deployer.stop_instance(&seen.instance_id).await {
             log::warn!("{}: cannot stop idle instance: {e}", slot.deployment);
         }
+    }
+
+    /// At `PIPES_MAX_PAUSED`, stops the instance paused longest.
+    async fn make_room_to_pause(&self) {
+        let oldest = {
+            let paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+            if paused.len() < self.max_paused {
+                return;
+            }
+            paused.iter().min_by_key(|(_, p)| p.since).map(|(id, p)| (id.clone(), p.deployment.clone()))
+        };
+        if let Some((id, d)) = oldest {
+            log::info!("{d}: {} instances are paused (PIPES_MAX_PAUSED): stopping {}, paused longest", self.max_paused, short_id(&id));
+            self.stop_paused(&id, &d).await;
+        }
+    }
+
+    /// Stops paused instances whose `pause_timeout` passed.
+    pub fn expire_paused(self: &Arc<Self>) {
+        if self.retired() {
+            return;
+        }
+        let expired: Vec<(String, Deployment)> = self
+            .paused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, p)| p.since.elapsed() >= p.timeout)
+            .map(|(id, p)| (id.clone(), p.deployment.clone()))
+            .collect();
+        for (id, d) in expired {
+            let fleet = self.clone();
+            self.control.spawn(async move {
+                log::info!("{d}: paused for its pause_timeout, stopping instance {}", short_id(&id));
+                fleet.stop_paused(&id, &d).await;
+            });
+        }
+    }
+
+    /// Stops a paused instance, unless a start of its deployment thawed it first.
+    async fn stop_paused(&self, id: &str, d: &Deployment) {
+        let slot = self.slot(d.as_ref());
+        let _op = slot.ops.lock().await;
+        if self.paused.lock().unwrap_or_else(PoisonError::into_inner).remove(id).is_none() {
+            return;
+        }
+        if let Err(e) = self.deployer.stop_instance(id).await {
+            log::warn!("{d}: cannot stop paused instance {}: {e}", short_id(id));
+        }
+    }
+
+    /// Forgets that `id` is paused (it was thawed, stopped or removed).
+    fn unpaused(&self, id: &str) {
+        self.paused.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+    }
+
+    /// The deployments with a paused instance.
+    pub fn paused_deployments(&self) -> HashSet<Deployment> {
+        self.paused.lock().unwrap_or_else(PoisonError::into_inner).values().map(|p| p.deployment.clone()).collect()
     }
 
     /// Asks the registry for the tag of every running deployment whose
@@ -583,6 +677,31 @@ impl Fleet {
                     log::info!("{d}: {cause}: the tag moved, now serving {}", current.digest.unwrap_or_default())
                 }
                 Err(e) => log::warn!("{d}: {cause}: redeploy failed, the current generation keeps serving: {e}"),
+            }
+        });
+    }
+
+    /// Whether `d` ran here before: an instance of it exists, or a config was
+    /// stored for it or its repository. Pushes pull ahead only for those.
+    pub async fn has_run(&self, d: &Deployment) -> bool {
+        let deployer = self.deployer.clone();
+        let key = d.clone();
+        let instances = self.on_control(async move { deployer.backend().instances(&key).await }).await;
+        if instances.is_ok_and(|i| !i.is_empty()) {
+            return true;
+        }
+        matches!(self.configs(d).await, Ok(c) if c.own.is_some() || c.repository.is_some())
+    }
+
+    /// Pulls what `d`'s tag names now, in the background and within
+    /// `PIPES_MAX_PULLS`: its next start then wakes no stale image and waits
+    /// for no pull.
+    pub fn prepull_later(self: &Arc<Self>, d: Deployment) {
+        let deployer = self.deployer.clone();
+        self.control.spawn(async move {
+            match deployer.pull(&d).await {
+                Ok(digest) => log::info!("{d}: push notification: pulled {digest} ahead of its next start"),
+                Err(e) => log::warn!("{d}: push notification: pulling ahead failed: {e}"),
             }
         });
     }
@@ -675,6 +794,9 @@ impl Fleet {
     /// policy) and is not served yet is probed and adopted.
     pub(crate) fn on_event(self: &Arc<Self>, event: &Event) {
         let Some(d) = &event.deployment else { return };
+        if !matches!(event.kind, EventKind::Paused | EventKind::Health(_)) {
+            self.unpaused(&event.id);
+        }
         match &event.kind {
             kind if kind.ends_it() => {
                 if let Some(slot) = self.get(d.as_ref()) {
@@ -683,7 +805,7 @@ impl Fleet {
                     }
                 }
             }
-            EventKind::Started => self.adopt_running(d),
+            EventKind::Started | EventKind::Unpaused => self.adopt_running(d),
             EventKind::Health(status) => log::debug!("{d}: instance {} is {status}", short_id(&event.id)),
             _ => {}
         }
@@ -705,7 +827,20 @@ impl Fleet {
         for instance in instances.iter().filter(|i| i.running) {
             self.adopt_running(&instance.deployment);
         }
+        self.note_paused(&instances);
         Ok(())
+    }
+
+    /// Keeps the record of paused instances true to the backend's list:
+    /// ones paused by hand (or before a restart) time out from now.
+    fn note_paused(&self, instances: &[Instance]) {
+        let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+        paused.retain(|id, _| instances.iter().any(|i| i.paused && &i.id == id));
+        for i in instances.iter().filter(|i| i.paused) {
+            paused
+                .entry(i.id.clone())
+                .or_insert_with(|| Paused { deployment: i.deployment.clone(), since: Instant::now(), timeout: self.deployer.defaults().pause_timeout });
+        }
     }
 
     /// Starts serving `d` through the usual start (which finds its running
@@ -770,6 +905,7 @@ impl Fleet {
             cold.starting = None;
             match &result {
                 Ok(up) => {
+                    fleet.unpaused(&up.instance_id);
                     log::info!("{}: ready at {} in {:?}", slot.deployment, up.addr, began.elapsed());
                     cold.failed = None;
                     slot.set_upstream(Some(up.clone()));
@@ -832,6 +968,7 @@ impl Fleet {
     pub async fn adopt(&self) -> Result<usize, PipesError> {
         let deployer = self.deployer.clone();
         let listed = self.on_control(async move { deployer.backend().list().await }).await?;
+        self.note_paused(&listed);
         let mut deployments: Vec<&Deployment> = listed.iter().map(|i| &i.deployment).collect();
         deployments.sort();
         deployments.dedup();

@@ -35,6 +35,23 @@ pub async fn until_answers(addr: SocketAddr, path: &str, timeout: Duration) -> b
     }
 }
 
+/// Tries to connect to `addr` until it accepts or `timeout` passes.
+pub async fn until_connects(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        let attempt_deadline = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+        if let Ok(Ok(_)) = timeout_at(attempt_deadline, TcpStream::connect(addr)).await {
+            return true;
+        }
+        if Instant::now() + pause >= deadline {
+            return false;
+        }
+        sleep(pause).await;
+        pause = (pause * 3 / 2).min(MAX_PAUSE);
+    }
+}
+
 /// One probe: does `GET path` get a status line below 500?
 async fn answers(addr: SocketAddr, path: &str) -> bool {
     let Ok(mut stream) = TcpStream::connect(addr).await else {

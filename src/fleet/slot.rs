@@ -13,6 +13,7 @@ use futures_util::future::{BoxFuture, Shared};
 use pingora::upstreams::peer::HttpPeer;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::IdleAction;
 use crate::error::PipesError;
 use crate::metrics::DeploymentMetrics;
 use crate::route::Deployment;
@@ -34,8 +35,12 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// The image digest the instance runs, if known.
     pub digest: Option<String>,
-    /// Stop the instance after this long with nothing open.
+    /// Stop (or pause) the instance after this long with nothing open.
     pub idle_timeout: Option<Duration>,
+    /// Whether an idle instance is stopped or paused.
+    pub idle_action: IdleAction,
+    /// How long it may stay paused before it is stopped.
+    pub pause_timeout: Duration,
     /// Ask the registry for the tag's digest this often.
     pub watch: Option<Duration>,
     /// Unix time in milliseconds when it became ready.
@@ -57,6 +62,8 @@ impl Upstream {
             addr,
             digest,
             idle_timeout: None,
+            idle_action: IdleAction::Stop,
+            pause_timeout: Duration::from_secs(3600),
             watch: None,
             ready_ms: now_ms(),
             peer,

@@ -463,3 +463,66 @@ async fn the_table_holds_a_bounded_number_of_deployments_that_do_not_run() {
     assert!(matches!(e, PipesError::TooManyNotRunning { max: 3 }), "{e}");
     assert!(h.fleet.slot_for_request(running.as_ref()).is_ok(), "known deployments are found as ever");
 }
+
+/// Pauses `d` after its idle timeout (set to 1 s with `idle_action: pause`).
+async fn paused_after_idle(h: &Harness, d: &Deployment, extra: &str) {
+    let config = DeployConfig::from_json(format!(r#"{{"idle_timeout":"1s","idle_action":"pause"{extra}}}"#).as_bytes()).unwrap();
+    h.fleet.put_config(d, config).await.unwrap();
+    h.ready(d).await.unwrap();
+    let (fleet, slot) = (h.fleet.clone(), h.fleet.slot(d.as_ref()));
+    eventually("the idle instance is paused", move || {
+        fleet.stop_idle();
+        slot.upstream().is_none() && fleet.paused_deployments().contains(&slot.deployment)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pause_deployment_is_paused_and_thawed_by_the_next_request() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/nap:v1", Behaviour::default());
+    paused_after_idle(&h, &d, "").await;
+    assert_eq!(h.fake.calls.pauses.load(Ordering::Relaxed), 1);
+    assert_eq!(h.fake.calls.stops.load(Ordering::Relaxed), 0, "paused, not stopped");
+    let status = h.fleet.status(&d).await.unwrap();
+    assert_eq!(status.state, State::Paused);
+    h.ready(&d).await.expect("the next request thaws it");
+    assert_eq!(h.fake.calls.unpauses.load(Ordering::Relaxed), 1);
+    assert_eq!((h.fake.calls.creates.load(Ordering::Relaxed), h.fake.calls.starts.load(Ordering::Relaxed)), (1, 1), "no new instance, no start");
+    assert!(h.fleet.paused_deployments().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_instances_are_stopped_past_the_ceiling_and_the_pause_timeout() {
+    let h = Harness::new(&[("PIPES_MAX_PAUSED", "1")]);
+    let one = h.publish("alice/one:v1", Behaviour::default());
+    let two = h.publish("alice/two:v1", Behaviour::default());
+    paused_after_idle(&h, &one, "").await;
+    paused_after_idle(&h, &two, r#","pause_timeout":"1s""#).await;
+    assert_eq!(h.fleet.paused_deployments(), HashSet::from([two.clone()]), "the one paused longest was stopped");
+    assert_eq!(h.fleet.status(&one).await.unwrap().state, State::Stopped);
+    let fleet = h.fleet.clone();
+    eventually("the pause timeout stops it", move || {
+        fleet.expire_paused();
+        fleet.paused_deployments().is_empty()
+    })
+    .await;
+    let (fleet, two) = (h.fleet.clone(), two.clone());
+    let stopped = tokio::spawn(async move { fleet.status(&two).await.unwrap().state }).await.unwrap();
+    assert_eq!(stopped, State::Stopped);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_of_an_older_image_is_replaced_not_woken() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let first = h.ready(&d).await.unwrap();
+    h.fleet.stop(&d).await.unwrap();
+    let newer = h.push("alice/app:v1", Behaviour::default());
+    h.fleet.deployer.pull(&d).await.expect("pulled ahead, as a push does");
+    let pulls = h.fake.calls.pulls.load(Ordering::Relaxed);
+    let second = h.ready(&d).await.unwrap();
+    assert_ne!(first.instance_id, second.instance_id, "a new generation");
+    assert_eq!(second.digest.as_deref(), Some(newer.as_str()));
+    assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), pulls, "no pull on the request path");
+}
