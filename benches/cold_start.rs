@@ -34,10 +34,14 @@ fn rounds() -> usize {
 
 const TOKEN: &str = "bench-token-0123456789";
 
-fn start_pipes() -> Pipes {
+fn start_pipes(metrics_port: u16) -> Pipes {
+    let metrics = format!("127.0.0.1:{metrics_port}");
     Pipes::start(&[
+        ("PIPES_METRICS_LISTEN", Some(&metrics)),
         ("PIPES_ALLOW", Some("bench/*")),
         ("PIPES_API_TOKEN", Some(TOKEN)),
+        // Every case's deployments stay up until the end: room for all of them.
+        ("PIPES_MAX_CONTAINERS", Some("1000")),
         ("PIPES_SERVER_CONF", Some(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))),
         ("RUST_LOG", Some("warn")),
     ])
@@ -177,7 +181,8 @@ async fn main() {
     // `cargo bench` passes --bench; this harness takes no arguments.
     let e = env();
     let docker = Docker::connect_with_local_defaults().unwrap().negotiate_version().await.unwrap();
-    let pipes = start_pipes();
+    let metrics_port = common::free_port();
+    let pipes = start_pipes(metrics_port);
     let repo = format!("{}/bench/app", e.registry);
     let n = rounds();
 
@@ -242,6 +247,12 @@ async fn main() {
         ms(p50(&mut ahead)),
         ms(p50(&mut on_path))
     );
+    println!("\nWhere Pipes' starts spent their time, over every case above (mean ms per step, from its metrics):\n");
+    println!("| phase | steps | mean ms |");
+    println!("|---|---|---|");
+    for (phase, count, mean) in phases(metrics_port).await {
+        println!("| {phase} | {count} | {mean:.1} |");
+    }
     println!("\nCoalescing: 200 concurrent first requests to one cold deployment, {BURSTS} deployments in turn\n");
     println!("| burst | containers created | errors | p50 ms | p99 ms | p99 − p50 ms |");
     println!("|---|---|---|---|---|---|");
@@ -260,6 +271,22 @@ async fn main() {
     for b in 0..BURSTS {
         untag(&docker, &format!("{repo}:burst{b}")).await;
     }
+}
+
+/// Each cold-start phase's count and mean (ms), from `pipes_cold_start_phase_seconds`.
+async fn phases(metrics_port: u16) -> Vec<(String, u64, f64)> {
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.expect("metrics").text().await.expect("metrics body");
+    let value = |name: &str, phase: &str| {
+        let prefix = format!("pipes_cold_start_phase_seconds_{name}{{phase=\"{phase}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    ["pull", "create", "start", "probe"]
+        .iter()
+        .map(|p| {
+            let (count, sum) = (value("count", p), value("sum", p));
+            (p.to_string(), count as u64, if count > 0.0 { sum * 1000.0 / count } else { 0.0 })
+        })
+        .collect()
 }
 
 /// Waits until `GET container` of `host` reports `state`.
