@@ -2,13 +2,11 @@
 #
 # Build the binary first (no registry or base image needed; OpenSSL's static
 # libraries come from Debian's libssl-dev, see .cargo/config.toml):
-#   scripts/build-image            # or by hand:
-#   RUSTFLAGS="-C target-feature=+crt-static" \
-#     cargo build --release --target x86_64-unknown-linux-gnu
-#   DOCKER_BUILDKIT=0 docker build -t pipes .
+#   scripts/build-image            # or by hand (static: .cargo/config.toml):
+#   cargo build --release && DOCKER_BUILDKIT=0 docker build -t pipes .
 #
-# Run:
-#   docker run -d -p 80:8080 -v /var/run/docker.sock:/var/run/docker.sock \
+# Run (or let scripts/run do it):
+#   docker run -d -p 127.0.0.1:8080:8080 -v /var/run/docker.sock:/var/run/docker.sock \
 #     -v "$PWD/configs:/configs" -e PIPES_ALLOW='alice/*' pipes
 FROM scratch
 ARG BINARY=target/x86_64-unknown-linux-gnu/release/pipes

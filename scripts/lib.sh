@@ -24,6 +24,35 @@ ensure_commands() {
   fi
 }
 
+# What building Pipes needs: cmake (libz-ng), pkg-config, and OpenSSL's
+# static libraries, linked into the static binary (.cargo/config.toml).
+ensure_build_tools() {
+  ensure_commands cmake:cmake pkg-config:pkg-config
+  [ -f /usr/lib/x86_64-linux-gnu/libssl.a ] || apt_install libssl-dev
+}
+
+# The static release binary every way of building shares. A first build
+# compiles some 400 crates: about 5 minutes on 2 cores, longer on slower
+# machines; later builds take seconds.
+build_pipes() {
+  ensure_build_tools
+  [ -x target/x86_64-unknown-linux-gnu/release/pipes ] ||
+    log "building Pipes for the first time: about 5 minutes on 2 cores (cargo shows its progress)"
+  cargo build --release --bin pipes "$@"
+}
+
+# docker build with the classic builder: BuildKit needs the buildx plugin,
+# which not every engine install has, and these images (FROM scratch, COPY)
+# need nothing it adds. Newer CLIs print a deprecation notice for the
+# classic builder on every build; that notice is dropped, errors are not.
+docker_build() {
+  local err status=0
+  err="$(DOCKER_BUILDKIT=0 docker build -q "$@" 2>&1 >/dev/null)" || status=$?
+  printf '%s\n' "$err" | grep -v -e '^$' -e 'legacy builder is deprecated' -e 'buildx component' -e 'docs.docker.com/go/buildx' \
+    -e 'BuildKit is currently disabled' -e '^ *environment-variable\.$' >&2 || true
+  return $status
+}
+
 # Starts dockerd if no engine answers; sets DOCKERD_PID when it started one.
 # Its log goes to $1.
 DOCKERD_PID=""
@@ -63,7 +92,11 @@ setup_test_env() {
     if docker info >/dev/null 2>&1; then
       docker ps -aq --filter "label=pipes.test=$RUN" | xargs -r docker rm -f >/dev/null
       docker network ls -q --filter "label=pipes.test=$RUN" | xargs -r docker network rm >/dev/null
-      docker images -q --filter "label=pipes.test=$RUN" | sort -u | xargs -r docker rmi -f >/dev/null
+      docker volume ls -q --filter "label=pipes.test=$RUN" | xargs -r docker volume rm >/dev/null
+      # Images derived from others go first; their parents in a later pass.
+      for _ in 1 2 3; do
+        docker images -q --filter "label=pipes.test=$RUN" | sort -u | xargs -r docker rmi -f >/dev/null 2>&1
+      done
     fi
     [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
@@ -73,10 +106,9 @@ setup_test_env() {
   trap cleanup EXIT INT TERM
 
   # --- tools and engine -----------------------------------------------------
-  ensure_commands cmake:cmake pkg-config:pkg-config docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io \
+  ensure_build_tools
+  ensure_commands docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io \
     pebble:pebble pebble-challtestsrv:pebble promtool:prometheus
-  # OpenSSL's static libraries, linked into the static binary (.cargo/config.toml).
-  [ -f /usr/lib/x86_64-linux-gnu/libssl.a ] || apt_install libssl-dev
   ensure_engine "$WORK/dockerd.log"
   log "Docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
 
@@ -117,15 +149,13 @@ YAML
   log "registry at $REGISTRY (user $REGISTRY_USER)"
 
   # --- builds ----------------------------------------------------------------
-  # Static binaries: the fixture and the Pipes image run on scratch.
-  export CARGO_BUILD_TARGET=x86_64-unknown-linux-gnu
-  export RUSTFLAGS="-C target-feature=+crt-static"
+  # Static binaries (.cargo/config.toml): the fixture and the Pipes image run on scratch.
   log "building the fixture server"
   cargo build --release -p fixture-server
   FIXTURE_IMAGE="pipes-test-fixture:$RUN"
   mkdir -p "$WORK/fixture"
-  cp "target/$CARGO_BUILD_TARGET/release/fixture-server" tests/fixture-server/Dockerfile "$WORK/fixture/"
-  DOCKER_BUILDKIT=0 docker build -q --label "pipes.test=$RUN" -t "$FIXTURE_IMAGE" "$WORK/fixture" >/dev/null
+  cp target/x86_64-unknown-linux-gnu/release/fixture-server tests/fixture-server/Dockerfile "$WORK/fixture/"
+  docker_build --label "pipes.test=$RUN" -t "$FIXTURE_IMAGE" "$WORK/fixture"
   log "fixture image $FIXTURE_IMAGE"
 
   export PIPES_TEST_RUN="$RUN"
