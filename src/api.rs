@@ -140,10 +140,10 @@ pub(crate) struct Admitted {
 
 /// Checks what the request head alone can tell: endpoint, method, token.
 pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
-    let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path))?;
     let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
+    let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path, on, None))?;
     if endpoint.on() != on {
-        return Err(not_found(&req.path));
+        return Err(not_found(&req.path, on, Some(endpoint.on())));
     }
     let method = if req.method == Method::HEAD { Method::GET } else { req.method.clone() };
     if !endpoint.methods().contains(&method) {
@@ -166,8 +166,17 @@ pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> 
     Ok(Admitted { endpoint, method, access })
 }
 
-fn not_found(path: &str) -> PipesError {
-    PipesError::ApiNotFound { path: path.to_owned(), known: Endpoint::ALL.iter().map(|e| e.path()).collect() }
+/// 404 for `path` asked on a host of kind `on`: the endpoints served there,
+/// and where `path` is served if on the other kind of host.
+fn not_found(path: &str, on: On, served_on: Option<On>) -> PipesError {
+    PipesError::ApiNotFound {
+        path: path.to_owned(),
+        known: Endpoint::ALL.iter().filter(|e| e.on() == on).map(|e| e.path()).collect(),
+        elsewhere: served_on.map(|on| match on {
+            On::Bare => "the bare domain (a Host without deployment labels, such as example.com)",
+            On::Deployment => "a deployment's host ({tag}.{repo}.{user}.<domain>)",
+        }),
+    }
 }
 
 /// Answers an admitted API request, its body read.
@@ -217,7 +226,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
             log::info!("{}: repository config replaced over the API", d.repository());
             repository_config(fleet, d).await.map(Json::ok)
         }
-        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found(&req.path)),
+        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found(&req.path, On::Deployment, Some(On::Bare))),
     }
 }
 
@@ -334,11 +343,19 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         idle_at_ms,
         idle_timeout,
         config,
+        config_pending,
         last_error,
     } = fleet.status(d).await?;
-    let config = match config {
+    let effective = match config {
         Ok(c) => c.to_json(instance.as_ref().and_then(|i| i.port)),
         Err(e) => json!({ "error": error_body(&e) }),
+    };
+    // What the instance runs, and beside it what a restart would apply.
+    let made_from = instance.as_ref().and_then(|i| serde_json::from_str::<Value>(i.config.as_deref()?).ok());
+    let (config, config_pending) = match (made_from, config_pending) {
+        (Some(running), true) => (running, Some(effective)),
+        (None, true) => (Value::Null, Some(effective)),
+        (_, false) => (effective, None),
     };
     let mut body = json!({
         "deployment": deployment.to_string(),
@@ -355,6 +372,7 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         "idle_timeout": idle_timeout.map(|t| humantime::format_duration(t).to_string()),
         "idle_at": idle_at_ms.map(rfc3339_ms),
         "config": config,
+        "config_pending": config_pending,
     });
     if let (Some(e), Some(obj)) = (last_error, body.as_object_mut()) {
         obj.insert("last_error".into(), error_body(&e));

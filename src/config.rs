@@ -376,7 +376,9 @@ impl DeployConfig {
                             // The path ends at the unknown field itself.
                             field.clone()
                         };
-                        PipesError::UnknownField { field, message }
+                        // serde names the field again; the error names it once.
+                        let expected = rest.split_once("`, ").map_or("not a config field", |(_, expected)| expected);
+                        PipesError::UnknownField { field, message: expected.to_owned() }
                     }
                     None => PipesError::InvalidField { field, message },
                 },
@@ -661,6 +663,9 @@ mod tests {
         let (code, body) = status(r#"{"health":{"path":"/","interval":"1s"}}"#);
         assert_eq!(code, 400);
         assert!(body.contains("interval"), "{body}");
+        let message = DeployConfig::from_json(br#"{"colour":"red"}"#).unwrap_err().to_string();
+        assert!(message.starts_with("unknown field 'colour': expected one of `port`"), "{message}");
+        assert_eq!(message.matches("colour").count(), 1, "{message}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub enum PipesError {
     /// A Host label cannot be part of a Docker image reference.
     BadName { label: String, reason: &'static str },
     /// An API path Pipes does not know; `known` lists the paths that exist.
-    ApiNotFound { path: String, known: Vec<&'static str> },
+    ApiNotFound { path: String, known: Vec<&'static str>, elsewhere: Option<&'static str> },
     /// The API needs a bearer token and the request has none, or a wrong one.
     Unauthorized,
     /// No API token is configured, so the API is closed.
@@ -48,6 +48,8 @@ pub enum PipesError {
     ImageNotFound { image: String },
     /// The registry refused the credentials (or asked for some).
     RegistryAuth { registry: String, user: Option<String>, detail: String },
+    /// The engine could not reach the registry to pull `image`.
+    RegistryUnreachable { image: String, registry: String, detail: String },
     /// The container stopped before it answered.
     Exited { deployment: String, code: i64, logs: Vec<String> },
     /// The container did not answer within the health timeout.
@@ -96,7 +98,7 @@ impl PipesError {
             Self::MethodNotAllowed { .. } => 405,
             Self::ConfigBroken { .. } => 500,
             Self::TooManyContainers { .. } => 503,
-            Self::RegistryAuth { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
+            Self::RegistryAuth { .. } | Self::RegistryUnreachable { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
             Self::Unservable { .. } => 502,
             Self::NotReady { .. } => 504,
             Self::NoPreviousGeneration { .. } => 409,
@@ -133,6 +135,7 @@ impl PipesError {
             Self::TooManyContainers { .. } => "too_many_containers",
             Self::ImageNotFound { .. } => "image_not_found",
             Self::RegistryAuth { .. } => "registry_auth",
+            Self::RegistryUnreachable { .. } => "registry_unreachable",
             Self::Exited { .. } => "container_exited",
             Self::NotReady { .. } => "not_ready",
             Self::EngineUnavailable { .. } => "engine_unavailable",
@@ -172,6 +175,7 @@ impl PipesError {
             self,
             Self::ImageNotFound { .. }
                 | Self::RegistryAuth { .. }
+                | Self::RegistryUnreachable { .. }
                 | Self::Exited { .. }
                 | Self::NotReady { .. }
                 | Self::Unservable { .. }
@@ -189,7 +193,10 @@ impl fmt::Display for PipesError {
             }
             Self::NoDeployment { host, expected } => write!(f, "host '{host}' names no deployment; use {expected}"),
             Self::BadName { label, reason } => write!(f, "label '{label}' in the host: {reason}"),
-            Self::ApiNotFound { path, known } => write!(f, "no API endpoint at '{path}'; endpoints: {}", known.join(", ")),
+            Self::ApiNotFound { path, known, elsewhere: Some(elsewhere) } => {
+                write!(f, "{path} is served on {elsewhere}, not on this host; endpoints here: {}", known.join(", "))
+            }
+            Self::ApiNotFound { path, known, elsewhere: None } => write!(f, "no API endpoint at '{path}'; endpoints here: {}", known.join(", ")),
             Self::Forbidden { deployment } => write!(
                 f,
                 "{deployment} may not be deployed here; the operator can allow it with PIPES_ALLOW \
@@ -214,6 +221,11 @@ impl fmt::Display for PipesError {
                 Some(user) => write!(f, "registry {registry} refused the credentials of user '{user}': {detail}"),
                 None => write!(f, "registry {registry} requires credentials (set DOCKER_AUTH and DOCKER_AUTH_*): {detail}"),
             },
+            Self::RegistryUnreachable { image, registry, detail } => write!(
+                f,
+                "cannot pull {image}: the engine cannot reach registry {registry} ({detail}); \
+                 PIPES_REGISTRY names the registry of every image"
+            ),
             Self::Exited { deployment, code, .. } => {
                 write!(f, "the container of {deployment} exited with code {code} while starting")
             }
@@ -282,6 +294,7 @@ mod tests {
             (PipesError::Forbidden { deployment: "a/b:c".into() }, 403),
             (PipesError::ImageNotFound { image: "a/b:c".into() }, 404),
             (PipesError::RegistryAuth { registry: "r".into(), user: Some("u".into()), detail: "d".into() }, 502),
+            (PipesError::RegistryUnreachable { image: "r/a/b:c".into(), registry: "r".into(), detail: "d".into() }, 502),
             (PipesError::Exited { deployment: "a/b:c".into(), code: 3, logs: vec![] }, 502),
             (PipesError::NotReady { deployment: "a/b:c".into(), timeout: Duration::from_secs(1), probed: "GET /".into() }, 504),
             (PipesError::EngineUnavailable { reason: "down".into() }, 503),

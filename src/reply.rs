@@ -40,6 +40,7 @@ fn public_message(e: &PipesError) -> Option<String> {
         PipesError::EngineUnavailable { .. } => format!("the Docker engine is unavailable; retry in {RETRY_AFTER_SECS} s"),
         PipesError::Engine { action, .. } => format!("the Docker engine failed to {action}"),
         PipesError::RegistryAuth { .. } => "the registry refused the credentials this Pipes uses".to_owned(),
+        PipesError::RegistryUnreachable { image, .. } => format!("the registry of {} cannot be reached; the operator is told", without_registry(image)),
         PipesError::ImageNotFound { image } => format!("image {} was not found in the registry", without_registry(image)),
         PipesError::PullTimeout { image, .. } => format!("pulling {} took too long", without_registry(image)),
         PipesError::ConfigBroken { .. } => "a stored config of this deployment cannot be used; the operator is told".to_owned(),
@@ -66,7 +67,7 @@ pub fn error_body_for(e: &PipesError, audience: Audience) -> Value {
         (Audience::Public, Some(message)) => {
             let mut body = json!({ "error": e.kind(), "status": e.status(), "message": message });
             let extra = match e {
-                PipesError::ImageNotFound { image } | PipesError::PullTimeout { image, .. } => {
+                PipesError::ImageNotFound { image } | PipesError::PullTimeout { image, .. } | PipesError::RegistryUnreachable { image, .. } => {
                     json!({ "image": without_registry(image) })
                 }
                 PipesError::NotReady { deployment, timeout, .. } => json!({
@@ -98,7 +99,7 @@ pub fn error_body(e: &PipesError) -> Value {
         PipesError::NotOurs { host, expected } => json!({ "host": host, "expected": expected }),
         PipesError::NoDeployment { host, .. } => json!({ "host": host }),
         PipesError::BadName { label, reason } => json!({ "label": label, "reason": reason }),
-        PipesError::ApiNotFound { path, known } => json!({ "path": path, "known": known }),
+        PipesError::ApiNotFound { path, known, .. } => json!({ "path": path, "known": known }),
         PipesError::Forbidden { deployment } => json!({ "deployment": deployment, "setting": "PIPES_ALLOW" }),
         PipesError::Unauthorized | PipesError::BadBody { .. } => json!({}),
         PipesError::ApiClosed => json!({ "setting": "PIPES_API_TOKEN" }),
@@ -114,6 +115,7 @@ pub fn error_body(e: &PipesError) -> Value {
         }
         PipesError::ImageNotFound { image } => json!({ "image": image }),
         PipesError::RegistryAuth { registry, user, .. } => json!({ "registry": registry, "user": user }),
+        PipesError::RegistryUnreachable { image, registry, .. } => json!({ "image": image, "registry": registry, "setting": "PIPES_REGISTRY" }),
         PipesError::Exited { deployment, code, logs } => {
             json!({ "deployment": deployment, "exit_code": code, "logs": logs })
         }
@@ -307,7 +309,7 @@ mod tests {
         assert_eq!(body["status"], 403);
         assert_eq!(body["error"], "not_allowed");
         assert_eq!(body["setting"], "PIPES_ALLOW");
-        let e = PipesError::ApiNotFound { path: "/__proxyapi/x".into(), known: vec!["/__proxyapi/container"] };
+        let e = PipesError::ApiNotFound { path: "/__proxyapi/x".into(), known: vec!["/__proxyapi/container"], elsewhere: None };
         assert_eq!(error_body(&e)["known"][0], "/__proxyapi/container");
     }
 
@@ -328,6 +330,11 @@ mod tests {
             PipesError::Engine { action: "start a container", detail: "driver failed on /var/lib/docker".into() },
             PipesError::RegistryAuth { registry: "10.1.2.3:5000".into(), user: Some("ci".into()), detail: "denied".into() },
             PipesError::ImageNotFound { image: "10.1.2.3:5000/alice/app:v1".into() },
+            PipesError::RegistryUnreachable {
+                image: "10.1.2.3:5000/alice/app:v1".into(),
+                registry: "10.1.2.3:5000".into(),
+                detail: "dial tcp 10.1.2.3:5000: connection refused".into(),
+            },
             PipesError::ConfigBroken { file: "repos/alice/app/repository.json".into(), problem: "EOF".into() },
             PipesError::NotReady { deployment: "alice/app:v1".into(), timeout: std::time::Duration::from_secs(5), probed: "GET http://172.17.0.5:80/".into() },
         ];

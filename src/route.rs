@@ -71,7 +71,7 @@ impl Hosts {
 
     fn describe(&self) -> String {
         match &self.domain {
-            Domain::Levels(n) => format!("a host with {n} domain labels after {}", self.style.pattern()),
+            Domain::Levels(n) => format!("a host with a domain of {} after {}", labels(*n), self.style.pattern()),
             Domain::Suffix(s) => format!("a host under .{s}"),
         }
     }
@@ -83,11 +83,20 @@ impl Hosts {
     }
 }
 
+/// "1 label", "2 labels".
+fn labels(n: usize) -> String {
+    if n == 1 {
+        "1 label".to_owned()
+    } else {
+        format!("{n} labels")
+    }
+}
+
 impl fmt::Display for Hosts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let names = self.style.pattern();
         match &self.domain {
-            Domain::Levels(n) => write!(f, "{names} under any domain of {n} labels"),
+            Domain::Levels(n) => write!(f, "{names} under any domain of {}", labels(*n)),
             Domain::Suffix(s) => write!(f, "{names}.{s}"),
         }
     }

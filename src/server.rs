@@ -40,6 +40,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         println!("pipes: settings and server configuration are valid");
         return Ok(());
     }
+    if !settings.upgrade {
+        check_listeners(&settings)?;
+    }
 
     // Cold starts and backend calls live on their own runtime: a slow pull
     // never occupies a proxy thread, and the engine connection has one home.
@@ -52,6 +55,17 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     }
     for problem in control.block_on(fleet.check_configs()) {
         log::error!("{problem}");
+    }
+    match control.block_on(fleet.claim(settings.upgrade)) {
+        Ok(None) => {}
+        Ok(Some(holder)) => {
+            return Err(format!(
+                "another Pipes of instance '{}' runs ({holder}); stop it, or give this one another PIPES_INSTANCE",
+                settings.docker.instance
+            )
+            .into())
+        }
+        Err(e) => log::warn!("cannot check that no other Pipes of instance '{}' runs: {e}", settings.docker.instance),
     }
     match control.block_on(fleet.adopt()) {
         Ok(n) => log::info!("adopted {n} container(s) of instance '{}'", settings.docker.instance),
@@ -113,8 +127,10 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     }
     server.add_service(background_service("fleet upkeep", Janitor::new(fleet.clone())));
     server.add_service(background_service("engine events", Watcher::new(fleet.clone())));
+    let fleet_at_exit = fleet.clone();
     exit_when_drained(server.watch_execution_phase(), fleet, settings.drain_timeout);
     server.run(RunArgs::default());
+    fleet_at_exit.release_claim();
     // The control runtime outlives the server: in-flight starts end with it.
     drop(control);
     Ok(())
@@ -133,6 +149,19 @@ pub fn raise_open_files_limit() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
     }
+}
+
+/// Binds every listening address once and lets go: Pingora binds them again
+/// on threads of its own, where a failure is a panic that leaves the process
+/// running and serving nothing. An upgrade takes its sockets over instead.
+fn check_listeners(settings: &Settings) -> Result<(), StartError> {
+    let tls = settings.tls.iter().flat_map(|t| t.listen.iter().map(|a| (a, "PIPES_TLS_LISTEN")));
+    let metrics = settings.metrics.iter().flat_map(|m| m.listen.iter().map(|a| (a, "PIPES_METRICS_LISTEN")));
+    let all = settings.listen.iter().map(|a| (a, "PIPES_LISTEN")).chain(tls).chain(metrics);
+    for (addr, setting) in all {
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr} ({setting}): {e}"))?;
+    }
+    Ok(())
 }
 
 /// Pingora's configuration: the YAML file if given, with Pipes' shutdown defaults.
@@ -197,6 +226,7 @@ fn exit_when_drained(mut phases: broadcast::Receiver<ExecutionPhase>, fleet: Arc
             std::thread::sleep(Duration::from_millis(10));
         }
         log::info!("every request in flight finished after {:?}; exiting", began.elapsed());
+        fleet.release_claim();
         std::process::exit(0);
     };
     if let Err(e) = std::thread::Builder::new().name("pipes-drain".into()).spawn(watch) {

@@ -105,6 +105,8 @@ async fn container_endpoints_do_what_they_say() {
     assert_eq!(pipes.containers(), vec![id.clone()]);
     assert_eq!(pipes.get(&host, "/").await.status(), 200);
     assert_eq!(pipes.containers(), vec![id.clone()], "the stopped container was started again");
+    let (_, body) = api(&pipes, &host, "GET", "/__proxyapi/container", None, admin()).await;
+    assert!(body["container"]["exit_code"].is_null(), "a running container has no exit code: {body}");
     let (status, body) = api(&pipes, &host, "GET", "/__proxyapi/container/stop", None, admin()).await;
     assert_eq!((status, body["state"].as_str()), (200, Some("stopped")), "GET stops too, as the original API did");
 
@@ -163,6 +165,24 @@ async fn configs_shape_containers() {
     assert_eq!(merged["repository"]["env"]["APP_BOTH"], "repository");
     assert_eq!(merged["effective"]["env"]["APP_BOTH"], "tag");
     assert_eq!(merged["effective"]["cpus"], 0.5);
+
+    // A repository change does not reach a running container by itself: the
+    // API shows what runs and what is pending, and a restart applies it.
+    let (_, running) = api(&pipes, &v2, "GET", "/__proxyapi/container", None, admin()).await;
+    assert!(running["config_pending"].is_null(), "{running}");
+    let repo = r#"{"env":{"APP_FROM":"repository, changed"}}"#;
+    let (status, _) = api(&pipes, &v2, "PUT", "/__proxyapi/repository/config", Some(repo), admin()).await;
+    assert_eq!(status, 200);
+    let (_, pending) = api(&pipes, &v2, "GET", "/__proxyapi/container", None, admin()).await;
+    assert_eq!(pending["config"]["env"]["APP_FROM"], "repository", "{pending}");
+    assert_eq!(pending["config_pending"]["env"]["APP_FROM"], "repository, changed", "{pending}");
+    assert_eq!(pending["container"]["id"], running["container"]["id"]);
+    let (status, restarted) = api(&pipes, &v2, "POST", "/__proxyapi/container/restart", None, admin()).await;
+    assert_eq!(status, 200, "{restarted}");
+    assert_ne!(restarted["container"]["id"], running["container"]["id"], "the restart made it anew");
+    assert!(restarted["config_pending"].is_null(), "{restarted}");
+    let (_, body) = json(pipes.get(&v2, "/").await).await;
+    assert_eq!(body["env"]["APP_FROM"], "repository, changed", "{body}");
 }
 
 #[tokio::test]
@@ -192,7 +212,7 @@ async fn bad_input_changes_nothing() {
         ("PATCH", "/__proxyapi/container/config", "{}".into(), 405, "allow"),
         ("POST", "/__proxyapi/container", "{}".into(), 405, "allow"),
         ("GET", "/__proxyapi/nothing", String::new(), 404, "known"),
-        ("GET", "/__proxyapi/deployments", String::new(), 404, "known"),
+        ("GET", "/__proxyapi/deployments", String::new(), 404, "served on the bare domain"),
         ("GET", "/__proxyapi/container/logs?tail=-3", String::new(), 400, "tail"),
     ];
     for (method, path, body, expected, mentions) in cases {

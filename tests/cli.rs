@@ -1,5 +1,7 @@
 //! The `pipes` command line: help, checks and refusals, without an engine.
 
+mod common;
+
 use std::process::Command;
 
 fn pipes(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
@@ -51,4 +53,20 @@ fn the_check_flag_validates_and_exits() {
     let out = pipes(&["-t", "--conf", "/nonexistent.yaml"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("PIPES_SERVER_CONF"));
+}
+
+#[test]
+fn an_address_that_cannot_be_bound_ends_the_process() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let addr = taken.local_addr().expect("bound").to_string();
+    let config_dir = std::env::temp_dir().join(format!("pipes-cli-bind-{}", std::process::id()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipes"));
+    cmd.env_clear().envs([("PIPES_LISTEN", addr.as_str()), ("DOCKER_HOST", "unix:///nonexistent.sock")]).env("PIPES_CONFIG_DIR", &config_dir);
+    let (code, err) = common::exit_of(cmd, std::time::Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&config_dir);
+    assert_eq!(code, Some(1), "Pipes did not exit with 1: {err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with(&format!("pipes: cannot listen on {addr} (PIPES_LISTEN)")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    drop(taken);
 }

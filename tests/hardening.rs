@@ -388,3 +388,46 @@ async fn a_broken_token_file_leaves_the_admin_token_working() {
     let (status, body) = api(&pipes, "v1.app.alice.example.com", "PUT", "/__proxyapi/repository/config", Some("{} x"), Some(TOKEN)).await;
     assert_eq!(status, 400, "trailing input is malformed JSON: {body}");
 }
+
+/// Runs a second Pipes of `instance`: how it ended and what it said.
+fn second_pipes(instance: &str) -> (Option<i32>, String) {
+    let dir = std::env::temp_dir().join(format!("pipes-second-{instance}"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipes"));
+    cmd.env_clear().envs(Pipes::base_env(instance, common::free_port(), &dir));
+    let ended = common::exit_of(cmd, Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&dir);
+    ended
+}
+
+/// The claims on `instance`'s name the engine holds.
+fn claims(instance: &str) -> Vec<String> {
+    docker_ok(&["volume", "ls", "-q", "--filter", &format!("label=pipes.claim={instance}")]).lines().map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_second_pipes_of_one_instance_name_refuses_to_start() {
+    if common::skip() {
+        return;
+    }
+    let mut first = Pipes::start(&[]);
+    let instance = first.instance.clone();
+    assert_eq!(claims(&instance).len(), 1, "the first Pipes holds one claim");
+
+    let (code, err) = second_pipes(&instance);
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    let pid = first.pid().expect("runs");
+    assert!(last.starts_with(&format!("pipes: another Pipes of instance '{instance}' runs (process {pid} on this host)")), "{err}");
+    assert!(last.contains("PIPES_INSTANCE"), "{err}");
+    assert_eq!(claims(&instance).len(), 1, "the refused one claimed nothing");
+    first.get("example.com", "/").await; // the first one answers on
+
+    // A Pipes that was killed holds nothing: its process is gone.
+    first.kill9();
+    let mut again = Pipes::start_instance(&instance, &[], &[]);
+    assert_eq!(claims(&instance).len(), 1, "the stale claim was replaced");
+    // One that stops lets its name go.
+    assert!(again.terminate().is_some_and(|s| s.success()));
+    assert!(claims(&instance).is_empty(), "a stopped Pipes leaves no claim");
+}

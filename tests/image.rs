@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{docker, docker_ok, env, json, unique, Fixtures};
@@ -264,4 +264,105 @@ async fn the_image_hands_over_to_a_new_container_without_dropping_requests() {
     let now = docker_ok(&["ps", "-aq", "--filter", &format!("label=pipes.instance={instance}")]);
     let deployments: Vec<&str> = now.lines().filter(|id| !new.starts_with(id)).collect();
     assert_eq!(deployments, deployed.lines().collect::<Vec<_>>(), "the deployment's container was adopted, not duplicated");
+}
+
+/// Runs `scripts/run` with `vars` (and nothing else of Pipes' settings).
+fn scripts_run(args: &[&str], vars: &[(&str, String)]) -> std::process::Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = std::process::Command::new(root.join("scripts/run"));
+    cmd.args(args).current_dir(root);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PIPES_") && !k.starts_with("PIPES_TEST_") || k == "DOMAINLEVELS" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+    cmd.output().expect("scripts/run runs")
+}
+
+#[tokio::test]
+async fn scripts_run_serves_the_demo_and_passes_every_setting_on() {
+    if common::skip() {
+        return;
+    }
+    let mut created = Created::default();
+    let image = build_pipes_image(&mut created);
+    let instance = unique("run");
+    created.instances.push(instance.clone());
+    created.containers.push(instance.clone());
+    let (port, registry_port) = (common::free_port(), common::free_port());
+    let state = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/pipes-run/registry-{registry_port}"));
+    created.dirs.push(state.clone());
+    let configs = std::env::temp_dir().join(format!("pipes-{instance}-configs"));
+    created.dirs.push(configs.clone());
+    let secret = std::env::temp_dir().join(format!("pipes-{instance}-max-paused"));
+    std::fs::write(&secret, "3").unwrap();
+    let vars = vec![
+        ("PIPES_INSTANCE", instance.clone()),
+        ("PIPES_PORT", port.to_string()),
+        ("PIPES_IMAGE", image.clone()),
+        ("PIPES_DEMO_REGISTRY_PORT", registry_port.to_string()),
+        ("PIPES_LABELS", format!("pipes.test={}", env().run)),
+        ("PIPES_CONFIG_DIR", configs.display().to_string()),
+        ("PIPES_API_AUTH", "none".to_owned()),
+        ("PIPES_MAX_CONTAINERS", "7".to_owned()),
+        ("PIPES_MAX_PAUSED_FILE", secret.display().to_string()),
+    ];
+    let demo_image = format!("127.0.0.1:{registry_port}/demo/hello:v1");
+    // Stops what scripts/run started and removes its files, also on failure.
+    struct Stop<'a>(&'a [(&'a str, String)], &'a str, [PathBuf; 3]);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = scripts_run(&["stop"], self.0);
+            let _ = docker(&["rmi", "-f", self.1]);
+            for file in &self.2 {
+                let _ = std::fs::remove_file(file);
+            }
+        }
+    }
+    let _stop = Stop(&vars, &demo_image, [secret.clone(), state.with_extension("yml"), state.with_extension("log")]);
+
+    let out = scripts_run(&[], &vars);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "scripts/run failed:\n{stderr}");
+    let curl_line = format!("curl http://v1.hello.demo.localhost:{port}/");
+    assert_eq!(stdout.trim(), curl_line, "it prints the command that reaches the demo:\n{stderr}");
+
+    // The printed command, run as printed: curl resolves *.localhost itself.
+    let args: Vec<&str> = curl_line.split_whitespace().skip(1).collect();
+    let answer = std::process::Command::new("curl").args(["-s", "--max-time", "60"]).args(&args).output().expect("curl runs");
+    let body: serde_json::Value = serde_json::from_slice(&answer.stdout).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&answer.stdout)));
+    assert_eq!(body["id"], "demo/hello:v1", "{body}");
+
+    // Every setting set reached the container: the API is open as asked, limits and files arrived.
+    let api = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "10", &format!("http://v1.hello.demo.localhost:{port}/__proxyapi/container")])
+        .output()
+        .expect("curl runs");
+    let state_json: serde_json::Value = serde_json::from_slice(&api.stdout).expect("JSON");
+    assert_eq!(state_json["state"], "running", "{state_json}");
+    let container_env = docker_ok(&["inspect", "-f", "{{join .Config.Env \"\\n\"}}", &instance]);
+    for expected in ["PIPES_API_AUTH=none", "PIPES_MAX_CONTAINERS=7", "PIPES_MAX_PAUSED_FILE=/run/pipes/PIPES_MAX_PAUSED_FILE", "DOMAINLEVELS=1"] {
+        assert!(container_env.lines().any(|l| l == expected), "{expected} not passed on:\n{container_env}");
+    }
+    assert!(configs.is_dir(), "PIPES_CONFIG_DIR is the mounted config dir");
+
+    // A re-run with a bad setting leaves the running Pipes alone.
+    let running = docker_ok(&["inspect", "-f", "{{.Id}}", &instance]);
+    let mut bad = vars.clone();
+    bad.push(("PIPES_MAX_CONTAINERS", "many".to_owned()));
+    bad.retain(|(k, v)| *k != "PIPES_MAX_CONTAINERS" || v == "many");
+    let out = scripts_run(&[], &bad);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PIPES_MAX_CONTAINERS"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(docker_ok(&["inspect", "-f", "{{.Id}} {{.State.Running}}", &instance]), format!("{running} true"));
+
+    let out = scripts_run(&["stop"], &vars);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!docker(&["inspect", &instance]).status.success(), "the container is gone");
+    assert_ne!(
+        std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "--max-time", "2", &format!("http://127.0.0.1:{registry_port}/v2/")]).status().map(|s| s.success()).ok(),
+        Some(true),
+        "the demo registry stopped"
+    );
 }

@@ -34,12 +34,15 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
     generation_of, short_id, Backend, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE,
-    LABEL_MANAGED, LABEL_PORT,
+    LABEL_CONFIG, LABEL_MANAGED, LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
 use crate::route::{Deployment, DEFAULT_TAG};
 use crate::secret::Secret;
+
+mod claim;
+use claim::Holder;
 
 /// How Pipes reaches the containers it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +94,10 @@ pub struct Docker {
     pulls: Arc<Semaphore>,
     /// Set once this instance's own network exists (published mode).
     network: Arc<OnceCell<()>>,
+    /// This process, as its claim on the instance name records it.
+    holder: Holder,
+    hostname: Option<String>,
+    in_container: bool,
 }
 
 impl Docker {
@@ -115,6 +122,9 @@ impl Docker {
             password: options.auth.as_ref().map(|a| a.password.clone()),
             pulls: Arc::new(Semaphore::new(options.max_pulls)),
             network: Arc::new(OnceCell::new()),
+            holder: Holder::me(options.hostname.as_deref()),
+            hostname: options.hostname.clone(),
+            in_container: options.in_container,
         }
     }
 
@@ -198,6 +208,7 @@ impl Docker {
         labels.insert(LABEL_DEPLOYMENT.into(), spec.deployment.to_string());
         labels.insert(LABEL_CONFIG_HASH.into(), spec.hash.clone());
         labels.insert(LABEL_PORT.into(), spec.port.to_string());
+        labels.insert(LABEL_CONFIG.into(), spec.config.clone());
         if let Some(digest) = &spec.digest {
             labels.insert(LABEL_DIGEST.into(), digest.clone());
         }
@@ -301,6 +312,7 @@ impl Docker {
             address,
             digest: labels.get(LABEL_DIGEST).cloned(),
             image_id: None,
+            config: labels.get(LABEL_CONFIG).cloned(),
         })
     }
 
@@ -421,6 +433,8 @@ impl Docker {
             PipesError::RegistryAuth { registry: self.registry_host.clone(), user: self.credentials.as_ref().and_then(|c| c.username.clone()), detail }
         } else if ["manifest unknown", "not found", "name unknown", "does not exist", "pull access denied"].iter().any(|m| lower.contains(m)) {
             PipesError::ImageNotFound { image: reference.to_owned() }
+        } else if UNREACHABLE.iter().any(|m| lower.contains(m)) {
+            PipesError::RegistryUnreachable { image: reference.to_owned(), registry: self.registry_host.clone(), detail }
         } else {
             PipesError::Engine { action: "pull an image", detail }
         }
@@ -560,6 +574,14 @@ impl Backend for Docker {
             .ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
     }
 
+    async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
+        self.claim_instance(beside).await
+    }
+
+    async fn release(&self) {
+        self.release_instance().await
+    }
+
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
         let options = StopContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
         match self.docker().await?.stop_container(id, Some(options)).await {
@@ -664,6 +686,18 @@ fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
         time_nano: message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0),
     })
 }
+
+/// What the engine says when it cannot reach a registry at all.
+const UNREACHABLE: [&str; 8] = [
+    "dial tcp",
+    "connection refused",
+    "no such host",
+    "i/o timeout",
+    "tls handshake timeout",
+    "client.timeout exceeded",
+    "network is unreachable",
+    "server gave http response to https client",
+];
 
 /// Longest wait for a container being removed to be gone.
 const REMOVAL_WAIT: Duration = Duration::from_secs(10);

@@ -337,6 +337,14 @@ impl Backend for Fake {
         Ok(entry.instance.clone())
     }
 
+    // One fake backend is one Pipes: its name is always free.
+    async fn claim(&self, _beside: bool) -> Result<Option<String>, PipesError> {
+        self.up()?;
+        Ok(None)
+    }
+
+    async fn release(&self) {}
+
     async fn stop(&self, id: &str, _grace: Duration) -> Result<(), PipesError> {
         self.up()?;
         self.calls.stops.fetch_add(1, Ordering::Relaxed);

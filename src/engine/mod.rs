@@ -36,9 +36,14 @@ pub const LABEL_CONFIG_HASH: &str = "pipes.config-hash";
 pub const LABEL_PORT: &str = "pipes.port";
 /// Label holding the image digest (`sha256:…`) an instance was made from.
 pub const LABEL_DIGEST: &str = "pipes.digest";
+/// Label holding the effective config an instance was made from (JSON).
+pub const LABEL_CONFIG: &str = "pipes.config";
 
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
-pub const RESERVED_LABELS: [&str; 6] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST];
+pub const RESERVED_LABELS: [&str; 7] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG];
+
+/// How often a Pipes renews its claim on its instance name ([`Backend::claim`]).
+pub const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(20);
 
 /// The first 12 characters of an instance id, as `docker ps` shows it.
 pub fn short_id(id: &str) -> &str {
@@ -71,6 +76,9 @@ pub struct Instance {
     pub digest: Option<String>,
     /// The id of the local image it was made from, if known.
     pub image_id: Option<String>,
+    /// The effective config it was made from, as the API shows it (JSON);
+    /// `None` for instances made before Pipes kept it.
+    pub config: Option<String>,
 }
 
 impl Instance {
@@ -88,6 +96,7 @@ impl Instance {
             address: None,
             digest: spec.digest.clone(),
             image_id: Some(spec.image_id.clone()),
+            config: Some(spec.config.clone()),
         }
     }
 
@@ -150,6 +159,10 @@ pub struct Spec {
     pub pids: u32,
     /// The Linux capabilities it keeps; all others are dropped.
     pub capabilities: Vec<String>,
+    /// The effective config it is made from, as the API shows it (JSON):
+    /// kept with the instance, so what runs can be told from what is
+    /// configured now.
+    pub config: String,
 }
 
 /// Something the backend did to one of this Pipes' instances.
@@ -239,6 +252,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Stops an instance, giving it `grace` before it is killed; a stopped or
     /// vanished one is left as it is.
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError>;
+
+    /// Claims this Pipes' instance name (`PIPES_INSTANCE`) for as long as the
+    /// process lives, renewing the claim when called again. Returns who holds
+    /// it when another live Pipes does, unless `beside`: an upgrade's
+    /// hand-over runs beside the Pipes it replaces.
+    async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError>;
+
+    /// Lets this process' claim go.
+    async fn release(&self);
 
     /// Restarts an instance, giving it `grace` to stop.
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError>;

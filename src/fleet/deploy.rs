@@ -165,7 +165,7 @@ impl Deployer {
         let image_ref = self.image_ref(d);
         let instances = self.backend.instances(d).await?;
         let fresh = config.pull == Pull::Always;
-        let current = current(&instances).filter(|i| i.running || i.port.is_some_and(|p| i.spec_hash.as_deref() == Some(&config.spec_hash(&image_ref, p))));
+        let current = current(&instances).filter(|i| i.running || !self.outdated(d, i, &config));
         let instance = match current {
             Some(i) if i.running => i.clone(),
             Some(i) => match self.newer_local_image(&image_ref, i).await? {
@@ -309,6 +309,7 @@ impl Deployer {
                 caps.dedup();
                 caps
             },
+            config: config.to_json(Some(port)).to_string(),
         };
         let admitted = if admit { Some(self.admit().await?) } else { None };
         let instance = self.timed(Phase::Create, self.backend.create(&spec)).await?;
@@ -465,11 +466,33 @@ impl Deployer {
         Ok(())
     }
 
-    /// Restarts `d`'s current generation if it runs.
+    /// Restarts `d`'s current generation if it runs; removes its instances
+    /// instead when its config changed since it was made, so that the next
+    /// start makes one from the config now (as a config PUT does).
     pub async fn restart(&self, d: &Deployment) -> Result<(), PipesError> {
-        match current(&self.backend.instances(d).await?) {
-            Some(i) if i.running => self.backend.restart(&i.id, STOP_GRACE).await,
-            _ => Ok(()),
+        let Some(i) = current(&self.backend.instances(d).await?).cloned() else { return Ok(()) };
+        // A config changed since the instance was made is applied by making it anew.
+        if let Ok(config) = self.effective(d).await {
+            if self.outdated(d, &i, &config) {
+                log::info!("{d}: its config changed since instance {} was made: recreating it", short_id(&i.id));
+                return self.remove(d).await;
+            }
+        }
+        if i.running {
+            self.backend.restart(&i.id, STOP_GRACE).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether `instance` was made from another config than `config`, the
+    /// effective one now: a restart recreates it.
+    pub fn outdated(&self, d: &Deployment, instance: &Instance, config: &Effective) -> bool {
+        match (&instance.config, instance.port) {
+            (Some(made_from), port) => serde_json::from_str::<serde_json::Value>(made_from).ok() != Some(config.to_json(port)),
+            // Made before Pipes kept its config: only what the hash covers can be told.
+            (None, Some(port)) => instance.spec_hash.as_deref() != Some(&config.spec_hash(&self.image_ref(d), port)),
+            (None, None) => false,
         }
     }
 

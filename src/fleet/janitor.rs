@@ -1,7 +1,8 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
 //! server: idle instances are stopped (or paused), paused ones past their
-//! pause timeout stopped, watched tags are checked, and slots
-//! that never became deployments are dropped from the table.
+//! pause timeout stopped, watched tags are checked, the claim on the
+//! instance name is renewed, and slots that never became deployments are
+//! dropped from the table.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,8 @@ use super::Fleet;
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Slots are swept every this many checks.
 const SWEEP_EVERY_TICKS: u64 = 60;
+/// The claim on the instance name is renewed every this many checks.
+const CLAIM_EVERY_TICKS: u64 = crate::engine::CLAIM_RENEW_EVERY.as_secs() / CHECK_INTERVAL.as_secs();
 
 /// The fleet's periodic upkeep.
 pub struct Janitor {
@@ -41,6 +44,9 @@ impl BackgroundService for Janitor {
             self.fleet.stop_idle();
             self.fleet.expire_paused();
             self.fleet.poll_tags();
+            if tick % CLAIM_EVERY_TICKS == 0 {
+                self.fleet.renew_claim();
+            }
             if tick % SWEEP_EVERY_TICKS == 0 {
                 let dropped = self.fleet.sweep();
                 if dropped > 0 {

@@ -49,6 +49,8 @@ type Table = hashbrown::HashMap<Arc<Deployment>, Arc<Slot>>;
 
 /// Images the registry did not have, remembered at most this many at once.
 const MAX_MISSING: usize = 4096;
+/// How long an exiting Pipes waits for the engine to drop its claim.
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// What a deployment is doing, as the API and its users see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +124,9 @@ pub struct Status {
     pub idle_timeout: Option<Duration>,
     /// The effective config, or why it cannot be read.
     pub config: Result<Effective, PipesError>,
+    /// The current generation was made from another config than the
+    /// effective one (a restart applies it).
+    pub config_pending: bool,
     /// The failure of the last start, while it is remembered.
     pub last_error: Option<PipesError>,
 }
@@ -351,6 +356,37 @@ impl Fleet {
     pub fn retire(&self) {
         if !self.retired.swap(true, Ordering::AcqRel) {
             log::info!("stopping or handing over: no more idle stops or tag checks from this process");
+        }
+    }
+
+    /// Claims `PIPES_INSTANCE` on the engine: who holds it, if another live
+    /// Pipes does (see [`Backend::claim`]).
+    pub async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
+        let deployer = self.deployer.clone();
+        self.on_control(async move { deployer.backend().claim(beside).await }).await
+    }
+
+    /// Renews the claim on the instance name, in the background.
+    pub fn renew_claim(self: &Arc<Self>) {
+        if self.retired() {
+            return;
+        }
+        let deployer = self.deployer.clone();
+        self.control.spawn(async move {
+            if let Err(e) = deployer.backend().claim(true).await {
+                log::warn!("cannot renew the claim on this instance name: {e}");
+            }
+        });
+    }
+
+    /// Lets the claim go, waiting a little for the engine; for the threads
+    /// that end the process.
+    pub fn release_claim(&self) {
+        let deployer = self.deployer.clone();
+        // The timer is made inside: it needs the runtime that `block_on` enters.
+        let release = async move { tokio::time::timeout(RELEASE_WAIT, deployer.backend().release()).await };
+        if self.control.block_on(release).is_err() {
+            log::warn!("the engine did not confirm the release of this instance name");
         }
     }
 
@@ -1011,6 +1047,10 @@ impl Fleet {
         let slot = self.get(d.as_ref());
         let upstream = slot.as_deref().and_then(Slot::upstream);
         let last_error = slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).or_else(|| self.missing(d.as_ref()));
+        let config_pending = match (&instance, &config) {
+            (Some(i), Ok(c)) => self.deployer.outdated(d, i, c),
+            _ => false,
+        };
         Ok(Status {
             deployment: d.clone(),
             state: State::of(slot.as_deref(), instance.as_ref(), last_error.is_some()),
@@ -1025,6 +1065,7 @@ impl Fleet {
             idle_at_ms: upstream.as_ref().and_then(|u| slot.as_deref()?.idle_at_ms(u)),
             idle_timeout: upstream.as_ref().and_then(|u| u.idle_timeout),
             config,
+            config_pending,
             last_error,
         })
     }
@@ -1043,8 +1084,10 @@ impl Fleet {
                 let slot = self.get(d.as_ref());
                 let mine: Vec<Instance> = instances.iter().filter(|i| i.deployment == d).cloned().collect();
                 let instance = crate::engine::current(&mine);
+                // A name whose image the registry did not have says so, as `GET container` does.
+                let failed = slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).is_some() || self.missing(d.as_ref()).is_some();
                 Summary {
-                    state: State::of(slot.as_deref(), instance, slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).is_some()),
+                    state: State::of(slot.as_deref(), instance, failed),
                     instance_id: instance.map(|i| i.id.clone()),
                     upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
                     last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),

@@ -204,6 +204,32 @@ async fn idle_instances_are_stopped_and_started_again_on_demand() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.ready(&d).await.unwrap();
+    let status = h.fleet.status(&d).await.unwrap();
+    assert!(!status.config_pending, "made from the config now");
+    let first = status.instance.unwrap().id;
+
+    let config = DeployConfig::from_json(br#"{"env":{"GREETING":"hi"}}"#).unwrap();
+    h.fleet.put_repository_config(&d, config).await.unwrap();
+    let status = h.fleet.status(&d).await.unwrap();
+    assert!(status.config_pending, "the running instance was made from the old config");
+    assert_eq!(status.instance.as_ref().unwrap().id, first, "nothing was replaced by the PUT");
+    assert!(!status.instance.unwrap().config.unwrap().contains("GREETING"), "it shows what it runs");
+
+    h.fleet.restart(&d).await.unwrap();
+    let status = h.fleet.status(&d).await.unwrap();
+    let now = status.instance.unwrap();
+    assert_ne!(now.id, first, "the restart made it anew");
+    assert!(now.config.unwrap().contains("GREETING"));
+    assert!(!status.config_pending);
+    h.fleet.restart(&d).await.unwrap();
+    assert_eq!(h.fleet.status(&d).await.unwrap().instance.unwrap().id, now.id, "an unchanged config restarts in place");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_config_replaces_a_stopped_instance() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());

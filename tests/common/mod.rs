@@ -62,6 +62,28 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Runs `cmd` until it exits (killed after `timeout`: a process that should
+/// have ended fails the test instead of hanging it); its exit code, if it
+/// exited, and what it wrote to stderr.
+pub fn exit_of(mut cmd: Command, timeout: Duration) -> (Option<i32>, String) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("the command runs");
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    (code, err)
+}
+
 /// Runs the docker CLI.
 pub fn docker(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().expect("docker CLI runs")
@@ -222,8 +244,13 @@ impl Pipes {
     /// Starts Pipes as [`Pipes::start`] does, run by `wrapper` (a command
     /// that runs the one after it, such as `prlimit --nofile=256:256`).
     pub fn start_under(wrapper: &[&str], changes: &[(&str, Option<&str>)]) -> Pipes {
+        Self::start_instance(&unique("t"), wrapper, changes)
+    }
+
+    /// Starts Pipes as [`Pipes::start_under`] does, with instance name `instance`.
+    pub fn start_instance(instance: &str, wrapper: &[&str], changes: &[(&str, Option<&str>)]) -> Pipes {
+        let instance = instance.to_owned();
         let port = free_port();
-        let instance = unique("t");
         let dir = std::env::temp_dir().join(format!("pipes-{instance}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         // Its own pid file and upgrade socket, so tests can upgrade in parallel.
@@ -294,6 +321,9 @@ impl Pipes {
         loop {
             let child = self.child.as_mut().expect("spawned");
             if let Ok(Some(status)) = child.try_wait() {
+                if self.log().contains("(PIPES_LISTEN)") {
+                    return Err("is held by another process".into());
+                }
                 return Err(format!("pipes exited at start with {status}"));
             }
             if listens(child.id(), self.port) {
@@ -449,6 +479,11 @@ impl Drop for Pipes {
         }
         // Its containers' own network (published mode).
         let _ = docker(&["network", "rm", &format!("pipes-{}", self.instance)]);
+        // Its claim on the instance name, left behind by a kill.
+        let claims = docker_ok(&["volume", "ls", "-q", "--filter", &format!("label=pipes.claim={}", self.instance)]);
+        for volume in claims.lines() {
+            let _ = docker(&["volume", "rm", volume]);
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
