@@ -108,7 +108,7 @@ setup_test_env() {
   # --- tools and engine -----------------------------------------------------
   ensure_build_tools
   ensure_commands docker-registry:docker-registry htpasswd:apache2-utils curl:curl docker:docker.io \
-    pebble:pebble pebble-challtestsrv:pebble promtool:prometheus
+    pebble:pebble pebble-challtestsrv:pebble promtool:prometheus chromium:chromium chromedriver:chromium-driver
   ensure_engine "$WORK/dockerd.log"
   log "Docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
 

@@ -34,6 +34,15 @@ pub enum On {
     Deployment,
     /// On the bare domain.
     Bare,
+    /// On both.
+    Both,
+}
+
+impl On {
+    /// Whether an endpoint served `self` is served on a host of kind `host`.
+    pub fn covers(self, host: On) -> bool {
+        self == On::Both || self == host
+    }
 }
 
 /// Every endpoint of the API.
@@ -49,11 +58,12 @@ pub enum Endpoint {
     RepositoryConfig,
     Deployments,
     RegistryHook,
+    Events,
 }
 
 impl Endpoint {
     /// All endpoints, in the order the docs list them.
-    pub const ALL: [Endpoint; 10] = [
+    pub const ALL: [Endpoint; 11] = [
         Endpoint::Container,
         Endpoint::ContainerConfig,
         Endpoint::ContainerStop,
@@ -64,6 +74,7 @@ impl Endpoint {
         Endpoint::RepositoryConfig,
         Endpoint::Deployments,
         Endpoint::RegistryHook,
+        Endpoint::Events,
     ];
 
     /// The full path.
@@ -79,6 +90,7 @@ impl Endpoint {
             Endpoint::RepositoryConfig => "/__proxyapi/repository/config",
             Endpoint::Deployments => "/__proxyapi/deployments",
             Endpoint::RegistryHook => "/__proxyapi/hooks/registry",
+            Endpoint::Events => "/__proxyapi/events",
         }
     }
 
@@ -90,7 +102,7 @@ impl Endpoint {
             // The original API stopped on GET; POST is the proper verb.
             Endpoint::ContainerStop => &[Method::GET, Method::POST],
             Endpoint::ContainerRestart | Endpoint::ContainerRedeploy | Endpoint::ContainerRollback | Endpoint::RegistryHook => &[Method::POST],
-            Endpoint::ContainerLogs | Endpoint::Deployments => &[Method::GET],
+            Endpoint::ContainerLogs | Endpoint::Deployments | Endpoint::Events => &[Method::GET],
         }
     }
 
@@ -98,6 +110,7 @@ impl Endpoint {
     pub fn on(self) -> On {
         match self {
             Endpoint::Deployments | Endpoint::RegistryHook => On::Bare,
+            Endpoint::Events => On::Both,
             _ => On::Deployment,
         }
     }
@@ -138,11 +151,18 @@ pub(crate) struct Admitted {
     access: Access,
 }
 
+impl Admitted {
+    /// What the token may manage.
+    pub(crate) fn access(&self) -> &Access {
+        &self.access
+    }
+}
+
 /// Checks what the request head alone can tell: endpoint, method, token.
 pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
     let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
     let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path, on, None))?;
-    if endpoint.on() != on {
+    if !endpoint.on().covers(on) {
         return Err(not_found(&req.path, on, Some(endpoint.on())));
     }
     let method = if req.method == Method::HEAD { Method::GET } else { req.method.clone() };
@@ -171,10 +191,11 @@ pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> 
 fn not_found(path: &str, on: On, served_on: Option<On>) -> PipesError {
     PipesError::ApiNotFound {
         path: path.to_owned(),
-        known: Endpoint::ALL.iter().filter(|e| e.on() == on).map(|e| e.path()).collect(),
+        known: Endpoint::ALL.iter().filter(|e| e.on().covers(on)).map(|e| e.path()).collect(),
         elsewhere: served_on.map(|on| match on {
             On::Bare => "the bare domain (a Host without deployment labels, such as example.com)",
             On::Deployment => "a deployment's host ({tag}.{repo}.{user}.<domain>)",
+            On::Both => "every host",
         }),
     }
 }
@@ -185,7 +206,9 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
     let Some(d) = &req.deployment else {
         return match endpoint {
             Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body).await,
-            _ => deployments(fleet, &access).await.map(Json::ok),
+            Endpoint::Deployments => deployments(fleet, &access).await.map(Json::ok),
+            // The event stream is answered by `events`; the rest is not served here.
+            _ => Err(not_found(&req.path, On::Bare, Some(endpoint.on()))),
         };
     };
     match (endpoint, method) {
@@ -226,7 +249,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
             log::info!("{}: repository config replaced over the API", d.repository());
             repository_config(fleet, d).await.map(Json::ok)
         }
-        (Endpoint::Deployments | Endpoint::RegistryHook, _) => Err(not_found(&req.path, On::Deployment, Some(On::Bare))),
+        (Endpoint::Deployments | Endpoint::RegistryHook | Endpoint::Events, _) => Err(not_found(&req.path, On::Deployment, Some(endpoint.on()))),
     }
 }
 

@@ -36,7 +36,8 @@ pub enum Phase {
 impl Phase {
     const ALL: [Phase; 4] = [Phase::Pull, Phase::Create, Phase::Start, Phase::Probe];
 
-    fn name(self) -> &'static str {
+    /// The phase's name in metrics and events.
+    pub fn name(self) -> &'static str {
         match self {
             Phase::Pull => "pull",
             Phase::Create => "create",

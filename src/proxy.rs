@@ -25,6 +25,9 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::access_log::{self, AccessLog};
 use crate::api;
+use crate::events;
+use crate::ui;
+use crate::waiting;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::fleet::{Activity, Fleet, OpenCount, Slot};
@@ -52,6 +55,8 @@ pub struct Pipes {
     https_redirect: Option<u16>,
     /// `PIPES_ACCESS_LOG`, when on.
     access_log: Option<Arc<AccessLog>>,
+    /// `PIPES_WAITING_PAGE_AFTER`.
+    waiting_page_after: Option<std::time::Duration>,
 }
 
 impl Pipes {
@@ -67,6 +72,7 @@ impl Pipes {
             keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
             body_timeout: settings.connections.header_timeout,
             trusted: settings.trusted_proxies.clone(),
+            waiting_page_after: settings.waiting_page_after,
         }
     }
 }
@@ -116,6 +122,8 @@ enum Next {
     Proxy(Arc<Slot>),
     Start(Deployment),
     Api(api::Request),
+    /// The dashboard, on the bare domain as the browser named it.
+    Dashboard(String),
     Fail(PipesError),
 }
 
@@ -136,6 +144,10 @@ impl ProxyHttp for Pipes {
             session.set_keepalive(Some(self.keepalive_secs));
         }
         let path = session.req_header().uri.path();
+        if let Some(name) = path.strip_prefix(ui::UI_PREFIX) {
+            let name = name.to_owned();
+            return ui::file(session, &name).await;
+        }
         if let (Some(acme), Some(token)) = (&self.acme, path.strip_prefix(CHALLENGE_PREFIX)) {
             match acme.key_authorization(token) {
                 Some(answer) => reply::text(session, 200, answer).await?,
@@ -169,10 +181,25 @@ impl ProxyHttp for Pipes {
                     Err(e) => return reply_error(session, &e).await,
                 }
             }
+            Next::Dashboard(domain) => return ui::dashboard(session, &domain, self.hosts.style.pattern()).await,
+            Next::Api(request) if request.method == http::Method::OPTIONS => {
+                return match self.dashboard_origin(session.req_header()) {
+                    Some(origin) => reply::preflight(session, &origin).await.map(|()| true),
+                    None => reply_error(session, &PipesError::BadRequest { reason: "a CORS request from an origin other than this Pipes' dashboard".into() }).await,
+                };
+            }
+            Next::Api(request) if events::wanted(&request) => {
+                if let Err((e, audience)) = events::serve(&self.fleet, &self.api_auth, session, request).await {
+                    reply::error(session, &e, audience, false).await?;
+                }
+                return Ok(true);
+            }
             Next::Api(request) => {
+                // The dashboard on the bare domain calls deployments' hosts.
+                let origin = self.dashboard_origin(session.req_header());
                 match self.api(session, request).await {
-                    Ok(json) => reply::json(session, json).await?,
-                    Err((e, audience)) => reply::error(session, &e, audience, false).await?,
+                    Ok(json) => reply::json(session, json, origin.as_deref()).await?,
+                    Err((e, audience)) => reply::api_error(session, &e, audience, origin.as_deref()).await?,
                 }
                 return Ok(true);
             }
@@ -189,7 +216,16 @@ impl ProxyHttp for Pipes {
                         Err(e) => return reply_error(session, &e).await,
                     };
                 }
-                let started = self.fleet.ready(&slot).await;
+                // A browser is shown the waiting page rather than a blank wait.
+                let page_after = self.waiting_page_after.filter(|_| waiting::wanted(session.req_header()));
+                let started = match page_after {
+                    Some(after) => match tokio::time::timeout(after, self.fleet.ready(&slot)).await {
+                        Ok(started) => started,
+                        // The start goes on without this request.
+                        Err(_) => return waiting::page(session, &slot, after).await,
+                    },
+                    None => self.fleet.ready(&slot).await,
+                };
                 drop(start);
                 match started {
                     Ok(up) => {
@@ -336,6 +372,7 @@ impl Pipes {
         }
         let d = match target {
             Target::Deployment(d) => d,
+            Target::Bare if path == "/" && matches!(req.method, http::Method::GET | http::Method::HEAD) => return Next::Dashboard(raw.to_owned()),
             Target::Bare => return Next::Fail(self.hosts.no_deployment(&host)),
         };
         match self.fleet.get(d) {
@@ -447,6 +484,19 @@ impl Pipes {
     /// Answers an API request: nothing of its body is read before its token
     /// was checked, and the body must arrive within `PIPES_HEADER_TIMEOUT`.
     /// Errors before the token was accepted are the public's; after, the operator's.
+    /// The `Origin` of a request from this Pipes' dashboard to a
+    /// deployment's host: the bare domain the request's host is under.
+    fn dashboard_origin(&self, req: &RequestHeader) -> Option<String> {
+        let origin = req.headers.get(http::header::ORIGIN)?.to_str().ok()?;
+        let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"))?;
+        let origin_host = route::normalize_host(authority);
+        if !matches!(route::route(&origin_host, &self.hosts), Ok(Target::Bare)) {
+            return None;
+        }
+        let host = route::normalize_host(request_host(req).ok()?);
+        host.strip_suffix(origin_host.as_ref())?.ends_with('.').then(|| origin.to_owned())
+    }
+
     async fn api(&self, session: &mut Session, mut request: api::Request) -> std::result::Result<reply::Json, (PipesError, Audience)> {
         let public = |e| (e, Audience::Public);
         let admitted = api::admit(&self.fleet, &self.api_auth, &request).await.map_err(public)?;

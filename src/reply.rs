@@ -208,7 +208,12 @@ pub async fn error(session: &mut Session, e: &PipesError, audience: Audience, cl
     if close || !session.is_body_done() {
         session.set_keepalive(None);
     }
-    let mut head = ResponseHeader::build(e.status(), Some(5))?;
+    write(session, error_head(e)?, content_type, body.into()).await
+}
+
+/// The head of an answer to `e`: its status and the headers it calls for.
+fn error_head(e: &PipesError) -> Result<ResponseHeader> {
+    let mut head = ResponseHeader::build(e.status(), Some(6))?;
     if let Some(secs) = e.retry_after() {
         head.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
@@ -218,14 +223,44 @@ pub async fn error(session: &mut Session, e: &PipesError, audience: Audience, cl
     if matches!(e, PipesError::Unauthorized) {
         head.insert_header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"pipes\"")?;
     }
-    write(session, head, content_type, body.into()).await
+    Ok(head)
 }
 
-/// Answers with a JSON reply.
-pub async fn json(session: &mut Session, reply: Json) -> Result<()> {
-    let head = ResponseHeader::build(reply.status, Some(4))?;
+/// Answers with a JSON reply, readable by the dashboard at `cors` if given.
+pub async fn json(session: &mut Session, reply: Json, cors: Option<&str>) -> Result<()> {
+    let mut head = ResponseHeader::build(reply.status, Some(5))?;
+    allow_origin(&mut head, cors)?;
     let body = serde_json::to_vec_pretty(&reply.body).unwrap_or_default();
     write(session, head, "application/json", body.into()).await
+}
+
+/// An API failure as JSON (never a page), readable by the dashboard at `cors` if given.
+pub async fn api_error(session: &mut Session, e: &PipesError, audience: Audience, cors: Option<&str>) -> Result<()> {
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    let mut head = error_head(e)?;
+    allow_origin(&mut head, cors)?;
+    write(session, head, "application/json", error_body_for(e, audience).to_string().into()).await
+}
+
+/// The answer to a CORS preflight from the dashboard at `origin`: the
+/// methods and headers the API takes. No cookie is ever involved.
+pub async fn preflight(session: &mut Session, origin: &str) -> Result<()> {
+    let mut head = ResponseHeader::build(204, Some(5))?;
+    allow_origin(&mut head, Some(origin))?;
+    head.insert_header(http::header::ACCESS_CONTROL_ALLOW_METHODS, "GET, HEAD, PUT, POST, DELETE")?;
+    head.insert_header(http::header::ACCESS_CONTROL_ALLOW_HEADERS, "authorization, content-type")?;
+    head.insert_header(http::header::ACCESS_CONTROL_MAX_AGE, "600")?;
+    session.write_response_header(Box::new(head), true).await
+}
+
+fn allow_origin(head: &mut ResponseHeader, cors: Option<&str>) -> Result<()> {
+    if let Some(origin) = cors {
+        head.insert_header(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)?;
+        head.insert_header(http::header::VARY, "origin")?;
+    }
+    Ok(())
 }
 
 /// Answers with plain text.
@@ -283,7 +318,8 @@ fn wants_html(req: &pingora::http::RequestHeader) -> bool {
     req.headers.get(http::header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"))
 }
 
-fn escape_html(text: &str) -> String {
+/// `text` safe inside HTML text and attribute values.
+pub fn escape_html(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -199,6 +199,9 @@ struct Cli {
     /// Access log on standard output: off or json
     #[arg(long, env = "PIPES_ACCESS_LOG", value_name = "FORMAT", default_value = "off", value_parser = parse_access_log)]
     access_log: AccessLog,
+    /// How long a browser's navigation to a starting deployment waits before it is shown the waiting page (off: never)
+    #[arg(long, env = "PIPES_WAITING_PAGE_AFTER", value_name = "DURATION|off", default_value = "1s", value_parser = parse_waiting_page)]
+    waiting_page_after: WaitingPage,
     /// Pingora server configuration (YAML): threads, grace periods, upgrades
     #[arg(short = 'c', long = "conf", env = "PIPES_SERVER_CONF", value_name = "FILE")]
     server_conf: Option<PathBuf>,
@@ -303,6 +306,8 @@ pub struct Settings {
     /// Prometheus metrics, if `PIPES_METRICS_LISTEN` is set.
     pub metrics: Option<MetricsSettings>,
     pub access_log: AccessLog,
+    /// `PIPES_WAITING_PAGE_AFTER`: `None` never shows the waiting page.
+    pub waiting_page_after: Option<Duration>,
     pub server_conf: Option<PathBuf>,
     pub upgrade: bool,
     pub test: bool,
@@ -588,6 +593,7 @@ impl Settings {
             https_redirect: cli.https_redirect.then_some(https_port),
             metrics: cli.metrics_listen.map(|l| MetricsSettings { listen: l.0, max_deployments: cli.metrics_max_deployments }),
             access_log: cli.access_log,
+            waiting_page_after: cli.waiting_page_after.0,
             server_conf: cli.server_conf,
             upgrade: cli.upgrade,
             test: cli.test,
@@ -789,6 +795,18 @@ fn parse_timeout(value: &str) -> Result<Duration, String> {
         .and_then(|s| s.within(Duration::from_millis(1), MAX_TIMEOUT))
         .map(|s| s.0)
         .map_err(|_| format!("expected a duration such as 60s, 1500ms or 2m (up to 24h), got '{value}'"))
+}
+
+/// `PIPES_WAITING_PAGE_AFTER`.
+#[derive(Debug, Clone, Copy)]
+struct WaitingPage(Option<Duration>);
+
+fn parse_waiting_page(value: &str) -> Result<WaitingPage, String> {
+    match value {
+        "off" => Ok(WaitingPage(None)),
+        "0" | "0s" => Ok(WaitingPage(Some(Duration::ZERO))),
+        _ => parse_timeout(value).map(|d| WaitingPage(Some(d))).map_err(|_| format!("expected off or a duration such as 1s or 500ms, got '{value}'")),
+    }
 }
 
 fn parse_capabilities(value: &str) -> Result<Capabilities, String> {

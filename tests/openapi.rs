@@ -95,6 +95,15 @@ async fn every_operation_answers_as_documented() {
         check(&spec, path, method, status, &value);
         exercised.insert((path.to_owned(), method.to_owned()));
     }
+    // The event stream: its errors are JSON as documented; its answer is the stream.
+    let resp = domain_client.get(pipes.url("example.com", "/__proxyapi/events")).bearer_auth("wrong-token-0123456789").send().await.unwrap();
+    let (status, value) = common::json(resp).await;
+    assert_eq!(status, 401, "{value}");
+    check(&spec, "/__proxyapi/events", "GET", status, &value);
+    let resp = domain_client.get(pipes.url("example.com", "/__proxyapi/events")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    exercised.insert(("/__proxyapi/events".to_owned(), "GET".to_owned()));
     // Errors every operation documents.
     let (status, value) = common::json(client.get(pipes.url(&host, "/__proxyapi/container")).send().await.unwrap()).await;
     check(&spec, "/__proxyapi/container", "GET", status, &value);

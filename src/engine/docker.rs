@@ -33,7 +33,7 @@ use futures_util::StreamExt;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
-    generation_of, short_id, Backend, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE,
+    generation_of, short_id, Backend, Progress, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE,
     LABEL_CONFIG, LABEL_MANAGED, LABEL_PORT,
 };
 use crate::config::Restart;
@@ -505,16 +505,24 @@ impl Backend for Docker {
         }
     }
 
-    async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
         {
             let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
             let (repo, tag) = split_reference(reference);
             let options = CreateImageOptions { from_image: Some(repo.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
-            let mut progress = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
-            while let Some(item) = progress.next().await {
-                if let Err(e) = item {
-                    return Err(self.pull_failure(reference, e));
+            let mut stream = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
+            // Bytes done and in all per layer, as the engine reports downloads.
+            let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+            while let Some(item) = stream.next().await {
+                let info = item.map_err(|e| self.pull_failure(reference, e))?;
+                let (Some(id), Some(detail)) = (info.id, info.progress_detail) else { continue };
+                if info.status.as_deref() != Some("Downloading") {
+                    continue;
                 }
+                let (done, total) = (detail.current.unwrap_or(0).max(0) as u64, detail.total.unwrap_or(0).max(0) as u64);
+                layers.insert(id, (done, total));
+                let (done, total) = layers.values().fold((0, 0), |(d, t), (ld, lt)| (d + ld, t + lt));
+                progress(done, total);
             }
         }
         self.image(reference).await?.ok_or_else(|| PipesError::Engine { action: "pull an image", detail: format!("{reference} is missing after the pull") })

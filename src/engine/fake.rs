@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use super::{Backend, Event, EventKind, Image, Instance, Spec};
+use super::{Backend, Event, EventKind, Image, Instance, Progress, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -240,7 +240,7 @@ impl Backend for Fake {
         Ok(self.lock().local.get(reference).cloned())
     }
 
-    async fn pull(&self, reference: &str) -> Result<Image, PipesError> {
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
         self.up()?;
         self.calls.pulls.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
@@ -249,6 +249,8 @@ impl Backend for Fake {
             Some((behaviour, digest)) => {
                 let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone() };
                 inner.local.insert(reference.to_owned(), image.clone());
+                // One layer of a kilobyte, all there at once.
+                progress(1024, 1024);
                 Ok(image)
             }
             None => Err(PipesError::ImageNotFound { image: reference.to_owned() }),

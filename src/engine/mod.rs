@@ -45,6 +45,9 @@ pub const RESERVED_LABELS: [&str; 7] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEP
 /// How often a Pipes renews its claim on its instance name ([`Backend::claim`]).
 pub const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(20);
 
+/// Told how far a pull got: bytes done and in all, over the layers so far.
+pub type Progress<'a> = dyn Fn(u64, u64) + Send + Sync + 'a;
+
 /// The first 12 characters of an instance id, as `docker ps` shows it.
 pub fn short_id(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
@@ -227,7 +230,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError>;
 
     /// Pulls `reference` with the configured credentials, then its facts.
-    async fn pull(&self, reference: &str) -> Result<Image, PipesError>;
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError>;
 
     /// The digest (`sha256:…`) the registry holds for `reference` now, asked
     /// with the configured credentials, without pulling.

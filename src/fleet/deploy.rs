@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 
+use super::feed::{Feed, What};
 use super::probe;
 use super::slot::Upstream;
 use crate::config::{check_capability, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
@@ -34,6 +35,8 @@ const DEFAULT_PORT: u16 = 80;
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a never-ready instance gets to stop: it never served anyone.
 const NEVER_READY_GRACE: Duration = Duration::from_secs(2);
+/// Pull progress is told at most this often.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 /// Starts and operates deployments on the backend.
 pub struct Deployer {
@@ -51,6 +54,8 @@ pub struct Deployer {
     admission: Mutex<()>,
     /// Where cold-start phases are timed, when metrics are on.
     metrics: Option<Arc<Metrics>>,
+    /// Where phases and pull progress are told as they happen.
+    feed: Feed,
 }
 
 /// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
@@ -65,7 +70,7 @@ impl Drop for Admitted {
 
 impl Deployer {
     /// A deployer on `backend` with the configs in `store`.
-    pub fn new(backend: Arc<dyn Backend>, store: Store, settings: &Settings, metrics: Option<Arc<Metrics>>) -> Self {
+    pub fn new(backend: Arc<dyn Backend>, store: Store, settings: &Settings, metrics: Option<Arc<Metrics>>, feed: Feed) -> Self {
         Deployer {
             backend,
             store,
@@ -77,17 +82,36 @@ impl Deployer {
             starting: Arc::new(AtomicUsize::new(0)),
             admission: Mutex::new(()),
             metrics,
+            feed,
         }
     }
 
-    /// Times `step` as cold-start `phase`.
-    async fn timed<T>(&self, phase: Phase, step: impl Future<Output = T>) -> T {
+    /// Times `step` as cold-start `phase` of `d`, and tells the feed.
+    async fn timed<T>(&self, d: &Deployment, phase: Phase, step: impl Future<Output = T>) -> T {
         let began = Instant::now();
         let out = step.await;
+        let took = began.elapsed();
         if let Some(m) = &self.metrics {
-            m.phase(phase, began.elapsed());
+            m.phase(phase, took);
         }
+        self.feed.tell(d, What::Phase { phase, took });
         out
+    }
+
+    /// Pulls `image_ref` for `d` within `PIPES_PULL_TIMEOUT`, telling the
+    /// feed how far it got (at most every [`PROGRESS_EVERY`]).
+    async fn pull_image(&self, d: &Deployment, image_ref: &str) -> Result<Image, PipesError> {
+        let last = std::sync::Mutex::new(None::<Instant>);
+        let progress = |done: u64, total: u64| {
+            let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) || done == total {
+                *last = Some(Instant::now());
+                self.feed.tell(d, What::Pulling { done, total });
+            }
+        };
+        self.timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref, &progress)))
+            .await
+            .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })?
     }
 
     /// Pipes' own defaults, the lowest config layer.
@@ -180,10 +204,10 @@ impl Deployer {
                     let admitted = self.admit().await?;
                     let woken = if i.paused {
                         log::info!("{d}: thawing its paused instance {}", short_id(&i.id));
-                        self.timed(Phase::Start, self.backend.unpause(&i.id)).await
+                        self.timed(d, Phase::Start, self.backend.unpause(&i.id)).await
                     } else {
                         log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
-                        self.timed(Phase::Start, self.backend.start(&i.id)).await
+                        self.timed(d, Phase::Start, self.backend.start(&i.id)).await
                     };
                     drop(admitted);
                     match woken {
@@ -224,7 +248,7 @@ impl Deployer {
     /// The upstream of a thawed instance, once it accepts a connection.
     async fn connected(&self, d: &Deployment, instance: &Instance, config: &Effective) -> Result<Upstream, PipesError> {
         let addr = self.address(d, instance).await?;
-        let probed = self.timed(Phase::Probe, probe::until_connects(addr, config.health_timeout)).await;
+        let probed = self.timed(d, Phase::Probe, probe::until_connects(addr, config.health_timeout)).await;
         if !probed {
             return Err(PipesError::NotReady { deployment: d.to_string(), timeout: config.health_timeout, probed: format!("connect {addr}") });
         }
@@ -280,9 +304,7 @@ impl Deployer {
             Some(image) => image,
             None => {
                 log::info!("{d}: pulling {image_ref}");
-                self.timed(Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref)))
-                    .await
-                    .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })??
+                self.pull_image(d, image_ref).await?
             }
         };
         let port = match config.port {
@@ -312,8 +334,8 @@ impl Deployer {
             config: config.to_json(Some(port)).to_string(),
         };
         let admitted = if admit { Some(self.admit().await?) } else { None };
-        let instance = self.timed(Phase::Create, self.backend.create(&spec)).await?;
-        let instance = if instance.running { instance } else { self.timed(Phase::Start, self.backend.start(&instance.id)).await? };
+        let instance = self.timed(d, Phase::Create, self.backend.create(&spec)).await?;
+        let instance = if instance.running { instance } else { self.timed(d, Phase::Start, self.backend.start(&instance.id)).await? };
         drop(admitted);
         Ok(instance)
     }
@@ -321,10 +343,7 @@ impl Deployer {
     /// Pulls the image `d`'s tag names in the registry now; its digest.
     pub async fn pull(&self, d: &Deployment) -> Result<String, PipesError> {
         let image_ref = self.image_ref(d);
-        let image = self
-            .timed(Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(&image_ref)))
-            .await
-            .map_err(|_| PipesError::PullTimeout { image: image_ref.clone(), timeout: self.pull_timeout })??;
+        let image = self.pull_image(d, &image_ref).await?;
         Ok(image.digest.unwrap_or(image.id))
     }
 
@@ -405,7 +424,7 @@ impl Deployer {
 
     /// Probes until the instance answers; fails if it exits or the timeout passes.
     async fn until_ready(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {
-        self.timed(Phase::Probe, self.until_answering(d, id, addr, config)).await
+        self.timed(d, Phase::Probe, self.until_answering(d, id, addr, config)).await
     }
 
     async fn until_answering(&self, d: &Deployment, id: &str, addr: SocketAddr, config: &Effective) -> Result<(), PipesError> {

@@ -11,6 +11,7 @@
 //! backend's connection lives, and no proxy thread ever waits on it.
 
 mod deploy;
+pub mod feed;
 mod janitor;
 mod probe;
 mod slot;
@@ -37,8 +38,10 @@ use crate::route::{Deployment, DeploymentRef};
 use crate::settings::Settings;
 use crate::store::Store;
 use deploy::Deployer;
+use feed::Feed;
 use slot::{now_ms, Start};
 
+pub use feed::{Happening, What};
 pub use janitor::Janitor;
 pub use slot::{Activity, OpenCount, Slot, StartResult, Upstream};
 pub use watch::Watcher;
@@ -194,6 +197,8 @@ pub struct Fleet {
     max_starts_per_client: usize,
     /// What is counted for Prometheus, when `PIPES_METRICS_LISTEN` is set.
     metrics: Option<Arc<Metrics>>,
+    /// What happens to deployments, for whoever follows.
+    feed: Feed,
 }
 
 type Starts = HashMap<IpAddr, HashMap<Deployment, usize>>;
@@ -234,13 +239,14 @@ impl Fleet {
     pub fn new(settings: &Settings, backend: Arc<dyn Backend>, control: tokio::runtime::Handle) -> Self {
         let store = Store::new(settings.config_dir.clone());
         let metrics = settings.metrics.as_ref().map(|m| Arc::new(Metrics::new(m.max_deployments)));
+        let feed = Feed::default();
         Fleet {
             table: ArcSwap::from_pointee(Table::new()),
             grow: Mutex::new(()),
             policy: settings.policy.clone(),
             failure_ttl: settings.failure_ttl,
             drain_timeout: settings.drain_timeout,
-            deployer: Arc::new(Deployer::new(backend, store, settings, metrics.clone())),
+            deployer: Arc::new(Deployer::new(backend, store, settings, metrics.clone(), feed.clone())),
             control,
             retired: AtomicBool::new(false),
             max_not_running: settings.max_not_running,
@@ -250,7 +256,18 @@ impl Fleet {
             starts: Arc::new(Mutex::new(HashMap::new())),
             max_starts_per_client: settings.max_starts_per_client,
             metrics,
+            feed,
         }
+    }
+
+    /// What happens to deployments from now on.
+    pub fn follow(&self) -> tokio::sync::broadcast::Receiver<Arc<Happening>> {
+        self.feed.follow()
+    }
+
+    /// What happened to `d` since its start under way began.
+    pub fn this_start(&self, d: &Deployment) -> Vec<Arc<Happening>> {
+        self.feed.this_start(d)
     }
 
     /// The state of `slot` as the table alone tells it, without asking the
@@ -388,6 +405,11 @@ impl Fleet {
         if self.control.block_on(release).is_err() {
             log::warn!("the engine did not confirm the release of this instance name");
         }
+    }
+
+    /// Whether this process is stopping or handing over.
+    pub fn is_retired(&self) -> bool {
+        self.retired()
     }
 
     fn retired(&self) -> bool {
@@ -781,6 +803,7 @@ impl Fleet {
             old
         };
         log::info!("{}: now served by {} ({})", slot.deployment, short_id(&next.instance_id), next.digest.as_deref().unwrap_or("no digest"));
+        self.feed.tell(&slot.deployment, What::Switched { digest: next.digest.clone() });
         match old {
             Some(old) => self.drain(slot.clone(), old),
             None => self.deployer.prune(&slot.deployment, &next.instance_id, &[]).await,
@@ -838,6 +861,15 @@ impl Fleet {
                 if let Some(slot) = self.get(d.as_ref()) {
                     if slot.retract(&event.id) {
                         log::info!("{d}: instance {} {kind:?}: no more requests go to it", short_id(&event.id));
+                        let (state, why) = match kind {
+                            EventKind::Paused => ("paused", "paused"),
+                            EventKind::Destroyed => ("removed", "removed"),
+                            EventKind::OutOfMemory => ("stopped", "out of memory"),
+                            EventKind::Killed => ("stopped", "killed"),
+                            EventKind::Died(_) => ("stopped", "exited"),
+                            _ => ("stopped", "stopped"),
+                        };
+                        self.feed.tell(d, What::Left { state, why });
                     }
                 }
             }
@@ -932,7 +964,10 @@ impl Fleet {
             // An operation that just ended may have made it serve (a rollback, an adoption).
             let result = match slot.upstream() {
                 Some(up) => Ok(up),
-                None => deployer.deploy(&slot.deployment).await.map(Arc::new),
+                None => {
+                    fleet.feed.tell(&slot.deployment, What::Starting { expected: slot.last_start() });
+                    deployer.deploy(&slot.deployment).await.map(Arc::new)
+                }
             };
             if let Some(m) = &slot.metrics {
                 m.cold_start(result.as_ref().map_or_else(PipesError::kind, |_| "ready"));
@@ -942,12 +977,17 @@ impl Fleet {
             match &result {
                 Ok(up) => {
                     fleet.unpaused(&up.instance_id);
-                    log::info!("{}: ready at {} in {:?}", slot.deployment, up.addr, began.elapsed());
+                    let took = began.elapsed();
+                    log::info!("{}: ready at {} in {took:?}", slot.deployment, up.addr);
+                    slot.set_last_start(took);
                     cold.failed = None;
                     slot.set_upstream(Some(up.clone()));
+                    // Told once a request would be served: the waiting page moves on at this.
+                    fleet.feed.tell(&slot.deployment, What::Ready { took });
                 }
                 Err(e) => {
                     log::warn!("{}: start failed after {:?}: {e}", slot.deployment, began.elapsed());
+                    fleet.feed.tell(&slot.deployment, What::Failed { error: e.clone() });
                     match e {
                         PipesError::ImageNotFound { .. } => {
                             drop(cold);

@@ -194,6 +194,8 @@ pub struct Slot {
     pub(super) ops: tokio::sync::Mutex<()>,
     /// Where its requests are counted, when metrics are on.
     pub metrics: Option<Arc<DeploymentMetrics>>,
+    /// How long its last start took, in ms; 0 before any.
+    last_start_ms: AtomicU64,
 }
 
 impl Slot {
@@ -206,7 +208,17 @@ impl Slot {
             next_watch_ms: AtomicU64::new(0),
             cold: Mutex::new(Cold::default()),
             ops: tokio::sync::Mutex::new(()),
+            last_start_ms: AtomicU64::new(0),
         }
+    }
+
+    /// How long its last start took, if it ever started here.
+    pub fn last_start(&self) -> Option<Duration> {
+        Some(self.last_start_ms.load(Ordering::Relaxed)).filter(|ms| *ms > 0).map(Duration::from_millis)
+    }
+
+    pub(super) fn set_last_start(&self, took: Duration) {
+        self.last_start_ms.store(u64::try_from(took.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
     }
 
     /// The upstream, if the deployment runs and answered: the hot path.

@@ -552,3 +552,31 @@ async fn a_stopped_instance_of_an_older_image_is_replaced_not_woken() {
     assert_eq!(second.digest.as_deref(), Some(newer.as_str()));
     assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), pulls, "no pull on the request path");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/told:v1", Behaviour::default());
+    let mut feed = h.fleet.follow();
+    h.ready(&d).await.unwrap();
+    let mut told = Vec::new();
+    while let Ok(happening) = feed.try_recv() {
+        assert_eq!(happening.deployment, d);
+        told.push(match &happening.what {
+            What::Starting { .. } => "starting".to_owned(),
+            What::Phase { phase, .. } => phase.name().to_owned(),
+            What::Pulling { done, total } => format!("pulling {done}/{total}"),
+            What::Ready { .. } => "ready".to_owned(),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(told, ["starting", "pulling 1024/1024", "pull", "create", "start", "probe", "ready"]);
+    assert_eq!(h.fleet.this_start(&d).len(), told.len(), "what a follower arriving now would hear of this start");
+    assert!(h.fleet.slot(d.as_ref()).last_start().is_some(), "the next waiting page knows what to expect");
+
+    let crash = h.publish("alice/crash:v1", Behaviour { exit_code: Some(3), ..Behaviour::default() });
+    let mut feed = h.fleet.follow();
+    h.ready(&crash).await.unwrap_err();
+    let last = std::iter::from_fn(|| feed.try_recv().ok()).last().expect("told");
+    assert!(matches!(&last.what, What::Failed { error: PipesError::Exited { code: 3, .. } }), "{last:?}");
+}

@@ -1,0 +1,186 @@
+//! `GET /__proxyapi/events`: what happens to deployments, as server-sent
+//! events. On the bare domain it needs a token and shows every deployment the
+//! token may see; on a deployment's host it shows that deployment, in full
+//! with a token and as the public sees it without one (phases, progress,
+//! readiness, and failures as the error page tells them) — which is what the
+//! waiting page follows.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::{self, Endpoint};
+use crate::auth::{Access, ApiAuth};
+use crate::error::PipesError;
+use crate::fleet::{Fleet, Happening, State, What};
+use crate::reply::{error_body_for, Audience};
+use crate::route::Deployment;
+
+/// A comment line this often keeps proxies and browsers from closing a quiet stream.
+const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How often a quiet stream checks whether Pipes is stopping.
+const CHECK: Duration = Duration::from_secs(1);
+
+/// Who follows, and what they may see.
+struct View {
+    /// The deployment whose host was asked, or every one `access` covers.
+    deployment: Option<Deployment>,
+    access: Option<Access>,
+    audience: Audience,
+}
+
+impl View {
+    fn sees(&self, h: &Happening) -> bool {
+        match (&self.deployment, &self.access) {
+            (Some(d), _) => *d == h.deployment,
+            (None, Some(access)) => access.covers(&h.deployment.user),
+            (None, None) => false,
+        }
+    }
+}
+
+/// Whether `req` asks for the event stream.
+pub(crate) fn wanted(req: &api::Request) -> bool {
+    Endpoint::find(&req.path) == Some(Endpoint::Events)
+}
+
+/// Checks who asks, then streams events until the client leaves or Pipes stops.
+pub(crate) async fn serve(fleet: &Arc<Fleet>, auth: &ApiAuth, session: &mut Session, req: api::Request) -> Result<(), (PipesError, Audience)> {
+    let view = if req.deployment.is_some() && req.authorization.is_none() && req.method == http::Method::GET {
+        View { deployment: req.deployment.clone(), access: None, audience: Audience::Public }
+    } else {
+        let admitted = api::admit(fleet, auth, &req).await.map_err(|e| (e, Audience::Public))?;
+        View { deployment: req.deployment.clone(), access: Some(admitted.access().clone()), audience: Audience::Operator }
+    };
+    // Followed before the snapshot is taken, so nothing falls between them.
+    let mut feed = fleet.follow();
+    let snapshot = snapshot(fleet, &view).await.map_err(|e| (e, view.audience))?;
+    let io = |e: Box<Error>| (PipesError::BadBody { message: e.to_string() }, Audience::Public);
+    let mut head = ResponseHeader::build(200, Some(4)).map_err(io)?;
+    head.insert_header(http::header::CONTENT_TYPE, "text/event-stream").map_err(io)?;
+    head.insert_header(http::header::CACHE_CONTROL, "no-store").map_err(io)?;
+    if !session.is_http2() {
+        head.insert_header(http::header::TRANSFER_ENCODING, "chunked").map_err(io)?;
+    }
+    session.write_response_header(Box::new(head), false).await.map_err(io)?;
+    let mut out = String::new();
+    for (name, data) in snapshot {
+        push(&mut out, name, &data);
+    }
+    if send(session, &mut out).await.is_err() {
+        return Ok(());
+    }
+    let mut quiet = Duration::ZERO;
+    loop {
+        let next = tokio::time::timeout(CHECK, feed.recv()).await;
+        if fleet.is_retired() {
+            break;
+        }
+        match next {
+            Ok(Ok(h)) if view.sees(&h) => push(&mut out, name(&h), &data(&h, view.audience)),
+            Ok(Ok(_)) => continue,
+            Ok(Err(RecvError::Lagged(missed))) => push(&mut out, "lagged", &json!({ "missed": missed })),
+            Ok(Err(RecvError::Closed)) => break,
+            Err(_) => {
+                quiet += CHECK;
+                if quiet < HEARTBEAT {
+                    continue;
+                }
+                out.push_str(": still here\n\n");
+            }
+        }
+        quiet = Duration::ZERO;
+        if send(session, &mut out).await.is_err() {
+            return Ok(());
+        }
+    }
+    let _ = session.write_response_body(None, true).await;
+    Ok(())
+}
+
+/// The state now: one `status` event per deployment in view (the waiting
+/// page moves on at once if it is running), or the list on the bare domain.
+async fn snapshot(fleet: &Arc<Fleet>, view: &View) -> Result<Vec<(&'static str, Value)>, PipesError> {
+    let Some(d) = &view.deployment else {
+        let access = view.access.as_ref();
+        let list: Vec<Value> = fleet
+            .summaries()
+            .await?
+            .into_iter()
+            .filter(|s| access.is_some_and(|a| a.covers(&s.deployment.user)))
+            .map(|s| json!({ "deployment": s.deployment.to_string(), "state": s.state.as_str() }))
+            .collect();
+        return Ok(vec![("deployments", json!({ "deployments": list }))]);
+    };
+    let status = fleet.status(d).await?;
+    let slot = fleet.get(d.as_ref());
+    let mut body = json!({
+        "deployment": d.to_string(),
+        "state": status.state.as_str(),
+        "expected_ms": slot.as_deref().and_then(|s| s.last_start()).map(|t| t.as_millis() as u64),
+    });
+    if let (Some(e), Some(obj)) = (&status.last_error, body.as_object_mut()) {
+        obj.insert("error".into(), error_body_for(e, view.audience));
+    }
+    let mut events = vec![("status", body)];
+    if status.state == State::Running && slot.as_deref().is_some_and(|s| s.upstream().is_some()) {
+        events.push(("ready", json!({ "deployment": d.to_string(), "state": "running" })));
+    }
+    // A follower that arrives during a start hears what it missed of it.
+    if status.state == State::Starting {
+        events.extend(fleet.this_start(d).iter().map(|h| (name(h), data(h, view.audience))));
+    }
+    Ok(events)
+}
+
+fn name(h: &Happening) -> &'static str {
+    match h.what {
+        What::Starting { .. } => "starting",
+        What::Phase { .. } => "phase",
+        What::Pulling { .. } => "pulling",
+        What::Ready { .. } => "ready",
+        What::Failed { .. } => "failed",
+        What::Left { .. } => "state",
+        What::Switched { .. } => "redeployed",
+    }
+}
+
+/// The data of `h` as `audience` may see it.
+fn data(h: &Happening, audience: Audience) -> Value {
+    let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let mut data = match &h.what {
+        What::Starting { expected } => json!({ "state": "starting", "expected_ms": expected.as_ref().map(ms) }),
+        What::Phase { phase, took } => json!({ "phase": phase.name(), "ms": ms(took) }),
+        What::Pulling { done, total } => json!({ "phase": "pull", "done_bytes": done, "total_bytes": total }),
+        What::Ready { took } => json!({ "state": "running", "ms": ms(took) }),
+        What::Failed { error } => json!({ "state": "failed", "error": error_body_for(error, audience) }),
+        What::Left { state, why } => json!({ "state": state, "why": why }),
+        What::Switched { digest } => json!({ "state": "running", "digest": digest }),
+    };
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("deployment".into(), json!(h.deployment.to_string()));
+        let at = UNIX_EPOCH + Duration::from_millis(h.at_ms);
+        obj.insert("at".into(), json!(humantime::format_rfc3339_millis(at).to_string()));
+    }
+    data
+}
+
+/// Appends one event in the stream's format.
+fn push(out: &mut String, name: &str, data: &Value) {
+    out.push_str("event: ");
+    out.push_str(name);
+    out.push_str("\ndata: ");
+    // Compact JSON holds no newline, so one data line carries it.
+    out.push_str(&data.to_string());
+    out.push_str("\n\n");
+}
+
+async fn send(session: &mut Session, out: &mut String) -> Result<()> {
+    let chunk = Bytes::from(std::mem::take(out));
+    session.write_response_body(Some(chunk), false).await
+}
