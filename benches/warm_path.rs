@@ -103,6 +103,31 @@ async fn bench() {
         ])
     };
     let (metered, logged) = (observed(false), observed(true));
+    // PIPES_BENCH_EXTRA_YAML (e.g. "work_stealing: false") runs one more Pipes
+    // with those lines added to its Pingora YAML: a change tried against the
+    // rest in the same run.
+    let extra_yaml = std::env::var("PIPES_BENCH_EXTRA_YAML").ok().filter(|y| !y.trim().is_empty());
+    let variant = extra_yaml.as_ref().map(|yaml| {
+        let path = conf_dir.join("variant.yaml");
+        let lines: Vec<String> = yaml.split("\\n").map(|l| l.trim().to_owned()).collect();
+        // A key given again replaces the bench's own line for it.
+        let base: String = std::fs::read_to_string(&conf)
+            .expect("the bench's YAML")
+            .lines()
+            .filter(|l| !lines.iter().any(|n| n.split(':').next() == l.split(':').next()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, format!("{base}{}\n", lines.join("\n"))).expect("variant YAML");
+        let variant = Pipes::start(&[
+            ("PIPES_SERVER_CONF", Some(path.to_str().unwrap())),
+            ("PIPES_ALLOW", Some("bench/*")),
+            ("RUST_LOG", Some("warn")),
+        ]);
+        (format!("Pipes + {}", yaml.replace("\\n", ", ")), variant)
+    });
+    if let Some((_, v)) = &variant {
+        assert_eq!(v.get(HOST, "/").await.status(), 200);
+    }
     assert_eq!(metered.get(HOST, "/").await.status(), 200);
     assert_eq!(logged.get(HOST, "/").await.status(), 200);
 
@@ -122,7 +147,7 @@ async fn bench() {
     wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();
-    let systems = [
+    let mut systems: Vec<(&str, u16)> = vec![
         ("direct", direct_port),
         ("nginx", nginx.port),
         ("bare Pingora", bare_port),
@@ -130,6 +155,9 @@ async fn bench() {
         ("Pipes, metrics on", metered.port),
         ("Pipes, metrics and access log on", logged.port),
     ];
+    if let Some((name, v)) = &variant {
+        systems.push((name.as_str(), v.port));
+    }
     let cases: [(&str, &str, bool); 3] =
         [("3 B, keep-alive", "/bytes/3", true), ("64 KiB, keep-alive", "/bytes/65536", true), ("3 B, new connection each", "/bytes/3", false)];
     let mut table = String::new();
@@ -164,7 +192,32 @@ async fn bench() {
         }
     }
 
-    drop((metered, logged));
+    // Context switches per request, keep-alive, one more run each: where the
+    // time goes that throughput alone does not show.
+    let mut switches = String::new();
+    writeln!(switches, "| system | requests | context switches | per request | CPU µs per request |").unwrap();
+    writeln!(switches, "|---|---|---|---|---|").unwrap();
+    // Clock ticks per second of /proc's CPU times.
+    let ticks = 100.0;
+    let mut counted: Vec<(&str, u32, u16)> =
+        vec![("nginx", nginx.pid(), nginx.port), ("bare Pingora", _bare.0.id(), bare_port), ("Pipes", pid, pipes.port)];
+    if let Some((name, v)) = &variant {
+        counted.push((name.as_str(), v.pid().expect("runs"), v.port));
+    }
+    for (name, process, port) in counted {
+        let (switched, cpu) = switches_and_cpu(process);
+        let load = wrk(&format!("http://127.0.0.1:{port}/bytes/3"), true, None, seconds, &mut commands);
+        let (switched_after, cpu_after) = switches_and_cpu(process);
+        let requests = load.rps * seconds as f64;
+        let per_request_us = (cpu_after - cpu) as f64 / ticks * 1e6 / requests;
+        let switched = switched_after - switched;
+        writeln!(switches, "| {name} | {requests:.0} | {switched} | {:.2} | {per_request_us:.1} |", switched as f64 / requests).unwrap();
+    }
+    table.push_str(&format!(
+        "\nContext switches and CPU time of the proxy's threads (and nginx's workers), 3 B keep-alive, one {seconds} s run each:\n\n{switches}"
+    ));
+
+    drop((metered, logged, variant));
     if only.is_some() {
         println!("\n{table}");
         return;

@@ -117,22 +117,29 @@ async fn snapshot(fleet: &Arc<Fleet>, view: &View) -> Result<Vec<(&'static str, 
             .collect();
         return Ok(vec![("deployments", json!({ "deployments": list }))]);
     };
-    let status = fleet.status(d).await?;
+    // The public is told what the table knows, which costs the engine nothing.
+    let (state, error) = match view.audience {
+        Audience::Public => fleet.table_view(d.as_ref()),
+        Audience::Operator => {
+            let status = fleet.status(d).await?;
+            (status.state.as_str(), status.last_error)
+        }
+    };
     let slot = fleet.get(d.as_ref());
     let mut body = json!({
         "deployment": d.to_string(),
-        "state": status.state.as_str(),
+        "state": state,
         "expected_ms": slot.as_deref().and_then(|s| s.last_start()).map(|t| t.as_millis() as u64),
     });
-    if let (Some(e), Some(obj)) = (&status.last_error, body.as_object_mut()) {
+    if let (Some(e), Some(obj)) = (&error, body.as_object_mut()) {
         obj.insert("error".into(), error_body_for(e, view.audience));
     }
     let mut events = vec![("status", body)];
-    if status.state == State::Running && slot.as_deref().is_some_and(|s| s.upstream().is_some()) {
+    if state == State::Running.as_str() && slot.as_deref().is_some_and(|s| s.upstream().is_some()) {
         events.push(("ready", json!({ "deployment": d.to_string(), "state": "running" })));
     }
     // A follower that arrives during a start hears what it missed of it.
-    if status.state == State::Starting {
+    if state == State::Starting.as_str() {
         events.extend(fleet.this_start(d).iter().map(|h| (name(h), data(h, view.audience))));
     }
     Ok(events)

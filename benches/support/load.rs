@@ -94,7 +94,7 @@ pub fn summary(runs: &[Load]) -> Load {
 
 /// Debian's nginx as a reverse proxy, stopped on drop.
 pub struct Nginx {
-    _process: Process,
+    process: Process,
     pub port: u16,
     dir: PathBuf,
 }
@@ -144,7 +144,12 @@ impl Nginx {
             .expect("nginx starts");
         let process = Process(child);
         wait_listening(port, "nginx");
-        Nginx { _process: process, port, dir }
+        Nginx { process, port, dir }
+    }
+
+    /// The master's pid (its workers are its children).
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
     }
 }
 
@@ -181,6 +186,32 @@ impl Drop for Process {
         let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
         let _ = self.0.wait();
     }
+}
+
+/// Context switches (voluntary and not) and CPU time (user + system, in
+/// clock ticks) so far of every thread of `pid` and of its child processes
+/// (nginx's workers), from `/proc`.
+pub fn switches_and_cpu(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let mut cpu = fields.get(11).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let mut switches = 0;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return (0, 0) };
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .filter(|l| l.starts_with("voluntary_ctxt_switches:") || l.starts_with("nonvoluntary_ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for (s, c) in children.split_whitespace().filter_map(|c| c.parse().ok()).map(switches_and_cpu) {
+            switches += s;
+            cpu += c;
+        }
+    }
+    (switches, cpu)
 }
 
 pub fn free_port() -> u16 {

@@ -285,6 +285,18 @@ impl Fleet {
         }
     }
 
+    /// The state of `d` and its remembered failure as the table alone tells
+    /// them, without asking the backend (see [`Fleet::table_state`]).
+    pub fn table_view(&self, d: DeploymentRef<'_>) -> (&'static str, Option<PipesError>) {
+        match self.get(d) {
+            Some(slot) => (self.table_state(&slot), slot.failure(self.failure_ttl)),
+            None => match self.missing(d) {
+                Some(e) => ("failed", Some(e)),
+                None => ("stopped", None),
+            },
+        }
+    }
+
     /// What is counted for Prometheus, if metrics are on.
     pub fn metrics(&self) -> Option<&Arc<Metrics>> {
         self.metrics.as_ref()
