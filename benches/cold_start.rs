@@ -236,10 +236,7 @@ async fn main() {
         v.sort();
         percentile(v, 0.5)
     };
-    println!(
-        "\nPaused against stopped, first answer through Pipes (p50): {:.2}",
-        p50(&mut paused.pipes).as_secs_f64() / p50(&mut stopped.pipes).as_secs_f64()
-    );
+    println!("\nPaused against stopped, first answer through Pipes (p50): {:.2}", p50(&mut paused.pipes).as_secs_f64() / p50(&mut stopped.pipes).as_secs_f64());
     let (mut ahead, mut on_path) = (ahead, on_path);
     println!(
         "\nAfter a push to a stopped deployment, first answer with the new image (p50 of {n}): pulled ahead {:.1} ms, \

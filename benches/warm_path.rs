@@ -118,11 +118,7 @@ async fn bench() {
             .map(|l| format!("{l}\n"))
             .collect();
         std::fs::write(&path, format!("{base}{}\n", lines.join("\n"))).expect("variant YAML");
-        let variant = Pipes::start(&[
-            ("PIPES_SERVER_CONF", Some(path.to_str().unwrap())),
-            ("PIPES_ALLOW", Some("bench/*")),
-            ("RUST_LOG", Some("warn")),
-        ]);
+        let variant = Pipes::start(&[("PIPES_SERVER_CONF", Some(path.to_str().unwrap())), ("PIPES_ALLOW", Some("bench/*")), ("RUST_LOG", Some("warn"))]);
         (format!("Pipes + {}", yaml.replace("\\n", ", ")), variant)
     });
     if let Some((_, v)) = &variant {
@@ -199,8 +195,7 @@ async fn bench() {
     writeln!(switches, "|---|---|---|---|---|").unwrap();
     // Clock ticks per second of /proc's CPU times.
     let ticks = 100.0;
-    let mut counted: Vec<(&str, u32, u16)> =
-        vec![("nginx", nginx.pid(), nginx.port), ("bare Pingora", _bare.0.id(), bare_port), ("Pipes", pid, pipes.port)];
+    let mut counted: Vec<(&str, u32, u16)> = vec![("nginx", nginx.pid(), nginx.port), ("bare Pingora", _bare.0.id(), bare_port), ("Pipes", pid, pipes.port)];
     if let Some((name, v)) = &variant {
         counted.push((name.as_str(), v.pid().expect("runs"), v.port));
     }

@@ -29,7 +29,7 @@ pub mod secret;
 pub mod server;
 pub mod settings;
 mod store;
+pub mod tls;
 mod ui;
 mod waiting;
-pub mod tls;
 mod websocket;

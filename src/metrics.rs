@@ -224,8 +224,7 @@ impl DeploymentMetrics {
     }
 
     fn codes(&self) -> Vec<(u16, u64)> {
-        let mut all: Vec<(u16, u64)> =
-            CODES.iter().zip(&self.codes).map(|(c, n)| (*c, n.load(Ordering::Relaxed))).filter(|(_, n)| *n > 0).collect();
+        let mut all: Vec<(u16, u64)> = CODES.iter().zip(&self.codes).map(|(c, n)| (*c, n.load(Ordering::Relaxed))).filter(|(_, n)| *n > 0).collect();
         all.extend(self.other_codes.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(c, n)| (*c, *n)));
         all.sort_unstable();
         all

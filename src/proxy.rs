@@ -25,18 +25,18 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::access_log::{self, AccessLog};
 use crate::api;
-use crate::events;
-use crate::ui;
-use crate::waiting;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
+use crate::events;
 use crate::fleet::{Activity, Fleet, OpenCount, Slot};
 use crate::forwarded::Trusted;
 use crate::reply::{self, Audience};
-use crate::tls::acme::CHALLENGE_PREFIX;
-use crate::tls::Acme;
 use crate::route::{self, Deployment, Hosts, Target};
 use crate::settings::Settings;
+use crate::tls::acme::CHALLENGE_PREFIX;
+use crate::tls::Acme;
+use crate::ui;
+use crate::waiting;
 use crate::websocket;
 
 /// The Pingora application of Pipes.
@@ -185,7 +185,9 @@ impl ProxyHttp for Pipes {
             Next::Api(request) if request.method == http::Method::OPTIONS => {
                 return match self.dashboard_origin(session.req_header()) {
                     Some(origin) => reply::preflight(session, &origin).await.map(|()| true),
-                    None => reply_error(session, &PipesError::BadRequest { reason: "a CORS request from an origin other than this Pipes' dashboard".into() }).await,
+                    None => {
+                        reply_error(session, &PipesError::BadRequest { reason: "a CORS request from an origin other than this Pipes' dashboard".into() }).await
+                    }
                 };
             }
             Next::Api(request) if events::wanted(&request) => {
@@ -481,9 +483,6 @@ impl Pipes {
         self.trusted.apply(peer, &host, is_tls(session), upstream_request)
     }
 
-    /// Answers an API request: nothing of its body is read before its token
-    /// was checked, and the body must arrive within `PIPES_HEADER_TIMEOUT`.
-    /// Errors before the token was accepted are the public's; after, the operator's.
     /// The `Origin` of a request from this Pipes' dashboard to a
     /// deployment's host: the bare domain the request's host is under.
     fn dashboard_origin(&self, req: &RequestHeader) -> Option<String> {
@@ -497,6 +496,9 @@ impl Pipes {
         host.strip_suffix(origin_host.as_ref())?.ends_with('.').then(|| origin.to_owned())
     }
 
+    /// Answers an API request: nothing of its body is read before its token
+    /// was checked, and the body must arrive within `PIPES_HEADER_TIMEOUT`.
+    /// Errors before the token was accepted are the public's; after, the operator's.
     async fn api(&self, session: &mut Session, mut request: api::Request) -> std::result::Result<reply::Json, (PipesError, Audience)> {
         let public = |e| (e, Audience::Public);
         let admitted = api::admit(&self.fleet, &self.api_auth, &request).await.map_err(public)?;

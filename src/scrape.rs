@@ -111,9 +111,7 @@ fn process(out: &mut Exposition) {
         out.family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.");
         out.sample("process_resident_memory_bytes", &[], rss * page);
     }
-    let boot = std::fs::read_to_string("/proc/stat")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()));
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok()));
     if let (Some(boot), Some(start)) = (boot, field(22)) {
         out.family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.");
         out.sample("process_start_time_seconds", &[], boot + start / ticks);

@@ -12,13 +12,13 @@ use pingora::services::background::background_service;
 use pingora::services::listening::Service;
 use tokio::sync::broadcast;
 
+use crate::access_log;
 use crate::auth::ApiAuth;
 use crate::connection::Gate;
 use crate::engine::docker::Docker;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
 use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
-use crate::access_log;
 use crate::scrape::Scrape;
 use crate::settings::{AccessLog, Settings};
 use crate::tls::acme::Renewals;
@@ -59,11 +59,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     match control.block_on(fleet.claim(settings.upgrade)) {
         Ok(None) => {}
         Ok(Some(holder)) => {
-            return Err(format!(
-                "another Pipes of instance '{}' runs ({holder}); stop it, or give this one another PIPES_INSTANCE",
-                settings.docker.instance
+            return Err(
+                format!("another Pipes of instance '{}' runs ({holder}); stop it, or give this one another PIPES_INSTANCE", settings.docker.instance).into()
             )
-            .into())
         }
         Err(e) => log::warn!("cannot check that no other Pipes of instance '{}' runs: {e}", settings.docker.instance),
     }
@@ -104,13 +102,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         server.add_service(https);
     }
     if let (Some(metrics_settings), Some(metrics)) = (&settings.metrics, fleet.metrics()) {
-        let scrape = Scrape {
-            metrics: metrics.clone(),
-            fleet: fleet.clone(),
-            acme: acme.clone(),
-            access_log: access_log.clone(),
-            connections: gate.places(),
-        };
+        let scrape = Scrape { metrics: metrics.clone(), fleet: fleet.clone(), acme: acme.clone(), access_log: access_log.clone(), connections: gate.places() };
         let mut endpoint = Service::new("Pipes metrics".to_owned(), scrape);
         for addr in &metrics_settings.listen {
             endpoint.add_tcp(&addr.to_string());

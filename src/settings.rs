@@ -517,12 +517,7 @@ impl Settings {
             (Some(_), None) => return Err(err("PIPES_TLS_KEY", "is required with PIPES_TLS_CERT")),
             (None, Some(_)) => return Err(err("PIPES_TLS_CERT", "is required with PIPES_TLS_KEY")),
         };
-        let acme = cli.acme_directory.map(|directory| AcmeSettings {
-            directory,
-            email: cli.acme_email,
-            ca: cli.acme_ca,
-            max_per_hour: cli.acme_max_per_hour,
-        });
+        let acme = cli.acme_directory.map(|directory| AcmeSettings { directory, email: cli.acme_email, ca: cli.acme_ca, max_per_hour: cli.acme_max_per_hour });
         if acme.is_some() && !matches!(domain, Domain::Suffix(_)) {
             // Under DOMAINLEVELS, names under any domain route, and a
             // scanner could have orders placed for domains not the operator's.

@@ -70,4 +70,3 @@ async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &s
     session.write_response_header(Box::new(head), false).await?;
     session.write_response_body(Some(body), true).await
 }
-

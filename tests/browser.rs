@@ -149,7 +149,13 @@ async fn the_dashboard_signs_in_shows_rows_and_acts() {
     browser.type_into("input[type=password]", &format!("{ADMIN}\u{E007}")).await;
     browser.until("our row runs", Duration::from_secs(30), &row_in(&ours, "running")).await;
     browser.until("their row runs", Duration::from_secs(30), &row_in(&other, "running")).await;
-    browser.until("the row shows its image digest", Duration::from_secs(30), &format!("return !!document.querySelector('tr[data-deployment=\"{ours}\"] [data-cell=image] code')")).await;
+    browser
+        .until(
+            "the row shows its image digest",
+            Duration::from_secs(30),
+            &format!("return !!document.querySelector('tr[data-deployment=\"{ours}\"] [data-cell=image] code')"),
+        )
+        .await;
     browser.screenshot(&screenshot("dashboard.png")).await;
 
     // Stop acts at once; the row follows the engine.
@@ -161,7 +167,13 @@ async fn the_dashboard_signs_in_shows_rows_and_acts() {
     browser.until("the editor opens", Duration::from_secs(10), "return !!document.querySelector('form[data-layer=deployment] [name=memory]')").await;
     browser.type_into("form[data-layer=deployment] [name=memory]", "lots").await;
     browser.click("form[data-layer=deployment] button[type=submit]").await;
-    browser.until("the error is at the memory field", Duration::from_secs(10), "return document.querySelector('form[data-layer=deployment] [data-field=memory] .field-error').textContent.includes('memory')").await;
+    browser
+        .until(
+            "the error is at the memory field",
+            Duration::from_secs(10),
+            "return document.querySelector('form[data-layer=deployment] [data-field=memory] .field-error').textContent.includes('memory')",
+        )
+        .await;
 
     // Delete asks with the browser's own confirm().
     browser.click(&format!("tr[data-deployment=\"{ours}\"] [data-action=delete]")).await;
@@ -170,8 +182,18 @@ async fn the_dashboard_signs_in_shows_rows_and_acts() {
 
     // A scoped token sees only its users' deployments.
     browser.click("[data-sign-out]").await;
-    browser.until("signed out", Duration::from_secs(10), "return document.querySelector('[data-sign-in]').hidden === false && document.querySelectorAll('tr[data-deployment]').length === 0").await;
+    browser
+        .until(
+            "signed out",
+            Duration::from_secs(10),
+            "return document.querySelector('[data-sign-in]').hidden === false && document.querySelectorAll('tr[data-deployment]').length === 0",
+        )
+        .await;
     browser.type_into("input[type=password]", &format!("{SCOPED}\u{E007}")).await;
     browser.until("our row is shown", Duration::from_secs(30), &format!("return !!document.querySelector('tr[data-deployment=\"{ours}\"]')")).await;
-    assert_eq!(browser.eval(&format!("return !!document.querySelector('tr[data-deployment=\"{other}\"]')")).await, false, "another user's deployment is not shown");
+    assert_eq!(
+        browser.eval(&format!("return !!document.querySelector('tr[data-deployment=\"{other}\"]')")).await,
+        false,
+        "another user's deployment is not shown"
+    );
 }

@@ -361,7 +361,11 @@ async fn scripts_run_serves_the_demo_and_passes_every_setting_on() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!docker(&["container", "inspect", &instance]).status.success(), "the container is gone");
     assert_ne!(
-        std::process::Command::new("curl").args(["-s", "-o", "/dev/null", "--max-time", "2", &format!("http://127.0.0.1:{registry_port}/v2/")]).status().map(|s| s.success()).ok(),
+        std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "2", &format!("http://127.0.0.1:{registry_port}/v2/")])
+            .status()
+            .map(|s| s.success())
+            .ok(),
         Some(true),
         "the demo registry stopped"
     );

@@ -62,7 +62,8 @@ async fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() {
     // A real Prometheus server scrapes it.
     let dir = std::env::temp_dir().join(unique("pipes-prometheus-"));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pipes\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n");
+    let config =
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: pipes\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n");
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     let web = free_port();
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
@@ -111,8 +112,7 @@ async fn the_access_log_has_a_json_line_per_request() {
 
     let deadline = Instant::now() + Duration::from_secs(10);
     let lines = loop {
-        let lines: Vec<serde_json::Value> =
-            pipes.log().lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        let lines: Vec<serde_json::Value> = pipes.log().lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
         if lines.len() >= 3 || Instant::now() > deadline {
             break lines;
         }

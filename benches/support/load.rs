@@ -114,11 +114,9 @@ impl Nginx {
                         proxy_set_header X-Forwarded-Proto $scheme;";
         let ssl = match tls {
             // The protocols Pipes offers (nginx 1.22 leaves TLS 1.3 out by default).
-            Some((cert, key)) => format!(
-                " ssl;\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {}",
-                cert.display(),
-                key.display()
-            ),
+            Some((cert, key)) => {
+                format!(" ssl;\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {}", cert.display(), key.display())
+            }
             None => String::new(),
         };
         let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
@@ -231,4 +229,3 @@ pub fn published_port(container: &str) -> u16 {
     let mapping = docker_ok(&["port", container, "80/tcp"]);
     mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
 }
-

@@ -33,8 +33,8 @@ use futures_util::StreamExt;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
-    generation_of, short_id, Backend, Progress, Event, EventKind, Image, Instance, RegistryAuth, Spec, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE,
-    LABEL_CONFIG, LABEL_MANAGED, LABEL_PORT,
+    generation_of, short_id, Backend, Event, EventKind, Image, Instance, Progress, RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT,
+    LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -577,9 +577,7 @@ impl Backend for Docker {
 
     async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
         self.docker().await?.unpause_container(id).await.map_err(|e| self.fail("unpause a container", e))?;
-        self.inspect(id)
-            .await?
-            .ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
+        self.inspect(id).await?.ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
     }
 
     async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {

@@ -8,10 +8,10 @@
 //! starts the one before. The backend decides what an instance is; this file
 //! decides when one is started, replaced, stopped or given up on.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;

@@ -917,9 +917,11 @@ impl Fleet {
         let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
         paused.retain(|id, _| instances.iter().any(|i| i.paused && &i.id == id));
         for i in instances.iter().filter(|i| i.paused) {
-            paused
-                .entry(i.id.clone())
-                .or_insert_with(|| Paused { deployment: i.deployment.clone(), since: Instant::now(), timeout: self.deployer.defaults().pause_timeout });
+            paused.entry(i.id.clone()).or_insert_with(|| Paused {
+                deployment: i.deployment.clone(),
+                since: Instant::now(),
+                timeout: self.deployer.defaults().pause_timeout,
+            });
         }
     }
 

@@ -135,10 +135,8 @@ impl Certified {
         if !key.public_eq(&public) {
             return Err("the private key does not belong to the certificate".into());
         }
-        let mut names: Vec<String> = leaf
-            .subject_alt_names()
-            .map(|sans| sans.iter().filter_map(|n| n.dnsname().map(str::to_ascii_lowercase)).collect())
-            .unwrap_or_default();
+        let mut names: Vec<String> =
+            leaf.subject_alt_names().map(|sans| sans.iter().filter_map(|n| n.dnsname().map(str::to_ascii_lowercase)).collect()).unwrap_or_default();
         if names.is_empty() {
             let cn = leaf.subject_name().entries_by_nid(pingora::tls::nid::Nid::COMMONNAME).next();
             names.extend(cn.and_then(|e| e.data().to_string().ok()).map(|s| s.to_ascii_lowercase()));
@@ -269,4 +267,3 @@ pub(crate) mod tests {
         assert!(Certified::from_pem(b"nonsense", &other_key).is_err());
     }
 }
-

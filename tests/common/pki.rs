@@ -88,4 +88,3 @@ fn cert_builder(key: &PKey<Private>, cn: &str, days: u32) -> openssl::x509::X509
     builder.set_not_after(Asn1Time::days_from_now(days).unwrap().as_ref()).unwrap();
     builder
 }
-
