@@ -32,7 +32,7 @@ ensure_build_tools() {
 }
 
 # The static release binary every way of building shares. A first build
-# compiles some 400 crates: about 5 minutes on 2 cores, longer on slower
+# compiles some 280 crates: about 5 minutes on 2 cores, longer on slower
 # machines; later builds take seconds.
 build_pipes() {
   ensure_build_tools
