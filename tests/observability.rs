@@ -79,7 +79,8 @@ async fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() {
     let query = format!("http://127.0.0.1:{web}/api/v1/query?query=sum(pipes_requests_total{{code=\"200\"}})");
     let deadline = Instant::now() + Duration::from_secs(60);
     let seen = loop {
-        if let Ok(resp) = client.get(&query).send().await {
+        // Prometheus answers 503 in plain text until it is ready.
+        if let Ok(resp) = client.get(&query).send().await.and_then(|r| r.error_for_status()) {
             let (_, body) = json(resp).await;
             if let Some(v) = body["data"]["result"][0]["value"][1].as_str() {
                 break v.to_owned();
