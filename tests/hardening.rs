@@ -16,13 +16,17 @@ use common::{api, docker_ok, eventually, json, raw_exchange, running, snapshot, 
 const TOKEN: &str = "hardening-token-0123456789";
 const DOMAIN: &str = "example.com";
 
-/// Opens `n` connections that send `opening` and then nothing.
+/// Opens `n` connections that send `opening` and then nothing, a
+/// millisecond apart: connections held open, as a slowloris client holds
+/// them, not a connect flood (which a 2-core machine can accept faster than
+/// it answers the ones past the cap with 503).
 fn silent_connections(port: u16, n: usize, opening: &[u8]) -> Vec<TcpStream> {
     (0..n)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
             s.write_all(opening).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            std::thread::sleep(Duration::from_millis(1));
             s
         })
         .collect()
