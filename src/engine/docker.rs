@@ -440,6 +440,28 @@ impl Docker {
         }
     }
 
+    /// One pull of `reference`, telling `progress` how far it got.
+    async fn pull_once(&self, reference: &str, progress: &Progress<'_>) -> Result<(), PipesError> {
+        let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
+        let (repo, tag) = split_reference(reference);
+        let options = CreateImageOptions { from_image: Some(repo.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
+        let mut stream = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
+        // Bytes done and in all per layer, as the engine reports downloads.
+        let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| self.pull_failure(reference, e))?;
+            let (Some(id), Some(detail)) = (info.id, info.progress_detail) else { continue };
+            if info.status.as_deref() != Some("Downloading") {
+                continue;
+            }
+            let (done, total) = (detail.current.unwrap_or(0).max(0) as u64, detail.total.unwrap_or(0).max(0) as u64);
+            layers.insert(id, (done, total));
+            let (done, total) = layers.values().fold((0, 0), |(d, t), (ld, lt)| (d + ld, t + lt));
+            progress(done, total);
+        }
+        Ok(())
+    }
+
     /// Turns an engine error into what a client sees.
     fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
         match e {
@@ -506,26 +528,16 @@ impl Backend for Docker {
     }
 
     async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        {
-            let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
-            let (repo, tag) = split_reference(reference);
-            let options = CreateImageOptions { from_image: Some(repo.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
-            let mut stream = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
-            // Bytes done and in all per layer, as the engine reports downloads.
-            let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
-            while let Some(item) = stream.next().await {
-                let info = item.map_err(|e| self.pull_failure(reference, e))?;
-                let (Some(id), Some(detail)) = (info.id, info.progress_detail) else { continue };
-                if info.status.as_deref() != Some("Downloading") {
-                    continue;
-                }
-                let (done, total) = (detail.current.unwrap_or(0).max(0) as u64, detail.total.unwrap_or(0).max(0) as u64);
-                layers.insert(id, (done, total));
-                let (done, total) = layers.values().fold((0, 0), |(d, t), (ld, lt)| (d + ld, t + lt));
-                progress(done, total);
+        // The tag can be removed here between the pull and the look at its
+        // result (`docker rmi` by hand, a clean-up): pull once more then.
+        for _ in 0..2 {
+            self.pull_once(reference, progress).await?;
+            if let Some(image) = self.image(reference).await? {
+                return Ok(image);
             }
+            log::info!("{reference} was removed here right after it was pulled: pulling it again");
         }
-        self.image(reference).await?.ok_or_else(|| PipesError::Engine { action: "pull an image", detail: format!("{reference} is missing after the pull") })
+        Err(PipesError::Engine { action: "pull an image", detail: format!("{reference} is missing after the pull") })
     }
 
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
