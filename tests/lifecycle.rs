@@ -339,12 +339,15 @@ async fn the_registry_notifies_pipes_of_a_push() {
     let push = |id: &str| {
         common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
         docker_ok(&["push", "-q", &reference]);
-        docker_ok(&["rmi", &reference]);
     };
     push("one");
+    docker_ok(&["rmi", &reference]);
     let host = format!("v1.app.{user}.localhost");
     assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
 
+    // The pushed image stays here until the end: removing it would race the
+    // redeploy the notification starts (the run's clean-up removes it by its
+    // label should the test fail).
     push("two");
     eventually("the registry's notification redeployed it", Duration::from_secs(30), || async { json(pipes.get(&host, "/").await).await.1["id"] == "two" })
         .await;
@@ -361,6 +364,8 @@ async fn the_registry_notifies_pipes_of_a_push() {
     assert_eq!(body["redeploying"][0], format!("{user}/app:v1"));
     assert!(!pipes.log().contains(TOKEN), "the token is never logged");
     drop(registry);
+    drop(pipes);
+    let _ = common::docker(&["rmi", "-f", &reference]);
 }
 
 #[tokio::test]
