@@ -533,9 +533,17 @@ async fn paused_instances_are_stopped_past_the_ceiling_and_the_pause_timeout() {
         fleet.paused_deployments().is_empty()
     })
     .await;
-    let (fleet, two) = (h.fleet.clone(), two.clone());
-    let stopped = tokio::spawn(async move { fleet.status(&two).await.unwrap().state }).await.unwrap();
-    assert_eq!(stopped, State::Stopped);
+    // The stop runs on the control runtime after the record is dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (fleet, two) = (h.fleet.clone(), two.clone());
+        let state = tokio::spawn(async move { fleet.status(&two).await.unwrap().state }).await.unwrap();
+        if state == State::Stopped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {state:?} 10 s after its pause timeout");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
