@@ -78,7 +78,7 @@ pub(crate) async fn serve(fleet: &Arc<Fleet>, auth: &ApiAuth, session: &mut Sess
     let mut quiet = Duration::ZERO;
     loop {
         let next = tokio::time::timeout(CHECK, feed.recv()).await;
-        if fleet.is_retired() {
+        if fleet.retired() {
             break;
         }
         match next {

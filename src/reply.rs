@@ -280,10 +280,15 @@ pub async fn redirect(session: &mut Session, location: &str) -> Result<()> {
     write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
 }
 
-async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &str, body: Bytes) -> Result<()> {
+/// Writes a whole answer of Pipes' own: never cached unless `head` says
+/// otherwise, never sniffed, and without its body for a HEAD request.
+pub(crate) async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &str, body: Bytes) -> Result<()> {
     head.insert_header(http::header::CONTENT_TYPE, content_type)?;
     head.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    head.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    if !head.headers.contains_key(http::header::CACHE_CONTROL) {
+        head.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    }
+    head.insert_header(http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")?;
     let head_only = session.req_header().method == http::Method::HEAD;
     session.write_response_header(Box::new(head), head_only).await?;
     if !head_only {
@@ -314,7 +319,8 @@ pub async fn read_body(session: &mut Session, limit: usize) -> std::result::Resu
     }
 }
 
-fn wants_html(req: &pingora::http::RequestHeader) -> bool {
+/// Whether the client asks for HTML.
+pub(crate) fn wants_html(req: &pingora::http::RequestHeader) -> bool {
     req.headers.get(http::header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"))
 }
 

@@ -8,6 +8,8 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 
+use crate::reply;
+
 /// Where the embedded files are served.
 pub const UI_PREFIX: &str = "/__proxyapi/ui/";
 
@@ -34,9 +36,8 @@ pub async fn page(session: &mut Session, status: u16, html: String, connect: &st
     if let Some(secs) = retry_after {
         head.insert_header(header::RETRY_AFTER, secs.to_string())?;
     }
-    head.insert_header(header::CACHE_CONTROL, "no-store")?;
     head.insert_header(header::CONTENT_SECURITY_POLICY, content_security_policy(connect))?;
-    write(session, head, "text/html; charset=utf-8", Bytes::from(html)).await?;
+    reply::write(session, head, "text/html; charset=utf-8", Bytes::from(html)).await?;
     Ok(true)
 }
 
@@ -52,21 +53,12 @@ pub async fn dashboard(session: &mut Session, domain: &str, pattern: &str) -> Re
 /// Serves the embedded file `name` (`wait.js`, `pipes.css`), or 404.
 pub async fn file(session: &mut Session, name: &str) -> Result<bool> {
     let Some((_, content_type, content)) = FILES.iter().find(|(n, _, _)| *n == name) else {
-        let head = ResponseHeader::build(404, Some(3))?;
-        write(session, head, "text/plain; charset=utf-8", Bytes::from_static(b"no such file\n")).await?;
+        reply::text(session, 404, "no such file\n".to_owned()).await?;
         return Ok(true);
     };
     let mut head = ResponseHeader::build(200, Some(4))?;
     // Files change with the binary; a short cache keeps an upgrade visible.
     head.insert_header(header::CACHE_CONTROL, "public, max-age=300")?;
-    write(session, head, content_type, Bytes::from_static(content.as_bytes())).await?;
+    reply::write(session, head, content_type, Bytes::from_static(content.as_bytes())).await?;
     Ok(true)
-}
-
-async fn write(session: &mut Session, mut head: ResponseHeader, content_type: &str, body: Bytes) -> Result<()> {
-    head.insert_header(header::CONTENT_TYPE, content_type)?;
-    head.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    head.insert_header("x-content-type-options", "nosniff")?;
-    session.write_response_header(Box::new(head), false).await?;
-    session.write_response_body(Some(body), true).await
 }

@@ -10,7 +10,7 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
 use crate::fleet::Slot;
-use crate::reply::escape_html;
+use crate::reply::{self, escape_html};
 use crate::ui::{self, UI_PREFIX};
 
 /// Seconds a browser is told to wait before asking again, should the script not run.
@@ -23,10 +23,10 @@ pub fn wanted(req: &RequestHeader) -> bool {
     if req.method != http::Method::GET || req.headers.contains_key(header::UPGRADE) {
         return false;
     }
-    let navigates = req.headers.get("sec-fetch-mode").is_some_and(|m| m.as_bytes() == b"navigate");
-    let html = req.headers.get(header::ACCEPT).and_then(|a| a.to_str().ok()).is_some_and(|a| a.contains("text/html"));
-    let fetch = req.headers.get("sec-fetch-mode").is_some_and(|m| m.as_bytes() != b"navigate");
-    navigates || (html && !fetch)
+    match req.headers.get("sec-fetch-mode") {
+        Some(mode) => mode.as_bytes() == b"navigate",
+        None => reply::wants_html(req),
+    }
 }
 
 /// Answers with the waiting page of `slot`'s deployment, `waited` into its start.

@@ -420,11 +420,7 @@ impl Fleet {
     }
 
     /// Whether this process is stopping or handing over.
-    pub fn is_retired(&self) -> bool {
-        self.retired()
-    }
-
-    fn retired(&self) -> bool {
+    pub fn retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
 
