@@ -17,7 +17,7 @@ fn fleet_of(n: usize, runtime: &tokio::runtime::Runtime) -> (Fleet, Vec<String>)
     src.env.insert("DOCKER_HOST".into(), "unix:///nonexistent/docker.sock".into());
     let settings = Settings::from_sources(["pipes"], &src).expect("settings");
     let backend = Arc::new(Docker::new(&settings.docker, Reach::Published));
-    let fleet = Fleet::new(&settings, backend, runtime.handle().clone());
+    let fleet = Fleet::new(&settings, backend, pipes::store::Store::dir(settings.config_dir.clone()), runtime.handle().clone());
     let hosts: Vec<String> = (0..n).map(|i| format!("v1.app{i}.bench.example.com:8080")).collect();
     let domain = pipes::route::Hosts::dotted(pipes::route::Domain::Levels(2));
     for h in &hosts {

@@ -84,12 +84,19 @@ setup_test_env() {
   WORK="$(mktemp -d /tmp/pipes-test.XXXXXX)"
   REGISTRY_PID=""
   DOCKERD_PID=""
+  SWARM_INITIALIZED=""
+  GWBRIDGE_CREATED=""
 
   cleanup() {
     local status=$?
     set +e
     log "cleaning up run $RUN"
     if docker info >/dev/null 2>&1; then
+      # Services first: the swarm would replace their task containers.
+      if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ]; then
+        docker service ls -q --filter "label=pipes.test=$RUN" | xargs -r docker service rm >/dev/null
+        docker config ls -q --filter "label=pipes.test=$RUN" | xargs -r docker config rm >/dev/null
+      fi
       docker ps -aq --filter "label=pipes.test=$RUN" | xargs -r docker rm -f >/dev/null
       docker network ls -q --filter "label=pipes.test=$RUN" | xargs -r docker network rm >/dev/null
       docker volume ls -q --filter "label=pipes.test=$RUN" | xargs -r docker volume rm >/dev/null
@@ -97,6 +104,11 @@ setup_test_env() {
       for _ in 1 2 3; do
         docker images -q --filter "label=pipes.test=$RUN" | sort -u | xargs -r docker rmi -f >/dev/null 2>&1
       done
+    fi
+    if [ -n "$SWARM_INITIALIZED" ]; then
+      docker swarm leave --force >/dev/null
+      # Leaving keeps the bridge the swarm made; it goes if the swarm was ours.
+      [ -n "$GWBRIDGE_CREATED" ] && docker network rm docker_gwbridge >/dev/null
     fi
     [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
@@ -111,6 +123,20 @@ setup_test_env() {
     pebble:pebble pebble-challtestsrv:pebble promtool:prometheus chromium:chromium chromedriver:chromium-driver
   ensure_engine "$WORK/dockerd.log"
   log "Docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+  # --- single-node swarm, for the Swarm backend's tests -----------------------
+  # Initialized only if the engine is in no swarm, and left on exit then.
+  if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" = inactive ]; then
+    docker network inspect docker_gwbridge >/dev/null 2>&1 || GWBRIDGE_CREATED=1
+    docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+    SWARM_INITIALIZED=1
+    log "initialized a single-node swarm (left again on exit)"
+  fi
+  if [ "$(docker info --format '{{.Swarm.ControlAvailable}}')" = true ]; then
+    export PIPES_TEST_SWARM=1
+  else
+    log "the engine is in a swarm but not a manager: the Swarm tests are skipped"
+  fi
 
   # --- local registry with htpasswd ------------------------------------------
   REGISTRY_PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"

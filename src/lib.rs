@@ -28,7 +28,7 @@ mod scrape;
 pub mod secret;
 pub mod server;
 pub mod settings;
-mod store;
+pub mod store;
 pub mod tls;
 mod ui;
 mod waiting;

@@ -16,11 +16,14 @@ use crate::access_log;
 use crate::auth::ApiAuth;
 use crate::connection::Gate;
 use crate::engine::docker::Docker;
+use crate::engine::swarm::Swarm;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
 use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
 use crate::scrape::Scrape;
+use crate::settings::BackendKind;
 use crate::settings::{AccessLog, Settings};
+use crate::store::Store;
 use crate::tls::acme::Renewals;
 use crate::tls::{Acme, Tls};
 use crate::websocket;
@@ -47,8 +50,14 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // Cold starts and backend calls live on their own runtime: a slow pull
     // never occupies a proxy thread, and the engine connection has one home.
     let control = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("pipes-control").enable_all().build()?;
-    let backend: Arc<dyn Backend> = Arc::new(control.block_on(Docker::connect(&settings.docker)));
-    let fleet = Arc::new(Fleet::new(&settings, backend, control.handle().clone()));
+    let (backend, store): (Arc<dyn Backend>, Store) = match settings.backend {
+        BackendKind::Docker => (Arc::new(control.block_on(Docker::connect(&settings.docker))), Store::dir(settings.config_dir.clone())),
+        BackendKind::Swarm => {
+            let swarm = Arc::new(Swarm::new(&settings.docker));
+            (swarm.clone(), Store::new(swarm))
+        }
+    };
+    let fleet = Arc::new(Fleet::new(&settings, backend, store, control.handle().clone()));
     match control.block_on(fleet.describe_backend()) {
         Ok(description) => log::info!("{description}"),
         Err(e) => log::warn!("{e}; deployments answer 503 until the engine answers"),

@@ -58,6 +58,9 @@ struct Cli {
     /// Docker network shared by Pipes and its containers; containers are reached by their IP on it
     #[arg(long, env = "PIPES_NETWORK", value_name = "NAME", value_parser = parse_network)]
     network: Option<String>,
+    /// Where deployments run: docker (containers of this engine) or swarm (services of its swarm; needs PIPES_NETWORK)
+    #[arg(long, env = "PIPES_BACKEND", value_name = "BACKEND", default_value = "docker", value_parser = parse_backend)]
+    backend: BackendKind,
     /// Directory for deployment configs
     #[arg(long, env = "PIPES_CONFIG_DIR", value_name = "DIR", default_value = "configs")]
     config_dir: PathBuf,
@@ -297,7 +300,9 @@ pub struct Settings {
     pub ceilings: Ceilings,
     /// `PIPES_TRUSTED_PROXIES`.
     pub trusted_proxies: Trusted,
-    /// The Docker backend's settings.
+    /// `PIPES_BACKEND`.
+    pub backend: BackendKind,
+    /// The engine's settings, for either backend.
     pub docker: DockerOptions,
     /// HTTPS, if `PIPES_TLS_LISTEN` is set.
     pub tls: Option<TlsSettings>,
@@ -477,6 +482,9 @@ impl Settings {
             }
             (None, levels) => Domain::Levels(levels.unwrap_or(2)),
         };
+        if cli.backend == BackendKind::Swarm && cli.network.is_none() {
+            return Err(err("PIPES_NETWORK", "is required when PIPES_BACKEND=swarm: name the attachable overlay network Pipes and its services share"));
+        }
         let api_auth = match cli.api_auth {
             AuthMode::Token => ApiAuth::Tokens { admin: cli.api_token },
             AuthMode::None => ApiAuth::Off,
@@ -573,6 +581,7 @@ impl Settings {
             max_not_running: cli.max_not_running,
             ceilings,
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
+            backend: cli.backend,
             docker: DockerOptions {
                 host: cli.docker_host,
                 instance: cli.instance,
@@ -593,6 +602,23 @@ impl Settings {
             upgrade: cli.upgrade,
             test: cli.test,
         })
+    }
+}
+
+/// Where deployments run (`PIPES_BACKEND`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Containers of the local engine, configs in the config dir.
+    Docker,
+    /// Services of the engine's swarm, configs in Swarm configs: several Pipes may serve them.
+    Swarm,
+}
+
+fn parse_backend(value: &str) -> Result<BackendKind, String> {
+    match value {
+        "docker" => Ok(BackendKind::Docker),
+        "swarm" => Ok(BackendKind::Swarm),
+        _ => Err(format!("expected docker or swarm, got '{value}'")),
     }
 }
 

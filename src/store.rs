@@ -1,15 +1,18 @@
-//! Configs on disk, under the config dir (`PIPES_CONFIG_DIR`, `/configs` in the image).
+//! Where configs and scoped tokens are kept: [`Store`] reads and writes them
+//! as Pipes means them, over a [`Storage`] of named documents — the config
+//! dir ([`Dir`], `PIPES_CONFIG_DIR`, `/configs` in the image) with the Docker
+//! backend, Swarm configs in the engine with the Swarm backend.
 //!
 //! ```text
-//! {dir}/repos/{user}/{repo}/repository.json   default for every tag of user/repo
-//! {dir}/repos/{user}/{repo}/tags/{tag}.json    one tag's own config
-//! {dir}/tokens.json                            API tokens scoped to users
+//! repos/{user}/{repo}/repository.json   default for every tag of user/repo
+//! repos/{user}/{repo}/tags/{tag}.json    one tag's own config
+//! tokens.json                            API tokens scoped to users
 //! ```
 //!
-//! Writes go to a temporary file that is synced, renamed over the old one and
-//! the directory synced: a crash at any moment leaves the old file or the new
-//! one, never a torn one. A file that cannot be read is reported with its path
-//! and never replaced, except by an explicit PUT.
+//! In the config dir, writes go to a temporary file that is synced, renamed
+//! over the old one and the directory synced: a crash at any moment leaves the
+//! old file or the new one, never a torn one. A document that cannot be read
+//! is reported with its name and never replaced, except by an explicit PUT.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -18,98 +21,143 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use async_trait::async_trait;
+
 use crate::auth::{self, ScopedToken};
 use crate::config::DeployConfig;
 use crate::error::PipesError;
 use crate::route::Deployment;
 
-const REPOSITORY_FILE: &str = "repository.json";
-const TOKENS_FILE: &str = "tokens.json";
+const TOKENS: &str = "tokens.json";
 /// Temporary files carry this marker; stale ones are removed at start.
 const TEMP_MARKER: &str = ".tmp-";
 
-/// The config dir. Every method is async and does its file work on tokio's
-/// blocking pool, so no proxy or control thread ever waits on the disk.
-#[derive(Debug, Clone)]
+/// Named documents (names as in the module docs), each replaced whole and
+/// atomically: a reader sees the old one or the new one.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// The document `name`, if there is one.
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError>;
+    /// Replaces (or creates) the document `name`.
+    async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError>;
+    /// The names of every config document (`repos/…`).
+    async fn configs(&self) -> Result<Vec<String>, PipesError>;
+}
+
+/// Configs and tokens, over whichever [`Storage`] the backend keeps them in.
+#[derive(Clone)]
 pub struct Store {
-    dir: Arc<PathBuf>,
+    storage: Arc<dyn Storage>,
 }
 
 impl Store {
-    /// The store in `dir` (created on first write).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Store { dir: Arc::new(dir.into()) }
+    /// The store over `storage`.
+    pub fn new(storage: Arc<dyn Storage>) -> Self {
+        Store { storage }
+    }
+
+    /// The store in the config dir `dir` (created on first write).
+    pub fn dir(dir: impl Into<PathBuf>) -> Self {
+        Store::new(Arc::new(Dir::new(dir)))
     }
 
     /// The default config of `user/repo`, if one is stored.
     pub async fn repository(&self, user: &str, repo: &str) -> Result<Option<DeployConfig>, PipesError> {
-        let path = self.repository_path(user, repo);
-        self.blocking(move |s| s.read_config(&path)).await
+        self.read_config(&repository_name(user, repo)).await
     }
 
     /// The tag's own config, if one is stored.
     pub async fn tag(&self, d: &Deployment) -> Result<Option<DeployConfig>, PipesError> {
-        let path = self.tag_path(d);
-        self.blocking(move |s| s.read_config(&path)).await
+        self.read_config(&tag_name(d)).await
     }
 
     /// Replaces the default config of `user/repo`.
     pub async fn put_repository(&self, user: &str, repo: &str, config: DeployConfig) -> Result<(), PipesError> {
-        let path = self.repository_path(user, repo);
-        self.blocking(move |s| s.write_config(&path, &config)).await
+        self.write_config(&repository_name(user, repo), &config).await
     }
 
     /// Replaces the tag's own config.
     pub async fn put_tag(&self, d: &Deployment, config: DeployConfig) -> Result<(), PipesError> {
-        let path = self.tag_path(d);
-        self.blocking(move |s| s.write_config(&path, &config)).await
+        self.write_config(&tag_name(d), &config).await
     }
 
-    /// Scoped API tokens from `tokens.json` (none if the file does not exist).
+    /// Scoped API tokens from `tokens.json` (none if there is none).
     pub async fn tokens(&self) -> Result<Vec<ScopedToken>, PipesError> {
-        self.blocking(|s| {
-            let path = s.dir.join(TOKENS_FILE);
-            match fs::read(&path) {
-                Ok(bytes) => auth::parse_tokens(&bytes).map_err(|problem| s.broken(&path, problem)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(s.broken(&path, e.to_string())),
-            }
-        })
-        .await
+        match self.storage.read(TOKENS).await? {
+            Some(bytes) => auth::parse_tokens(&bytes).map_err(|problem| broken(TOKENS, problem)),
+            None => Ok(Vec::new()),
+        }
     }
 
-    /// Checks every stored file at start-up: returns the broken ones, and
-    /// removes temporary files that interrupted writes left behind.
+    /// Checks every stored config at start-up: returns the broken ones.
     pub async fn check(&self) -> Vec<PipesError> {
-        self.blocking(|s| Ok(s.check_files())).await.unwrap_or_else(|e| vec![e])
+        let names = match self.storage.configs().await {
+            Ok(names) => names,
+            Err(e) => return vec![e],
+        };
+        let mut problems = Vec::new();
+        for name in names {
+            if let Err(e) = self.read_config(&name).await {
+                problems.push(e);
+            }
+        }
+        problems
+    }
+
+    async fn read_config(&self, name: &str) -> Result<Option<DeployConfig>, PipesError> {
+        match self.storage.read(name).await? {
+            Some(bytes) => DeployConfig::from_json(&bytes).map(Some).map_err(|e| broken(name, e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    async fn write_config(&self, name: &str, config: &DeployConfig) -> Result<(), PipesError> {
+        let mut bytes = serde_json::to_vec_pretty(config).map_err(|e| broken(name, e.to_string()))?;
+        bytes.push(b'\n');
+        self.storage.write(name, bytes).await
+    }
+}
+
+fn repository_name(user: &str, repo: &str) -> String {
+    format!("repos/{user}/{repo}/repository.json")
+}
+
+fn tag_name(d: &Deployment) -> String {
+    format!("repos/{}/{}/tags/{}.json", d.user, d.repo, d.tag)
+}
+
+/// A stored document that cannot be read or written, by its name.
+pub fn broken(name: &str, problem: impl Into<String>) -> PipesError {
+    PipesError::ConfigBroken { file: name.to_owned(), problem: problem.into() }
+}
+
+/// The config dir. Its file work runs on tokio's blocking pool, so no proxy
+/// or control thread ever waits on the disk.
+#[derive(Debug, Clone)]
+pub struct Dir {
+    dir: Arc<PathBuf>,
+}
+
+impl Dir {
+    /// The config dir `dir` (created on first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Dir { dir: Arc::new(dir.into()) }
     }
 
     /// Runs file work on the blocking pool.
     async fn blocking<T, F>(&self, work: F) -> Result<T, PipesError>
     where
-        F: FnOnce(&Store) -> Result<T, PipesError> + Send + 'static,
+        F: FnOnce(&Dir) -> Result<T, PipesError> + Send + 'static,
         T: Send + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || work(&store))
-            .await
-            .unwrap_or_else(|e| Err(PipesError::ConfigBroken { file: String::new(), problem: format!("the file task failed: {e}") }))
+        let dir = self.clone();
+        tokio::task::spawn_blocking(move || work(&dir)).await.unwrap_or_else(|e| Err(broken("", format!("the file task failed: {e}"))))
     }
 
-    fn repository_dir(&self, user: &str, repo: &str) -> PathBuf {
-        self.dir.join("repos").join(user).join(repo)
-    }
-
-    fn repository_path(&self, user: &str, repo: &str) -> PathBuf {
-        self.repository_dir(user, repo).join(REPOSITORY_FILE)
-    }
-
-    fn tag_path(&self, d: &Deployment) -> PathBuf {
-        self.repository_dir(&d.user, &d.repo).join("tags").join(format!("{}.json", d.tag))
-    }
-
-    fn check_files(&self) -> Vec<PipesError> {
-        let mut problems = Vec::new();
+    /// Every config file's name; removes temporary files that interrupted
+    /// writes left behind.
+    fn config_files(&self) -> Vec<String> {
+        let mut names = Vec::new();
         let mut stack = vec![self.dir.join("repos")];
         while let Some(dir) = stack.pop() {
             let Ok(entries) = fs::read_dir(&dir) else { continue };
@@ -124,36 +172,34 @@ impl Store {
                         Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
                     }
                 } else if name.ends_with(".json") {
-                    if let Err(e) = self.read_config(&path) {
-                        problems.push(e);
-                    }
+                    names.push(path.strip_prefix(self.dir.as_path()).unwrap_or(&path).display().to_string());
                 }
             }
         }
-        problems
+        names.sort();
+        names
     }
+}
 
-    fn read_config(&self, path: &Path) -> Result<Option<DeployConfig>, PipesError> {
-        match fs::read(path) {
-            Ok(bytes) => DeployConfig::from_json(&bytes).map(Some).map_err(|e| self.broken(path, e.to_string())),
+#[async_trait]
+impl Storage for Dir {
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError> {
+        let name = name.to_owned();
+        self.blocking(move |d| match fs::read(d.dir.join(&name)) {
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.broken(path, e.to_string())),
-        }
+            Err(e) => Err(broken(&name, e.to_string())),
+        })
+        .await
     }
 
-    fn write_config(&self, path: &Path, config: &DeployConfig) -> Result<(), PipesError> {
-        let mut bytes = serde_json::to_vec_pretty(config).map_err(|e| self.broken(path, e.to_string()))?;
-        bytes.push(b'\n');
-        write_atomic(path, &bytes).map_err(|e| PipesError::ConfigBroken { file: self.relative(path), problem: format!("cannot be written: {e}") })
+    async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError> {
+        let name = name.to_owned();
+        self.blocking(move |d| write_atomic(&d.dir.join(&name), &bytes).map_err(|e| broken(&name, format!("cannot be written: {e}")))).await
     }
 
-    fn broken(&self, path: &Path, problem: String) -> PipesError {
-        PipesError::ConfigBroken { file: self.relative(path), problem }
-    }
-
-    /// Paths in messages are relative to the config dir: users need no more.
-    fn relative(&self, path: &Path) -> String {
-        path.strip_prefix(self.dir.as_path()).unwrap_or(path).display().to_string()
+    async fn configs(&self) -> Result<Vec<String>, PipesError> {
+        self.blocking(|d| Ok(d.config_files())).await
     }
 }
 
@@ -187,7 +233,7 @@ mod tests {
     fn temp_store(name: &str) -> (Store, PathBuf) {
         let dir = std::env::temp_dir().join(format!("pipes-store-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
-        (Store::new(dir.clone()), dir)
+        (Store::dir(dir.clone()), dir)
     }
 
     #[tokio::test]

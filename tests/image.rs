@@ -46,21 +46,9 @@ impl Drop for Created {
     }
 }
 
-/// Builds the image from the repository's Dockerfile with the binary under test.
+/// Builds the Pipes image, removed with `created`.
 fn build_pipes_image(created: &mut Created) -> String {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let binary = Path::new(env!("CARGO_BIN_EXE_pipes"));
-    let relative = binary.strip_prefix(root).expect("the binary is built inside the repository");
-    let tag = format!("pipes-test:{}", unique("i"));
-    let out = std::process::Command::new("docker")
-        .args(["build", "-q", "--label", &format!("pipes.test={}", env().run), "-t", &tag])
-        .arg("--build-arg")
-        .arg(format!("BINARY={}", relative.display()))
-        .arg(root)
-        .env("DOCKER_BUILDKIT", "0")
-        .output()
-        .expect("docker build runs");
-    assert!(out.status.success(), "building the image failed (the binary must be static: run through scripts/test): {}", String::from_utf8_lossy(&out.stderr));
+    let tag = common::build_pipes_image();
     created.image = Some(tag.clone());
     tag
 }

@@ -162,7 +162,7 @@ impl Docker {
     }
 
     /// The client, connected and speaking an API version the engine knows.
-    async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
+    pub(super) async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
         self.client
             .get_or_try_init(|| async {
                 let docker = bollard::Docker::connect_with_host(&self.host)
@@ -201,7 +201,7 @@ impl Docker {
     }
 
     /// The labels a new container of `spec` carries.
-    fn labels(&self, spec: &Spec) -> HashMap<String, String> {
+    pub(super) fn labels(&self, spec: &Spec) -> HashMap<String, String> {
         let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
         labels.insert(LABEL_MANAGED.into(), "true".into());
         labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
@@ -462,8 +462,23 @@ impl Docker {
         Ok(())
     }
 
+    /// The registry credentials, as the engine takes them.
+    pub(super) fn credentials(&self) -> Option<DockerCredentials> {
+        self.credentials.clone()
+    }
+
+    /// The Pipes instance name (`PIPES_INSTANCE`).
+    pub(super) fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The engine's address, for messages.
+    pub(super) fn host(&self) -> &str {
+        &self.host
+    }
+
     /// Turns an engine error into what a client sees.
-    fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
+    pub(super) fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
         match e {
             DockerError::DockerResponseServerError { message, .. } => PipesError::Engine { action, detail: self.scrub(&message) },
             DockerError::DockerStreamError { error } => PipesError::Engine { action, detail: self.scrub(&error) },
@@ -472,7 +487,7 @@ impl Docker {
         }
     }
 
-    fn scrub(&self, text: &str) -> String {
+    pub(super) fn scrub(&self, text: &str) -> String {
         match &self.password {
             Some(p) => p.scrub(text),
             None => text.to_owned(),
@@ -682,7 +697,7 @@ impl Backend for Docker {
 }
 
 /// An event Pipes cares about, from the engine's message.
-fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
+pub(super) fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
     let action = message.action?;
     let actor = message.actor?;
     let attributes = actor.attributes.unwrap_or_default();
@@ -721,7 +736,7 @@ const UNREACHABLE: [&str; 8] = [
 const REMOVAL_WAIT: Duration = Duration::from_secs(10);
 
 /// The engine takes whole seconds.
-fn grace_secs(grace: Duration) -> i32 {
+pub(super) fn grace_secs(grace: Duration) -> i32 {
     i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)
 }
 

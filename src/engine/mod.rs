@@ -11,6 +11,7 @@
 pub mod docker;
 #[cfg(test)]
 pub mod fake;
+pub mod swarm;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -204,6 +205,17 @@ impl EventKind {
     }
 }
 
+/// What the other Pipes serving an instance did lately, asked before an idle stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiet {
+    /// One of them had something open on it at this time (Unix ms), within
+    /// the idle timeout: it is not idle.
+    Busy(u64),
+    /// None did: it may be stopped, unless something changes before
+    /// [`Backend::stop_quiet`] is given this token.
+    Since(u64),
+}
+
 /// Credentials for the registry (`DOCKER_AUTH*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryAuth {
@@ -264,6 +276,32 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Lets this process' claim go.
     async fn release(&self);
+
+    /// Whether other Pipes serve this Pipes' instances too (Swarm replicas):
+    /// activity is then shared ([`Backend::share_activity`]) and an idle stop
+    /// asks the others first ([`Backend::quiet_elsewhere`]).
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Records, for the other Pipes serving `id`, that this one had
+    /// something open on it at `at_ms` (Unix ms).
+    async fn share_activity(&self, _id: &str, _at_ms: u64) -> Result<(), PipesError> {
+        Ok(())
+    }
+
+    /// Whether any other Pipes serving `id` had something open on it within
+    /// `idle`. Alone, always quiet.
+    async fn quiet_elsewhere(&self, _id: &str, _idle: Duration) -> Result<Quiet, PipesError> {
+        Ok(Quiet::Since(0))
+    }
+
+    /// Stops `id` as [`Backend::stop`] does, unless another Pipes recorded
+    /// activity on it since [`Backend::quiet_elsewhere`] gave `since`;
+    /// whether it stopped it.
+    async fn stop_quiet(&self, id: &str, grace: Duration, _since: u64) -> Result<bool, PipesError> {
+        self.stop(id, grace).await.map(|()| true)
+    }
 
     /// Restarts an instance, giving it `grace` to stop.
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError>;

@@ -477,6 +477,12 @@ impl Deployer {
         self.backend.stop(instance_id, STOP_GRACE).await
     }
 
+    /// Stops an idle instance unless another Pipes served it since `quiet`
+    /// ([`crate::engine::Backend::stop_quiet`]); whether it stopped it.
+    pub async fn stop_idle_instance(&self, instance_id: &str, quiet: u64) -> Result<bool, PipesError> {
+        self.backend.stop_quiet(instance_id, STOP_GRACE, quiet).await
+    }
+
     /// Removes every generation of `d`.
     pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
         for i in self.backend.instances(d).await? {

@@ -41,6 +41,7 @@ impl BackgroundService for Janitor {
                 _ = shutdown.changed() => return,
                 _ = every.tick() => {}
             }
+            self.fleet.share_activity();
             self.fleet.stop_idle();
             self.fleet.expire_paused();
             self.fleet.poll_tags();

@@ -30,7 +30,7 @@ use futures_util::future::FutureExt;
 
 use crate::auth::ScopedToken;
 use crate::config::{DeployConfig, Effective, IdleAction};
-use crate::engine::{short_id, Backend, Event, EventKind, Image, Instance};
+use crate::engine::{short_id, Backend, Event, EventKind, Image, Instance, Quiet};
 use crate::error::PipesError;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -54,6 +54,9 @@ type Table = hashbrown::HashMap<Arc<Deployment>, Arc<Slot>>;
 const MAX_MISSING: usize = 4096;
 /// How long an exiting Pipes waits for the engine to drop its claim.
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// How often, at most, a deployment's activity here is reported to the
+/// other Pipes serving it while it goes on.
+const SHARE_EVERY: Duration = Duration::from_secs(2);
 
 /// What a deployment is doing, as the API and its users see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,9 +238,9 @@ impl Drop for ClientStart {
 }
 
 impl Fleet {
-    /// A fleet deploying on `backend`, running its work on the `control` runtime.
-    pub fn new(settings: &Settings, backend: Arc<dyn Backend>, control: tokio::runtime::Handle) -> Self {
-        let store = Store::new(settings.config_dir.clone());
+    /// A fleet deploying on `backend` with configs from `store`, running its
+    /// work on the `control` runtime.
+    pub fn new(settings: &Settings, backend: Arc<dyn Backend>, store: Store, control: tokio::runtime::Handle) -> Self {
         let metrics = settings.metrics.as_ref().map(|m| Arc::new(Metrics::new(m.max_deployments)));
         let feed = Feed::default();
         Fleet {
@@ -571,10 +574,42 @@ impl Fleet {
         }
     }
 
-    /// Stops `seen` if it is still the deployment's upstream and still idle.
+    /// Reports what this Pipes had open lately to the other Pipes serving
+    /// the same instances (Swarm replicas), so none of them stops what
+    /// another serves: at most every [`SHARE_EVERY`] per deployment, and at
+    /// the next check after a quiet spell.
+    pub fn share_activity(self: &Arc<Self>) {
+        let backend = self.deployer.backend();
+        if !backend.shared() || self.retired() {
+            return;
+        }
+        let (now, every) = (now_ms(), SHARE_EVERY.as_millis() as u64);
+        for slot in self.table.load().values() {
+            let Some(up) = slot.upstream() else { continue };
+            let Some(at) = slot.activity_to_share(&up, now, every) else { continue };
+            let (backend, d) = (backend.clone(), slot.deployment.clone());
+            self.control.spawn(async move {
+                if let Err(e) = backend.share_activity(&up.instance_id, at).await {
+                    log::warn!("{d}: cannot share its activity with the other Pipes: {e}");
+                }
+            });
+        }
+    }
+
+    /// Stops `seen` if it is still the deployment's upstream and still idle,
+    /// here and at every other Pipes serving it.
     async fn stop_if_idle(&self, slot: &Slot, seen: Arc<Upstream>) {
         // Something else changing the deployment wins; the next check sees it anew.
         let Ok(_op) = slot.ops.try_lock() else { return };
+        let backend = self.deployer.backend();
+        let quiet = match backend.quiet_elsewhere(&seen.instance_id, seen.idle_timeout.unwrap_or_default()).await {
+            Ok(Quiet::Since(token)) => token,
+            Ok(Quiet::Busy(at)) => {
+                log::debug!("{}: busy through another Pipes: not idle", slot.deployment);
+                return slot.busy_elsewhere(at);
+            }
+            Err(e) => return log::warn!("{}: cannot ask the other Pipes whether it is idle: {e}", slot.deployment),
+        };
         {
             let _cold = slot.lock_cold();
             let same = slot.upstream().is_some_and(|up| Arc::ptr_eq(&up, &seen));
@@ -606,11 +641,17 @@ impl Fleet {
         } else {
             log::info!("{}: nothing open for {idle}, stopping it", slot.deployment);
         }
-        if let Some(m) = &slot.metrics {
-            m.idle_stop();
-        }
-        if let Err(e) = self.deployer.stop_instance(&seen.instance_id).await {
-            log::warn!("{}: cannot stop idle instance: {e}", slot.deployment);
+        match self.deployer.stop_idle_instance(&seen.instance_id, quiet).await {
+            Ok(true) => {
+                if let Some(m) = &slot.metrics {
+                    m.idle_stop();
+                }
+            }
+            Ok(false) => {
+                log::info!("{}: another Pipes served it meanwhile: kept running", slot.deployment);
+                slot.set_upstream(Some(seen));
+            }
+            Err(e) => log::warn!("{}: cannot stop idle instance: {e}", slot.deployment),
         }
     }
 

@@ -196,6 +196,11 @@ pub struct Slot {
     pub metrics: Option<Arc<DeploymentMetrics>>,
     /// How long its last start took, in ms; 0 before any.
     last_start_ms: AtomicU64,
+    /// The latest activity other Pipes serving it reported (Unix ms; 0 if
+    /// none): it counts for idle as this Pipes' own does.
+    elsewhere_ms: AtomicU64,
+    /// The activity this Pipes last reported to the others (Unix ms; 0 if none).
+    pub(super) shared_ms: AtomicU64,
 }
 
 impl Slot {
@@ -209,6 +214,8 @@ impl Slot {
             cold: Mutex::new(Cold::default()),
             ops: tokio::sync::Mutex::new(()),
             last_start_ms: AtomicU64::new(0),
+            elsewhere_ms: AtomicU64::new(0),
+            shared_ms: AtomicU64::new(0),
         }
     }
 
@@ -263,8 +270,25 @@ impl Slot {
         if upstream.open() > 0 {
             return None;
         }
-        let last = self.last_request_ms().unwrap_or(0).max(upstream.ready_ms);
+        let last = self.last_request_ms().unwrap_or(0).max(upstream.ready_ms).max(self.elsewhere_ms.load(Ordering::Relaxed));
         Some(last.saturating_add(idle))
+    }
+
+    /// Notes that another Pipes serving it had something open at `at_ms`.
+    pub(super) fn busy_elsewhere(&self, at_ms: u64) {
+        self.elsewhere_ms.fetch_max(at_ms, Ordering::Relaxed);
+    }
+
+    /// The activity to report to the other Pipes serving it, if there is
+    /// newer than last reported and the last report is `every_ms` old: now
+    /// while something is open, else the last request.
+    pub(super) fn activity_to_share(&self, upstream: &Upstream, now: u64, every_ms: u64) -> Option<u64> {
+        let at = if upstream.open() > 0 { now } else { self.last_request_ms()? };
+        let shared = self.shared_ms.load(Ordering::Relaxed);
+        (at > shared && now.saturating_sub(shared) >= every_ms).then(|| {
+            self.shared_ms.store(at, Ordering::Relaxed);
+            at
+        })
     }
 
     /// Takes the deployment out of the table and forgets its failure: the

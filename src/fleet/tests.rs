@@ -30,7 +30,7 @@ impl Harness {
         env.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::from_sources(["pipes"], &Sources { env, ..Sources::default() }).expect("settings");
         let fake = Fake::new();
-        let fleet = Arc::new(Fleet::new(&settings, fake.clone(), tokio::runtime::Handle::current()));
+        let fleet = Arc::new(Fleet::new(&settings, fake.clone(), Store::dir(settings.config_dir.clone()), tokio::runtime::Handle::current()));
         Harness { fleet, fake, dir }
     }
 
@@ -265,7 +265,7 @@ async fn adoption_takes_over_running_instances() {
     // A second fleet on the same backend, as after a restart of Pipes.
     let settings =
         Settings::from_sources(["pipes"], &Sources { env: [("PIPES_ALLOW".to_owned(), "alice/*".to_owned())].into(), ..Sources::default() }).unwrap();
-    let fresh = Fleet::new(&settings, h.fake.clone(), tokio::runtime::Handle::current());
+    let fresh = Fleet::new(&settings, h.fake.clone(), Store::dir(settings.config_dir.clone()), tokio::runtime::Handle::current());
     assert_eq!(fresh.adopt().await.unwrap(), 1);
     let slot = fresh.get(d.as_ref()).expect("adopted into the table");
     assert_eq!(slot.upstream().map(|u| u.addr), Some(up.addr));

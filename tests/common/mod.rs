@@ -113,6 +113,25 @@ pub fn build_image(tag: &str, dockerfile: &str) {
     assert!(out.status.success(), "docker build {tag}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Builds the Pipes image from the repository's Dockerfile with the binary
+/// under test, labelled for clean-up; its tag (the caller removes it).
+pub fn build_pipes_image() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_pipes"));
+    let relative = binary.strip_prefix(root).expect("the binary is built inside the repository");
+    let tag = format!("pipes-test:{}", unique("i"));
+    let out = Command::new("docker")
+        .args(["build", "-q", "--label", &format!("pipes.test={}", env().run), "-t", &tag])
+        .arg("--build-arg")
+        .arg(format!("BINARY={}", relative.display()))
+        .arg(root)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .expect("docker build runs");
+    assert!(out.status.success(), "building the image failed (the binary must be static: run through scripts/test): {}", String::from_utf8_lossy(&out.stderr));
+    tag
+}
+
 /// Fixture images pushed to the registry under one test user; the local copies
 /// (pushed or pulled by Pipes) are removed when this is dropped.
 pub struct Fixtures {

@@ -1,0 +1,799 @@
+//! The Swarm backend (`PIPES_BACKEND=swarm`): each generation of a deployment
+//! is one Swarm service, and several Pipes (replicas of one `PIPES_INSTANCE`)
+//! serve the same services with no state of their own.
+//!
+//! - Services are named after instance, deployment and generation
+//!   ([`service_name`]); the engine refuses a second service of a name, so
+//!   replicas that cold-start one deployment at once make one service and the
+//!   others adopt it. They carry Pipes' labels ([`super::RESERVED_LABELS`]),
+//!   their containers too (task containers do not inherit service labels).
+//! - Stopping is scaling to 0 replicas and starting scaling to 1, with
+//!   version-checked updates; a service is removed only as a generation is.
+//! - Deployments join `PIPES_NETWORK`, an attachable overlay network Pipes
+//!   is on too, in `dnsrr` endpoint mode: Pipes reaches a task at its own IP,
+//!   found as `tasks.<service>` in the engine's DNS, never through a virtual
+//!   IP (which needs IPVS in the kernel).
+//! - Activity is shared through the service: each replica writes the time it
+//!   last had something open on it into a label of its own
+//!   (`pipes.active.<replica>`), and a replica stops an idle service only if
+//!   no other replica's label is within the idle timeout, asked twice a
+//!   settling period apart, and only with the version it read last.
+//! - Configs and scoped tokens are Swarm configs ([`Storage`]): a write
+//!   creates the next version's config (names are unique, so two writers
+//!   cannot both make one version) and then removes the older ones.
+//! - Images are pulled, and digests asked, by the engine Pipes talks to (a
+//!   manager), with the registry credentials passed on to the service
+//!   (`X-Registry-Auth`), so every node can pull the pinned digest.
+//!
+//! Swarm cannot pause a service: `idle_action: pause` stops it instead.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use bollard::errors::Error as DockerError;
+use bollard::models::{
+    ConfigSpec, EndpointSpec, EndpointSpecModeEnum, Limit, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+};
+use bollard::query_parameters::{EventsOptions, ListConfigsOptions, ListServicesOptions, ListTasksOptions, LogsOptions, UpdateServiceOptions};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use hickory_resolver::TokioResolver;
+use sha2::{Digest as _, Sha256};
+
+use super::docker::{grace_secs, Docker, DockerOptions, Reach};
+use super::{
+    generation_of, short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT,
+    LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
+};
+use crate::config::Restart;
+use crate::error::PipesError;
+use crate::route::Deployment;
+use crate::store::{broken, Storage};
+
+/// Label holding the id of the local image a service was made from.
+const LABEL_IMAGE_ID: &str = "pipes.image-id";
+/// Prefix of the labels in which each replica records its last activity.
+const LABEL_ACTIVE: &str = "pipes.active.";
+/// Label naming the stored document a Swarm config holds a version of.
+const LABEL_STORE: &str = "pipes.store";
+/// Label holding that version's number.
+const LABEL_STORE_VERSION: &str = "pipes.store-version";
+/// The label the engine puts on a task's container naming its service.
+const LABEL_SERVICE_ID: &str = "com.docker.swarm.service.id";
+
+/// How long a replica waits between its two looks at the others' activity
+/// before an idle stop: longer than it takes a replica to report activity
+/// after a quiet spell (one check of the janitor, and the write).
+const SETTLE: Duration = Duration::from_secs(3);
+/// Longest wait for a scaled-up service's task to run or fail.
+const START_WAIT: Duration = Duration::from_secs(300);
+/// Longest wait, once its task runs, for its address in the engine's DNS.
+const DNS_WAIT: Duration = Duration::from_secs(10);
+/// How often a starting or stopping service is looked at.
+const POLL: Duration = Duration::from_millis(100);
+/// Activity labels of replicas silent this long are dropped on the next write.
+const FORGET_REPLICA_MS: u64 = 24 * 3600 * 1000;
+/// Attempts at a version-checked update before giving up on it.
+const UPDATE_ATTEMPTS: usize = 5;
+
+/// The engine's swarm as a [`Backend`] and as config [`Storage`].
+#[derive(Clone)]
+pub struct Swarm {
+    /// The same engine, for images, pulls, digests and the client.
+    engine: Docker,
+    /// `PIPES_NETWORK`.
+    network: String,
+    /// This replica, in its activity label: the container's host name, or
+    /// host and process id when it runs as a plain process.
+    replica: String,
+    /// Resolves `tasks.<service>` through the engine's DNS (the container's
+    /// `/etc/resolv.conf`).
+    resolver: Arc<Mutex<Option<TokioResolver>>>,
+    /// Deployments of services seen, by service id: a removed service's
+    /// event names only its id.
+    known: Arc<Mutex<HashMap<String, Deployment>>>,
+}
+
+impl Swarm {
+    /// The swarm of the engine at `options.host`, its deployments on
+    /// `options.network` (required for this backend).
+    pub fn new(options: &DockerOptions) -> Swarm {
+        let network = options.network.clone().unwrap_or_default();
+        let replica = match &options.hostname {
+            Some(h) => h.clone(),
+            None => format!("pid-{}", std::process::id()),
+        };
+        let replica = replica.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+        Swarm {
+            engine: Docker::new(options, Reach::Network(network.clone())),
+            network,
+            replica,
+            resolver: Arc::new(Mutex::new(None)),
+            known: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    async fn client(&self) -> Result<&bollard::Docker, PipesError> {
+        self.engine.docker().await
+    }
+
+    fn instance_labels(&self) -> Vec<String> {
+        vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.engine.instance())]
+    }
+
+    /// This instance's services, optionally only those of one deployment.
+    async fn services(&self, d: Option<&Deployment>) -> Result<Vec<Service>, PipesError> {
+        let mut labels = self.instance_labels();
+        labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
+        let options = ListServicesOptions { filters: Some(HashMap::from([("label".to_owned(), labels)])), ..Default::default() };
+        let services = self.client().await?.list_services(Some(options)).await.map_err(|e| self.engine.fail("list services", e))?;
+        let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+        for s in &services {
+            if let (Some(id), Some(d)) = (&s.id, deployment_of(s)) {
+                known.insert(id.clone(), d);
+            }
+        }
+        Ok(services)
+    }
+
+    /// The tasks of the services `ids`, by service id.
+    async fn tasks(&self, ids: &[String]) -> Result<HashMap<String, Vec<Task>>, PipesError> {
+        let mut by_service: HashMap<String, Vec<Task>> = HashMap::new();
+        if ids.is_empty() {
+            return Ok(by_service);
+        }
+        let options = ListTasksOptions { filters: Some(HashMap::from([("service".to_owned(), ids.to_vec())])) };
+        for task in self.client().await?.list_tasks(Some(options)).await.map_err(|e| self.engine.fail("list tasks", e))? {
+            if let Some(service) = task.service_id.clone() {
+                by_service.entry(service).or_default().push(task);
+            }
+        }
+        Ok(by_service)
+    }
+
+    /// A service by id or name; `None` when it does not exist.
+    async fn service(&self, id: &str) -> Result<Option<Service>, PipesError> {
+        match self.client().await?.inspect_service(id, None).await {
+            Ok(s) => Ok(Some(s)),
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(self.engine.fail("inspect a service", e)),
+        }
+    }
+
+    /// The instance a service is, from it and its tasks, without its address.
+    fn instance_of(&self, service: &Service, tasks: &[Task]) -> Option<Instance> {
+        let labels = service.spec.as_ref()?.labels.as_ref()?;
+        let deployment = deployment_of(service)?;
+        let running_task = tasks.iter().filter(|t| runs(t)).max_by_key(|t| t.created_at.clone());
+        let running = replicas(service) > 0 && running_task.is_some();
+        // The latest task that ran tells how it last ended.
+        let last = tasks
+            .iter()
+            .filter(|t| t.status.as_ref().and_then(|s| s.container_status.as_ref()).and_then(|c| c.container_id.as_ref()).is_some())
+            .max_by_key(|t| t.created_at.clone());
+        let started_at = running_task.or(last).and_then(|t| t.status.as_ref()?.timestamp.clone());
+        let exit_code = match (running, last) {
+            (false, Some(t)) => t.status.as_ref().and_then(|s| s.container_status.as_ref()?.exit_code).or(Some(0)),
+            _ => None,
+        };
+        Some(Instance {
+            id: service.id.clone()?,
+            deployment,
+            running,
+            paused: false,
+            exit_code,
+            spec_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
+            port: labels.get(LABEL_PORT).and_then(|p| p.parse().ok()),
+            started_at,
+            address: None,
+            digest: labels.get(LABEL_DIGEST).cloned(),
+            image_id: labels.get(LABEL_IMAGE_ID).cloned(),
+            config: labels.get(LABEL_CONFIG).cloned(),
+        })
+    }
+
+    /// `instance` with the address of its running task, looked up in the
+    /// engine's DNS (waiting a while: a task is named there shortly after it runs).
+    async fn addressed(&self, mut instance: Instance, name: &str) -> Instance {
+        let Some(port) = instance.port.filter(|_| instance.running) else { return instance };
+        let deadline = Instant::now() + DNS_WAIT;
+        loop {
+            match self.resolve(name).await {
+                Some(ip) => {
+                    instance.address = Some(SocketAddr::new(ip, port));
+                    return instance;
+                }
+                None if Instant::now() < deadline => tokio::time::sleep(POLL).await,
+                None => {
+                    log::warn!("{}: tasks.{name} is not in the engine's DNS: is Pipes on network '{}'?", instance.deployment, self.network);
+                    return instance;
+                }
+            }
+        }
+    }
+
+    /// One IP of a running task of service `name`.
+    async fn resolve(&self, name: &str) -> Option<std::net::IpAddr> {
+        let resolver = {
+            let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*slot {
+                Some(r) => r.clone(),
+                None => {
+                    let built = TokioResolver::builder_tokio().ok()?.build();
+                    *slot = Some(built.clone());
+                    built
+                }
+            }
+        };
+        let answer = resolver.lookup_ip(format!("tasks.{name}.")).await.ok()?;
+        answer.iter().next()
+    }
+
+    /// Every instance of the services listed, addressed when `address`.
+    async fn instances_of(&self, services: Vec<Service>, address: bool) -> Result<Vec<Instance>, PipesError> {
+        let ids: Vec<String> = services.iter().filter_map(|s| s.id.clone()).collect();
+        let tasks = self.tasks(&ids).await?;
+        let mut instances = Vec::new();
+        for service in &services {
+            let own = service.id.as_ref().and_then(|id| tasks.get(id)).map(Vec::as_slice).unwrap_or_default();
+            let Some(instance) = self.instance_of(service, own) else { continue };
+            let name = service.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_default();
+            instances.push(if address { self.addressed(instance, &name).await } else { instance });
+        }
+        Ok(instances)
+    }
+
+    /// The service `id` as an instance, addressed; an error if it is gone.
+    async fn instance(&self, id: &str, action: &'static str) -> Result<Instance, PipesError> {
+        let service = self.service(id).await?.ok_or_else(|| PipesError::Engine { action, detail: format!("service {} vanished", short_id(id)) })?;
+        self.instances_of(vec![service], true)
+            .await?
+            .pop()
+            .ok_or_else(|| PipesError::Engine { action, detail: format!("service {} is not a deployment of Pipes", short_id(id)) })
+    }
+
+    /// Applies `change` to the service's spec and writes it, if `change`
+    /// says so, at the version it was read at; reads again and retries when
+    /// another replica wrote first. `change` returns whether to write.
+    async fn update(&self, id: &str, action: &'static str, mut change: impl FnMut(&mut ServiceSpec) -> bool) -> Result<(), PipesError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some(service) = self.service(id).await? else { return Ok(()) };
+            let (Some(mut spec), Some(version)) = (service.spec, service.version.and_then(|v| v.index)) else { return Ok(()) };
+            if !change(&mut spec) {
+                return Ok(());
+            }
+            match self.write(id, spec, version).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => continue,
+                Err(e) => return Err(self.engine.fail(action, e)),
+            }
+        }
+        Err(PipesError::Engine { action, detail: format!("service {} kept changing under Pipes", short_id(id)) })
+    }
+
+    /// Writes `spec` at `version`; `false` when another write came first.
+    async fn write(&self, id: &str, spec: ServiceSpec, version: u64) -> Result<bool, DockerError> {
+        let docker = match self.client().await {
+            Ok(d) => d,
+            Err(e) => return Err(DockerError::DockerStreamError { error: e.to_string() }),
+        };
+        let options = UpdateServiceOptions { version: i32::try_from(version).unwrap_or(i32::MAX), ..Default::default() };
+        match docker.update_service(id, spec, options, None).await {
+            Ok(_) => Ok(true),
+            Err(DockerError::DockerResponseServerError { message, .. }) if message.contains("out of sequence") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits until the service's task runs (then it is returned addressed),
+    /// or its latest task ended (returned not running, with its exit code).
+    async fn until_settled(&self, id: &str) -> Result<Instance, PipesError> {
+        let deadline = Instant::now() + START_WAIT;
+        loop {
+            let service = self
+                .service(id)
+                .await?
+                .ok_or_else(|| PipesError::Engine { action: "start a service", detail: format!("service {} vanished", short_id(id)) })?;
+            let tasks = self.tasks(std::slice::from_ref(&service.id.clone().unwrap_or_default())).await?.into_values().flatten().collect::<Vec<_>>();
+            let wanted = tasks.iter().filter(|t| t.desired_state == Some(TaskState::RUNNING)).max_by_key(|t| t.created_at.clone());
+            let state = wanted.and_then(|t| t.status.as_ref()?.state);
+            if let Some(TaskState::REJECTED) = state {
+                let why = wanted.and_then(|t| t.status.as_ref()?.err.clone()).unwrap_or_default();
+                return Err(PipesError::Engine { action: "start a service", detail: self.engine.scrub(&why) });
+            }
+            let ended = matches!(state, Some(TaskState::FAILED | TaskState::COMPLETE | TaskState::SHUTDOWN));
+            if tasks.iter().any(runs) || ended || Instant::now() >= deadline {
+                let name = service.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_default();
+                let Some(instance) = self.instance_of(&service, &tasks) else {
+                    return Err(PipesError::Engine { action: "start a service", detail: format!("service {} is not a deployment of Pipes", short_id(id)) });
+                };
+                return Ok(self.addressed(instance, &name).await);
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The spec of a new service for `spec`, with no replica yet.
+    fn service_spec(&self, spec: &Spec) -> ServiceSpec {
+        let mut labels = self.engine.labels(spec);
+        labels.insert(LABEL_IMAGE_ID.into(), spec.image_id.clone());
+        // Pinned to the digest, so that every node runs the same image.
+        let image = match &spec.digest {
+            Some(digest) => format!("{}@{digest}", spec.image),
+            None => spec.image.clone(),
+        };
+        let condition = match spec.restart {
+            Restart::No => TaskSpecRestartPolicyConditionEnum::NONE,
+            Restart::OnFailure => TaskSpecRestartPolicyConditionEnum::ON_FAILURE,
+            Restart::Always | Restart::UnlessStopped => TaskSpecRestartPolicyConditionEnum::ANY,
+        };
+        ServiceSpec {
+            name: Some(service_name(self.engine.instance(), &spec.deployment, spec.digest.as_deref())),
+            labels: Some(labels.clone()),
+            task_template: Some(TaskSpec {
+                container_spec: Some(TaskSpecContainerSpec {
+                    image: Some(image),
+                    // Task containers do not carry the service's labels: their events name the deployment by these.
+                    labels: Some(labels),
+                    env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                    args: spec.cmd.clone(),
+                    capability_drop: Some(vec!["ALL".into()]),
+                    capability_add: Some(spec.capabilities.clone()),
+                    ..Default::default()
+                }),
+                resources: Some(TaskSpecResources {
+                    limits: Some(Limit {
+                        nano_cpus: Some((spec.cpus * 1e9).round() as i64),
+                        memory_bytes: i64::try_from(spec.memory_bytes).ok(),
+                        pids: Some(i64::from(spec.pids)),
+                    }),
+                    ..Default::default()
+                }),
+                restart_policy: Some(TaskSpecRestartPolicy { condition: Some(condition), ..Default::default() }),
+                networks: Some(vec![NetworkAttachmentConfig { target: Some(self.network.clone()), ..Default::default() }]),
+                ..Default::default()
+            }),
+            mode: Some(ServiceSpecMode { replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }), ..Default::default() }),
+            endpoint_spec: Some(EndpointSpec { mode: Some(EndpointSpecModeEnum::DNSRR), ports: None }),
+            ..Default::default()
+        }
+    }
+
+    /// The Swarm configs holding versions of document `name`, newest first.
+    async fn versions(&self, name: &str) -> Result<Vec<(u64, bollard::models::Config)>, PipesError> {
+        let mut labels = self.instance_labels();
+        labels.push(format!("{LABEL_STORE}={name}"));
+        let options = ListConfigsOptions { filters: Some(HashMap::from([("label".to_owned(), labels)])) };
+        let configs = self.client().await?.list_configs(Some(options)).await.map_err(|e| self.engine.fail("list Swarm configs", e))?;
+        let mut versions: Vec<(u64, bollard::models::Config)> = configs
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.spec.as_ref()?.labels.as_ref()?;
+                (labels.get(LABEL_STORE)? == name).then_some(())?;
+                Some((labels.get(LABEL_STORE_VERSION)?.parse().ok()?, c))
+            })
+            .collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+        Ok(versions)
+    }
+
+    /// The activity labels of the other replicas: the latest, in Unix ms.
+    fn latest_elsewhere(&self, spec: &ServiceSpec) -> u64 {
+        let own = format!("{LABEL_ACTIVE}{}", self.replica);
+        spec.labels.iter().flatten().filter(|(k, _)| k.starts_with(LABEL_ACTIVE) && **k != own).filter_map(|(_, v)| v.parse().ok()).max().unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl Backend for Swarm {
+    async fn describe(&self) -> Result<String, PipesError> {
+        let docker = self.client().await?;
+        let info = docker.info().await.map_err(|e| self.engine.fail("read its state", e))?;
+        let swarm = info.swarm.unwrap_or_default();
+        if !swarm.control_available.unwrap_or(false) {
+            return Err(PipesError::EngineUnavailable {
+                reason: format!("PIPES_BACKEND=swarm needs a swarm manager, and the engine at {} is not one", self.engine.host()),
+            });
+        }
+        let network = docker.inspect_network(&self.network, None).await.map_err(|e| self.engine.fail("inspect PIPES_NETWORK", e))?;
+        if network.driver.as_deref() != Some("overlay") || network.attachable != Some(true) {
+            return Err(PipesError::EngineUnavailable {
+                reason: format!("PIPES_NETWORK '{}' must be an attachable overlay network (docker network create -d overlay --attachable)", self.network),
+            });
+        }
+        Ok(format!(
+            "Docker Swarm (engine {}, {} node(s)) at {}; deployments are services on network '{}', reached at their tasks' IPs; this replica is '{}'",
+            info.server_version.unwrap_or_default(),
+            swarm.nodes.unwrap_or(0),
+            self.engine.host(),
+            self.network,
+            self.replica
+        ))
+    }
+
+    async fn list(&self) -> Result<Vec<Instance>, PipesError> {
+        let services = self.services(None).await?;
+        self.instances_of(services, false).await
+    }
+
+    async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        let services = self.services(Some(d)).await?;
+        self.instances_of(services, true).await
+    }
+
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
+        self.engine.image(reference).await
+    }
+
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
+        self.engine.pull(reference, progress).await
+    }
+
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
+        self.engine.registry_digest(reference).await
+    }
+
+    async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
+        let service_spec = self.service_spec(spec);
+        let name = service_spec.name.clone().unwrap_or_default();
+        for _ in 0..3 {
+            let created = self.client().await?.create_service(service_spec.clone(), self.engine.credentials()).await;
+            match created {
+                Ok(answer) => {
+                    let id = answer.id.unwrap_or_else(|| name.clone());
+                    log::info!("{}: created service {name} ({} port {})", spec.deployment, spec.image, spec.port);
+                    self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), spec.deployment.clone());
+                    return Ok(Instance::created(id, spec));
+                }
+                Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
+                    // The engine is the lock: another replica made it first, or it is a generation coming back.
+                    let Some(existing) = self.service(&name).await? else { continue };
+                    let id = existing.id.clone().unwrap_or_else(|| name.clone());
+                    if existing.spec.as_ref().and_then(|s| s.labels.as_ref()?.get(LABEL_CONFIG_HASH)) == Some(&spec.hash) {
+                        return self.instance(&id, "create a service").await;
+                    }
+                    log::info!("{}: replacing service {name} made from another config", spec.deployment);
+                    self.remove(&id).await?;
+                }
+                Err(e) => return Err(self.engine.fail("create a service", e)),
+            }
+        }
+        Err(PipesError::Engine { action: "create a service", detail: format!("name {name} stays taken") })
+    }
+
+    async fn start(&self, id: &str) -> Result<Instance, PipesError> {
+        let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
+        // A task on its way (another replica scaled it up) is waited for, not replaced.
+        let coming = tasks.iter().any(|t| t.desired_state == Some(TaskState::RUNNING));
+        self.update(id, "start a service", |spec| {
+            let mode = spec.mode.get_or_insert_with(Default::default).replicated.get_or_insert_with(Default::default);
+            if mode.replicas.unwrap_or(0) == 0 {
+                mode.replicas = Some(1);
+                true
+            } else if !coming {
+                // Scaled up, but its task ended: a new task.
+                let task = spec.task_template.get_or_insert_with(Default::default);
+                task.force_update = Some(task.force_update.unwrap_or(0) + 1);
+                true
+            } else {
+                false
+            }
+        })
+        .await?;
+        self.until_settled(id).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), PipesError> {
+        Err(PipesError::Engine { action: "pause a service", detail: format!("Swarm cannot pause service {}", short_id(id)) })
+    }
+
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
+        Err(PipesError::Engine { action: "unpause a service", detail: format!("Swarm cannot pause service {}", short_id(id)) })
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        self.update(id, "stop a service", |spec| scale_to_zero(spec, grace)).await
+    }
+
+    /// Replicas of one instance serve the same services on purpose: there is
+    /// nothing to claim.
+    async fn claim(&self, _beside: bool) -> Result<Option<String>, PipesError> {
+        Ok(None)
+    }
+
+    async fn release(&self) {}
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn share_activity(&self, id: &str, at_ms: u64) -> Result<(), PipesError> {
+        let own = format!("{LABEL_ACTIVE}{}", self.replica);
+        self.update(id, "share activity", |spec| {
+            let labels = spec.labels.get_or_insert_with(Default::default);
+            if labels.get(&own).and_then(|v| v.parse::<u64>().ok()).is_some_and(|v| v >= at_ms) {
+                return false;
+            }
+            labels.retain(|k, v| !k.starts_with(LABEL_ACTIVE) || v.parse::<u64>().is_ok_and(|v| at_ms.saturating_sub(v) < FORGET_REPLICA_MS));
+            labels.insert(own.clone(), at_ms.to_string());
+            true
+        })
+        .await
+    }
+
+    async fn quiet_elsewhere(&self, id: &str, idle: Duration) -> Result<Quiet, PipesError> {
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        // Twice, a settling period apart: a replica busy just before the
+        // first look has reported it by the second.
+        for look in 0..2 {
+            if look > 0 {
+                tokio::time::sleep(SETTLE).await;
+            }
+            let Some(service) = self.service(id).await? else { return Ok(Quiet::Since(0)) };
+            let latest = service.spec.as_ref().map(|s| self.latest_elsewhere(s)).unwrap_or(0);
+            if now_ms().saturating_sub(latest) < idle_ms {
+                return Ok(Quiet::Busy(latest));
+            }
+            if look > 0 {
+                return Ok(Quiet::Since(service.version.and_then(|v| v.index).unwrap_or(0)));
+            }
+        }
+        Ok(Quiet::Since(0))
+    }
+
+    async fn stop_quiet(&self, id: &str, grace: Duration, since: u64) -> Result<bool, PipesError> {
+        let Some(service) = self.service(id).await? else { return Ok(true) };
+        let (Some(mut spec), Some(version)) = (service.spec, service.version.and_then(|v| v.index)) else { return Ok(true) };
+        // Any write since the look at the others (an activity report among
+        // them) means it is not known to be idle.
+        if version != since {
+            return Ok(false);
+        }
+        scale_to_zero(&mut spec, grace);
+        self.write(id, spec, version).await.map_err(|e| self.engine.fail("stop a service", e))
+    }
+
+    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        self.update(id, "restart a service", |spec| {
+            let task = spec.task_template.get_or_insert_with(Default::default);
+            task.force_update = Some(task.force_update.unwrap_or(0) + 1);
+            task.container_spec.get_or_insert_with(Default::default).stop_grace_period = Some(grace.as_nanos() as i64);
+            true
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), PipesError> {
+        match self.client().await?.delete_service(id).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(self.engine.fail("remove a service", e)),
+        }
+    }
+
+    async fn exited(&self, id: &str) -> Result<i64, PipesError> {
+        loop {
+            let Some(service) = self.service(id).await? else { return Ok(0) };
+            let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
+            match self.instance_of(&service, &tasks) {
+                Some(i) if i.running => tokio::time::sleep(POLL * 5).await,
+                Some(i) => return Ok(i.exit_code.unwrap_or(0)),
+                None => return Ok(0),
+            }
+        }
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
+        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
+        let mut out = Vec::new();
+        let Ok(docker) = self.client().await else { return out };
+        let mut stream = docker.service_logs(id, Some(options));
+        while let Some(Ok(chunk)) = stream.next().await {
+            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
+            out.extend(text.lines().map(|l| self.engine.scrub(l)));
+        }
+        let keep = out.len().saturating_sub(lines);
+        out.drain(..keep);
+        out
+    }
+
+    /// Containers of this node's tasks (start, die, …, named by their
+    /// service), and services scaled or removed anywhere in the swarm.
+    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
+        let since = since_nano.map(|n| format!("{}.{:09}", n.div_euclid(1_000_000_000), n.rem_euclid(1_000_000_000)));
+        let containers = EventsOptions {
+            since: since.clone(),
+            until: None,
+            filters: Some(HashMap::from([
+                ("type".to_owned(), vec!["container".to_owned()]),
+                ("label".to_owned(), vec![format!("{LABEL_INSTANCE}={}", self.engine.instance())]),
+            ])),
+        };
+        let services = EventsOptions { since, until: None, filters: Some(HashMap::from([("type".to_owned(), vec!["service".to_owned()])])) };
+        let this = self.clone();
+        futures_util::stream::once(async move {
+            let client = match this.client().await {
+                Ok(c) => c.clone(),
+                Err(e) => return futures_util::stream::once(std::future::ready(Err(e))).boxed(),
+            };
+            let (of_tasks, of_services) = (this.clone(), this.clone());
+            let tasks = client.events(Some(containers)).filter_map(move |item| {
+                let event = match item {
+                    Ok(message) => task_event(message).map(Ok),
+                    Err(e) => Some(Err(of_tasks.engine.fail("watch events", e))),
+                };
+                std::future::ready(event)
+            });
+            let services = client.events(Some(services)).filter_map(move |item| {
+                let event = match item {
+                    Ok(message) => of_services.service_event(message).map(Ok),
+                    Err(e) => Some(Err(of_services.engine.fail("watch events", e))),
+                };
+                std::future::ready(event)
+            });
+            futures_util::stream::select(tasks, services).boxed()
+        })
+        .flatten()
+        .boxed()
+    }
+}
+
+impl Swarm {
+    /// A service of this instance scaled or removed.
+    fn service_event(&self, message: bollard::models::EventMessage) -> Option<Event> {
+        let actor = message.actor?;
+        let id = actor.id?;
+        let deployment = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()?;
+        let attributes = actor.attributes.unwrap_or_default();
+        let kind = match message.action.as_deref()? {
+            "remove" => {
+                self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                EventKind::Destroyed
+            }
+            "update" => match attributes.get("replicas.new")?.parse::<u64>().ok()? {
+                0 => EventKind::Stopped,
+                _ => EventKind::Started,
+            },
+            _ => return None,
+        };
+        let time_nano = message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0);
+        Some(Event { id, deployment: Some(deployment), kind, time_nano })
+    }
+}
+
+/// A task container's event, as its service's.
+fn task_event(message: bollard::models::EventMessage) -> Option<Event> {
+    let service = message.actor.as_ref()?.attributes.as_ref()?.get(LABEL_SERVICE_ID)?.clone();
+    super::docker::event_of(message).map(|event| Event { id: service, ..event })
+}
+
+/// Sets a service to no replica, its tasks given `grace` to stop; whether it had any.
+fn scale_to_zero(spec: &mut ServiceSpec, grace: Duration) -> bool {
+    let mode = spec.mode.get_or_insert_with(Default::default).replicated.get_or_insert_with(Default::default);
+    if mode.replicas == Some(0) {
+        return false;
+    }
+    mode.replicas = Some(0);
+    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
+    container.stop_grace_period = Some(i64::from(grace_secs(grace)) * 1_000_000_000);
+    true
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The replicas a service asks for.
+fn replicas(service: &Service) -> i64 {
+    service.spec.as_ref().and_then(|s| s.mode.as_ref()?.replicated.as_ref()?.replicas).unwrap_or(0)
+}
+
+/// Whether a task runs and is meant to.
+fn runs(task: &Task) -> bool {
+    task.desired_state == Some(TaskState::RUNNING) && task.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+}
+
+fn deployment_of(service: &Service) -> Option<Deployment> {
+    Deployment::parse(service.spec.as_ref()?.labels.as_ref()?.get(LABEL_DEPLOYMENT)?)
+}
+
+/// The service name of a generation: unique per instance, deployment and
+/// digest, and a valid DNS label (what Swarm asks of a service name): the
+/// readable name when it is one, else its cleaned start and a hash.
+pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
+    let generation = digest.map(generation_of).unwrap_or("local");
+    let wanted = format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag);
+    let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+    if clean == wanted && clean.len() <= 63 {
+        return clean;
+    }
+    let hash = hex::encode(&Sha256::digest(wanted.as_bytes())[..5]);
+    let start = clean.get(..52).unwrap_or(&clean).trim_end_matches('-');
+    format!("{start}-{hash}")
+}
+
+#[async_trait]
+impl Storage for Swarm {
+    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError> {
+        // The newest version; one removed between the listing and the read
+        // was replaced by a newer one, so list again.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some((_, config)) = self.versions(name).await?.into_iter().next() else { return Ok(None) };
+            let data = match config.spec.as_ref().and_then(|s| s.data.clone()) {
+                Some(data) => data,
+                None => match self.client().await?.inspect_config(config.id.as_deref().unwrap_or_default()).await {
+                    Ok(c) => c.spec.and_then(|s| s.data).unwrap_or_default(),
+                    Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => continue,
+                    Err(e) => return Err(self.engine.fail("read a Swarm config", e)),
+                },
+            };
+            return base64::engine::general_purpose::STANDARD.decode(data).map(Some).map_err(|e| broken(name, format!("its Swarm config is not base64: {e}")));
+        }
+        Err(broken(name, "its Swarm configs kept changing while read"))
+    }
+
+    async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError> {
+        let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+        for _ in 0..UPDATE_ATTEMPTS {
+            let versions = self.versions(name).await?;
+            let next = versions.first().map_or(1, |(v, _)| v + 1);
+            let mut labels: HashMap<String, String> =
+                self.instance_labels().iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+            labels.insert(LABEL_STORE.into(), name.to_owned());
+            labels.insert(LABEL_STORE_VERSION.into(), next.to_string());
+            let hash = hex::encode(&Sha256::digest(format!("{}/{name}", self.engine.instance()).as_bytes())[..8]);
+            let spec = ConfigSpec { name: Some(format!("pipes-{hash}-{next}")), labels: Some(labels), data: Some(data.clone()), templating: None };
+            match self.client().await?.create_config(spec).await {
+                Ok(_) => {
+                    // Older versions go once the new one is readable; a failure leaves an extra old one, never none.
+                    for (_, old) in versions {
+                        if let Some(id) = old.id {
+                            if let Err(e) = self.client().await?.delete_config(&id).await {
+                                log::debug!("cannot remove an old version of {name}: {e}");
+                            }
+                        }
+                    }
+                    return Ok(());
+                }
+                // Another replica wrote this version first: ours goes after it.
+                Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => continue,
+                Err(e) => return Err(broken(name, format!("cannot be written: {}", self.engine.fail("create a Swarm config", e)))),
+            }
+        }
+        Err(broken(name, "cannot be written: other replicas kept writing it"))
+    }
+
+    async fn configs(&self) -> Result<Vec<String>, PipesError> {
+        let options = ListConfigsOptions { filters: Some(HashMap::from([("label".to_owned(), self.instance_labels())])) };
+        let configs = self.client().await?.list_configs(Some(options)).await.map_err(|e| self.engine.fail("list Swarm configs", e))?;
+        let mut names: Vec<String> =
+            configs.iter().filter_map(|c| c.spec.as_ref()?.labels.as_ref()?.get(LABEL_STORE).cloned()).filter(|n| n.starts_with("repos/")).collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_are_dns_labels_and_unique_per_generation() {
+        let d = Deployment::parse("alice/app:v1").unwrap();
+        assert_eq!(service_name("pipes", &d, Some("sha256:0123456789abcdef")), "pipes-alice-app-v1-0123456789ab");
+        let dotted = Deployment::parse("alice/app:1.2.3").unwrap();
+        let dashed = Deployment::parse("alice/app:1-2-3").unwrap();
+        let (a, b) = (service_name("pipes", &dotted, None), service_name("pipes", &dashed, None));
+        assert_ne!(a, b, "cleaning a name never makes two deployments one");
+        let long = Deployment::parse(&format!("alice/{}:v1", "r".repeat(60))).unwrap();
+        for name in [a, b, service_name("pipes", &long, Some("sha256:ff"))] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
+        }
+    }
+}

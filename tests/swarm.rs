@@ -1,0 +1,247 @@
+//! The Swarm backend on a single-node swarm (scripts/test initializes one):
+//! two Pipes replicas, containers of the Pipes image on an overlay network,
+//! each with an empty config dir of its own, serving the same deployments.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{docker, docker_ok, env, json, unique, Fixtures};
+
+const TOKEN: &str = "swarm-test-token-0123456789";
+
+/// Everything the test creates on the engine, removed on drop (also on failure).
+#[derive(Default)]
+struct Created {
+    replicas: Vec<String>,
+    instance: String,
+    network: Option<String>,
+    image: Option<String>,
+}
+
+impl Drop for Created {
+    fn drop(&mut self) {
+        for r in &self.replicas {
+            if std::thread::panicking() {
+                let logs = docker(&["logs", "--tail", "80", r]);
+                eprintln!("--- {r} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+            }
+            let _ = docker(&["rm", "-fv", r]);
+        }
+        let label = format!("label=pipes.instance={}", self.instance);
+        for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
+            let _ = docker(&["service", "rm", &id]);
+        }
+        for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
+            let _ = docker(&["config", "rm", &id]);
+        }
+        if let Some(n) = &self.network {
+            // The network is in use until the services' tasks are gone.
+            for _ in 0..50 {
+                if docker(&["network", "rm", n]).status.success() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        if let Some(i) = &self.image {
+            let _ = docker(&["rmi", "-f", i]);
+        }
+    }
+}
+
+fn lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// The Swarm tests run only where scripts/test made the engine a swarm manager.
+fn no_swarm() -> bool {
+    if common::skip() {
+        return true;
+    }
+    if std::env::var_os("PIPES_TEST_SWARM").is_none() {
+        eprintln!("skipped: the engine is not a swarm manager (scripts/test says why)");
+        return true;
+    }
+    false
+}
+
+/// One Pipes replica of `created.instance` on the overlay network; its
+/// 127.0.0.1 port.
+fn run_replica(created: &mut Created, image: &str) -> (String, u16) {
+    let e = env();
+    let name = unique("pipes-replica");
+    let network = created.network.clone().expect("network");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "-d".into(),
+        "--name".into(),
+        name.clone(),
+        "--label".into(),
+        format!("pipes.test={}", e.run),
+        "--network".into(),
+        network.clone(),
+        "-v".into(),
+        "/var/run/docker.sock:/var/run/docker.sock".into(),
+        "-p".into(),
+        "127.0.0.1::8080".into(),
+    ];
+    for v in [
+        "PIPES_BACKEND=swarm".to_owned(),
+        format!("PIPES_NETWORK={network}"),
+        format!("PIPES_INSTANCE={}", created.instance),
+        format!("PIPES_LABELS=pipes.test={}", e.run),
+        format!("PIPES_REGISTRY={}", e.registry),
+        "PIPES_ALLOW=*".to_owned(),
+        format!("PIPES_API_TOKEN={TOKEN}"),
+        "DOCKER_AUTH=true".to_owned(),
+        format!("DOCKER_AUTH_USERNAME={}", e.user),
+        format!("DOCKER_AUTH_PASSWORD={}", e.password),
+        "RUST_LOG=info".to_owned(),
+    ] {
+        args.push("-e".into());
+        args.push(v);
+    }
+    args.push(image.to_owned());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    docker_ok(&refs);
+    created.replicas.push(name.clone());
+    let mapping = docker_ok(&["port", &name, "8080/tcp"]);
+    let port = mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port");
+    (name, port)
+}
+
+/// Waits until a replica answers HTTP on `port`.
+async fn until_answering(port: u16) {
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "a Pipes replica did not answer within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn get(host: &str, port: u16, path: &str) -> (u16, serde_json::Value) {
+    json(common::client_for(host, port).get(format!("http://{host}:{port}{path}")).send().await.expect("answer")).await
+}
+
+async fn api(host: &str, port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let mut req = common::client_for(host, port).request(method.parse().unwrap(), format!("http://{host}:{port}{path}")).bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b.to_owned());
+    }
+    json(req.send().await.expect("answer")).await
+}
+
+/// The services of the test's instance (task containers do not carry the
+/// service's labels, services are what is counted).
+fn services(instance: &str) -> Vec<String> {
+    lines(&docker(&["service", "ls", "-q", "--filter", &format!("label=pipes.instance={instance}")]))
+}
+
+/// The replicas service `id` asks for.
+fn replicas(id: &str) -> u64 {
+    docker_ok(&["service", "inspect", "-f", "{{.Spec.Mode.Replicated.Replicas}}", id]).trim().parse().expect("replicas")
+}
+
+fn service_of(instance: &str, deployment: &str) -> String {
+    let found = lines(&docker(&[
+        "service",
+        "ls",
+        "-q",
+        "--filter",
+        &format!("label=pipes.instance={instance}"),
+        "--filter",
+        &format!("label=pipes.deployment={deployment}"),
+    ]));
+    assert_eq!(found.len(), 1, "one service for {deployment}: {found:?}");
+    found[0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm() {
+    if no_swarm() {
+        return;
+    }
+    let mut created = Created::default();
+    created.instance = unique("sw");
+    let image = common::build_pipes_image();
+    created.image = Some(image.clone());
+    let network = unique("pipes-test-overlay");
+    docker_ok(&["network", "create", "-d", "overlay", "--attachable", "--label", &format!("pipes.test={}", env().run), &network]);
+    created.network = Some(network);
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    f.serving("app", "v2");
+    let (_, port_a) = run_replica(&mut created, &image);
+    let (b, port_b) = run_replica(&mut created, &image);
+    until_answering(port_a).await;
+    until_answering(port_b).await;
+
+    // 40 concurrent first requests, split over both replicas: one service, 40 answers.
+    let v1 = f.host("app", "v1", "example.com");
+    let requests = (0..40).map(|i| {
+        let (host, port) = (v1.clone(), if i % 2 == 0 { port_a } else { port_b });
+        tokio::spawn(async move { get(&host, port, &format!("/first/{i}")).await })
+    });
+    for answer in futures_util::future::join_all(requests).await {
+        let (status, body) = answer.expect("request task");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["id"], "v1");
+    }
+    assert_eq!(services(&created.instance).len(), 1, "40 concurrent first requests over two replicas make one service");
+    let v1_service = service_of(&created.instance, &format!("{}/app:v1", f.user));
+
+    // Either replica lists it, whichever started it.
+    for port in [port_a, port_b] {
+        let (status, body) = api("example.com", port, "GET", "/__proxyapi/deployments", None).await;
+        assert_eq!(status, 200, "{body}");
+        let listed = body["deployments"].as_array().expect("list").iter().any(|d| d["deployment"] == format!("{}/app:v1", f.user));
+        assert!(listed, "replica on port {port} lists v1: {body}");
+    }
+
+    // A config PUT through A, for a deployment never started, is served through B.
+    let v2 = f.host("app", "v2", "example.com");
+    let (status, body) = api(&v2, port_a, "PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_GREETING":"from-a"},"idle_timeout":"6s"}"#)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api(&v2, port_b, "GET", "/__proxyapi/container/config", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["config"]["env"]["APP_GREETING"], "from-a", "{body}");
+    let (status, body) = get(&v2, port_b, "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["env"]["APP_GREETING"], "from-a", "B runs v2 with the config A stored: {body}");
+    let v2_service = service_of(&created.instance, &format!("{}/app:v2", f.user));
+
+    // A serves it too (it follows the swarm's events), so A's idle check runs.
+    common::eventually("A serves v2", Duration::from_secs(10), || {
+        let v2 = v2.clone();
+        async move { api(&v2, port_a, "GET", "/__proxyapi/container", None).await.1["state"] == "running" }
+    })
+    .await;
+    // Busy through B only, for twice its idle timeout: A must not scale it to 0.
+    let busy_until = Instant::now() + Duration::from_secs(14);
+    while Instant::now() < busy_until {
+        let (status, _) = get(&v2, port_b, "/busy").await;
+        assert_eq!(status, 200);
+        assert_eq!(replicas(&v2_service), 1, "scaled to 0 while B served it");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // Quiet on both: scaled to 0, the service kept.
+    common::eventually("idle v2 scaled to 0", Duration::from_secs(40), || {
+        let id = v2_service.clone();
+        async move { replicas(&id) == 0 }
+    })
+    .await;
+    // The next request, through A, scales it back to 1.
+    let (status, body) = get(&v2, port_a, "/again").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["env"]["APP_GREETING"], "from-a");
+    assert_eq!(replicas(&v2_service), 1);
+
+    // One replica stopped: the other serves on.
+    docker_ok(&["stop", "-t", "5", &b]);
+    let (status, body) = get(&v1, port_a, "/after-b-left").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], "v1");
+    assert_eq!(replicas(&v1_service), 1);
+}
