@@ -96,9 +96,10 @@ setup_test_env() {
       if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" = active ]; then
         docker service ls -q --filter "label=pipes.test=$RUN" | xargs -r docker service rm >/dev/null
         docker config ls -q --filter "label=pipes.test=$RUN" | xargs -r docker config rm >/dev/null
+        docker secret ls -q --filter "label=pipes.test=$RUN" | xargs -r docker secret rm >/dev/null
       fi
       docker ps -aq --filter "label=pipes.test=$RUN" | xargs -r docker rm -f >/dev/null
-      docker network ls -q --filter "label=pipes.test=$RUN" | xargs -r docker network rm >/dev/null
+      docker network ls -q --filter "label=pipes.test=$RUN" | xargs -r docker network rm >/dev/null 2>&1
       docker volume ls -q --filter "label=pipes.test=$RUN" | xargs -r docker volume rm >/dev/null
       # Images derived from others go first; their parents in a later pass.
       for _ in 1 2 3; do

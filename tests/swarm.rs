@@ -245,3 +245,104 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(body["id"], "v1");
     assert_eq!(replicas(&v1_service), 1);
 }
+
+/// A stack deployed from `deploy/pipes-stack.yml`, removed on drop with the
+/// services, configs and secrets it made.
+struct Stack {
+    name: String,
+    instance: String,
+    network: String,
+    secrets: Vec<String>,
+    image: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let logs = docker(&["service", "logs", "--tail", "80", &format!("{}_pipes", self.name)]);
+            eprintln!("--- stack {} ---\n{}{}", self.name, String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+        }
+        let _ = docker(&["stack", "rm", &self.name]);
+        let label = format!("label=pipes.instance={}", self.instance);
+        for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
+            let _ = docker(&["service", "rm", &id]);
+        }
+        for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
+            let _ = docker(&["config", "rm", &id]);
+        }
+        // Secrets and the network are in use until the stack's tasks are gone.
+        for _ in 0..100 {
+            let secrets_gone =
+                self.secrets.iter().all(|s| docker(&["secret", "rm", s]).status.success() || !docker(&["secret", "inspect", s]).status.success());
+            let network_gone = !docker(&["network", "inspect", &self.network]).status.success() || docker(&["network", "rm", &self.network]).status.success();
+            if secrets_gone && network_gone {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+/// A Docker secret holding `value`, labelled for clean-up.
+fn secret(name: &str, value: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("docker")
+        .args(["secret", "create", "--label", &format!("pipes.test={}", env().run), name, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker runs");
+    child.stdin.take().expect("stdin").write_all(value.as_bytes()).expect("secret written");
+    assert!(child.wait().expect("docker secret create").success(), "cannot create secret {name}");
+}
+
+#[tokio::test]
+async fn the_stack_file_runs_pipes_as_a_swarm_service() {
+    if no_swarm() {
+        return;
+    }
+    let e = env();
+    let stack = Stack {
+        name: unique("pipesstack"),
+        instance: unique("st"),
+        network: unique("pipes-test-stack-net"),
+        secrets: vec![unique("pipes-test-token"), unique("pipes-test-registry-password")],
+        image: common::build_pipes_image(),
+    };
+    secret(&stack.secrets[0], TOKEN);
+    secret(&stack.secrets[1], &e.password);
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let port = common::free_port();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("docker")
+        .args(["stack", "deploy", "-c", &format!("{root}/deploy/pipes-stack.yml"), &stack.name])
+        .envs([
+            ("PIPES_IMAGE", stack.image.clone()),
+            ("PIPES_NETWORK", stack.network.clone()),
+            ("PIPES_INSTANCE", stack.instance.clone()),
+            ("PIPES_ALLOW", "*".to_owned()),
+            ("PIPES_REGISTRY", e.registry.clone()),
+            ("PIPES_LABELS", format!("pipes.test={}", e.run)),
+            ("DOCKER_AUTH_USERNAME", e.user.clone()),
+            ("PIPES_PORT", port.to_string()),
+            ("PIPES_REPLICAS", "1".to_owned()),
+            ("PIPES_API_TOKEN_SECRET", stack.secrets[0].clone()),
+            ("PIPES_REGISTRY_PASSWORD_SECRET", stack.secrets[1].clone()),
+        ])
+        .output()
+        .expect("docker stack deploy runs");
+    assert!(out.status.success(), "docker stack deploy: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    until_answering(port).await;
+    let host = f.host("app", "v1", "example.com");
+    let (status, body) = get(&host, port, "/from-the-stack").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["id"], "v1");
+    // The token came from the secret, through PIPES_API_TOKEN_FILE.
+    let (status, body) = api("example.com", port, "GET", "/__proxyapi/deployments", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deployments"][0]["deployment"], format!("{}/app:v1", f.user));
+    assert_eq!(services(&stack.instance).len(), 1);
+}
