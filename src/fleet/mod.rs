@@ -55,7 +55,8 @@ const MAX_MISSING: usize = 4096;
 /// How long an exiting Pipes waits for the engine to drop its claim.
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
 /// How often, at most, a deployment's activity here is reported to the
-/// other Pipes serving it while it goes on.
+/// other Pipes serving it while it goes on (a quarter of its idle timeout
+/// when that is longer): each report is a write to the engine.
 const SHARE_EVERY: Duration = Duration::from_secs(2);
 
 /// What a deployment is doing, as the API and its users see it.
@@ -576,16 +577,19 @@ impl Fleet {
 
     /// Reports what this Pipes had open lately to the other Pipes serving
     /// the same instances (Swarm replicas), so none of them stops what
-    /// another serves: at most every [`SHARE_EVERY`] per deployment, and at
-    /// the next check after a quiet spell.
+    /// another serves: while traffic goes on, every quarter of the
+    /// deployment's idle timeout ([`SHARE_EVERY`] at least), and at the next
+    /// check after a quiet spell.
     pub fn share_activity(self: &Arc<Self>) {
         let backend = self.deployer.backend();
         if !backend.shared() || self.retired() {
             return;
         }
-        let (now, every) = (now_ms(), SHARE_EVERY.as_millis() as u64);
+        let now = now_ms();
         for slot in self.table.load().values() {
-            let Some(up) = slot.upstream() else { continue };
+            // Without an idle timeout nobody stops it for being idle: nothing to tell.
+            let Some((up, idle)) = slot.upstream().and_then(|up| Some((up.clone(), up.idle_timeout?))) else { continue };
+            let every = u64::try_from((idle / 4).max(SHARE_EVERY).as_millis()).unwrap_or(u64::MAX);
             let Some(at) = slot.activity_to_share(&up, now, every) else { continue };
             let (backend, d) = (backend.clone(), slot.deployment.clone());
             self.control.spawn(async move {
