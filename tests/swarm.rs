@@ -7,6 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{docker, docker_ok, env, json, unique, Fixtures};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
 
 const TOKEN: &str = "swarm-test-token-0123456789";
 
@@ -68,7 +70,7 @@ fn no_swarm() -> bool {
 
 /// One Pipes replica of `created.instance` on the overlay network; its
 /// 127.0.0.1 port.
-fn run_replica(created: &mut Created, image: &str) -> (String, u16) {
+fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (String, u16) {
     let e = env();
     let name = unique("pipes-replica");
     let network = created.network.clone().expect("network");
@@ -98,7 +100,10 @@ fn run_replica(created: &mut Created, image: &str) -> (String, u16) {
         format!("DOCKER_AUTH_USERNAME={}", e.user),
         format!("DOCKER_AUTH_PASSWORD={}", e.password),
         "RUST_LOG=info".to_owned(),
-    ] {
+    ]
+    .into_iter()
+    .chain(extra_env.iter().map(|v| v.to_string()))
+    {
         args.push("-e".into());
         args.push(v);
     }
@@ -158,11 +163,8 @@ fn service_of(instance: &str, deployment: &str) -> String {
     found[0].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm() {
-    if no_swarm() {
-        return;
-    }
+/// Two replicas of one instance on a new overlay network, answering.
+async fn cluster(extra_env: &[&str]) -> (Created, [(String, u16); 2]) {
     let mut created = Created::default();
     created.instance = unique("sw");
     let image = common::build_pipes_image();
@@ -170,13 +172,22 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     let network = unique("pipes-test-overlay");
     docker_ok(&["network", "create", "-d", "overlay", "--attachable", "--label", &format!("pipes.test={}", env().run), &network]);
     created.network = Some(network);
+    let a = run_replica(&mut created, &image, extra_env);
+    let b = run_replica(&mut created, &image, extra_env);
+    until_answering(a.1).await;
+    until_answering(b.1).await;
+    (created, [a, b])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm() {
+    if no_swarm() {
+        return;
+    }
+    let (created, [(_, port_a), (b, port_b)]) = cluster(&[]).await;
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     f.serving("app", "v2");
-    let (_, port_a) = run_replica(&mut created, &image);
-    let (b, port_b) = run_replica(&mut created, &image);
-    until_answering(port_a).await;
-    until_answering(port_b).await;
 
     // 40 concurrent first requests, split over both replicas: one service, 40 answers.
     let v1 = f.host("app", "v1", "example.com");
@@ -244,6 +255,67 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], "v1");
     assert_eq!(replicas(&v1_service), 1);
+}
+
+/// A WebSocket through a replica to `host`, after one echo.
+async fn websocket(port: u16, host: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), stream).await.expect("handshake");
+    assert_eq!(echo(&mut ws, "hello").await, "v1: hello");
+    ws
+}
+
+/// Sends `text` and returns the fixture's echo (`{id}: {text}`).
+async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
+    ws.send(Message::text(text)).await.expect("sent");
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an echo within 10 s") {
+        Some(Ok(Message::Text(echo))) => echo.to_string(),
+        other => panic!("no echo: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_its_websockets() {
+    if no_swarm() {
+        return;
+    }
+    let (_created, [(_, port_a), (_, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=10s"]).await;
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let host = f.host("app", "v1", "example.com");
+    for port in [port_a, port_b] {
+        let (status, body) = get(&host, port, "/").await;
+        assert_eq!((status, body["id"].as_str()), (200, Some("v1")), "{body}");
+    }
+    let mut on_old = websocket(port_b, &host).await;
+
+    // A new image, redeployed through A: B follows to the new generation.
+    f.push("app", "v1", "v1b", "");
+    let (status, body) = api(&host, port_a, "POST", "/__proxyapi/container/redeploy", None).await;
+    assert_eq!(status, 200, "{body}");
+    common::eventually("B serves the new generation", Duration::from_secs(30), || {
+        let host = host.clone();
+        async move { get(&host, port_b, "/").await.1["id"] == "v1b" }
+    })
+    .await;
+    let (_, body) = get(&host, port_a, "/").await;
+    assert_eq!(body["id"], "v1b");
+
+    // The WebSocket B relays to the old generation is not cut by A, whose own
+    // drain ended at once: B drains it, and ends it with 1001 at its deadline.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(echo(&mut on_old, "still").await, "v1: still");
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = on_old.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame.map(|f| u16::from(f.code));
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 30 s");
+    assert_eq!(closed, Some(1001), "going away, as B's drain of the old generation ends");
 }
 
 /// A stack deployed from `deploy/pipes-stack.yml`, removed on drop with the

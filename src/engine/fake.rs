@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use super::{Backend, Event, EventKind, Image, Instance, Progress, Spec};
+use super::{Backend, Event, EventKind, Image, Instance, Progress, Quiet, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -51,6 +51,19 @@ struct Inner {
     entries: HashMap<String, Entry>,
     next_id: usize,
     down: bool,
+    /// Set when the fake plays one of several Pipes serving its instances.
+    others: Option<Others>,
+}
+
+/// What the other Pipes serving the fake's instances do, as a test sets it.
+#[derive(Debug, Clone, Default)]
+pub struct Others {
+    /// They had something open at this time (Unix ms).
+    pub busy_at: Option<u64>,
+    /// One of them writes between the look at them and the stop.
+    pub interfere: bool,
+    /// What this Pipes reported to them: instance id and time.
+    pub told: Vec<(String, u64)>,
 }
 
 /// Counts of backend calls, for tests to assert on.
@@ -77,6 +90,16 @@ impl Fake {
     /// An empty fake: no images, no instances.
     pub fn new() -> Arc<Fake> {
         Arc::new(Fake { inner: Mutex::default(), events: broadcast::channel(1024).0, calls: Calls::default() })
+    }
+
+    /// Makes the fake one of several Pipes serving its instances.
+    pub fn share_with(&self, others: Others) {
+        self.lock().others = Some(others);
+    }
+
+    /// What this Pipes told the others so far.
+    pub fn told(&self) -> Vec<(String, u64)> {
+        self.lock().others.as_ref().map(|o| o.told.clone()).unwrap_or_default()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -346,6 +369,31 @@ impl Backend for Fake {
     }
 
     async fn release(&self) {}
+
+    fn shared(&self) -> bool {
+        self.lock().others.is_some()
+    }
+
+    async fn share_activity(&self, id: &str, at_ms: u64) -> Result<(), PipesError> {
+        if let Some(others) = self.lock().others.as_mut() {
+            others.told.push((id.to_owned(), at_ms));
+        }
+        Ok(())
+    }
+
+    async fn quiet_elsewhere(&self, _id: &str, _idle: Duration) -> Result<Quiet, PipesError> {
+        Ok(match self.lock().others.as_ref().and_then(|o| o.busy_at) {
+            Some(at) => Quiet::Busy(at),
+            None => Quiet::Since(1),
+        })
+    }
+
+    async fn stop_quiet(&self, id: &str, grace: Duration, _since: u64) -> Result<bool, PipesError> {
+        if self.lock().others.as_ref().is_some_and(|o| o.interfere) {
+            return Ok(false);
+        }
+        self.stop(id, grace).await.map(|()| true)
+    }
 
     async fn stop(&self, id: &str, _grace: Duration) -> Result<(), PipesError> {
         self.up()?;

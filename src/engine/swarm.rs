@@ -177,8 +177,11 @@ impl Swarm {
             .filter(|t| t.status.as_ref().and_then(|s| s.container_status.as_ref()).and_then(|c| c.container_id.as_ref()).is_some())
             .max_by_key(|t| t.created_at.clone());
         let started_at = running_task.or(last).and_then(|t| t.status.as_ref()?.timestamp.clone());
-        let exit_code = match (running, last) {
-            (false, Some(t)) => t.status.as_ref().and_then(|s| s.container_status.as_ref()?.exit_code).or(Some(0)),
+        // How it ended, once its last task did (a task on its way has not).
+        let exit_code = match (running, last.and_then(|t| t.status.as_ref())) {
+            (false, Some(status)) if matches!(status.state, Some(TaskState::FAILED | TaskState::COMPLETE | TaskState::SHUTDOWN | TaskState::REJECTED)) => {
+                status.container_status.as_ref().and_then(|c| c.exit_code).or(Some(0))
+            }
             _ => None,
         };
         Some(Instance {

@@ -31,6 +31,8 @@ use crate::store::Store;
 const LOG_LINES: usize = 20;
 /// Container port when neither config nor image names one.
 const DEFAULT_PORT: u16 = 80;
+/// Longest wait for an instance reported started to be called running.
+const STARTED_WAIT: Duration = Duration::from_secs(10);
 /// How long an instance gets to stop before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a never-ready instance gets to stop: it never served anyone.
@@ -276,6 +278,26 @@ impl Deployer {
         };
         let config = self.effective(d).await.ok();
         Ok(Some(upstream_of(instance, addr, config.as_ref())))
+    }
+
+    /// The upstream of `d`'s current generation once it answers, if that runs
+    /// and is not `serving`: one made by another Pipes (a redeploy through
+    /// another replica), or started by hand. `started` was just reported
+    /// started; a backend may call it running only a moment later (a Swarm
+    /// task runs after its container starts), so that is waited for.
+    pub async fn newer_running(&self, d: &Deployment, serving: &str, started: &str) -> Result<Option<Upstream>, PipesError> {
+        let deadline = tokio::time::Instant::now() + STARTED_WAIT;
+        let instances = loop {
+            let instances = self.backend.instances(d).await?;
+            let settled = instances.iter().find(|i| i.id == started).is_none_or(|i| i.running || i.exit_code.is_some());
+            if settled || tokio::time::Instant::now() >= deadline {
+                break instances;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let Some(instance) = current(&instances).filter(|i| i.running && i.id != serving) else { return Ok(None) };
+        let config = self.effective(d).await?;
+        self.answering(d, instance, &config).await.map(Some)
     }
 
     /// An effective config above the ceilings (stored before they were

@@ -54,6 +54,9 @@ type Table = hashbrown::HashMap<Arc<Deployment>, Arc<Slot>>;
 const MAX_MISSING: usize = 4096;
 /// How long an exiting Pipes waits for the engine to drop its claim.
 const RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// Another Pipes that reported a draining generation busy this recently
+/// still has something open on it (it reports every [`SHARE_EVERY`]).
+const DRAINING_ELSEWHERE: Duration = Duration::from_secs(5);
 /// How often, at most, a deployment's activity here is reported to the
 /// other Pipes serving it while it goes on (a quarter of its idle timeout
 /// when that is longer): each report is a write to the engine.
@@ -870,7 +873,16 @@ impl Fleet {
         let fleet = self.clone();
         self.control.spawn(async move {
             let deadline = tokio::time::Instant::now() + fleet.drain_timeout;
+            let backend = fleet.deployer.backend().clone();
+            let mut told: Option<Instant> = None;
             while old.open() > 0 && tokio::time::Instant::now() < deadline {
+                // Other Pipes serving it wait for what is still open here.
+                if backend.shared() && told.is_none_or(|t| t.elapsed() >= SHARE_EVERY) {
+                    told = Some(Instant::now());
+                    if let Err(e) = backend.share_activity(&old.instance_id, now_ms()).await {
+                        log::warn!("{}: cannot tell the other Pipes it still drains: {e}", slot.deployment);
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let d = &slot.deployment;
@@ -880,6 +892,15 @@ impl Fleet {
                 let grace = tokio::time::Instant::now() + Duration::from_secs(1);
                 while old.open() > 0 && tokio::time::Instant::now() < grace {
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            // And for what other Pipes still have open on it: they followed
+            // the switch a little later, so their drain ends a little later.
+            let others_deadline = deadline + DRAINING_ELSEWHERE;
+            while backend.shared() && tokio::time::Instant::now() < others_deadline {
+                match backend.quiet_elsewhere(&old.instance_id, DRAINING_ELSEWHERE).await {
+                    Ok(Quiet::Busy(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    _ => break,
                 }
             }
             match old.open() {
@@ -926,7 +947,7 @@ impl Fleet {
                     }
                 }
             }
-            EventKind::Started | EventKind::Unpaused => self.adopt_running(d),
+            EventKind::Started | EventKind::Unpaused => self.adopt_running(d, &event.id),
             EventKind::Health(status) => log::debug!("{d}: instance {} is {status}", short_id(&event.id)),
             _ => {}
         }
@@ -946,7 +967,7 @@ impl Fleet {
             }
         }
         for instance in instances.iter().filter(|i| i.running) {
-            self.adopt_running(&instance.deployment);
+            self.adopt_running(&instance.deployment, &instance.id);
         }
         self.note_paused(&instances);
         Ok(())
@@ -967,21 +988,50 @@ impl Fleet {
     }
 
     /// Starts serving `d` through the usual start (which finds its running
-    /// instance and probes it), unless it is served or starting already.
-    fn adopt_running(self: &Arc<Self>, d: &Deployment) {
+    /// instance and probes it), unless it is served or starting already;
+    /// when another instance than `id` is served, follows the newer
+    /// generation if `id` made one.
+    fn adopt_running(self: &Arc<Self>, d: &Deployment, id: &str) {
         if self.retired() || !self.allows(d.as_ref()) {
             return;
         }
         let slot = self.slot(d.as_ref());
-        if slot.upstream().is_some() || slot.starting() {
+        if slot.starting() {
             return;
         }
         let fleet = self.clone();
-        self.control.spawn(async move {
-            if let Err(e) = fleet.ready(&slot).await {
-                log::debug!("{}: not adopted: {e}", slot.deployment);
+        match slot.upstream() {
+            None => {
+                self.control.spawn(async move {
+                    if let Err(e) = fleet.ready(&slot).await {
+                        log::debug!("{}: not adopted: {e}", slot.deployment);
+                    }
+                });
             }
-        });
+            Some(up) if up.instance_id != id => {
+                let started = id.to_owned();
+                self.control.spawn(async move { fleet.follow_generation(&slot, up, &started).await });
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Serves the generation another Pipes made current (a redeploy through
+    /// another replica; one started by hand), once it answers here, and
+    /// drains `serving`, the one served until now.
+    async fn follow_generation(self: &Arc<Self>, slot: &Arc<Slot>, serving: Arc<Upstream>, started: &str) {
+        let next = match self.deployer.newer_running(&slot.deployment, &serving.instance_id, started).await {
+            Ok(Some(next)) => next,
+            Ok(None) => return,
+            Err(e) => return log::info!("{}: a newer generation does not answer here, keeping {}: {e}", slot.deployment, short_id(&serving.instance_id)),
+        };
+        let _op = slot.ops.lock().await;
+        // A change made here meanwhile (a redeploy, a rollback) wins.
+        if !slot.upstream().is_some_and(|up| Arc::ptr_eq(&up, &serving)) {
+            return;
+        }
+        let was = Generation { instance: Some(serving.instance_id.clone()), digest: serving.digest.clone() };
+        self.switch(slot, next, was).await;
     }
 
     /// Starts a deployment, or joins the start already under way.

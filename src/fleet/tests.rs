@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::engine::fake::{Behaviour, Fake};
+use crate::engine::fake::{Behaviour, Fake, Others};
 use crate::settings::{Settings, Sources};
 
 /// A fleet on a fresh fake backend, with the given settings over test defaults.
@@ -385,6 +385,51 @@ async fn idle_counts_from_when_the_last_open_connection_ended() {
     drop(open);
     let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
     eventually("stopped an idle timeout after the connection ended", move || {
+        fleet.stop_idle();
+        !fake.is_running(&d2)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/idle:v1", Behaviour::default());
+    h.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
+    let up = h.ready(&d).await.unwrap();
+    let slot = h.fleet.slot(d.as_ref());
+
+    // Activity here is told to the others: at once after a quiet spell.
+    h.fake.share_with(Others::default());
+    drop(slot.begin(up.clone()));
+    h.fleet.share_activity();
+    eventually("the activity was told", || h.fake.told().iter().any(|(id, _)| *id == up.instance_id)).await;
+
+    // Busy through another Pipes a moment ago: kept past the idle timeout here.
+    let busy_at = now_ms();
+    h.fake.share_with(Others { busy_at: Some(busy_at), ..Others::default() });
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        h.fleet.stop_idle();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.fake.is_running(&d), "busy elsewhere is not idle");
+    assert!(slot.idle_at_ms(&up).is_some_and(|at| at >= busy_at + 1000), "idle counts from the activity elsewhere");
+
+    // Quiet there too, but one of them writes before the stop: kept, still served.
+    h.fake.share_with(Others { interfere: true, ..Others::default() });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        h.fleet.stop_idle();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(h.fake.is_running(&d), "a write in between keeps it running");
+    assert!(slot.upstream().is_some(), "and served");
+
+    // Quiet everywhere: stopped.
+    h.fake.share_with(Others::default());
+    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
+    eventually("stopped once quiet everywhere", move || {
         fleet.stop_idle();
         !fake.is_running(&d2)
     })
