@@ -3,7 +3,7 @@
 //! Two Pipes containers of the image, one per backend, both on one attachable
 //! overlay network and both reaching their deployment (the same fixture
 //! image) over it, so the backend is the only difference; wrk drives each in
-//! turn, round by round, through its published port. Needs a swarm manager
+//! turn, round by round (first in alternate rounds), through its published port. Needs a swarm manager
 //! (scripts/bench initializes a single-node swarm as scripts/test does).
 //! Prints the figures and writes `target/bench-results/swarm.md`.
 
@@ -110,9 +110,11 @@ fn main() {
 
     let mut commands = Vec::new();
     let mut runs: Vec<Vec<Load>> = vec![Vec::new(); ports.len()];
-    for _ in 0..rounds {
-        for (i, (_, port)) in ports.iter().enumerate() {
-            runs[i].push(wrk(&format!("http://127.0.0.1:{port}/"), true, None, seconds, &mut commands));
+    for round in 0..rounds {
+        // Each backend goes first every other round, so drift hits both.
+        for k in 0..ports.len() {
+            let i = (k + round) % ports.len();
+            runs[i].push(wrk(&format!("http://127.0.0.1:{}/", ports[i].1), true, None, seconds, &mut commands));
         }
     }
     let results: Vec<Load> = runs.iter().map(|r| summary(r)).collect();
