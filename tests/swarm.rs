@@ -249,6 +249,17 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(body["env"]["APP_GREETING"], "from-a");
     assert_eq!(replicas(&v2_service), 1);
 
+    // A WebSocket open through B, silent for twice the idle timeout, keeps it
+    // up too: what is open counts, not only requests.
+    let mut ws = websocket(port_b, &v2, "v2").await;
+    let until = Instant::now() + Duration::from_secs(13);
+    while Instant::now() < until {
+        assert_eq!(replicas(&v2_service), 1, "scaled to 0 under B's open WebSocket");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(echo(&mut ws, "still").await, "v2: still");
+    drop(ws);
+
     // One replica stopped: the other serves on.
     docker_ok(&["stop", "-t", "5", &b]);
     let (status, body) = get(&v1, port_a, "/after-b-left").await;
@@ -257,11 +268,11 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(replicas(&v1_service), 1);
 }
 
-/// A WebSocket through a replica to `host`, after one echo.
-async fn websocket(port: u16, host: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+/// A WebSocket through a replica to `host`, after one echo from the fixture `id`.
+async fn websocket(port: u16, host: &str, id: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
     let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), stream).await.expect("handshake");
-    assert_eq!(echo(&mut ws, "hello").await, "v1: hello");
+    assert_eq!(echo(&mut ws, "hello").await, format!("{id}: hello"));
     ws
 }
 
@@ -287,7 +298,7 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
         let (status, body) = get(&host, port, "/").await;
         assert_eq!((status, body["id"].as_str()), (200, Some("v1")), "{body}");
     }
-    let mut on_old = websocket(port_b, &host).await;
+    let mut on_old = websocket(port_b, &host, "v1").await;
 
     // A new image, redeployed through A: B follows to the new generation.
     f.push("app", "v1", "v1b", "");

@@ -10,9 +10,9 @@
 //! - Stopping is scaling to 0 replicas and starting scaling to 1, with
 //!   version-checked updates; a service is removed only as a generation is.
 //! - Deployments join `PIPES_NETWORK`, an attachable overlay network Pipes
-//!   is on too, in `dnsrr` endpoint mode: Pipes reaches a task at its own IP,
-//!   found as `tasks.<service>` in the engine's DNS, never through a virtual
-//!   IP (which needs IPVS in the kernel).
+//!   is on too, in `dnsrr` endpoint mode: Pipes reaches the running task at
+//!   its own IP (from its container on this node, else as `tasks.<service>`
+//!   in the engine's DNS), never through a virtual IP (which needs IPVS).
 //! - Activity is shared through the service: each replica writes the time it
 //!   last had something open on it into a label of its own
 //!   (`pipes.active.<replica>`), and a replica stops an idle service only if
@@ -97,6 +97,8 @@ pub struct Swarm {
     /// Deployments of services seen, by service id: a removed service's
     /// event names only its id.
     known: Arc<Mutex<HashMap<String, Deployment>>>,
+    /// This engine's node id in the swarm.
+    node: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl Swarm {
@@ -115,6 +117,7 @@ impl Swarm {
             replica,
             resolver: Arc::new(Mutex::new(None)),
             known: Arc::new(Mutex::new(HashMap::new())),
+            node: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
 
@@ -169,7 +172,7 @@ impl Swarm {
     fn instance_of(&self, service: &Service, tasks: &[Task]) -> Option<Instance> {
         let labels = service.spec.as_ref()?.labels.as_ref()?;
         let deployment = deployment_of(service)?;
-        let running_task = tasks.iter().filter(|t| runs(t)).max_by_key(|t| t.created_at.clone());
+        let running_task = running_task(tasks);
         let running = replicas(service) > 0 && running_task.is_some();
         // The latest task that ran tells how it last ended.
         let last = tasks
@@ -200,10 +203,17 @@ impl Swarm {
         })
     }
 
-    /// `instance` with the address of its running task, looked up in the
-    /// engine's DNS (waiting a while: a task is named there shortly after it runs).
-    async fn addressed(&self, mut instance: Instance, name: &str) -> Instance {
+    /// `instance` with the address of its running `task`: read from the
+    /// task's container when it runs on this node; else looked up in the
+    /// engine's DNS, waiting a while (a task is named there shortly after it
+    /// runs). The DNS also names a task that is still stopping, so the
+    /// container is asked where it can be.
+    async fn addressed(&self, mut instance: Instance, name: &str, task: Option<&Task>) -> Instance {
         let Some(port) = instance.port.filter(|_| instance.running) else { return instance };
+        if let Some(ip) = self.local_ip(task).await {
+            instance.address = Some(SocketAddr::new(ip, port));
+            return instance;
+        }
         let deadline = Instant::now() + DNS_WAIT;
         loop {
             match self.resolve(name).await {
@@ -220,14 +230,41 @@ impl Swarm {
         }
     }
 
-    /// One IP of a running task of service `name`.
+    /// The IP on `PIPES_NETWORK` of `task`'s container, if it runs on this node.
+    async fn local_ip(&self, task: Option<&Task>) -> Option<std::net::IpAddr> {
+        let task = task?;
+        let node = self.node_id().await?;
+        if task.node_id.as_deref() != Some(node.as_str()) {
+            return None;
+        }
+        let container = task.status.as_ref()?.container_status.as_ref()?.container_id.as_deref()?;
+        let inspected = self.client().await.ok()?.inspect_container(container, None).await.ok()?;
+        inspected.network_settings?.networks?.get(&self.network)?.ip_address.as_deref()?.parse().ok()
+    }
+
+    /// This engine's node id in the swarm (asked once).
+    async fn node_id(&self) -> Option<String> {
+        self.node
+            .get_or_try_init(|| async {
+                let info = self.client().await?.info().await.map_err(|e| self.engine.fail("read its state", e))?;
+                info.swarm.and_then(|s| s.node_id).ok_or(PipesError::EngineUnavailable { reason: "the engine is in no swarm".into() })
+            })
+            .await
+            .ok()
+            .cloned()
+    }
+
+    /// One IP of a running task of service `name`. Answers are not cached:
+    /// a task's IP is gone when the task is.
     async fn resolve(&self, name: &str) -> Option<std::net::IpAddr> {
         let resolver = {
             let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
             match &*slot {
                 Some(r) => r.clone(),
                 None => {
-                    let built = TokioResolver::builder_tokio().ok()?.build();
+                    let mut builder = TokioResolver::builder_tokio().ok()?;
+                    builder.options_mut().cache_size = 0;
+                    let built = builder.build();
                     *slot = Some(built.clone());
                     built
                 }
@@ -246,7 +283,7 @@ impl Swarm {
             let own = service.id.as_ref().and_then(|id| tasks.get(id)).map(Vec::as_slice).unwrap_or_default();
             let Some(instance) = self.instance_of(service, own) else { continue };
             let name = service.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_default();
-            instances.push(if address { self.addressed(instance, &name).await } else { instance });
+            instances.push(if address { self.addressed(instance, &name, running_task(own)).await } else { instance });
         }
         Ok(instances)
     }
@@ -315,7 +352,7 @@ impl Swarm {
                 let Some(instance) = self.instance_of(&service, &tasks) else {
                     return Err(PipesError::Engine { action: "start a service", detail: format!("service {} is not a deployment of Pipes", short_id(id)) });
                 };
-                return Ok(self.addressed(instance, &name).await);
+                return Ok(self.addressed(instance, &name, running_task(&tasks)).await);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -693,6 +730,11 @@ fn now_ms() -> u64 {
 /// The replicas a service asks for.
 fn replicas(service: &Service) -> i64 {
     service.spec.as_ref().and_then(|s| s.mode.as_ref()?.replicated.as_ref()?.replicas).unwrap_or(0)
+}
+
+/// The newest task of a service that runs and is meant to.
+fn running_task(tasks: &[Task]) -> Option<&Task> {
+    tasks.iter().filter(|t| runs(t)).max_by_key(|t| t.created_at.clone())
 }
 
 /// Whether a task runs and is meant to.

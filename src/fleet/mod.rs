@@ -654,10 +654,10 @@ impl Fleet {
                     m.idle_stop();
                 }
             }
-            Ok(false) => {
-                log::info!("{}: another Pipes served it meanwhile: kept running", slot.deployment);
-                slot.set_upstream(Some(seen));
-            }
+            // Another Pipes served it, or stopped it, meanwhile. Which one is
+            // the backend's to say: the next request asks it (and finds it
+            // running, or starts it).
+            Ok(false) => log::info!("{}: changed by another Pipes meanwhile: not stopped here", slot.deployment),
             Err(e) => log::warn!("{}: cannot stop idle instance: {e}", slot.deployment),
         }
     }

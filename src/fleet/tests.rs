@@ -424,7 +424,10 @@ async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(h.fake.is_running(&d), "a write in between keeps it running");
-    assert!(slot.upstream().is_some(), "and served");
+    let starts = h.fake.calls.starts.load(Ordering::Relaxed);
+    let again = h.ready(&d).await.expect("the next request is served");
+    assert_eq!(again.instance_id, up.instance_id, "by the instance that kept running");
+    assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), starts, "without starting anything");
 
     // Quiet everywhere: stopped.
     h.fake.share_with(Others::default());
