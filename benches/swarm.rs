@@ -72,17 +72,8 @@ fn main() {
         let mut args: Vec<String> =
             ["run", "-d", "--name", &name, "--label", &format!("pipes.test={}", e.run), "--network", &network].iter().map(|s| s.to_string()).collect();
         args.extend(["-v".into(), "/var/run/docker.sock:/var/run/docker.sock".into(), "-p".into(), "127.0.0.1::8080".into()]);
-        for v in [
-            format!("PIPES_BACKEND={backend}"),
-            format!("PIPES_NETWORK={network}"),
-            format!("PIPES_INSTANCE={instance}"),
-            format!("PIPES_LABELS=pipes.test={}", e.run),
-            format!("PIPES_REGISTRY={}", e.registry),
-            "PIPES_ALLOW=bench/*".to_owned(),
-            "DOCKER_AUTH=true".to_owned(),
-            format!("DOCKER_AUTH_USERNAME={}", e.user),
-            format!("DOCKER_AUTH_PASSWORD={}", e.password),
-        ] {
+        let own = [format!("PIPES_BACKEND={backend}"), format!("PIPES_NETWORK={network}"), "PIPES_ALLOW=bench/*".to_owned()];
+        for v in common::container_env(&instance).into_iter().chain(own) {
             args.extend(["-e".to_owned(), v]);
         }
         args.push(created.image.clone());
@@ -90,8 +81,7 @@ fn main() {
         docker_ok(&refs);
         created.containers.push(name.clone());
         created.instances.push(instance);
-        let mapping = docker_ok(&["port", &name, "8080/tcp"]);
-        let port: u16 = mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port");
+        let port = common::published(&name, "8080/tcp");
         // First request: the cold start, until it answers 200.
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {

@@ -53,22 +53,9 @@ fn build_pipes_image(created: &mut Created) -> String {
     tag
 }
 
-/// `docker run` arguments every Pipes container of these tests shares: its
-/// instance, the test label for what it creates, the registry and credentials.
+/// `docker run` arguments every Pipes container of these tests shares.
 fn pipes_env(instance: &str) -> Vec<String> {
-    let e = env();
-    [
-        format!("PIPES_INSTANCE={instance}"),
-        format!("PIPES_LABELS=pipes.test={}", e.run),
-        format!("PIPES_REGISTRY={}", e.registry),
-        "PIPES_ALLOW=*".to_owned(),
-        "DOCKER_AUTH=true".to_owned(),
-        format!("DOCKER_AUTH_USERNAME={}", e.user),
-        format!("DOCKER_AUTH_PASSWORD={}", e.password),
-    ]
-    .into_iter()
-    .flat_map(|v| ["-e".to_owned(), v])
-    .collect()
+    common::container_env(instance).into_iter().chain(["PIPES_ALLOW=*".to_owned()]).flat_map(|v| ["-e".to_owned(), v]).collect()
 }
 
 /// Runs the image on `network` and returns the 127.0.0.1 port it is published on.
@@ -105,20 +92,7 @@ fn run_pipes(created: &mut Created, image: &str, network: &str, extra_env: &[Str
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let id = docker_ok(&refs);
     created.containers.push(id.clone());
-    let mapping = docker_ok(&["port", &id, "8080/tcp"]);
-    let port: u16 = mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port");
-    (instance, port)
-}
-
-/// Waits until Pipes answers HTTP on `port`: the engine's port proxy accepts
-/// connections before the program in the container listens.
-async fn until_answering(port: u16) {
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "pipes in a container did not answer within 20 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    (instance, common::published(&id, "8080/tcp"))
 }
 
 #[tokio::test]
@@ -138,7 +112,7 @@ async fn the_image_serves_deployments_over_a_network() {
     // Named network, and found on its own: the engine runs Pipes' container.
     for extra in [vec![format!("PIPES_NETWORK={network}")], vec![]] {
         let (instance, port) = run_pipes(&mut created, &image, &network, &extra);
-        until_answering(port).await;
+        common::until_answering(port).await;
         let client = common::client_for(&host, port);
         let resp = client.get(format!("http://{host}:{port}/in-container")).send().await.unwrap();
         let (status, body) = json(resp).await;
@@ -196,7 +170,7 @@ async fn the_image_hands_over_to_a_new_container_without_dropping_requests() {
     };
     let old = run(&[]);
     created.containers.push(old.clone());
-    until_answering(port).await;
+    common::until_answering(port).await;
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let host = f.host("app", "v1", "example.com");

@@ -88,22 +88,8 @@ fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (Strin
         "-p".into(),
         "127.0.0.1::8080".into(),
     ];
-    for v in [
-        "PIPES_BACKEND=swarm".to_owned(),
-        format!("PIPES_NETWORK={network}"),
-        format!("PIPES_INSTANCE={}", created.instance),
-        format!("PIPES_LABELS=pipes.test={}", e.run),
-        format!("PIPES_REGISTRY={}", e.registry),
-        "PIPES_ALLOW=*".to_owned(),
-        format!("PIPES_API_TOKEN={TOKEN}"),
-        "DOCKER_AUTH=true".to_owned(),
-        format!("DOCKER_AUTH_USERNAME={}", e.user),
-        format!("DOCKER_AUTH_PASSWORD={}", e.password),
-        "RUST_LOG=info".to_owned(),
-    ]
-    .into_iter()
-    .chain(extra_env.iter().map(|v| v.to_string()))
-    {
+    let shared = ["PIPES_BACKEND=swarm".to_owned(), format!("PIPES_NETWORK={network}"), "PIPES_ALLOW=*".to_owned(), format!("PIPES_API_TOKEN={TOKEN}")];
+    for v in common::container_env(&created.instance).into_iter().chain(shared).chain(extra_env.iter().map(|v| v.to_string())) {
         args.push("-e".into());
         args.push(v);
     }
@@ -111,19 +97,8 @@ fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (Strin
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     docker_ok(&refs);
     created.replicas.push(name.clone());
-    let mapping = docker_ok(&["port", &name, "8080/tcp"]);
-    let port = mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port");
+    let port = common::published(&name, "8080/tcp");
     (name, port)
-}
-
-/// Waits until a replica answers HTTP on `port`.
-async fn until_answering(port: u16) {
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "a Pipes replica did not answer within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn get(host: &str, port: u16, path: &str) -> (u16, serde_json::Value) {
@@ -174,8 +149,8 @@ async fn cluster(extra_env: &[&str]) -> (Created, [(String, u16); 2]) {
     created.network = Some(network);
     let a = run_replica(&mut created, &image, extra_env);
     let b = run_replica(&mut created, &image, extra_env);
-    until_answering(a.1).await;
-    until_answering(b.1).await;
+    common::until_answering(a.1).await;
+    common::until_answering(b.1).await;
     (created, [a, b])
 }
 
@@ -418,7 +393,7 @@ async fn the_stack_file_runs_pipes_as_a_swarm_service() {
         .expect("docker stack deploy runs");
     assert!(out.status.success(), "docker stack deploy: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 
-    until_answering(port).await;
+    common::until_answering(port).await;
     let host = f.host("app", "v1", "example.com");
     let (status, body) = get(&host, port, "/from-the-stack").await;
     assert_eq!(status, 200, "{body}");

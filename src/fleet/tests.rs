@@ -49,6 +49,32 @@ impl Harness {
     async fn ready(&self, d: &Deployment) -> StartResult {
         self.fleet.ready(&self.fleet.slot(d.as_ref())).await
     }
+
+    /// Publishes `key` with an idle timeout of 1 s and starts it.
+    async fn idling(&self, key: &str) -> (Deployment, Arc<Upstream>) {
+        let d = self.publish(key, Behaviour::default());
+        self.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
+        let up = self.ready(&d).await.unwrap();
+        (d, up)
+    }
+
+    /// Runs the idle check every 50 ms for `long`.
+    async fn check_idle_for(&self, long: Duration) {
+        let until = Instant::now() + long;
+        while Instant::now() < until {
+            self.fleet.stop_idle();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the idle check until `d` no longer runs (bounded).
+    async fn until_stopped_idle(&self, d: &Deployment, what: &str) {
+        eventually(what, || {
+            self.fleet.stop_idle();
+            !self.fake.is_running(d)
+        })
+        .await;
+    }
 }
 
 impl Drop for Harness {
@@ -192,12 +218,7 @@ async fn idle_instances_are_stopped_and_started_again_on_demand() {
     let config = DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap();
     h.fleet.put_repository_config(&d, config).await.unwrap();
     h.ready(&d).await.unwrap();
-    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
-    eventually("the idle instance stops", move || {
-        fleet.stop_idle();
-        !fake.is_running(&d2)
-    })
-    .await;
+    h.until_stopped_idle(&d, "the idle instance stops").await;
     assert!(h.fleet.slot(d.as_ref()).upstream().is_none(), "the table forgot it");
     h.ready(&d).await.expect("the next request starts it again");
     assert_eq!(h.fake.instance_count(), 1, "the same instance");
@@ -372,31 +393,18 @@ async fn a_rollback_brings_back_the_previous_generation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_counts_from_when_the_last_open_connection_ended() {
     let h = Harness::new(&[]);
-    let d = h.publish("alice/idle:v1", Behaviour::default());
-    h.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
-    let up = h.ready(&d).await.unwrap();
+    let (d, up) = h.idling("alice/idle:v1").await;
     let open = h.fleet.slot(d.as_ref()).begin(up.clone());
-    let until = Instant::now() + Duration::from_millis(1600);
-    while Instant::now() < until {
-        h.fleet.stop_idle();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    h.check_idle_for(Duration::from_millis(1600)).await;
     assert!(h.fake.is_running(&d), "an open connection keeps it running past its idle timeout");
     drop(open);
-    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
-    eventually("stopped an idle timeout after the connection ended", move || {
-        fleet.stop_idle();
-        !fake.is_running(&d2)
-    })
-    .await;
+    h.until_stopped_idle(&d, "stopped an idle timeout after the connection ended").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
     let h = Harness::new(&[]);
-    let d = h.publish("alice/idle:v1", Behaviour::default());
-    h.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
-    let up = h.ready(&d).await.unwrap();
+    let (d, up) = h.idling("alice/idle:v1").await;
     let slot = h.fleet.slot(d.as_ref());
 
     // Activity here is told to the others: at once after a quiet spell.
@@ -408,11 +416,7 @@ async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
     // Busy through another Pipes a moment ago: kept past the idle timeout here.
     let busy_at = now_ms();
     h.fake.share_with(Others { busy_at: Some(busy_at), ..Others::default() });
-    let until = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < until {
-        h.fleet.stop_idle();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    h.check_idle_for(Duration::from_millis(1500)).await;
     assert!(h.fake.is_running(&d), "busy elsewhere is not idle");
     assert!(slot.idle_at_ms(&up).is_some_and(|at| at >= busy_at + 1000), "idle counts from the activity elsewhere");
 
@@ -431,12 +435,7 @@ async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
 
     // Quiet everywhere: stopped.
     h.fake.share_with(Others::default());
-    let (fleet, fake, d2) = (h.fleet.clone(), h.fake.clone(), d.clone());
-    eventually("stopped once quiet everywhere", move || {
-        fleet.stop_idle();
-        !fake.is_running(&d2)
-    })
-    .await;
+    h.until_stopped_idle(&d, "stopped once quiet everywhere").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -132,6 +132,38 @@ pub fn build_pipes_image() -> String {
     tag
 }
 
+/// The environment every Pipes container of the tests shares, as `NAME=value`:
+/// its instance, the test label for what it creates, the registry and its
+/// credentials.
+pub fn container_env(instance: &str) -> Vec<String> {
+    let e = env();
+    vec![
+        format!("PIPES_INSTANCE={instance}"),
+        format!("PIPES_LABELS=pipes.test={}", e.run),
+        format!("PIPES_REGISTRY={}", e.registry),
+        "DOCKER_AUTH=true".to_owned(),
+        format!("DOCKER_AUTH_USERNAME={}", e.user),
+        format!("DOCKER_AUTH_PASSWORD={}", e.password),
+    ]
+}
+
+/// The 127.0.0.1 port a container's `port` (e.g. `8080/tcp`) is published on.
+pub fn published(container: &str, port: &str) -> u16 {
+    let mapping = docker_ok(&["port", container, port]);
+    mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
+}
+
+/// Waits until Pipes in a container answers HTTP on `port`: the engine's
+/// port proxy accepts connections before the program in the container listens.
+pub async fn until_answering(port: u16) {
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().expect("client");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "Pipes in a container did not answer within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Fixture images pushed to the registry under one test user; the local copies
 /// (pushed or pulled by Pipes) are removed when this is dropped.
 pub struct Fixtures {
