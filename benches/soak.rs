@@ -111,7 +111,7 @@ async fn main() {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 // One in five asks for an image that does not exist.
-                let host = if i % 5 == 0 { format!("x{i}.nope.{user}.example.com") } else { format!("c{}.cold.{user}.example.com", i % COLD) };
+                let host = if i.is_multiple_of(5) { format!("x{i}.nope.{user}.example.com") } else { format!("c{}.cold.{user}.example.com", i % COLD) };
                 let client = common::client_for(&host, port);
                 let status = match client.get(format!("http://{host}:{port}/")).send().await {
                     Ok(r) => r.status().as_u16(),

@@ -62,7 +62,7 @@ impl AccessLog {
         let Ok(mut line) = serde_json::to_string(entry) else { return };
         line.push('\n');
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.lines.try_send(line) {
-            if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+            if self.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(10_000) {
                 log::warn!("access log: standard output is not read fast enough; lines are dropped");
             }
         }

@@ -948,6 +948,15 @@ mod tests {
     }
 
     #[test]
+    fn swarm_needs_the_network_its_services_and_pipes_share() {
+        let e = load(&[("PIPES_BACKEND", "swarm")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_NETWORK", "{e}");
+        let settings = load(&[("PIPES_BACKEND", "swarm"), ("PIPES_NETWORK", "pipes")]).expect("valid");
+        assert_eq!((settings.backend, settings.docker.network.as_deref()), (BackendKind::Swarm, Some("pipes")));
+        assert_eq!(load(&[]).expect("valid").backend, BackendKind::Docker, "docker by default");
+    }
+
+    #[test]
     fn bad_values_name_the_variable_in_one_line() {
         let cases = [
             ("PIPES_LISTEN", "nope"),
@@ -985,6 +994,7 @@ mod tests {
             ("PIPES_TRUSTED_PROXIES", "lb.example.com"),
             ("PIPES_ALLOWED_CAPABILITIES", "net raw"),
             ("PIPES_MAX_PIDS", "lots"),
+            ("PIPES_BACKEND", "kubernetes"),
         ];
         for (name, value) in cases {
             let e = load(&[(name, value)]).unwrap_err();

@@ -125,6 +125,7 @@ impl Swarm {
         self.engine.docker().await
     }
 
+    /// The label filter of this instance's services and configs.
     fn instance_labels(&self) -> Vec<String> {
         vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.engine.instance())]
     }
@@ -307,26 +308,20 @@ impl Swarm {
             if !change(&mut spec) {
                 return Ok(());
             }
-            match self.write(id, spec, version).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => continue,
-                Err(e) => return Err(self.engine.fail(action, e)),
+            if self.write(id, spec, version, action).await? {
+                return Ok(());
             }
         }
         Err(PipesError::Engine { action, detail: format!("service {} kept changing under Pipes", short_id(id)) })
     }
 
     /// Writes `spec` at `version`; `false` when another write came first.
-    async fn write(&self, id: &str, spec: ServiceSpec, version: u64) -> Result<bool, DockerError> {
-        let docker = match self.client().await {
-            Ok(d) => d,
-            Err(e) => return Err(DockerError::DockerStreamError { error: e.to_string() }),
-        };
+    async fn write(&self, id: &str, spec: ServiceSpec, version: u64, action: &'static str) -> Result<bool, PipesError> {
         let options = UpdateServiceOptions { version: i32::try_from(version).unwrap_or(i32::MAX), ..Default::default() };
-        match docker.update_service(id, spec, options, None).await {
+        match self.client().await?.update_service(id, spec, options, None).await {
             Ok(_) => Ok(true),
             Err(DockerError::DockerResponseServerError { message, .. }) if message.contains("out of sequence") => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(self.engine.fail(action, e)),
         }
     }
 
@@ -595,7 +590,7 @@ impl Backend for Swarm {
             return Ok(false);
         }
         scale_to_zero(&mut spec, grace);
-        self.write(id, spec, version).await.map_err(|e| self.engine.fail("stop a service", e))
+        self.write(id, spec, version, "stop a service").await
     }
 
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {

@@ -591,7 +591,8 @@ impl Fleet {
         let now = now_ms();
         for slot in self.table.load().values() {
             // Without an idle timeout nobody stops it for being idle: nothing to tell.
-            let Some((up, idle)) = slot.upstream().and_then(|up| Some((up.clone(), up.idle_timeout?))) else { continue };
+            let Some(up) = slot.upstream() else { continue };
+            let Some(idle) = up.idle_timeout else { continue };
             let every = u64::try_from((idle / 4).max(SHARE_EVERY).as_millis()).unwrap_or(u64::MAX);
             let Some(at) = slot.activity_to_share(&up, now, every) else { continue };
             let (backend, d) = (backend.clone(), slot.deployment.clone());
