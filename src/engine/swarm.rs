@@ -663,13 +663,20 @@ impl Backend for Swarm {
                 };
                 std::future::ready(event)
             });
-            let services = client.events(Some(services)).filter_map(move |item| {
-                let event = match item {
-                    Ok(message) => of_services.service_event(message).map(Ok),
-                    Err(e) => Some(Err(of_services.engine.fail("watch events", e))),
-                };
-                std::future::ready(event)
-            });
+            // A service event names only the service: one this replica has not
+            // seen yet is looked up (they are few; the stream is its own).
+            let services = client
+                .events(Some(services))
+                .then(move |item| {
+                    let this = of_services.clone();
+                    async move {
+                        match item {
+                            Ok(message) => this.service_event(message).await.map(Ok),
+                            Err(e) => Some(Err(this.engine.fail("watch events", e))),
+                        }
+                    }
+                })
+                .filter_map(std::future::ready);
             futures_util::stream::select(tasks, services).boxed()
         })
         .flatten()
@@ -679,21 +686,35 @@ impl Backend for Swarm {
 
 impl Swarm {
     /// A service of this instance scaled or removed.
-    fn service_event(&self, message: bollard::models::EventMessage) -> Option<Event> {
+    async fn service_event(&self, message: bollard::models::EventMessage) -> Option<Event> {
         let actor = message.actor?;
         let id = actor.id?;
-        let deployment = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned()?;
         let attributes = actor.attributes.unwrap_or_default();
         let kind = match message.action.as_deref()? {
-            "remove" => {
-                self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                EventKind::Destroyed
-            }
+            "remove" => EventKind::Destroyed,
             "update" => match attributes.get("replicas.new")?.parse::<u64>().ok()? {
                 0 => EventKind::Stopped,
                 _ => EventKind::Started,
             },
             _ => return None,
+        };
+        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned();
+        let deployment = match (known, &kind) {
+            (Some(d), EventKind::Destroyed) => {
+                self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                d
+            }
+            (Some(d), _) => d,
+            // A removed service cannot be asked about any more; the reconcile covers it.
+            (None, EventKind::Destroyed) => return None,
+            (None, _) => {
+                let service = self.service(&id).await.ok()??;
+                let labels = service.spec.as_ref()?.labels.as_ref()?;
+                (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.engine.instance())).then_some(())?;
+                let d = deployment_of(&service)?;
+                self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), d.clone());
+                d
+            }
         };
         let time_nano = message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0);
         Some(Event { id, deployment: Some(deployment), kind, time_nano })
