@@ -258,6 +258,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts a stopped instance and returns it as it then is.
     async fn start(&self, id: &str) -> Result<Instance, PipesError>;
 
+    /// Whether it can freeze instances ([`Backend::pause`]); one that cannot
+    /// stops idle ones whose `idle_action` is `pause`.
+    fn pauses(&self) -> bool {
+        true
+    }
+
     /// Freezes a running instance (it keeps its memory and answers nothing).
     async fn pause(&self, id: &str) -> Result<(), PipesError>;
 

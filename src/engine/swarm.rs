@@ -25,7 +25,8 @@
 //!   manager), with the registry credentials passed on to the service
 //!   (`X-Registry-Auth`), so every node can pull the pinned digest.
 //!
-//! Swarm cannot pause a service: `idle_action: pause` stops it instead.
+//! Swarm cannot pause a service ([`Backend::pauses`] is false): `idle_action:
+//! pause` stops it instead.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -521,6 +522,10 @@ impl Backend for Swarm {
         })
         .await?;
         self.until_settled(id).await
+    }
+
+    fn pauses(&self) -> bool {
+        false
     }
 
     async fn pause(&self, id: &str) -> Result<(), PipesError> {

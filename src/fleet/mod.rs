@@ -632,7 +632,7 @@ impl Fleet {
             return;
         }
         let idle = seen.idle_timeout.map(humantime::format_duration).map(|i| i.to_string()).unwrap_or_default();
-        if seen.idle_action == IdleAction::Pause {
+        if seen.idle_action == IdleAction::Pause && backend.pauses() {
             self.make_room_to_pause().await;
             log::info!("{}: nothing open for {idle}, pausing it", slot.deployment);
             match self.deployer.backend().pause(&seen.instance_id).await {
