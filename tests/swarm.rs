@@ -159,7 +159,7 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     if no_swarm() {
         return;
     }
-    let (created, [(_, port_a), (b, port_b)]) = cluster(&[]).await;
+    let (created, [(_, port_a), (b, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=2s"]).await;
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     f.serving("app", "v2");
@@ -235,8 +235,15 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(echo(&mut ws, "still").await, "v2: still");
     drop(ws);
 
-    // One replica stopped: the other serves on.
-    docker_ok(&["stop", "-t", "5", &b]);
+    // One replica stopped (SIGTERM): its WebSocket ends with 1001 at its
+    // drain timeout, the other replica serves on.
+    let mut on_b = websocket(port_b, &v1, "v1").await;
+    let stopping = std::thread::spawn({
+        let b = b.clone();
+        move || docker_ok(&["stop", "-t", "20", &b])
+    });
+    assert_eq!(close_code(&mut on_b).await, Some(1001), "going away, as B stops");
+    stopping.join().expect("docker stop");
     let (status, body) = get(&v1, port_a, "/after-b-left").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], "v1");
@@ -258,6 +265,21 @@ async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
         Some(Ok(Message::Text(echo))) => echo.to_string(),
         other => panic!("no echo: {other:?}"),
     }
+}
+
+/// Waits (30 s at most) for the server's close frame; its status code.
+async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
+    let frame = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = ws.next().await {
+            if let Ok(Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 30 s");
+    frame.map(|f| u16::from(f.code))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -291,16 +313,7 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
     // drain ended at once: B drains it, and ends it with 1001 at its deadline.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(echo(&mut on_old, "still").await, "v1: still");
-    let closed = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = on_old.next().await {
-            if let Ok(Message::Close(frame)) = message {
-                return frame.map(|f| u16::from(f.code));
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed within 30 s");
+    let closed = close_code(&mut on_old).await;
     assert_eq!(closed, Some(1001), "going away, as B's drain of the old generation ends");
 }
 
