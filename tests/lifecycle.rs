@@ -494,21 +494,6 @@ async fn websocket(port: u16, host: &str) -> tokio_tungstenite::WebSocketStream<
     ws
 }
 
-/// Waits (bounded) for the server's close frame; its status code.
-async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
-    let frame = tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(message) = ws.next().await {
-            if let Ok(Message::Close(frame)) = message {
-                return frame;
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed within 20 s");
-    frame.map(|f| u16::from(f.code))
-}
-
 #[tokio::test]
 async fn websockets_open_at_the_drain_deadline_are_closed_with_1001() {
     if common::skip() {
@@ -521,12 +506,12 @@ async fn websockets_open_at_the_drain_deadline_are_closed_with_1001() {
     f.push("app", "main", "two", "");
     let (status, body) = api(&pipes, &host, "POST", "/__proxyapi/container/redeploy", None, Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(close_code(&mut on_old).await, Some(1001), "going away, as the old generation stops");
+    assert_eq!(common::close_code(&mut on_old).await, Some(1001), "going away, as the old generation stops");
 
     // SIGTERM drains Pipes for 2 s.
     let mut open = websocket(pipes.port, &host).await;
     pipes.signal("TERM");
-    assert_eq!(close_code(&mut open).await, Some(1001), "going away, as Pipes stops");
+    assert_eq!(common::close_code(&mut open).await, Some(1001), "going away, as Pipes stops");
     let status = tokio::task::spawn_blocking(move || pipes.wait_exit(Duration::from_secs(20))).await.unwrap();
     assert!(status.expect("Pipes exits").success());
 }

@@ -242,7 +242,7 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
         let b = b.clone();
         move || docker_ok(&["stop", "-t", "20", &b])
     });
-    assert_eq!(close_code(&mut on_b).await, Some(1001), "going away, as B stops");
+    assert_eq!(common::close_code(&mut on_b).await, Some(1001), "going away, as B stops");
     stopping.join().expect("docker stop");
     let (status, body) = get(&v1, port_a, "/after-b-left").await;
     assert_eq!(status, 200, "{body}");
@@ -265,21 +265,6 @@ async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
         Some(Ok(Message::Text(echo))) => echo.to_string(),
         other => panic!("no echo: {other:?}"),
     }
-}
-
-/// Waits (30 s at most) for the server's close frame; its status code.
-async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
-    let frame = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(message) = ws.next().await {
-            if let Ok(Message::Close(frame)) = message {
-                return frame;
-            }
-        }
-        None
-    })
-    .await
-    .expect("closed within 30 s");
-    frame.map(|f| u16::from(f.code))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -313,7 +298,7 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
     // drain ended at once: B drains it, and ends it with 1001 at its deadline.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(echo(&mut on_old, "still").await, "v1: still");
-    let closed = close_code(&mut on_old).await;
+    let closed = common::close_code(&mut on_old).await;
     assert_eq!(closed, Some(1001), "going away, as B's drain of the old generation ends");
 }
 

@@ -164,6 +164,22 @@ pub async fn until_answering(port: u16) {
     }
 }
 
+/// Waits (30 s at most) for the server's close frame on a WebSocket; its status code.
+pub async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
+    use futures_util::StreamExt;
+    let frame = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(message) = ws.next().await {
+            if let Ok(tokio_tungstenite::tungstenite::Message::Close(frame)) = message {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("closed within 30 s");
+    frame.map(|f| u16::from(f.code))
+}
+
 /// Fixture images pushed to the registry under one test user; the local copies
 /// (pushed or pulled by Pipes) are removed when this is dropped.
 pub struct Fixtures {
