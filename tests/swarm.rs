@@ -186,6 +186,37 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
         assert!(listed, "replica on port {port} lists v1: {body}");
     }
 
+    // A scoped token, stored as docs/swarm.md says, covers only its user.
+    let scoped = "swarm-scoped-token-0123456789";
+    let tokens = format!(r#"{{"tokens": [{{"name": "ci", "users": ["{}"], "token": "{scoped}"}}]}}"#, f.user);
+    let file = std::env::temp_dir().join(format!("{}-tokens.json", created.instance));
+    std::fs::write(&file, tokens).unwrap();
+    let instance_label = format!("pipes.instance={}", created.instance);
+    let config_name = format!("{}-tokens-1", created.instance);
+    let made = docker(&[
+        "config",
+        "create",
+        "--label",
+        "pipes.managed=true",
+        "--label",
+        &instance_label,
+        "--label",
+        "pipes.store=tokens.json",
+        "--label",
+        "pipes.store-version=1",
+        &config_name,
+        &file.display().to_string(),
+    ]);
+    let _ = std::fs::remove_file(&file);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let (status, body) =
+        json(common::client_for(&v1, port_b).get(format!("http://{v1}:{port_b}/__proxyapi/container")).bearer_auth(scoped).send().await.expect("answer")).await;
+    assert_eq!(status, 200, "the scoped token manages its user's deployment: {body}");
+    let other = format!("v1.app.{}.example.com", unique("other"));
+    let resp =
+        common::client_for(&other, port_b).get(format!("http://{other}:{port_b}/__proxyapi/container")).bearer_auth(scoped).send().await.expect("answer");
+    assert_eq!(resp.status().as_u16(), 403, "and no other user's");
+
     // A config PUT through A, for a deployment never started, is served through B.
     let v2 = f.host("app", "v2", "example.com");
     let (status, body) = api(&v2, port_a, "PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_GREETING":"from-a"},"idle_timeout":"6s"}"#)).await;
