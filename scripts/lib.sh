@@ -32,12 +32,12 @@ ensure_build_tools() {
 }
 
 # The static release binary every way of building shares. A first build
-# compiles some 280 crates: about 5 minutes on 2 cores, longer on slower
+# compiles some 280 crates as one program: about 5½ minutes on 2 cores, longer on slower
 # machines; later builds take seconds.
 build_pipes() {
   ensure_build_tools
   [ -x target/x86_64-unknown-linux-gnu/release/pipes ] ||
-    log "building Pipes for the first time: about 5 minutes on 2 cores (cargo shows its progress)"
+    log "building Pipes for the first time: about 5½ minutes on 2 cores (cargo shows its progress)"
   cargo build --release --bin pipes "$@"
 }
 
