@@ -259,7 +259,12 @@ async fn scripts_run_serves_the_demo_and_passes_every_setting_on() {
     created.dirs.push(configs.clone());
     let secret = std::env::temp_dir().join(format!("pipes-{instance}-max-paused"));
     std::fs::write(&secret, "3").unwrap();
+    // A network of its own: Pipes must join it to reach the demo there.
+    let network = unique("pipes-test-run-net");
+    docker_ok(&["network", "create", "--label", &format!("pipes.test={}", env().run), &network]);
+    created.network = Some(network.clone());
     let vars = vec![
+        ("PIPES_NETWORK", network.clone()),
         ("PIPES_INSTANCE", instance.clone()),
         ("PIPES_PORT", port.to_string()),
         ("PIPES_IMAGE", image.clone()),
@@ -308,6 +313,8 @@ async fn scripts_run_serves_the_demo_and_passes_every_setting_on() {
         assert!(container_env.lines().any(|l| l == expected), "{expected} not passed on:\n{container_env}");
     }
     assert!(configs.is_dir(), "PIPES_CONFIG_DIR is the mounted config dir");
+    let networks = docker_ok(&["inspect", "-f", "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}", &instance]);
+    assert_eq!(networks.trim(), network, "Pipes joined PIPES_NETWORK");
 
     // A re-run with a bad setting leaves the running Pipes alone.
     let running = docker_ok(&["inspect", "-f", "{{.Id}}", &instance]);
