@@ -180,7 +180,7 @@ impl Swarm {
         let last = tasks
             .iter()
             .filter(|t| t.status.as_ref().and_then(|s| s.container_status.as_ref()).and_then(|c| c.container_id.as_ref()).is_some())
-            .max_by_key(|t| t.created_at.clone());
+            .max_by_key(|t| created(t));
         let started_at = running_task.or(last).and_then(|t| t.status.as_ref()?.timestamp.clone());
         // How it ended, once its last task did (a task on its way has not).
         let exit_code = match (running, last.and_then(|t| t.status.as_ref())) {
@@ -336,7 +336,7 @@ impl Swarm {
                 .await?
                 .ok_or_else(|| PipesError::Engine { action: "start a service", detail: format!("service {} vanished", short_id(id)) })?;
             let tasks = self.tasks(std::slice::from_ref(&service.id.clone().unwrap_or_default())).await?.into_values().flatten().collect::<Vec<_>>();
-            let wanted = tasks.iter().filter(|t| t.desired_state == Some(TaskState::RUNNING)).max_by_key(|t| t.created_at.clone());
+            let wanted = tasks.iter().filter(|t| t.desired_state == Some(TaskState::RUNNING)).max_by_key(|t| created(t));
             let state = wanted.and_then(|t| t.status.as_ref()?.state);
             if let Some(TaskState::REJECTED) = state {
                 let why = wanted.and_then(|t| t.status.as_ref()?.err.clone()).unwrap_or_default();
@@ -753,9 +753,15 @@ fn replicas(service: &Service) -> i64 {
     service.spec.as_ref().and_then(|s| s.mode.as_ref()?.replicated.as_ref()?.replicas).unwrap_or(0)
 }
 
+/// When a task was created. The engine's timestamps vary in length (trailing
+/// zeros of the nanoseconds dropped), so they are compared as times.
+fn created(task: &Task) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(task.created_at.as_deref()?.trim_end_matches('Z')).ok()
+}
+
 /// The newest task of a service that runs and is meant to.
 fn running_task(tasks: &[Task]) -> Option<&Task> {
-    tasks.iter().filter(|t| runs(t)).max_by_key(|t| t.created_at.clone())
+    tasks.iter().filter(|t| runs(t)).max_by_key(|t| created(t))
 }
 
 /// Whether a task runs and is meant to.
@@ -847,6 +853,13 @@ impl Storage for Swarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_are_ordered_by_time_not_by_text() {
+        let task = |at: &str| Task { created_at: Some(at.to_owned()), ..Default::default() };
+        let (earlier, later) = (task("2026-11-29T21:45:05.1Z"), task("2026-11-29T21:45:05.123456789Z"));
+        assert!(created(&later) > created(&earlier), "as text, .1Z sorts after .123…Z");
+    }
 
     #[test]
     fn service_names_are_dns_labels_and_unique_per_generation() {
