@@ -303,7 +303,7 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
     if no_swarm() {
         return;
     }
-    let (_created, [(_, port_a), (_, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=10s"]).await;
+    let (created, [(_, port_a), (_, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=10s", "PIPES_FAILURE_TTL=1s"]).await;
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     let host = f.host("app", "v1", "example.com");
@@ -331,6 +331,21 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
     assert_eq!(echo(&mut on_old, "still").await, "v1: still");
     let closed = common::close_code(&mut on_old).await;
     assert_eq!(closed, Some(1001), "going away, as B's drain of the old generation ends");
+
+    // A deployment whose container exits at once: each start after the
+    // failure is remembered runs a new task, and says how it ended.
+    f.publish("crash", "v1", "ENV FIXTURE_MODE=crash");
+    let crash = f.host("crash", "v1", "example.com");
+    for port in [port_a, port_b] {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let resp = common::client_for(&crash, port).get(format!("http://{crash}:{port}/")).send().await.expect("answer");
+        assert_eq!(resp.status().as_u16(), 502);
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("container_exited") && body.contains("code 3"), "{body}");
+    }
+    let service = service_of(&created.instance, &format!("{}/crash:v1", f.user));
+    let tasks = lines(&docker(&["service", "ps", "-q", &service]));
+    assert!(tasks.len() >= 2, "a new task for the second start: {tasks:?}");
 }
 
 /// A stack deployed from `deploy/pipes-stack.yml`, removed on drop with the

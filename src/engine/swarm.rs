@@ -82,6 +82,16 @@ const FORGET_REPLICA_MS: u64 = 24 * 3600 * 1000;
 /// Attempts at a version-checked update before giving up on it.
 const UPDATE_ATTEMPTS: usize = 5;
 
+/// Where a task's container is, as this node's engine sees it.
+enum Local {
+    /// Running here, at this IP on `PIPES_NETWORK`.
+    At(std::net::IpAddr),
+    /// Here, and it exited with this code.
+    Exited(i64),
+    /// On another node (or not to be told here): the engine's DNS is asked.
+    Elsewhere,
+}
+
 /// The engine's swarm as a [`Backend`] and as config [`Storage`].
 #[derive(Clone)]
 pub struct Swarm {
@@ -183,10 +193,8 @@ impl Swarm {
             .max_by_key(|t| created(t));
         let started_at = running_task.or(last).and_then(|t| t.status.as_ref()?.timestamp.clone());
         // How it ended, once its last task did (a task on its way has not).
-        let exit_code = match (running, last.and_then(|t| t.status.as_ref())) {
-            (false, Some(status)) if matches!(status.state, Some(TaskState::FAILED | TaskState::COMPLETE | TaskState::SHUTDOWN | TaskState::REJECTED)) => {
-                status.container_status.as_ref().and_then(|c| c.exit_code).or(Some(0))
-            }
+        let exit_code = match (running, last.filter(|t| ended(t)).and_then(|t| t.status.as_ref())) {
+            (false, Some(status)) => status.container_status.as_ref().and_then(|c| c.exit_code).or(Some(0)),
             _ => None,
         };
         Some(Instance {
@@ -212,9 +220,18 @@ impl Swarm {
     /// container is asked where it can be.
     async fn addressed(&self, mut instance: Instance, name: &str, task: Option<&Task>) -> Instance {
         let Some(port) = instance.port.filter(|_| instance.running) else { return instance };
-        if let Some(ip) = self.local_ip(task).await {
-            instance.address = Some(SocketAddr::new(ip, port));
-            return instance;
+        match self.local(task).await {
+            Local::At(ip) => {
+                instance.address = Some(SocketAddr::new(ip, port));
+                return instance;
+            }
+            // The swarm has not noticed yet: its container already exited.
+            Local::Exited(code) => {
+                instance.running = false;
+                instance.exit_code = Some(code);
+                return instance;
+            }
+            Local::Elsewhere => {}
         }
         let deadline = Instant::now() + DNS_WAIT;
         loop {
@@ -232,16 +249,19 @@ impl Swarm {
         }
     }
 
-    /// The IP on `PIPES_NETWORK` of `task`'s container, if it runs on this node.
-    async fn local_ip(&self, task: Option<&Task>) -> Option<std::net::IpAddr> {
-        let task = task?;
-        let node = self.node_id().await?;
-        if task.node_id.as_deref() != Some(node.as_str()) {
-            return None;
+    /// Where `task`'s container answers on `PIPES_NETWORK`, if it is on this node.
+    async fn local(&self, task: Option<&Task>) -> Local {
+        let (Some(task), Some(node)) = (task, self.node_id().await) else { return Local::Elsewhere };
+        let container = task.status.as_ref().and_then(|s| s.container_status.as_ref()?.container_id.clone());
+        let (Some(container), true) = (container, task.node_id.as_deref() == Some(node.as_str())) else { return Local::Elsewhere };
+        let Ok(client) = self.client().await else { return Local::Elsewhere };
+        let Ok(inspected) = client.inspect_container(&container, None).await else { return Local::Elsewhere };
+        let state = inspected.state.unwrap_or_default();
+        if !state.running.unwrap_or(false) {
+            return Local::Exited(state.exit_code.unwrap_or(0));
         }
-        let container = task.status.as_ref()?.container_status.as_ref()?.container_id.as_deref()?;
-        let inspected = self.client().await.ok()?.inspect_container(container, None).await.ok()?;
-        inspected.network_settings?.networks?.get(&self.network)?.ip_address.as_deref()?.parse().ok()
+        let ip = inspected.network_settings.and_then(|n| n.networks?.get(&self.network)?.ip_address.as_deref()?.parse().ok());
+        ip.map_or(Local::Elsewhere, Local::At)
     }
 
     /// This engine's node id in the swarm (asked once).
@@ -328,22 +348,25 @@ impl Swarm {
 
     /// Waits until the service's task runs (then it is returned addressed),
     /// or its latest task ended (returned not running, with its exit code).
-    async fn until_settled(&self, id: &str) -> Result<Instance, PipesError> {
+    /// Tasks in `before` (those there before a start asked for a new one)
+    /// are not its answer.
+    async fn until_settled(&self, id: &str, before: &[String]) -> Result<Instance, PipesError> {
         let deadline = Instant::now() + START_WAIT;
         loop {
             let service = self
                 .service(id)
                 .await?
                 .ok_or_else(|| PipesError::Engine { action: "start a service", detail: format!("service {} vanished", short_id(id)) })?;
-            let tasks = self.tasks(std::slice::from_ref(&service.id.clone().unwrap_or_default())).await?.into_values().flatten().collect::<Vec<_>>();
-            let wanted = tasks.iter().filter(|t| t.desired_state == Some(TaskState::RUNNING)).max_by_key(|t| created(t));
-            let state = wanted.and_then(|t| t.status.as_ref()?.state);
-            if let Some(TaskState::REJECTED) = state {
-                let why = wanted.and_then(|t| t.status.as_ref()?.err.clone()).unwrap_or_default();
+            let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten();
+            let tasks: Vec<Task> = tasks.filter(|t| t.id.as_ref().is_none_or(|t| !before.contains(t))).collect();
+            // The newest task: a failed one is told to shut down at once,
+            // whether or not the restart policy replaces it.
+            let newest = tasks.iter().max_by_key(|t| created(t));
+            if let Some(TaskState::REJECTED) = newest.and_then(|t| t.status.as_ref()?.state) {
+                let why = newest.and_then(|t| t.status.as_ref()?.err.clone()).unwrap_or_default();
                 return Err(PipesError::Engine { action: "start a service", detail: self.engine.scrub(&why) });
             }
-            let ended = matches!(state, Some(TaskState::FAILED | TaskState::COMPLETE | TaskState::SHUTDOWN));
-            if tasks.iter().any(runs) || ended || Instant::now() >= deadline {
+            if tasks.iter().any(runs) || newest.is_some_and(ended) || Instant::now() >= deadline {
                 let name = service.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_default();
                 let Some(instance) = self.instance_of(&service, &tasks) else {
                     return Err(PipesError::Engine { action: "start a service", detail: format!("service {} is not a deployment of Pipes", short_id(id)) });
@@ -503,25 +526,35 @@ impl Backend for Swarm {
     }
 
     async fn start(&self, id: &str) -> Result<Instance, PipesError> {
-        let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
-        // A task on its way (another replica scaled it up) is waited for, not replaced.
-        let coming = tasks.iter().any(|t| t.desired_state == Some(TaskState::RUNNING));
-        self.update(id, "start a service", |spec| {
+        // Read anew on every attempt: another replica may be starting it too.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some(service) = self.service(id).await? else {
+                return Err(PipesError::Engine { action: "start a service", detail: format!("service {} vanished", short_id(id)) });
+            };
+            let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
+            let (Some(mut spec), Some(version)) = (service.spec, service.version.and_then(|v| v.index)) else { break };
             let mode = spec.mode.get_or_insert_with(Default::default).replicated.get_or_insert_with(Default::default);
-            if mode.replicas.unwrap_or(0) == 0 {
+            let change = if mode.replicas.unwrap_or(0) == 0 {
                 mode.replicas = Some(1);
                 true
-            } else if !coming {
-                // Scaled up, but its task ended: a new task.
+            } else if !tasks.is_empty() && !tasks.iter().any(alive) {
+                // Scaled up, but its tasks ended and none is coming: a new task.
                 let task = spec.task_template.get_or_insert_with(Default::default);
                 task.force_update = Some(task.force_update.unwrap_or(0) + 1);
                 true
             } else {
+                // A task is on its way (another replica scaled it up): waited for, not replaced.
                 false
+            };
+            if !change {
+                return self.until_settled(id, &[]).await;
             }
-        })
-        .await?;
-        self.until_settled(id).await
+            if self.write(id, spec, version, "start a service").await? {
+                let before: Vec<String> = tasks.into_iter().filter_map(|t| t.id).collect();
+                return self.until_settled(id, &before).await;
+            }
+        }
+        Err(PipesError::Engine { action: "start a service", detail: format!("service {} kept changing under Pipes", short_id(id)) })
     }
 
     fn pauses(&self) -> bool {
@@ -762,6 +795,19 @@ fn created(task: &Task) -> Option<std::time::SystemTime> {
 /// The newest task of a service that runs and is meant to.
 fn running_task(tasks: &[Task]) -> Option<&Task> {
     tasks.iter().filter(|t| runs(t)).max_by_key(|t| created(t))
+}
+
+/// Whether a task ended (or will not run).
+fn ended(task: &Task) -> bool {
+    matches!(
+        task.status.as_ref().and_then(|s| s.state),
+        Some(TaskState::COMPLETE | TaskState::FAILED | TaskState::SHUTDOWN | TaskState::REJECTED | TaskState::REMOVE | TaskState::ORPHANED)
+    )
+}
+
+/// Whether a task runs or is on its way to, and is meant to.
+fn alive(task: &Task) -> bool {
+    task.desired_state == Some(TaskState::RUNNING) && !ended(task)
 }
 
 /// Whether a task runs and is meant to.
