@@ -61,8 +61,9 @@ fn main() {
     let reference = format!("{}/bench/warm:v1", e.registry);
     docker_ok(&["tag", &e.fixture, &reference]);
     docker_ok(&["push", "-q", &reference]);
-    let mut created = Created { containers: Vec::new(), instances: Vec::new(), network: unique("pipes-bench-overlay"), image: common::build_pipes_image() };
-    docker_ok(&["network", "create", "-d", "overlay", "--attachable", "--label", &format!("pipes.test={}", e.run), &created.network]);
+    let image = common::build_pipes_image();
+    let network = common::network("pipes-bench-overlay", &["-d", "overlay", "--attachable"]);
+    let mut created = Created { containers: Vec::new(), instances: Vec::new(), network, image };
 
     let mut ports = Vec::new();
     for backend in ["docker", "swarm"] {

@@ -102,8 +102,7 @@ async fn the_image_serves_deployments_over_a_network() {
     }
     let mut created = Created::default();
     let image = build_pipes_image(&mut created);
-    let network = unique("pipes-test-net");
-    docker_ok(&["network", "create", "--label", &format!("pipes.test={}", env().run), &network]);
+    let network = common::network("pipes-test-net", &[]);
     created.network = Some(network.clone());
     let mut f = Fixtures::new();
     f.serving("app", "v1");
@@ -260,8 +259,7 @@ async fn scripts_run_serves_the_demo_and_passes_every_setting_on() {
     let secret = std::env::temp_dir().join(format!("pipes-{instance}-max-paused"));
     std::fs::write(&secret, "3").unwrap();
     // A network of its own: Pipes must join it to reach the demo there.
-    let network = unique("pipes-test-run-net");
-    docker_ok(&["network", "create", "--label", &format!("pipes.test={}", env().run), &network]);
+    let network = common::network("pipes-test-run-net", &[]);
     created.network = Some(network.clone());
     let vars = vec![
         ("PIPES_NETWORK", network.clone()),

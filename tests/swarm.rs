@@ -144,9 +144,7 @@ async fn cluster(extra_env: &[&str]) -> (Created, [(String, u16); 2]) {
     created.instance = unique("sw");
     let image = common::build_pipes_image();
     created.image = Some(image.clone());
-    let network = unique("pipes-test-overlay");
-    docker_ok(&["network", "create", "-d", "overlay", "--attachable", "--label", &format!("pipes.test={}", env().run), &network]);
-    created.network = Some(network);
+    created.network = Some(common::network("pipes-test-overlay", &["-d", "overlay", "--attachable"]));
     let a = run_replica(&mut created, &image, extra_env);
     let b = run_replica(&mut created, &image, extra_env);
     common::until_answering(a.1).await;

@@ -462,6 +462,22 @@ impl Docker {
         Ok(())
     }
 
+    /// The last `lines` lines of a log stream, passwords scrubbed.
+    pub(super) async fn last_lines(
+        &self,
+        mut stream: impl futures_util::Stream<Item = Result<bollard::container::LogOutput, DockerError>> + Unpin,
+        lines: usize,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
+            out.extend(text.lines().map(|l| self.scrub(l)));
+        }
+        let keep = out.len().saturating_sub(lines);
+        out.drain(..keep);
+        out
+    }
+
     /// The registry credentials, as the engine takes them.
     pub(super) fn credentials(&self) -> Option<DockerCredentials> {
         self.credentials.clone()
@@ -647,26 +663,15 @@ impl Backend for Docker {
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
-        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
-        let mut out = Vec::new();
-        let Ok(docker) = self.docker().await else {
-            return out;
-        };
-        let mut stream = docker.logs(id, Some(options));
-        while let Some(Ok(chunk)) = stream.next().await {
-            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
-            out.extend(text.lines().map(|l| self.scrub(l)));
-        }
-        let keep = out.len().saturating_sub(lines);
-        out.drain(..keep);
-        out
+        let Ok(docker) = self.docker().await else { return Vec::new() };
+        self.last_lines(docker.logs(id, Some(log_options(lines))), lines).await
     }
 
     fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
         let this = self.clone();
         let options = EventsOptions {
             // The engine takes seconds with a fractional part.
-            since: since_nano.map(|n| format!("{}.{:09}", n.div_euclid(1_000_000_000), n.rem_euclid(1_000_000_000))),
+            since: since_nano.map(since_param),
             until: None,
             filters: Some(HashMap::from([
                 ("type".to_string(), vec!["container".to_string()]),
@@ -734,6 +739,16 @@ const UNREACHABLE: [&str; 8] = [
 
 /// Longest wait for a container being removed to be gone.
 const REMOVAL_WAIT: Duration = Duration::from_secs(10);
+
+/// What a log request asks for: both streams, the last `lines` lines.
+pub(super) fn log_options(lines: usize) -> LogsOptions {
+    LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() }
+}
+
+/// An events `since` as the engine takes it: seconds with a fractional part.
+pub(super) fn since_param(nanos: i64) -> String {
+    format!("{}.{:09}", nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000))
+}
 
 /// The engine takes whole seconds.
 pub(super) fn grace_secs(grace: Duration) -> i32 {

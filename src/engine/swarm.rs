@@ -40,13 +40,13 @@ use bollard::models::{
     ConfigSpec, EndpointSpec, EndpointSpecModeEnum, Limit, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
     TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
 };
-use bollard::query_parameters::{EventsOptions, ListConfigsOptions, ListServicesOptions, ListTasksOptions, LogsOptions, UpdateServiceOptions};
+use bollard::query_parameters::{EventsOptions, ListConfigsOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use hickory_resolver::TokioResolver;
 use sha2::{Digest as _, Sha256};
 
-use super::docker::{grace_secs, Docker, DockerOptions, Reach};
+use super::docker::{grace_secs, log_options, since_param, Docker, DockerOptions, Reach};
 use super::{
     generation_of, short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT,
     LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
@@ -661,23 +661,14 @@ impl Backend for Swarm {
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
-        let options = LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() };
-        let mut out = Vec::new();
-        let Ok(docker) = self.client().await else { return out };
-        let mut stream = docker.service_logs(id, Some(options));
-        while let Some(Ok(chunk)) = stream.next().await {
-            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
-            out.extend(text.lines().map(|l| self.engine.scrub(l)));
-        }
-        let keep = out.len().saturating_sub(lines);
-        out.drain(..keep);
-        out
+        let Ok(docker) = self.client().await else { return Vec::new() };
+        self.engine.last_lines(docker.service_logs(id, Some(log_options(lines))), lines).await
     }
 
     /// Containers of this node's tasks (start, die, …, named by their
     /// service), and services scaled or removed anywhere in the swarm.
     fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
-        let since = since_nano.map(|n| format!("{}.{:09}", n.div_euclid(1_000_000_000), n.rem_euclid(1_000_000_000)));
+        let since = since_nano.map(since_param);
         let containers = EventsOptions {
             since: since.clone(),
             until: None,

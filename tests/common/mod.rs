@@ -147,6 +147,15 @@ pub fn container_env(instance: &str) -> Vec<String> {
     ]
 }
 
+/// A new network named `prefix` and a unique suffix, labelled for clean-up
+/// (the caller removes it); `driver` is e.g. `["-d", "overlay", "--attachable"]`.
+pub fn network(prefix: &str, driver: &[&str]) -> String {
+    let name = unique(prefix);
+    let label = format!("pipes.test={}", env().run);
+    docker_ok(&[&["network", "create"], driver, &["--label", &label, &name]].concat());
+    name
+}
+
 /// The 127.0.0.1 port a container's `port` (e.g. `8080/tcp`) is published on.
 pub fn published(container: &str, port: &str) -> u16 {
     let mapping = docker_ok(&["port", container, port]);
