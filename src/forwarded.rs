@@ -9,14 +9,19 @@
 
 use std::net::IpAddr;
 
+use http::HeaderValue;
 use ipnet::IpNet;
 use pingora::http::RequestHeader;
+use pingora::{ErrorType::InvalidHTTPHeader, OrErr};
 
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: http::HeaderName = http::HeaderName::from_static("x-real-ip");
-const FORWARDED: http::HeaderName = http::HeaderName::from_static("forwarded");
+// Names as text: Pingora turns a `HeaderName` into its written form with a
+// copy on every insert, a `&'static str` without one. Written as before, in
+// lower case.
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+const X_REAL_IP: &str = "x-real-ip";
+const FORWARDED: &str = "forwarded";
 
 /// The proxies in front of Pipes whose forwarding headers are believed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,33 +56,64 @@ impl Trusted {
         forwarded_for(req).rev().filter_map(|a| a.parse::<IpAddr>().ok()).find(|ip| !self.contains(*ip)).unwrap_or(peer)
     }
 
-    /// Sets the forwarding headers of a request that goes to a container.
-    pub fn apply(&self, peer: Option<IpAddr>, host: &str, tls: bool, upstream: &mut RequestHeader) -> pingora::Result<()> {
+    /// Sets the forwarding headers of a request that goes to a container;
+    /// `host` is the host the client asked for.
+    pub fn apply(&self, peer: Option<IpAddr>, host: HeaderValue, tls: bool, upstream: &mut RequestHeader) -> pingora::Result<()> {
         let Some(peer) = peer else {
             for name in [X_FORWARDED_FOR, X_REAL_IP, FORWARDED] {
-                upstream.remove_header(&name);
+                upstream.remove_header(name);
             }
             return Ok(());
         };
         let trusted = self.contains(peer);
-        let chain = if trusted {
-            let earlier: Vec<&str> = forwarded_for(upstream).collect();
-            earlier.into_iter().chain(std::iter::once(peer.to_string().as_str())).collect::<Vec<_>>().join(", ")
+        let peer_value = ip_value(peer);
+        let (chain, client) = if trusted {
+            let peer_text = peer.to_string();
+            let chain = forwarded_for(upstream).chain(std::iter::once(peer_text.as_str())).collect::<Vec<_>>().join(", ");
+            (HeaderValue::try_from(chain).or_err(InvalidHTTPHeader, "forwarded-for chain")?, ip_value(self.client(peer, upstream)))
         } else {
-            peer.to_string()
+            (peer_value.clone(), peer_value)
         };
-        let client = self.client(peer, upstream);
         upstream.insert_header(X_FORWARDED_FOR, chain)?;
-        upstream.insert_header(X_REAL_IP, client.to_string())?;
+        upstream.insert_header(X_REAL_IP, client)?;
         upstream.insert_header(X_FORWARDED_HOST, host)?;
         // TLS ends at a trusted proxy in front: its word on the scheme stands.
         let proto_from_proxy = trusted && upstream.headers.contains_key(X_FORWARDED_PROTO);
         if !proto_from_proxy {
-            upstream.insert_header(X_FORWARDED_PROTO, if tls { "https" } else { "http" })?;
+            upstream.insert_header(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }))?;
         }
-        upstream.remove_header(&FORWARDED);
+        upstream.remove_header(FORWARDED);
         Ok(())
     }
+}
+
+/// `ip` as a header value, IPv4 without the formatting machinery: this runs
+/// for every proxied request.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::try_from(ip.to_string()).expect("an address is a valid header value");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for d in &digits[skip..] {
+            text[len] = b'0' + d;
+            len += 1;
+        }
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header value")
 }
 
 /// The addresses in every `X-Forwarded-For` line, in order.
@@ -114,14 +150,14 @@ mod tests {
     #[test]
     fn an_untrusted_peer_replaces_what_the_client_wrote() {
         let mut req = request(&["6.6.6.6"]);
-        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "v1.a.b.example.com", false, &mut req).unwrap();
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("v1.a.b.example.com"), false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-real-ip"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-forwarded-host"), Some("v1.a.b.example.com"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
         assert_eq!(header(&req, "forwarded"), None);
         let mut over_tls = request(&[]);
-        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), "h", true, &mut over_tls).unwrap();
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("h"), true, &mut over_tls).unwrap();
         assert_eq!(header(&over_tls, "x-forwarded-proto"), Some("https"));
     }
 
@@ -132,10 +168,27 @@ mod tests {
         req.insert_header("x-forwarded-proto", "https").unwrap();
         let peer = "127.0.0.1".parse().unwrap();
         assert_eq!(trusted.client(peer, &req), "198.51.100.4".parse::<IpAddr>().unwrap());
-        trusted.apply(Some(peer), "h", false, &mut req).unwrap();
+        trusted.apply(Some(peer), HeaderValue::from_static("h"), false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("6.6.6.6, 198.51.100.4, 10.1.2.3, 127.0.0.1"));
         assert_eq!(header(&req, "x-real-ip"), Some("198.51.100.4"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("https"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_display_form() {
+        for ip in ["0.0.0.0", "9.10.99.100", "203.0.113.7", "255.255.255.255", "127.0.0.1", "::1", "2001:db8::7"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip).to_str().unwrap(), ip.to_string());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn every_ipv4_address_is_written_as_displayed(octets: [u8; 4]) {
+            let ip = IpAddr::from(octets);
+            let written = ip_value(ip);
+            proptest::prop_assert_eq!(written.to_str().unwrap(), ip.to_string());
+        }
     }
 
     #[test]

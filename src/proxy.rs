@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -479,8 +480,14 @@ impl Pipes {
     /// Tells the instance who asked, and how (see `forwarded`).
     fn forwarding_headers(&self, session: &Session, upstream_request: &mut RequestHeader) -> Result<()> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let host = request_host(session.req_header()).unwrap_or_default().to_owned();
-        self.trusted.apply(peer, &host, is_tls(session), upstream_request)
+        let req = session.req_header();
+        // The client's own Host value is shared, not copied.
+        let host = match (req.uri.authority(), req.headers.get(http::header::HOST)) {
+            (Some(authority), _) => HeaderValue::from_str(authority.as_str()).unwrap_or(HeaderValue::from_static("")),
+            (None, Some(host)) => host.clone(),
+            (None, None) => HeaderValue::from_static(""),
+        };
+        self.trusted.apply(peer, host, is_tls(session), upstream_request)
     }
 
     /// The `Origin` of a request from this Pipes' dashboard to a

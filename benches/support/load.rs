@@ -17,6 +17,8 @@ pub const CONNECTIONS: usize = 32;
 /// What wrk measured in one run.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Load {
+    /// Requests answered in the run.
+    pub requests: u64,
     pub rps: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -52,6 +54,7 @@ pub fn parse_wrk(text: &str) -> Load {
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
             (Some("Requests/sec:"), Some(v)) => load.rps = v.parse().unwrap_or(0.0),
+            (Some(n), Some("requests")) => load.requests = n.parse().unwrap_or(0),
             (Some("50%"), Some(v)) => load.p50_ms = millis(v),
             (Some("99%"), Some(v)) => load.p99_ms = millis(v),
             (Some("Non-2xx"), _) => load.errors += line.rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0),
@@ -89,6 +92,7 @@ pub fn summary(runs: &[Load]) -> Load {
         p50_ms: median(runs.iter().map(|l| l.p50_ms).collect()),
         p99_ms: median(runs.iter().map(|l| l.p99_ms).collect()),
         errors: runs.iter().map(|l| l.errors).sum(),
+        requests: runs.iter().map(|l| l.requests).sum(),
     }
 }
 
@@ -104,6 +108,13 @@ impl Nginx {
     /// when `spread` is given, each of those hosts to its own upstream; over
     /// TLS with `tls`'s certificate and key files.
     pub fn start(upstream: u16, workers: usize, spread: &[(String, u16)], tls: Option<(&Path, &Path)>) -> Nginx {
+        Self::start_under(&[], upstream, workers, spread, tls)
+    }
+
+    /// nginx as [`Nginx::start`] starts it, run by `wrapper` (a command that
+    /// runs the one after it, such as valgrind). Under a wrapper it has no
+    /// master process: the wrapped process is the one that serves.
+    pub fn start_under(wrapper: &[&str], upstream: u16, workers: usize, spread: &[(String, u16)], tls: Option<(&Path, &Path)>) -> Nginx {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -119,12 +130,13 @@ impl Nginx {
             }
             None => String::new(),
         };
+        let master = if wrapper.is_empty() { "" } else { "master_process off;\n" };
         let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
         for (host, p) in spread {
             upstreams.push_str(&format!("  upstream {host} {{ server 127.0.0.1:{p}; keepalive 8; }}\n"));
         }
         let conf = format!(
-            "worker_processes {workers};\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+            "worker_processes {workers};\ndaemon off;\n{master}pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
                fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
@@ -135,7 +147,10 @@ impl Nginx {
                  location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = Command::new("nginx")
+        let (program, before) = wrapper.split_first().map_or(("nginx", &[][..]), |(first, rest)| (*first, rest));
+        let child = Command::new(program)
+            .args(before)
+            .args(wrapper.first().map(|_| "nginx"))
             .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,189 @@
+//! Instructions per proxied request: Pipes against nginx, counted by
+//! callgrind.
+//!
+//! Requests per second on a two-core machine that also runs the load, the
+//! port proxy and the upstream move by a tenth or more from run to run, and
+//! more with what else the host does; a change of a few percent to the warm
+//! path cannot be seen that way. The instructions a proxy executes per
+//! request can: callgrind counts them, the same from run to run for the same
+//! binary. Both proxies run under callgrind (nginx with one worker and no
+//! master process, Pipes with its usual two threads) in front of the same
+//! fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
+//! the counters are zeroed before and dumped after. Prints instructions per
+//! request for each, the ratio, and the functions Pipes spends most in, and
+//! writes `target/bench-results/instructions.md`. Run through `scripts/bench`.
+//!
+//! Copies (`memcpy`/`memmove`) are shown apart: callgrind counts `rep movsb`
+//! once per byte, so they weigh more here than in time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/load.rs"]
+mod load;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{docker_ok, env, Pipes};
+use load::*;
+
+fn main() {
+    tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
+}
+
+async fn bench() {
+    let e = env();
+    let seconds = setting("PIPES_BENCH_SECONDS", 10);
+    docker_ok(&["tag", &e.fixture, &format!("{}/bench/warm:v1", e.registry)]);
+    let dir = std::env::temp_dir().join(format!("pipes-bench-instructions-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("pipes.yaml");
+    std::fs::write(&conf, "---\nversion: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n").unwrap();
+    let pipes_out = dir.join("pipes.callgrind");
+    let pipes = Pipes::start_under(
+        &["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", pipes_out.display())],
+        &[
+            ("PIPES_SERVER_CONF", Some(conf.to_str().unwrap())),
+            ("PIPES_ALLOW", Some("bench/*")),
+            // Everything runs some fifty times slower under callgrind.
+            ("PIPES_START_TIMEOUT", Some("180s")),
+            ("RUST_LOG", Some("warn")),
+        ],
+    );
+    assert_eq!(pipes.get(HOST, "/bytes/3").await.status(), 200);
+    let container = pipes.containers()[0].clone();
+    let nginx_out = dir.join("nginx.callgrind");
+    let nginx = Nginx::start_under(
+        &["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", nginx_out.display())],
+        published_port(&container),
+        1,
+        &[],
+        None,
+    );
+
+    let mut commands = Vec::new();
+    let mut counted = Vec::new();
+    for (name, port, pid, out) in [("nginx", nginx.port, nginx.pid(), &nginx_out), ("Pipes", pipes.port, pipes.pid().expect("pipes runs"), &pipes_out)] {
+        let url = format!("http://127.0.0.1:{port}/bytes/3");
+        // Warm: upstream connections made, lazy state set up.
+        wrk(&url, true, None, 1, &mut Vec::new());
+        callgrind_control("-z", pid);
+        let mut command = Vec::new();
+        let load = wrk(&url, true, None, seconds, &mut command);
+        commands.extend(command.into_iter().map(|c| c.replace(&format!(":{port}/"), ":PORT/")).filter(|c| !commands.contains(c)).collect::<Vec<_>>());
+        callgrind_control("-d", pid);
+        assert!(load.requests > 0 && load.errors == 0, "{name}: {load:?}");
+        counted.push((name, load.requests, self_costs(&latest_dump(out))));
+    }
+
+    let total = |costs: &HashMap<String, u64>| costs.values().sum::<u64>();
+    let copies = |costs: &HashMap<String, u64>| costs.iter().filter(|(f, _)| f.contains("memcpy") || f.contains("memmove")).map(|(_, c)| c).sum::<u64>();
+    let per = |c: u64, n: u64| c as f64 / n as f64;
+    let (_, nginx_requests, nginx_costs) = &counted[0];
+    let nginx_rest = per(total(nginx_costs) - copies(nginx_costs), *nginx_requests);
+    let mut out = String::new();
+    writeln!(out, "| proxy | requests | instructions per request | of which copies | the rest | the rest vs nginx |").unwrap();
+    writeln!(out, "|---|---|---|---|---|---|").unwrap();
+    for (name, requests, costs) in &counted {
+        let rest = per(total(costs) - copies(costs), *requests);
+        writeln!(
+            out,
+            "| {name} | {requests} | {:.0} | {:.0} | {rest:.0} | {:.2} |",
+            per(total(costs), *requests),
+            per(copies(costs), *requests),
+            rest / nginx_rest
+        )
+        .unwrap();
+    }
+    let (_, pipes_requests, pipes_costs) = &counted[1];
+    let mut top: Vec<(&String, &u64)> = pipes_costs.iter().collect();
+    top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    writeln!(out, "\nPipes' costliest functions, own instructions per request:\n\n| instructions | function |\n|---|---|").unwrap();
+    for (function, cost) in top.into_iter().take(15) {
+        let shown: String = function.chars().take(120).collect();
+        writeln!(out, "| {:.0} | `{shown}` |", per(*cost, *pipes_requests)).unwrap();
+    }
+    writeln!(
+        out,
+        "\nLoad: {}, {seconds} s each, after 1 s of warming; nginx 1 worker, upstream keepalive 128; Pipes `threads: 2`; {}.",
+        commands.join("; "),
+        version("valgrind", &["--version"])
+    )
+    .unwrap();
+    print!("{out}");
+    let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
+    let _ = std::fs::create_dir_all(&results);
+    let _ = std::fs::write(results.join("instructions.md"), out);
+    drop(nginx);
+    drop(pipes);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn callgrind_control(flag: &str, pid: u32) {
+    let status = Command::new("callgrind_control").args([flag, &pid.to_string()]).output().expect("callgrind_control runs").status;
+    assert!(status.success(), "callgrind_control {flag} {pid}: {status}");
+}
+
+/// The newest dump callgrind wrote beside `base` (`base.1`, `base.2`, …),
+/// once it is complete.
+fn latest_dump(base: &Path) -> PathBuf {
+    let prefix = format!("{}.", base.file_name().unwrap().to_string_lossy());
+    for _ in 0..100 {
+        let mut dumps: Vec<(u32, PathBuf)> = std::fs::read_dir(base.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let n = name.strip_prefix(&prefix)?.split('-').next()?.parse().ok()?;
+                Some((n, entry.path()))
+            })
+            .collect();
+        dumps.sort();
+        // callgrind writes `totals:` last.
+        if let Some((_, path)) = dumps.pop().filter(|(_, p)| std::fs::read_to_string(p).is_ok_and(|t| t.contains("\ntotals:"))) {
+            return path;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no complete callgrind dump beside {}", base.display());
+}
+
+/// Instructions executed in each function itself (not in what it calls),
+/// from a callgrind dump: cost lines count toward the current `fn=`, except
+/// the line after each `calls=`, which is the call's inclusive cost.
+fn self_costs(path: &Path) -> HashMap<String, u64> {
+    let text = std::fs::read_to_string(path).expect("callgrind dump");
+    let mut names: HashMap<String, String> = HashMap::new();
+    let mut costs: HashMap<String, u64> = HashMap::new();
+    let mut current = String::new();
+    let mut after_call = false;
+    // Compressed names: `(12) name` the first time, `(12)` after.
+    let mut name = |spec: &str| match spec.strip_prefix('(').and_then(|s| s.split_once(')')) {
+        Some((id, rest)) if !rest.trim().is_empty() => {
+            names.insert(id.to_owned(), rest.trim().to_owned());
+            rest.trim().to_owned()
+        }
+        Some((id, _)) => names.get(id).cloned().unwrap_or_else(|| spec.to_owned()),
+        None => spec.to_owned(),
+    };
+    for line in text.lines() {
+        if let Some(spec) = line.strip_prefix("fn=") {
+            current = name(spec);
+        } else if let Some(spec) = line.strip_prefix("cfn=") {
+            name(spec);
+        } else if line.starts_with("calls=") {
+            after_call = true;
+        } else if line.starts_with(|c: char| c.is_ascii_digit() || c == '+' || c == '-' || c == '*') {
+            if std::mem::take(&mut after_call) {
+                continue;
+            }
+            if let Some(cost) = line.split_whitespace().nth(1).and_then(|c| c.parse::<u64>().ok()) {
+                *costs.entry(current.clone()).or_default() += cost;
+            }
+        }
+    }
+    costs
+}
