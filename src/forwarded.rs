@@ -66,13 +66,13 @@ impl Trusted {
             return Ok(());
         };
         let trusted = self.contains(peer);
-        let peer_value = ip_value(peer);
         let (chain, client) = if trusted {
             let peer_text = peer.to_string();
             let chain = forwarded_for(upstream).chain(std::iter::once(peer_text.as_str())).collect::<Vec<_>>().join(", ");
             (HeaderValue::try_from(chain).or_err(InvalidHTTPHeader, "forwarded-for chain")?, ip_value(self.client(peer, upstream)))
         } else {
-            (peer_value.clone(), peer_value)
+            let peer = ip_value(peer);
+            (peer.clone(), peer)
         };
         upstream.insert_header(X_FORWARDED_FOR, chain)?;
         upstream.insert_header(X_REAL_IP, client)?;

@@ -147,10 +147,15 @@ impl Nginx {
                  location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let (program, before) = wrapper.split_first().map_or(("nginx", &[][..]), |(first, rest)| (*first, rest));
-        let child = Command::new(program)
-            .args(before)
-            .args(wrapper.first().map(|_| "nginx"))
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut command = Command::new(first);
+                command.args(rest).arg("nginx");
+                command
+            }
+            None => Command::new("nginx"),
+        };
+        let child = command
             .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
             .stderr(Stdio::null())
             .spawn()
