@@ -1,21 +1,23 @@
-//! Instructions per proxied request: Pipes against nginx, counted by
-//! callgrind.
+//! Instructions per proxied request: Pipes against nginx and a bare Pingora
+//! proxy, counted by callgrind.
 //!
 //! Requests per second on a two-core machine that also runs the load, the
 //! port proxy and the upstream move by a tenth or more from run to run, and
 //! more with what else the host does; a change of a few percent to the warm
 //! path cannot be seen that way. The instructions a proxy executes per
 //! request can: callgrind counts them, the same from run to run for the same
-//! binary. Both proxies run under callgrind (nginx with one worker and no
-//! master process, Pipes with its usual two threads) in front of the same
-//! fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
+//! binary. The proxies run under callgrind (nginx with one worker and no
+//! master process, Pipes and the bare proxy with two threads, both with
+//! mimalloc) in front of the same fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
 //! the counters are zeroed before and dumped after. Prints instructions per
-//! request for each, the ratio, and the functions Pipes spends most in, and
+//! request for each, the ratios, and the functions Pipes spends most in, and
 //! writes `target/bench-results/instructions.md`. Run through `scripts/bench`.
 //!
 //! Copies (`memcpy`/`memmove`) are shown apart: callgrind counts `rep movsb`
 //! once per byte, so they weigh more here than in time.
 
+#[path = "support/bare.rs"]
+mod bare;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/load.rs"]
@@ -24,13 +26,20 @@ mod load;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
 use load::*;
 
+// Pipes' allocator, for the bare proxy this binary becomes.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
+    if let Ok(spec) = std::env::var("PIPES_BENCH_BARE") {
+        bare::run(&spec);
+    }
     tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
 }
 
@@ -55,14 +64,21 @@ async fn bench() {
     );
     assert_eq!(pipes.get(HOST, "/bytes/3").await.status(), 200);
     let container = pipes.containers()[0].clone();
+    let upstream = upstream_of(&container);
     let nginx_out = dir.join("nginx.callgrind");
-    let nginx = Nginx::start_under(
-        &["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", nginx_out.display())],
-        published_port(&container),
-        1,
-        &[],
-        None,
+    let nginx = Nginx::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", nginx_out.display())], upstream, 1, &[], None);
+    let bare_out = dir.join("bare.callgrind");
+    let bare_port = free_port();
+    let bare = Process(
+        Command::new("valgrind")
+            .args(["--tool=callgrind", &format!("--callgrind-out-file={}", bare_out.display())])
+            .arg(std::env::current_exe().expect("bench binary"))
+            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},{upstream},{}", conf.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bare proxy starts"),
     );
+    wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();
     let mut counted = Vec::new();
@@ -98,7 +114,12 @@ async fn bench() {
         )
         .unwrap();
     }
-    let (_, pipes_requests, pipes_costs) = &counted[1];
+    let (_, bare_requests, bare_costs) = &counted[1];
+    let (_, pipes_requests, pipes_costs) = &counted[2];
+    let bare_rest = per(total(bare_costs) - copies(bare_costs), *bare_requests);
+    let pipes_rest = per(total(pipes_costs) - copies(pipes_costs), *pipes_requests);
+    writeln!(out, "\nPipes over the bare proxy: {:.0} instructions per request besides copies ({:.2}×).", pipes_rest - bare_rest, pipes_rest / bare_rest)
+        .unwrap();
     let mut top: Vec<(&String, &u64)> = pipes_costs.iter().collect();
     top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     writeln!(out, "\nPipes' costliest functions, own instructions per request:\n\n| instructions | function |\n|---|---|").unwrap();
@@ -108,7 +129,7 @@ async fn bench() {
     }
     writeln!(
         out,
-        "\nLoad: {}, {seconds} s each, after 1 s of warming; nginx 1 worker, upstream keepalive 128; Pipes `threads: 2`; {}.",
+        "\nLoad: {}, {seconds} s each, after 1 s of warming; nginx 1 worker, upstream keepalive 128; Pipes and the bare proxy `threads: 2`; {}.",
         commands.join("; "),
         version("valgrind", &["--version"])
     )
@@ -118,6 +139,7 @@ async fn bench() {
     let _ = std::fs::create_dir_all(&results);
     let _ = std::fs::write(results.join("instructions.md"), out);
     drop(nginx);
+    drop(bare);
     drop(pipes);
     let _ = std::fs::remove_dir_all(&dir);
 }

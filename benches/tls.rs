@@ -37,7 +37,7 @@ async fn main() {
         ("RUST_LOG", Some("warn")),
     ]);
     assert_eq!(pipes.get(HOST, "/").await.status(), 200);
-    let upstream = published_port(&pipes.containers()[0]);
+    let upstream = upstream_of(&pipes.containers()[0]);
     let nginx = Nginx::start(upstream, threads, &[], Some((&cert, &key)));
 
     let systems = [("nginx", nginx.port), ("Pipes", tls_port)];

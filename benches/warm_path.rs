@@ -2,7 +2,8 @@
 //! 100 deployments.
 //!
 //! One fixture container; wrk drives a fixed number of connections for a fixed
-//! time against its published port directly, against Debian's nginx as reverse
+//! time against it directly (where Pipes reaches it: its IP on Pipes' network,
+//! or its port published on 127.0.0.1), against Debian's nginx as reverse
 //! proxy (upstream keepalive, as many workers as Pipes has threads), and against
 //! Pipes; and against a bare Pingora proxy to the same upstream (this binary,
 //! re-executed), the floor Pipes is held to; and against Pipes with metrics
@@ -12,12 +13,15 @@
 //! spread over their hosts, through Pipes and through nginx. Prints a table
 //! and writes `target/bench-results/warm_path.md`. Run through `scripts/bench`.
 
+#[path = "support/bare.rs"]
+mod bare;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "support/load.rs"]
 mod load;
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -33,37 +37,6 @@ fn main() {
         bare::run(&spec);
     }
     tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
-}
-
-/// A bare Pingora proxy to one fixed upstream, nothing else: the floor Pipes is held to.
-mod bare {
-    use async_trait::async_trait;
-    use pingora::prelude::*;
-    use pingora::proxy::http_proxy_service;
-    use pingora::server::configuration::ServerConf;
-
-    struct Bare(std::net::SocketAddr);
-
-    #[async_trait]
-    impl ProxyHttp for Bare {
-        type CTX = ();
-        fn new_ctx(&self) {}
-        async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
-            Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
-        }
-    }
-
-    /// `spec` is `listen,upstream,conf-file`.
-    pub fn run(spec: &str) -> ! {
-        let parts: Vec<&str> = spec.split(',').collect();
-        let conf = ServerConf::from_yaml(&std::fs::read_to_string(parts[2]).expect("conf")).expect("conf parses");
-        let mut server = Server::new_with_opt_and_conf(None, conf);
-        server.bootstrap();
-        let mut proxy = http_proxy_service(&server.configuration, Bare(parts[1].parse().expect("upstream")));
-        proxy.add_tcp(parts[0]);
-        server.add_service(proxy);
-        server.run_forever()
-    }
 }
 
 async fn bench() {
@@ -127,15 +100,16 @@ async fn bench() {
     assert_eq!(metered.get(HOST, "/").await.status(), 200);
     assert_eq!(logged.get(HOST, "/").await.status(), 200);
 
-    // The warm deployment, and its container's published port for the direct runs.
+    // The warm deployment, and where Pipes reaches its container: the
+    // direct runs and the other proxies go there too.
     assert_eq!(pipes.get(HOST, "/").await.status(), 200);
     let container = pipes.containers()[0].clone();
-    let direct_port = published_port(&container);
-    let nginx = Nginx::start(direct_port, threads, &[], None);
+    let upstream = upstream_of(&container);
+    let nginx = Nginx::start(upstream, threads, &[], None);
     let bare_port = free_port();
     let _bare = Process(
         Command::new(std::env::current_exe().expect("bench binary"))
-            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},127.0.0.1:{direct_port},{}", conf.display()))
+            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},{upstream},{}", conf.display()))
             .stderr(Stdio::null())
             .spawn()
             .expect("bare proxy starts"),
@@ -143,16 +117,17 @@ async fn bench() {
     wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();
-    let mut systems: Vec<(&str, u16)> = vec![
-        ("direct", direct_port),
-        ("nginx", nginx.port),
-        ("bare Pingora", bare_port),
-        ("Pipes", pipes.port),
-        ("Pipes, metrics on", metered.port),
-        ("Pipes, metrics and access log on", logged.port),
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut systems: Vec<(&str, SocketAddr)> = vec![
+        ("direct", upstream),
+        ("nginx", local(nginx.port)),
+        ("bare Pingora", local(bare_port)),
+        ("Pipes", local(pipes.port)),
+        ("Pipes, metrics on", local(metered.port)),
+        ("Pipes, metrics and access log on", local(logged.port)),
     ];
     if let Some((name, v)) = &variant {
-        systems.push((name.as_str(), v.port));
+        systems.push((name.as_str(), local(v.port)));
     }
     let cases: [(&str, &str, bool); 3] =
         [("3 B, keep-alive", "/bytes/3", true), ("64 KiB, keep-alive", "/bytes/65536", true), ("3 B, new connection each", "/bytes/3", false)];
@@ -165,8 +140,8 @@ async fn bench() {
     for (case, path, keepalive) in cases.into_iter().filter(|(c, _, _)| only.as_ref().is_none_or(|o| c.contains(o.as_str()))) {
         let mut runs: Vec<Vec<Load>> = vec![Vec::new(); systems.len()];
         for _ in 0..rounds {
-            for (i, (_, port)) in systems.iter().enumerate() {
-                runs[i].push(wrk(&format!("http://127.0.0.1:{port}{path}"), keepalive, None, seconds, &mut commands));
+            for (i, (_, address)) in systems.iter().enumerate() {
+                runs[i].push(wrk(&format!("http://{address}{path}"), keepalive, None, seconds, &mut commands));
             }
         }
         let s: Vec<Load> = runs.iter().map(|r| summary(r)).collect();
@@ -236,14 +211,14 @@ async fn bench() {
         ),
     )
     .unwrap();
-    let ports: Vec<(String, u16)> = (0..SPREAD)
+    let upstreams: Vec<(String, SocketAddr)> = (0..SPREAD)
         .map(|i| {
             let filter = format!("label=pipes.deployment={user}/warm:s{i}");
             let id = docker_ok(&["ps", "-q", "--filter", &filter, "--filter", &format!("label=pipes.instance={}", pipes.instance)]);
-            (hosts[i].clone(), published_port(&id))
+            (hosts[i].clone(), upstream_of(&id))
         })
         .collect();
-    let nginx_spread = Nginx::start(direct_port, threads, &ports, None);
+    let nginx_spread = Nginx::start(upstream, threads, &upstreams, None);
     let url = format!("http://127.0.0.1:{}/bytes/3", pipes.port);
     let nginx_url = format!("http://127.0.0.1:{}/bytes/3", nginx_spread.port);
     let (mut single, mut spread, mut nginx_single, mut nginx_many) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -304,8 +279,8 @@ async fn bench() {
     .unwrap();
     writeln!(
         report,
-        "Setup: one fixture container (static Rust HTTP/1.1 server) reached at its published 127.0.0.1 port \
-         (docker-proxy in the path); nginx {threads} workers, upstream keepalive 128; {rounds} rounds of {seconds} s per \
+        "Setup: one fixture container (static Rust HTTP/1.1 server) reached by every system at {upstream} \
+         (where Pipes reaches it); nginx {threads} workers, upstream keepalive 128; {rounds} rounds of {seconds} s per \
          system, alternating; figures are medians over rounds.\n"
     )
     .unwrap();

@@ -86,7 +86,7 @@ async fn container_endpoints_do_what_they_say() {
     let (_, body) = api(&pipes, &host, "GET", "/__proxyapi/container", None, admin()).await;
     assert_eq!(body["state"], "running");
     assert_eq!(body["container"]["id"], pipes.containers()[0].as_str());
-    assert!(body["upstream"].as_str().unwrap().starts_with("127.0.0.1:"), "{body}");
+    assert_eq!(body["upstream"], format!("{}:80", pipes.container_ip(&pipes.containers()[0])), "{body}");
     assert!(body["last_request_at"].is_string(), "{body}");
     assert_eq!(body["config"]["memory"], "512m", "the default limit applies: {body}");
     let id = pipes.containers()[0].clone();

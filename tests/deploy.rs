@@ -34,6 +34,26 @@ async fn serves_a_cold_deployment_then_reuses_its_container() {
     assert_eq!(labels["pipes.deployment"], format!("{}/app:v1", f.user));
     assert_eq!(labels["pipes.test"], common::env().run.as_str());
     assert!(labels["pipes.config-hash"].as_str().is_some_and(|h| h.len() == 16));
+    // Beside the engine, Pipes reaches the container at its IP on the
+    // instance's network: nothing published, no port proxy in between. The
+    // one connection open to the container is Pipes' own, to that IP.
+    let ports = docker_ok(&["inspect", "-f", "{{json .HostConfig.PortBindings}}", id]);
+    assert!(matches!(ports.as_str(), "{}" | "null"), "published: {ports}");
+    let ip = pipes.container_ip(id);
+    let port: u16 = labels["pipes.port"].as_str().and_then(|p| p.parse().ok()).expect("port label");
+    assert!(established_to(ip, port), "a kept-alive connection to {ip}:{port}");
+}
+
+/// Whether a TCP connection to `ip:port` is established from this host's
+/// network namespace (`/proc/net/tcp` writes addresses as little-endian hex).
+fn established_to(ip: std::net::Ipv4Addr, port: u16) -> bool {
+    let [a, b, c, d] = ip.octets();
+    let remote = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}");
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"01")
+    })
 }
 
 #[tokio::test]
@@ -279,7 +299,7 @@ async fn a_never_ready_container_is_a_504_at_the_timeout() {
     assert_eq!(body["error"], "not_ready");
     assert_eq!(body["timeout_ms"], 2000);
     assert!(body["probed"].is_null(), "the public does not see container addresses: {body}");
-    assert!(pipes.log().contains("did not answer GET http://127.0.0.1:"), "{}", pipes.log());
+    assert!(pipes.log().contains("did not answer GET http://"), "{}", pipes.log());
 }
 
 #[tokio::test]

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::docker_ok;
+use std::net::SocketAddr;
+
+use crate::common::{docker, docker_ok};
 
 /// The host every load is sent for.
 pub const HOST: &str = "v1.warm.bench.example.com";
@@ -107,14 +109,14 @@ impl Nginx {
     /// nginx with `workers` workers, proxying the bench host to `upstream` and,
     /// when `spread` is given, each of those hosts to its own upstream; over
     /// TLS with `tls`'s certificate and key files.
-    pub fn start(upstream: u16, workers: usize, spread: &[(String, u16)], tls: Option<(&Path, &Path)>) -> Nginx {
+    pub fn start(upstream: SocketAddr, workers: usize, spread: &[(String, SocketAddr)], tls: Option<(&Path, &Path)>) -> Nginx {
         Self::start_under(&[], upstream, workers, spread, tls)
     }
 
     /// nginx as [`Nginx::start`] starts it, run by `wrapper` (a command that
     /// runs the one after it, such as valgrind). Under a wrapper it has no
     /// master process: the wrapped process is the one that serves.
-    pub fn start_under(wrapper: &[&str], upstream: u16, workers: usize, spread: &[(String, u16)], tls: Option<(&Path, &Path)>) -> Nginx {
+    pub fn start_under(wrapper: &[&str], upstream: SocketAddr, workers: usize, spread: &[(String, SocketAddr)], tls: Option<(&Path, &Path)>) -> Nginx {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -131,9 +133,9 @@ impl Nginx {
             None => String::new(),
         };
         let master = if wrapper.is_empty() { "" } else { "master_process off;\n" };
-        let mut upstreams = format!("  upstream fixture {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n");
+        let mut upstreams = format!("  upstream fixture {{ server {upstream}; keepalive 128; }}\n");
         for (host, p) in spread {
-            upstreams.push_str(&format!("  upstream {host} {{ server 127.0.0.1:{p}; keepalive 8; }}\n"));
+            upstreams.push_str(&format!("  upstream {host} {{ server {p}; keepalive 8; }}\n"));
         }
         let conf = format!(
             "worker_processes {workers};\ndaemon off;\n{master}pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
@@ -244,8 +246,16 @@ pub fn wait_listening(port: u16, what: &str) {
     }
 }
 
-/// The published 127.0.0.1 port of a container's port 80.
-pub fn published_port(container: &str) -> u16 {
-    let mapping = docker_ok(&["port", container, "80/tcp"]);
-    mapping.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("published port")
+/// Where Pipes reaches a container's port 80, for the systems it is
+/// compared with: the port published on 127.0.0.1 if the container has one,
+/// else the container's IP on its network.
+pub fn upstream_of(container: &str) -> SocketAddr {
+    let published = docker(&["port", container, "80/tcp"]);
+    let port = String::from_utf8_lossy(&published.stdout).lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse::<u16>().ok());
+    if let (true, Some(port)) = (published.status.success(), port) {
+        return SocketAddr::from(([127, 0, 0, 1], port));
+    }
+    let ip = docker_ok(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", container]);
+    let ip = ip.split_whitespace().next().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()).expect("the container's IP");
+    SocketAddr::new(ip, 80)
 }

@@ -534,6 +534,14 @@ impl Pipes {
         self.client(host).get(self.url(host, path)).send().await.expect("request answered")
     }
 
+    /// The IP of `container` on this instance's own network, where Pipes
+    /// beside the engine reaches it.
+    pub fn container_ip(&self, container: &str) -> std::net::Ipv4Addr {
+        let network = format!("pipes-{}", self.instance);
+        let ip = docker_ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"), container]);
+        ip.parse().unwrap_or_else(|_| panic!("{container} is not on {network}: '{ip}'"))
+    }
+
     /// Ids of the containers of this instance.
     pub fn containers(&self) -> Vec<String> {
         let filter = format!("label=pipes.instance={}", self.instance);
