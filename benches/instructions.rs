@@ -78,11 +78,16 @@ async fn bench() {
             .spawn()
             .expect("bare proxy starts"),
     );
-    wait_listening(bare_port, "bare Pingora");
+    // Under callgrind it takes some ten seconds to start.
+    wait_listening_within(bare_port, "bare Pingora", Duration::from_secs(60));
 
     let mut commands = Vec::new();
     let mut counted = Vec::new();
-    for (name, port, pid, out) in [("nginx", nginx.port, nginx.pid(), &nginx_out), ("Pipes", pipes.port, pipes.pid().expect("pipes runs"), &pipes_out)] {
+    for (name, port, pid, out) in [
+        ("nginx", nginx.port, nginx.pid(), &nginx_out),
+        ("bare Pingora", bare_port, bare.0.id(), &bare_out),
+        ("Pipes", pipes.port, pipes.pid().expect("pipes runs"), &pipes_out),
+    ] {
         let url = format!("http://127.0.0.1:{port}/bytes/3");
         // Warm: upstream connections made, lazy state set up.
         wrk(&url, true, None, 1, &mut Vec::new());

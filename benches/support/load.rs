@@ -163,7 +163,8 @@ impl Nginx {
             .spawn()
             .expect("nginx starts");
         let process = Process(child);
-        wait_listening(port, "nginx");
+        // A wrapper such as valgrind slows the start.
+        wait_listening_within(port, "nginx", Duration::from_secs(if wrapper.is_empty() { 10 } else { 60 }));
         Nginx { process, port, dir }
     }
 
@@ -239,7 +240,12 @@ pub fn free_port() -> u16 {
 }
 
 pub fn wait_listening(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_listening_within(port, what, Duration::from_secs(10));
+}
+
+/// Waits until 127.0.0.1:`port` accepts connections, at most `limit`.
+pub fn wait_listening_within(port: u16, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "{what} did not listen");
         std::thread::sleep(Duration::from_millis(20));
