@@ -108,8 +108,8 @@ setup_test_env() {
     fi
     if [ -n "$SWARM_INITIALIZED" ]; then
       docker swarm leave --force >/dev/null
-      # Leaving keeps the bridge the swarm made; it goes if the swarm was ours.
-      [ -n "$GWBRIDGE_CREATED" ] && docker network rm docker_gwbridge >/dev/null
+      # Leaving may keep the bridge the swarm made; it goes if the swarm was ours.
+      [ -n "$GWBRIDGE_CREATED" ] && docker network rm docker_gwbridge >/dev/null 2>&1
     fi
     [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
