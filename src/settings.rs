@@ -58,6 +58,9 @@ struct Cli {
     /// Docker network shared by Pipes and its containers; containers are reached by their IP on it
     #[arg(long, env = "PIPES_NETWORK", value_name = "NAME", value_parser = parse_network)]
     network: Option<String>,
+    /// Publish container ports on 127.0.0.1 and reach containers there, even where their IPs answer: true or false
+    #[arg(long, env = "PIPES_PUBLISH_PORTS", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    publish_ports: bool,
     /// Where deployments run: docker (containers of this engine) or swarm (services of its swarm; needs PIPES_NETWORK)
     #[arg(long, env = "PIPES_BACKEND", value_name = "BACKEND", default_value = "docker", value_parser = parse_backend)]
     backend: BackendKind,
@@ -482,6 +485,9 @@ impl Settings {
             }
             (None, levels) => Domain::Levels(levels.unwrap_or(2)),
         };
+        if cli.publish_ports && cli.network.is_some() {
+            return Err(err("PIPES_PUBLISH_PORTS", "cannot be true with PIPES_NETWORK: containers on that network are reached at their IP"));
+        }
         if cli.backend == BackendKind::Swarm && cli.network.is_none() {
             return Err(err("PIPES_NETWORK", "is required when PIPES_BACKEND=swarm: name the attachable overlay network Pipes and its services share"));
         }
@@ -590,6 +596,7 @@ impl Settings {
                 auth,
                 max_pulls: cli.max_pulls,
                 network: cli.network,
+                publish_ports: cli.publish_ports,
                 hostname: src.hostname.clone(),
                 in_container: src.in_container,
             },
@@ -945,6 +952,14 @@ mod tests {
         let mut set = with_files(256);
         set.env.insert("PIPES_MAX_CONNECTIONS".into(), "500".into());
         assert_eq!(cap(&set), 500, "the setting wins");
+    }
+
+    #[test]
+    fn published_ports_are_asked_for_without_a_network() {
+        assert!(!load(&[]).expect("valid").docker.publish_ports, "off by default");
+        assert!(load(&[("PIPES_PUBLISH_PORTS", "true")]).expect("valid").docker.publish_ports);
+        let e = load(&[("PIPES_PUBLISH_PORTS", "true"), ("PIPES_NETWORK", "pipes")]).unwrap_err();
+        assert_eq!(e.name, "PIPES_PUBLISH_PORTS", "{e}");
     }
 
     #[test]

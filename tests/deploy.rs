@@ -44,6 +44,23 @@ async fn serves_a_cold_deployment_then_reuses_its_container() {
     assert!(established_to(ip, port), "a kept-alive connection to {ip}:{port}");
 }
 
+#[tokio::test]
+async fn published_ports_when_asked() {
+    if common::skip() {
+        return;
+    }
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_PUBLISH_PORTS", Some("true"))]);
+    let (status, body) = json(pipes.get(&host, "/").await).await;
+    assert_eq!(status, 200, "{body}");
+    // The container publishes its port on 127.0.0.1, on its instance's
+    // network still, and Pipes goes through that port.
+    let id = &pipes.containers()[0];
+    let published = common::published(id, "80/tcp");
+    pipes.container_ip(id);
+    assert!(established_to(std::net::Ipv4Addr::LOCALHOST, published), "a kept-alive connection to 127.0.0.1:{published}");
+    assert!(pipes.log().contains("containers are reached on 127.0.0.1 at published ports"), "{}", pipes.log());
+}
+
 /// Whether a TCP connection to `ip:port` is established from this host's
 /// network namespace (`/proc/net/tcp` writes addresses as little-endian hex).
 fn established_to(ip: std::net::Ipv4Addr, port: u16) -> bool {

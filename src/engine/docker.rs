@@ -77,6 +77,8 @@ pub struct DockerOptions {
     pub max_pulls: usize,
     /// `PIPES_NETWORK`.
     pub network: Option<String>,
+    /// `PIPES_PUBLISH_PORTS`: published ports even where containers' IPs answer.
+    pub publish_ports: bool,
     /// This machine's host name: a container's id when Pipes runs in one.
     pub hostname: Option<String>,
     /// Whether `/.dockerenv` exists (a hint only: sandboxes have it too).
@@ -163,6 +165,7 @@ impl Docker {
                 log::info!("Pipes runs in a container of this engine: joining its containers on network '{network}'");
                 Reach::Network(network)
             }
+            Ok(None) if options.publish_ports => Reach::Published,
             Ok(None) => self.bridge_or_published().await,
             Err(_) if options.in_container => Reach::Network("bridge".to_owned()),
             Err(_) => Reach::Published,
