@@ -26,7 +26,7 @@ mod load;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
@@ -37,9 +37,7 @@ use load::*;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    if let Ok(spec) = std::env::var("PIPES_BENCH_BARE") {
-        bare::run(&spec);
-    }
+    bare::run_if_asked();
     tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
 }
 
@@ -69,15 +67,8 @@ async fn bench() {
     let nginx = Nginx::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", nginx_out.display())], upstream, 1, &[], None);
     let bare_out = dir.join("bare.callgrind");
     let bare_port = free_port();
-    let bare = Process(
-        Command::new("valgrind")
-            .args(["--tool=callgrind", &format!("--callgrind-out-file={}", bare_out.display())])
-            .arg(std::env::current_exe().expect("bench binary"))
-            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},{upstream},{}", conf.display()))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bare proxy starts"),
-    );
+    let callgrind_out = format!("--callgrind-out-file={}", bare_out.display());
+    let bare = Process(bare::command(&["valgrind", "--tool=callgrind", &callgrind_out], bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
     // Under callgrind it takes some ten seconds to start.
     wait_listening_within(bare_port, "bare Pingora", Duration::from_secs(60));
 

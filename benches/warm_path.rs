@@ -23,7 +23,6 @@ mod load;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
@@ -33,9 +32,7 @@ const SPREAD: usize = 100;
 
 fn main() {
     // The bench re-executes itself as the bare-Pingora baseline.
-    if let Ok(spec) = std::env::var("PIPES_BENCH_BARE") {
-        bare::run(&spec);
-    }
+    bare::run_if_asked();
     tokio::runtime::Runtime::new().expect("runtime").block_on(bench());
 }
 
@@ -107,13 +104,7 @@ async fn bench() {
     let upstream = upstream_of(&container);
     let nginx = Nginx::start(upstream, threads, &[], None);
     let bare_port = free_port();
-    let _bare = Process(
-        Command::new(std::env::current_exe().expect("bench binary"))
-            .env("PIPES_BENCH_BARE", format!("127.0.0.1:{bare_port},{upstream},{}", conf.display()))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("bare proxy starts"),
-    );
+    let _bare = Process(bare::command(&[], bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
     wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();

@@ -1,5 +1,10 @@
 //! A bare Pingora proxy to one fixed upstream, nothing else: the floor Pipes
-//! is held to. A bench re-executes itself as one when `PIPES_BENCH_BARE` is set.
+//! is held to. A bench re-executes itself as one ([`command`]); its `main`
+//! calls [`run_if_asked`] first.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use async_trait::async_trait;
 use pingora::prelude::*;
@@ -17,8 +22,33 @@ impl ProxyHttp for Bare {
     }
 }
 
+/// The command that runs this bench binary as a bare proxy on
+/// 127.0.0.1:`port` to `upstream` with Pingora's YAML `conf`, run by
+/// `wrapper` (such as valgrind) if one is given.
+pub fn command(wrapper: &[&str], port: u16, upstream: SocketAddr, conf: &Path) -> Command {
+    let exe = std::env::current_exe().expect("bench binary");
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    command.env("PIPES_BENCH_BARE", format!("127.0.0.1:{port},{upstream},{}", conf.display())).stderr(Stdio::null());
+    command
+}
+
+/// Becomes the bare proxy, never returning, when this process was started
+/// by [`command`].
+pub fn run_if_asked() {
+    if let Ok(spec) = std::env::var("PIPES_BENCH_BARE") {
+        run(&spec);
+    }
+}
+
 /// `spec` is `listen,upstream,conf-file`.
-pub fn run(spec: &str) -> ! {
+fn run(spec: &str) -> ! {
     let parts: Vec<&str> = spec.split(',').collect();
     let conf = ServerConf::from_yaml(&std::fs::read_to_string(parts[2]).expect("conf")).expect("conf parses");
     let mut server = Server::new_with_opt_and_conf(None, conf);
