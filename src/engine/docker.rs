@@ -11,11 +11,11 @@
 //! over `PIPES_NETWORK` if named; over a network of Pipes' own container if
 //! the engine runs Pipes itself (127.0.0.1 is then not the host's); else, with
 //! the engine on this host's socket and its bridges this host's interfaces
-//! (not rootless, not in a VM),
-//! at their IP on this instance's own network; else at ports published on
-//! 127.0.0.1. The port a container publishes on 127.0.0.1 is served by the
-//! engine's port proxy, a process of its own that every request then crosses
-//! twice: on a two-core machine it spent more CPU per request than Pipes.
+//! (not rootless, not in a VM), at their IP on this instance's own network;
+//! else, or with `PIPES_PUBLISH_PORTS`, at ports published on 127.0.0.1. A
+//! published port is served by the engine's port proxy, a process of its own
+//! that every request then crosses twice: on a two-core machine it spent more
+//! CPU per request than Pipes.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
