@@ -8,7 +8,8 @@
 //! request can: callgrind counts them, the same from run to run for the same
 //! binary. The proxies run under callgrind (nginx with one worker and no
 //! master process, Pipes and the bare proxy with two threads, both with
-//! mimalloc) in front of the same fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
+//! mimalloc; and Pipes once more with metrics and the JSON access log on,
+//! for what recording costs) in front of the same fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
 //! the counters are zeroed before and dumped after. Prints instructions per
 //! request for each, the ratios, and the functions Pipes spends most in, and
 //! writes `target/bench-results/instructions.md`. Run through `scripts/bench`.
@@ -49,18 +50,26 @@ async fn bench() {
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("pipes.yaml");
     std::fs::write(&conf, "---\nversion: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n").unwrap();
-    let pipes_out = dir.join("pipes.callgrind");
-    let pipes = Pipes::start_under(
-        &["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", pipes_out.display())],
-        &[
+    // Pipes under callgrind, writing to `out`; `recording` turns metrics and
+    // the JSON access log on.
+    let counted_pipes = |out: &Path, recording: bool| {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut changes = vec![
             ("PIPES_SERVER_CONF", Some(conf.to_str().unwrap())),
             ("PIPES_ALLOW", Some("bench/*")),
             // Everything runs some fifty times slower under callgrind.
             ("PIPES_START_TIMEOUT", Some("180s")),
             ("RUST_LOG", Some("warn")),
-        ],
-    );
+        ];
+        if recording {
+            changes.extend([("PIPES_METRICS_LISTEN", Some(metrics.as_str())), ("PIPES_ACCESS_LOG", Some("json"))]);
+        }
+        Pipes::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", out.display())], &changes)
+    };
+    let (pipes_out, recording_out) = (dir.join("pipes.callgrind"), dir.join("recording.callgrind"));
+    let (pipes, recording) = (counted_pipes(&pipes_out, false), counted_pipes(&recording_out, true));
     assert_eq!(pipes.get(HOST, "/bytes/3").await.status(), 200);
+    assert_eq!(recording.get(HOST, "/bytes/3").await.status(), 200);
     let container = pipes.containers()[0].clone();
     let upstream = upstream_of(&container);
     let nginx_out = dir.join("nginx.callgrind");
@@ -78,6 +87,7 @@ async fn bench() {
         ("nginx", nginx.port, nginx.pid(), &nginx_out),
         ("bare Pingora", bare_port, bare.0.id(), &bare_out),
         ("Pipes", pipes.port, pipes.pid().expect("pipes runs"), &pipes_out),
+        ("Pipes, metrics and access log on", recording.port, recording.pid().expect("pipes runs"), &recording_out),
     ] {
         let url = format!("http://127.0.0.1:{port}/bytes/3");
         // Warm: upstream connections made, lazy state set up.
@@ -119,8 +129,11 @@ async fn bench() {
     let (_, pipes_requests, pipes_costs) = &counted[2];
     let bare_rest = per(total(bare_costs) - copies(bare_costs), *bare_requests);
     let pipes_rest = per(total(pipes_costs) - copies(pipes_costs), *pipes_requests);
+    let (_, recording_requests, recording_costs) = &counted[3];
+    let recording_rest = per(total(recording_costs) - copies(recording_costs), *recording_requests);
     writeln!(out, "\nPipes over the bare proxy: {:.0} instructions per request besides copies ({:.2}×).", pipes_rest - bare_rest, pipes_rest / bare_rest)
         .unwrap();
+    writeln!(out, "Metrics and the access log: {:.0} more ({:.2}× plain Pipes).", recording_rest - pipes_rest, recording_rest / pipes_rest).unwrap();
     let mut top: Vec<(&String, &u64)> = pipes_costs.iter().collect();
     top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     writeln!(out, "\nPipes' costliest functions, own instructions per request:\n\n| instructions | function |\n|---|---|").unwrap();
@@ -142,6 +155,7 @@ async fn bench() {
     drop(nginx);
     drop(bare);
     drop(pipes);
+    drop(recording);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
