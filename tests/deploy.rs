@@ -41,7 +41,7 @@ async fn serves_a_cold_deployment_then_reuses_its_container() {
     assert!(matches!(ports.as_str(), "{}" | "null"), "published: {ports}");
     let ip = pipes.container_ip(id);
     let port: u16 = labels["pipes.port"].as_str().and_then(|p| p.parse().ok()).expect("port label");
-    assert!(established_to(ip, port), "a kept-alive connection to {ip}:{port}");
+    assert!(common::established_to(ip, port), "a kept-alive connection to {ip}:{port}");
 }
 
 #[tokio::test]
@@ -57,20 +57,8 @@ async fn published_ports_when_asked() {
     let id = &pipes.containers()[0];
     let published = common::published(id, "80/tcp");
     pipes.container_ip(id);
-    assert!(established_to(std::net::Ipv4Addr::LOCALHOST, published), "a kept-alive connection to 127.0.0.1:{published}");
+    assert!(common::established_to(std::net::Ipv4Addr::LOCALHOST, published), "a kept-alive connection to 127.0.0.1:{published}");
     assert!(pipes.log().contains("containers are reached on 127.0.0.1 at published ports"), "{}", pipes.log());
-}
-
-/// Whether a TCP connection to `ip:port` is established from this host's
-/// network namespace (`/proc/net/tcp` writes addresses as little-endian hex).
-fn established_to(ip: std::net::Ipv4Addr, port: u16) -> bool {
-    let [a, b, c, d] = ip.octets();
-    let remote = format!("{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}");
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"01")
-    })
 }
 
 #[tokio::test]

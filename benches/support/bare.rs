@@ -26,15 +26,7 @@ impl ProxyHttp for Bare {
 /// 127.0.0.1:`port` to `upstream` with Pingora's YAML `conf`, run by
 /// `wrapper` (such as valgrind) if one is given.
 pub fn command(wrapper: &[&str], port: u16, upstream: SocketAddr, conf: &Path) -> Command {
-    let exe = std::env::current_exe().expect("bench binary");
-    let mut command = match wrapper.split_first() {
-        Some((first, rest)) => {
-            let mut command = Command::new(first);
-            command.args(rest).arg(exe);
-            command
-        }
-        None => Command::new(exe),
-    };
+    let mut command = crate::common::wrapped(wrapper, std::env::current_exe().expect("bench binary"));
     command.env("PIPES_BENCH_BARE", format!("127.0.0.1:{port},{upstream},{}", conf.display())).stderr(Stdio::null());
     command
 }

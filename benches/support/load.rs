@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
-use crate::common::{docker, docker_ok};
+use crate::common::{docker, docker_ok, wrapped};
 
 /// The host every load is sent for.
 pub const HOST: &str = "v1.warm.bench.example.com";
@@ -149,15 +149,7 @@ impl Nginx {
                  location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let mut command = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut command = Command::new(first);
-                command.args(rest).arg("nginx");
-                command
-            }
-            None => Command::new("nginx"),
-        };
-        let child = command
+        let child = wrapped(wrapper, "nginx")
             .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
             .stderr(Stdio::null())
             .spawn()

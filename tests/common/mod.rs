@@ -265,24 +265,57 @@ pub struct Pipes {
 }
 
 /// A port on 127.0.0.1 nothing listens on now.
+/// A command running `program`, run by `wrapper` (a command that runs the
+/// one after it, such as `prlimit --nofile=256:256` or valgrind) if given.
+pub fn wrapped(wrapper: &[&str], program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = Command::new(first);
+            command.args(rest).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// The IPv4 sockets of this network namespace, from `/proc/net/tcp`: local
+/// address, remote address, state and inode of each.
+fn tcp_sockets() -> Vec<[String; 4]> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            Some([fields.get(1)?, fields.get(2)?, fields.get(3)?, fields.get(9)?].map(|f| f.to_string()))
+        })
+        .collect()
+}
+
+/// `ip:port` as `/proc/net/tcp` writes it (the address in little-endian hex).
+fn proc_address(ip: std::net::Ipv4Addr, port: u16) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("{d:02X}{c:02X}{b:02X}{a:02X}:{port:04X}")
+}
+
+/// Whether a TCP connection to `ip:port` is established from this host's
+/// network namespace.
+pub fn established_to(ip: std::net::Ipv4Addr, port: u16) -> bool {
+    let remote = proc_address(ip, port);
+    // State 01 is ESTABLISHED.
+    tcp_sockets().iter().any(|[_, r, state, _]| *r == remote && state == "01")
 }
 
 /// Whether process `pid` holds the socket listening on 127.0.0.1:`port`
 /// (from `/proc`: the listening socket's inode among the process's files).
 fn listens(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else { return false };
-    let local = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local address, state 0A (LISTEN), inode
-            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A")).then(|| fields.get(9).map(|s| s.to_string()))?
-        })
-        .collect();
+    let local = proc_address(std::net::Ipv4Addr::LOCALHOST, port);
+    // State 0A is LISTEN.
+    let inodes: Vec<String> = tcp_sockets().into_iter().filter(|[l, _, state, _]| *l == local && state == "0A").map(|[_, _, _, inode]| inode).collect();
     let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
     fds.flatten().any(|fd| {
         std::fs::read_link(fd.path()).map(|target| inodes.iter().any(|inode| target.to_string_lossy() == format!("socket:[{inode}]"))).unwrap_or(false)
@@ -354,14 +387,8 @@ impl Pipes {
 
     fn command(&self, args: &[&str]) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("pipes.log")).expect("log file");
-        let mut cmd = match self.wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut cmd = Command::new(first);
-                cmd.args(rest).arg(env!("CARGO_BIN_EXE_pipes"));
-                cmd
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_pipes")),
-        };
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        let mut cmd = wrapped(&wrapper, env!("CARGO_BIN_EXE_pipes"));
         cmd.args(args).env_clear().envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Ok(path) = std::env::var("PATH") {
             cmd.env("PATH", path);
