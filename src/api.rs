@@ -17,9 +17,10 @@ use crate::auth::{Access, ApiAuth};
 use crate::config::DeployConfig;
 use crate::engine::{short_id, Instance};
 use crate::error::PipesError;
-use crate::fleet::{Fleet, Generation, StartResult, Status, Switch};
+use crate::fleet::{Applied, ConfigScope, Fleet, Generation, StartResult, Status, Switch};
 use crate::reply::{error_body, Json};
 use crate::route::{Deployment, API_PREFIX};
+use crate::store::Store;
 
 /// Largest request body the API reads.
 pub(crate) const MAX_BODY: usize = 1 << 20;
@@ -159,7 +160,7 @@ impl Admitted {
 }
 
 /// Checks what the request head alone can tell: endpoint, method, token.
-pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
+pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
     let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
     let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path, on, None))?;
     if !endpoint.on().covers(on) {
@@ -170,7 +171,7 @@ pub(crate) async fn admit(fleet: &Arc<Fleet>, auth: &ApiAuth, req: &Request) -> 
         return Err(PipesError::MethodNotAllowed { path: req.path.clone(), allow: endpoint.allow() });
     }
     // A broken tokens.json must not lock the admin out: its tokens are ignored.
-    let tokens = fleet.tokens().await.unwrap_or_else(|e| {
+    let tokens = store.tokens().await.unwrap_or_else(|e| {
         log::error!("{e}; the tokens it grants are ignored until it is fixed");
         Vec::new()
     });
@@ -201,7 +202,7 @@ fn not_found(path: &str, on: On, served_on: Option<On>) -> PipesError {
 }
 
 /// Answers an admitted API request, its body read.
-pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request) -> Result<Json, PipesError> {
+pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Admitted, req: Request) -> Result<Json, PipesError> {
     let Admitted { endpoint, method, access } = admitted;
     let Some(d) = &req.deployment else {
         return match endpoint {
@@ -220,10 +221,10 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
         (Endpoint::ContainerConfig, Method::GET) => container_config(fleet, d).await.map(Json::ok),
         (Endpoint::ContainerConfig, _) => {
             let config = DeployConfig::from_json(&req.body)?;
-            fleet.check_allowed(d)?;
-            fleet.put_config(d, config).await?;
-            log::info!("{d}: config replaced over the API, recreating its instance");
-            started(fleet, d, fleet.recreate(d).await, true).await
+            match fleet.change_config(ConfigScope::Tag(d), config).await? {
+                Applied::Recreated(start) => started(fleet, d, start, true).await,
+                Applied::Pending => state(fleet, d).await.map(Json::ok),
+            }
         }
         (Endpoint::ContainerStop, _) => {
             fleet.stop(d).await?;
@@ -242,12 +243,11 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, admitted: Admitted, req: Request)
             switched(d, fleet.rollback(d).await)
         }
         (Endpoint::ContainerLogs, _) => logs(fleet, d, req.query.as_deref()).await.map(Json::ok),
-        (Endpoint::RepositoryConfig, Method::GET) => repository_config(fleet, d).await.map(Json::ok),
+        (Endpoint::RepositoryConfig, Method::GET) => repository_config(store, d).await.map(Json::ok),
         (Endpoint::RepositoryConfig, _) => {
             let config = DeployConfig::from_json(&req.body)?;
-            fleet.put_repository_config(d, config).await?;
-            log::info!("{}: repository config replaced over the API", d.repository());
-            repository_config(fleet, d).await.map(Json::ok)
+            fleet.change_config(ConfigScope::Repository(d), config).await?;
+            repository_config(store, d).await.map(Json::ok)
         }
         (Endpoint::Deployments | Endpoint::RegistryHook | Endpoint::Events, _) => Err(not_found(&req.path, On::Deployment, Some(endpoint.on()))),
     }
@@ -428,8 +428,8 @@ async fn container_config(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, P
     }))
 }
 
-async fn repository_config(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> {
-    let config = fleet.repository_config(d).await?;
+async fn repository_config(store: &Store, d: &Deployment) -> Result<Value, PipesError> {
+    let config = store.repository(&d.user, &d.repo).await?;
     Ok(json!({ "repository": d.repository(), "config": config }))
 }
 

@@ -20,6 +20,7 @@ use crate::error::PipesError;
 use crate::fleet::{Fleet, Happening, State, What};
 use crate::reply::{error_body_for, Audience};
 use crate::route::Deployment;
+use crate::store::Store;
 
 /// A comment line this often keeps proxies and browsers from closing a quiet stream.
 const HEARTBEAT: Duration = Duration::from_secs(15);
@@ -50,11 +51,11 @@ pub(crate) fn wanted(req: &api::Request) -> bool {
 }
 
 /// Checks who asks, then streams events until the client leaves or Pipes stops.
-pub(crate) async fn serve(fleet: &Arc<Fleet>, auth: &ApiAuth, session: &mut Session, req: api::Request) -> Result<(), (PipesError, Audience)> {
+pub(crate) async fn serve(fleet: &Arc<Fleet>, store: &Store, auth: &ApiAuth, session: &mut Session, req: api::Request) -> Result<(), (PipesError, Audience)> {
     let view = if req.deployment.is_some() && req.authorization.is_none() && req.method == http::Method::GET {
         View { deployment: req.deployment.clone(), access: None, audience: Audience::Public }
     } else {
-        let admitted = api::admit(fleet, auth, &req).await.map_err(|e| (e, Audience::Public))?;
+        let admitted = api::admit(store, auth, &req).await.map_err(|e| (e, Audience::Public))?;
         View { deployment: req.deployment.clone(), access: Some(admitted.access().clone()), audience: Audience::Operator }
     };
     // Followed before the snapshot is taken, so nothing falls between them.

@@ -29,11 +29,12 @@ use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::events;
-use crate::fleet::{Activity, Fleet, OpenCount, Slot};
+use crate::fleet::{Activity, Admission, Fleet, OpenCount, Slot};
 use crate::forwarded::Trusted;
 use crate::reply::{self, Audience};
-use crate::route::{self, Deployment, Hosts, Target};
+use crate::route::{self, Hosts, Target};
 use crate::settings::Settings;
+use crate::store::Store;
 use crate::tls::acme::CHALLENGE_PREFIX;
 use crate::tls::Acme;
 use crate::ui;
@@ -45,6 +46,8 @@ pub struct Pipes {
     fleet: Arc<Fleet>,
     hosts: Hosts,
     api_auth: ApiAuth,
+    /// Configs and scoped tokens, read by the API.
+    store: Store,
     /// `PIPES_KEEPALIVE_TIMEOUT`, in whole seconds as Pingora takes it.
     keepalive_secs: u64,
     /// How long an API request's body may take (`PIPES_HEADER_TIMEOUT`).
@@ -62,12 +65,13 @@ pub struct Pipes {
 
 impl Pipes {
     /// The proxy for `fleet`, routing as `settings` say.
-    pub fn new(fleet: Arc<Fleet>, settings: &Settings, acme: Option<Arc<Acme>>, access_log: Option<Arc<AccessLog>>) -> Self {
+    pub fn new(fleet: Arc<Fleet>, store: Store, settings: &Settings, acme: Option<Arc<Acme>>, access_log: Option<Arc<AccessLog>>) -> Self {
         Pipes {
             acme,
             access_log,
             https_redirect: settings.https_redirect,
             fleet,
+            store,
             hosts: settings.hosts.clone(),
             api_auth: settings.api_auth.clone(),
             keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
@@ -120,8 +124,8 @@ impl Drop for RequestCtx {
 
 /// What `request_filter` decided, owned, so the request can be answered.
 enum Next {
-    Proxy(Arc<Slot>),
-    Start(Deployment),
+    /// A deployment's request, admitted by the fleet.
+    Deployment(Admission),
     Api(api::Request),
     /// The dashboard, on the bare domain as the browser named it.
     Dashboard(String),
@@ -162,26 +166,8 @@ impl ProxyHttp for Pipes {
                 None => reply_error(session, &PipesError::NotOurs { host: String::new(), expected: "a Host header".into() }).await,
             };
         }
-        let next = self.decide(session.req_header());
-        let (slot, mut start) = match next {
-            Next::Proxy(slot) => (slot, None),
-            Next::Start(d) => {
-                if !self.fleet.allows(d.as_ref()) {
-                    return reply_error(session, &PipesError::Forbidden { deployment: d.to_string() }).await;
-                }
-                if let Some(missing) = self.fleet.missing(d.as_ref()) {
-                    return reply_error(session, &missing).await;
-                }
-                // A name the client may not start now gets no slot either.
-                let start = match self.client(session).map(|c| self.fleet.client_start(c, &d)).transpose() {
-                    Ok(start) => start,
-                    Err(e) => return reply_error(session, &e).await,
-                };
-                match self.fleet.slot_for_request(d.as_ref()) {
-                    Ok(slot) => (slot, start),
-                    Err(e) => return reply_error(session, &e).await,
-                }
-            }
+        let admission = match self.decide(session) {
+            Next::Deployment(admission) => admission,
             Next::Dashboard(domain) => return ui::dashboard(session, &domain, self.hosts.style.pattern()).await,
             Next::Api(request) if request.method == http::Method::OPTIONS => {
                 return match self.dashboard_origin(session.req_header()) {
@@ -192,7 +178,7 @@ impl ProxyHttp for Pipes {
                 };
             }
             Next::Api(request) if events::wanted(&request) => {
-                if let Err((e, audience)) = events::serve(&self.fleet, &self.api_auth, session, request).await {
+                if let Err((e, audience)) = events::serve(&self.fleet, &self.store, &self.api_auth, session, request).await {
                     reply::error(session, &e, audience, false).await?;
                 }
                 return Ok(true);
@@ -208,37 +194,31 @@ impl ProxyHttp for Pipes {
             }
             Next::Fail(e) => return reply_error(session, &e).await,
         };
-        ctx.slot = Some(slot.clone());
-        let upstream = match slot.upstream() {
-            Some(up) => up,
-            None => {
+        let (slot, upstream) = match admission {
+            Admission::Warm { slot, upstream } => (slot, upstream),
+            Admission::Cold(start) => {
+                ctx.slot = Some(start.slot().clone());
                 ctx.cold_start = true;
-                if start.is_none() {
-                    start = match self.client(session).map(|c| self.fleet.client_start(c, &slot.deployment)).transpose() {
-                        Ok(start) => start,
-                        Err(e) => return reply_error(session, &e).await,
-                    };
-                }
                 // A browser is shown the waiting page rather than a blank wait.
                 let page_after = self.waiting_page_after.filter(|_| waiting::wanted(session.req_header()));
                 let started = match page_after {
-                    Some(after) => match tokio::time::timeout(after, self.fleet.ready(&slot)).await {
+                    Some(after) => match tokio::time::timeout(after, start.ready()).await {
                         Ok(started) => started,
                         // The start goes on without this request.
-                        Err(_) => return waiting::page(session, &slot, after).await,
+                        Err(_) => return waiting::page(session, start.slot(), after).await,
                     },
-                    None => self.fleet.ready(&slot).await,
+                    None => start.ready().await,
                 };
-                drop(start);
                 match started {
                     Ok(up) => {
                         ctx.warmup = up.warmup_permit().await;
-                        up
+                        (start.slot().clone(), up)
                     }
                     Err(e) => return reply_error(session, &e).await,
                 }
             }
         };
+        ctx.slot = Some(slot.clone());
         ctx.activity = Some(slot.begin(upstream));
         if websocket::wanted(session.req_header()) && !session.is_http2() {
             return self.websocket(session, &slot, ctx).await;
@@ -348,8 +328,10 @@ impl ProxyHttp for Pipes {
 }
 
 impl Pipes {
-    /// Routes a request without touching the engine: the hot path ends in `Next::Proxy`.
-    fn decide(&self, req: &RequestHeader) -> Next {
+    /// Routes a request and has the fleet admit it, without touching the
+    /// engine: the hot path ends in `Admission::Warm`.
+    fn decide(&self, session: &Session) -> Next {
+        let req = session.req_header();
         let raw = match request_host(req) {
             Ok(raw) => raw,
             Err(e) => return Next::Fail(e),
@@ -378,10 +360,9 @@ impl Pipes {
             Target::Bare if path == "/" && matches!(req.method, http::Method::GET | http::Method::HEAD) => return Next::Dashboard(raw.to_owned()),
             Target::Bare => return Next::Fail(self.hosts.no_deployment(&host)),
         };
-        match self.fleet.get(d) {
-            Some(slot) if self.fleet.allows(d) => Next::Proxy(slot),
-            Some(_) => Next::Fail(PipesError::Forbidden { deployment: d.to_string() }),
-            None => Next::Start(d.to_owned()),
+        match self.fleet.admit(d, || self.client(session)) {
+            Ok(admission) => Next::Deployment(admission),
+            Err(e) => Next::Fail(e),
         }
     }
 }
@@ -508,11 +489,11 @@ impl Pipes {
     /// Errors before the token was accepted are the public's; after, the operator's.
     async fn api(&self, session: &mut Session, mut request: api::Request) -> std::result::Result<reply::Json, (PipesError, Audience)> {
         let public = |e| (e, Audience::Public);
-        let admitted = api::admit(&self.fleet, &self.api_auth, &request).await.map_err(public)?;
+        let admitted = api::admit(&self.store, &self.api_auth, &request).await.map_err(public)?;
         let body = tokio::time::timeout(self.body_timeout, reply::read_body(session, api::MAX_BODY));
         let body = body.await.map_err(|_| PipesError::BodyTimeout { timeout: self.body_timeout }).and_then(|b| b);
         request.body = body.map_err(|e| (e, Audience::Operator))?;
-        api::answer(&self.fleet, admitted, request).await.map_err(|e| (e, Audience::Operator))
+        api::answer(&self.fleet, &self.store, admitted, request).await.map_err(|e| (e, Audience::Operator))
     }
 
     /// Relays a WebSocket to the deployment of `slot`, restarting it once if

@@ -57,12 +57,12 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
             (swarm.clone(), Store::new(swarm))
         }
     };
-    let fleet = Arc::new(Fleet::new(&settings, backend, store, control.handle().clone()));
+    let fleet = Arc::new(Fleet::new(&settings, backend, store.clone(), control.handle().clone()));
     match control.block_on(fleet.describe_backend()) {
         Ok(description) => log::info!("{description}"),
         Err(e) => log::warn!("{e}; deployments answer 503 until the engine answers"),
     }
-    for problem in control.block_on(fleet.check_configs()) {
+    for problem in control.block_on(store.check()) {
         log::error!("{problem}");
     }
     match control.block_on(fleet.claim(settings.upgrade)) {
@@ -90,7 +90,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         AccessLog::Off => None,
     };
     let app = |h2c: bool, acme: Option<Arc<Acme>>| {
-        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), &settings, acme, access_log.clone()));
+        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), store.clone(), &settings, acme, access_log.clone()));
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
         options.h2_idle_timeout = Some(settings.keepalive_timeout);

@@ -6,7 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::HashSet;
+
+use super::slot::now_ms;
 use super::*;
+use crate::config::DeployConfig;
 use crate::engine::fake::{Behaviour, Fake, Others};
 use crate::settings::{Settings, Sources};
 
@@ -53,7 +57,7 @@ impl Harness {
     /// Publishes `key` with an idle timeout of 1 s and starts it.
     async fn idling(&self, key: &str) -> (Deployment, Arc<Upstream>) {
         let d = self.publish(key, Behaviour::default());
-        self.fleet.put_repository_config(&d, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
+        self.fleet.deployer.store().put_repository(&d.user, &d.repo, DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap()).await.unwrap();
         let up = self.ready(&d).await.unwrap();
         (d, up)
     }
@@ -216,7 +220,7 @@ async fn idle_instances_are_stopped_and_started_again_on_demand() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/idle:v1", Behaviour::default());
     let config = DeployConfig::from_json(br#"{"idle_timeout":"1s"}"#).unwrap();
-    h.fleet.put_repository_config(&d, config).await.unwrap();
+    h.fleet.deployer.store().put_repository(&d.user, &d.repo, config).await.unwrap();
     h.ready(&d).await.unwrap();
     h.until_stopped_idle(&d, "the idle instance stops").await;
     assert!(h.fleet.slot(d.as_ref()).upstream().is_none(), "the table forgot it");
@@ -234,7 +238,8 @@ async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
     let first = status.instance.unwrap().id;
 
     let config = DeployConfig::from_json(br#"{"env":{"GREETING":"hi"}}"#).unwrap();
-    h.fleet.put_repository_config(&d, config).await.unwrap();
+    let applied = h.fleet.change_config(ConfigScope::Repository(&d), config).await.unwrap();
+    assert!(matches!(applied, Applied::Pending), "{applied:?}");
     let status = h.fleet.status(&d).await.unwrap();
     assert!(status.config_pending, "the running instance was made from the old config");
     assert_eq!(status.instance.as_ref().unwrap().id, first, "nothing was replaced by the PUT");
@@ -251,13 +256,39 @@ async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_config_change_makes_the_deployment_anew_without_its_rollback_generation() {
+    let h = Harness::new(&[("PIPES_MAX_MEMORY", "1g")]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.ready(&d).await.unwrap();
+    h.publish("alice/app:v1", Behaviour::default());
+    assert!(matches!(h.fleet.redeploy(&d).await.unwrap(), Switch::Replaced { .. }));
+    assert!(h.fleet.status(&d).await.unwrap().previous.is_some(), "a generation kept for a rollback");
+
+    let config = DeployConfig::from_json(br#"{"env":{"A":"1"}}"#).unwrap();
+    let Applied::Recreated(started) = h.fleet.change_config(ConfigScope::Tag(&d), config).await.unwrap() else { panic!("applied at once") };
+    started.expect("the new instance answers");
+    let status = h.fleet.status(&d).await.unwrap();
+    assert!(status.instance.unwrap().config.unwrap().contains("\"A\""), "made from the new config");
+    assert!(status.previous.is_none(), "a rollback cannot bring the replaced config back");
+    assert!(!status.config_pending);
+
+    let over = DeployConfig::from_json(br#"{"memory":"2g"}"#).unwrap();
+    let refused = h.fleet.change_config(ConfigScope::Tag(&d), over).await;
+    assert_eq!(refused.map(|_| ()).unwrap_err().status(), 422, "above the ceilings");
+    let denied = key("mallory/app:v1");
+    let refused = h.fleet.change_config(ConfigScope::Tag(&denied), DeployConfig::default()).await;
+    assert_eq!(refused.map(|_| ()).unwrap_err().status(), 403, "not allowed here");
+    assert!(h.fleet.deployer.store().tag(&denied).await.unwrap().is_none(), "nothing saved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_config_replaces_a_stopped_instance() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
     h.ready(&d).await.unwrap();
     h.fleet.stop(&d).await.unwrap();
     let config = DeployConfig::from_json(br#"{"env":{"A":"1"}}"#).unwrap();
-    h.fleet.put_config(&d, config).await.unwrap();
+    h.fleet.deployer.store().put_tag(&d, config).await.unwrap();
     h.ready(&d).await.unwrap();
     assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 2, "a new instance for the new config");
     assert_eq!(h.fake.calls.starts.load(Ordering::Relaxed), 2, "each new instance was started, the old one not again");
@@ -540,7 +571,7 @@ async fn the_table_holds_a_bounded_number_of_deployments_that_do_not_run() {
 /// Pauses `d` after its idle timeout (set to 1 s with `idle_action: pause`).
 async fn paused_after_idle(h: &Harness, d: &Deployment, extra: &str) {
     let config = DeployConfig::from_json(format!(r#"{{"idle_timeout":"1s","idle_action":"pause"{extra}}}"#).as_bytes()).unwrap();
-    h.fleet.put_config(d, config).await.unwrap();
+    h.fleet.deployer.store().put_tag(&d, config).await.unwrap();
     h.ready(d).await.unwrap();
     let (fleet, slot) = (h.fleet.clone(), h.fleet.slot(d.as_ref()));
     eventually("the idle instance is paused", move || {

@@ -1,0 +1,110 @@
+//! What operators do to a deployment (stop, remove, restart, logs), and the
+//! one flow that owns a config change.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::{Deployer, Fleet, StartResult};
+use crate::config::DeployConfig;
+use crate::error::PipesError;
+use crate::route::Deployment;
+
+/// Which config layer a change replaces.
+#[derive(Debug, Clone, Copy)]
+pub enum ConfigScope<'a> {
+    /// The deployment's own (per-tag) config.
+    Tag(&'a Deployment),
+    /// The default of the deployment's repository.
+    Repository(&'a Deployment),
+}
+
+/// What a config change did to what runs.
+#[derive(Debug)]
+pub enum Applied {
+    /// The deployment was made anew from the new config; how its start went.
+    Recreated(StartResult),
+    /// Nothing was restarted: running deployments report `config_pending`.
+    Pending,
+}
+
+impl Fleet {
+    /// Runs `op` on the deployer for `d` on the control runtime, after any
+    /// other operation on `d` (a start among them) ended and with the table no
+    /// longer sending it requests.
+    async fn operate<F, Fut>(&self, d: &Deployment, op: F) -> Result<(), PipesError>
+    where
+        F: FnOnce(Arc<Deployer>, Deployment) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), PipesError>> + Send + 'static,
+    {
+        let slot = self.slot(d.as_ref());
+        let (deployer, d) = (self.deployer.clone(), d.clone());
+        self.on_control(async move {
+            let _op = slot.ops.lock().await;
+            slot.forget();
+            op(deployer, d).await
+        })
+        .await
+    }
+
+    /// Stops the deployment's instance and keeps it; the next request starts it again.
+    pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.operate(d, |deployer, d| async move { deployer.stop(&d).await }).await
+    }
+
+    /// Stops and removes the deployment's instance; its config stays.
+    pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.operate(d, |deployer, d| async move { deployer.remove(&d).await }).await
+    }
+
+    /// Restarts the deployment's instance (or starts one) and waits until it answers.
+    pub async fn restart(self: &Arc<Self>, d: &Deployment) -> StartResult {
+        self.operate(d, |deployer, d| async move { deployer.restart(&d).await }).await?;
+        self.ready(&self.slot(d.as_ref())).await
+    }
+
+    /// The last `lines` lines of `d`'s instance, with its id.
+    pub async fn logs(&self, d: &Deployment, lines: usize) -> Result<(Option<String>, Vec<String>), PipesError> {
+        let (deployer, d) = (self.deployer.clone(), d.clone());
+        self.on_control(async move { deployer.logs(&d, lines).await }).await
+    }
+
+    /// A config changed: the one flow for both layers. The config is checked
+    /// against the operator's ceilings (422 above them) and saved; the
+    /// deployments it covers forget a remembered failure, so the next
+    /// request tries again.
+    ///
+    /// - A tag's own config is applied at once: its instances are removed,
+    ///   the generation kept for a rollback among them, and a new one is made
+    ///   and started. A rollback must never bring back the config just
+    ///   replaced, and a kept generation made from it could do nothing else.
+    /// - A repository's default is not applied to what runs: each running
+    ///   deployment reports `config_pending` until it is restarted,
+    ///   redeployed or recreated, so one request cannot restart a whole
+    ///   repository's previews.
+    pub async fn change_config(self: &Arc<Self>, scope: ConfigScope<'_>, config: DeployConfig) -> Result<Applied, PipesError> {
+        self.deployer.check_ceilings(&config)?;
+        let store = self.deployer.store();
+        match scope {
+            ConfigScope::Tag(d) => {
+                self.check_allowed(d)?;
+                store.put_tag(d, config).await?;
+                if let Some(slot) = self.get(d.as_ref()) {
+                    slot.lock_cold().failed = None;
+                }
+                log::info!("{d}: config replaced, recreating its instance");
+                self.remove(d).await?;
+                Ok(Applied::Recreated(self.ready(&self.slot(d.as_ref())).await))
+            }
+            ConfigScope::Repository(d) => {
+                store.put_repository(&d.user, &d.repo, config).await?;
+                for slot in self.table.load().values() {
+                    if slot.deployment.user == d.user && slot.deployment.repo == d.repo {
+                        slot.lock_cold().failed = None;
+                    }
+                }
+                log::info!("{}: repository config replaced; running deployments apply it at their next restart", d.repository());
+                Ok(Applied::Pending)
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Following the engine: its events and a periodic reconcile keep the table
+//! true to what runs; adoption takes over what a previous Pipes left.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{Fleet, What};
+use crate::engine::{short_id, Event, EventKind};
+use crate::error::PipesError;
+use crate::route::Deployment;
+
+impl Fleet {
+    /// Keeps the table true to what the backend did: an instance that stopped
+    /// leaves the table at once; one that started (by hand, by its restart
+    /// policy) and is not served yet is probed and adopted.
+    pub(crate) fn on_event(self: &Arc<Self>, event: &Event) {
+        let Some(d) = &event.deployment else { return };
+        if !matches!(event.kind, EventKind::Paused | EventKind::Health(_)) {
+            self.unpaused(&event.id);
+        }
+        match &event.kind {
+            kind if kind.ends_it() => {
+                if let Some(slot) = self.get(d.as_ref()) {
+                    if slot.retract(&event.id) {
+                        log::info!("{d}: instance {} {kind:?}: no more requests go to it", short_id(&event.id));
+                        let (state, why) = match kind {
+                            EventKind::Paused => ("paused", "paused"),
+                            EventKind::Destroyed => ("removed", "removed"),
+                            EventKind::OutOfMemory => ("stopped", "out of memory"),
+                            EventKind::Killed => ("stopped", "killed"),
+                            EventKind::Died(_) => ("stopped", "exited"),
+                            _ => ("stopped", "stopped"),
+                        };
+                        self.feed.tell(d, What::Left { state, why });
+                    }
+                }
+            }
+            EventKind::Started | EventKind::Unpaused => self.adopt_running(d, &event.id),
+            EventKind::Health(status) => log::debug!("{d}: instance {} is {status}", short_id(&event.id)),
+            _ => {}
+        }
+    }
+
+    /// Level-triggered repair: drops upstreams whose instance no longer runs,
+    /// and adopts running instances the table does not serve.
+    pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<(), PipesError> {
+        let deployer = self.deployer.clone();
+        let instances = self.on_control(async move { deployer.backend().list().await }).await?;
+        let running: HashSet<&str> = instances.iter().filter(|i| i.running).map(|i| i.id.as_str()).collect();
+        for slot in self.table.load().values() {
+            if let Some(up) = slot.upstream() {
+                if !running.contains(up.instance_id.as_str()) && slot.retract(&up.instance_id) {
+                    log::info!("{}: instance {} no longer runs: no more requests go to it", slot.deployment, short_id(&up.instance_id));
+                }
+            }
+        }
+        for instance in instances.iter().filter(|i| i.running) {
+            self.adopt_running(&instance.deployment, &instance.id);
+        }
+        self.note_paused(&instances);
+        Ok(())
+    }
+
+    /// Starts serving `d` through the usual start (which finds its running
+    /// instance and probes it), unless it is served or starting already;
+    /// when another instance than `id` is served, follows the newer
+    /// generation if `id` made one.
+    fn adopt_running(self: &Arc<Self>, d: &Deployment, id: &str) {
+        if self.retired() || !self.allows(d.as_ref()) {
+            return;
+        }
+        let slot = self.slot(d.as_ref());
+        if slot.starting() {
+            return;
+        }
+        let fleet = self.clone();
+        match slot.upstream() {
+            None => {
+                self.control.spawn(async move {
+                    if let Err(e) = fleet.ready(&slot).await {
+                        log::debug!("{}: not adopted: {e}", slot.deployment);
+                    }
+                });
+            }
+            Some(up) if up.instance_id != id => {
+                let started = id.to_owned();
+                self.control.spawn(async move { fleet.follow_generation(&slot, up, &started).await });
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Takes over the instances this Pipes left running or stopped: the
+    /// current generation of each deployment serves again at once.
+    pub async fn adopt(&self) -> Result<usize, PipesError> {
+        let deployer = self.deployer.clone();
+        let listed = self.on_control(async move { deployer.backend().list().await }).await?;
+        self.note_paused(&listed);
+        let mut deployments: Vec<&Deployment> = listed.iter().map(|i| &i.deployment).collect();
+        deployments.sort();
+        deployments.dedup();
+        for d in deployments {
+            let (deployer, key) = (self.deployer.clone(), d.clone());
+            let running = self.on_control(async move { deployer.running(&key).await }).await?;
+            let slot = self.slot(d.as_ref());
+            match running {
+                Some(up) => {
+                    log::info!("adopted {d}: instance {} serves at {}", short_id(&up.instance_id), up.addr);
+                    slot.set_upstream(Some(Arc::new(up)));
+                }
+                None => log::info!("adopted {d}: stopped"),
+            }
+        }
+        Ok(listed.len())
+    }
+}
