@@ -7,29 +7,32 @@
 //! [`settings`] holds everything the operator configured. `docs/architecture.md`
 //! walks through it all.
 
+// What a user or the engine decides is handled, never unwrapped (tests may).
+#![deny(clippy::unwrap_used)]
+
 // Public where the binary, the tests or the benchmarks use them; the rest is
 // private so that the compiler reports what nothing uses.
 mod access_log;
 pub mod api;
-pub mod auth;
+mod auth;
 pub mod config;
 mod connection;
 pub mod engine;
-pub mod error;
+mod error;
 mod events;
 pub mod fleet;
-pub mod forwarded;
-pub mod metrics;
-pub mod policy;
+mod forwarded;
+mod metrics;
+mod policy;
 mod proxy;
 mod reply;
 pub mod route;
 mod scrape;
-pub mod secret;
+mod secret;
 pub mod server;
 pub mod settings;
 pub mod store;
-pub mod tls;
+mod tls;
 mod ui;
 mod waiting;
 mod websocket;

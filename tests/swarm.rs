@@ -62,7 +62,7 @@ fn no_swarm() -> bool {
         return true;
     }
     if std::env::var_os("PIPES_TEST_SWARM").is_none() {
-        eprintln!("skipped: the engine is not a swarm manager (scripts/test says why)");
+        common::skipped("the engine is not a swarm manager (scripts/test says why)");
         return true;
     }
     false

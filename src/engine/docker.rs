@@ -274,12 +274,10 @@ impl Docker {
         // The engine reports a zero time for a container that never ran.
         let started_at = state.started_at.filter(|s| !s.starts_with("0001-"));
         let exit_code = (!running && !paused && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
+        let seen = Seen { id: c.id?, running, paused, exit_code, started_at };
         self.facts(
-            c.id?,
+            seen,
             &labels,
-            (running, paused),
-            exit_code,
-            started_at,
             |port| {
                 let bindings = net.ports.as_ref()?.get(&format!("{port}/tcp"))?.as_ref()?;
                 bindings.iter().find_map(|b| b.host_port.as_deref()?.parse().ok())
@@ -301,12 +299,10 @@ impl Docker {
         let exit_code = c.status.as_deref().and_then(|s| s.strip_prefix("Exited (")).and_then(|s| s.split(')').next()).and_then(|n| n.parse().ok());
         let ports = c.ports.unwrap_or_default();
         let networks = c.network_settings.and_then(|n| n.networks).unwrap_or_default();
+        let seen = Seen { id: c.id?, running, paused, exit_code, started_at: None };
         self.facts(
-            c.id?,
+            seen,
             &labels,
-            (running, paused),
-            exit_code,
-            None,
             |port| ports.iter().find(|p| p.private_port == port).and_then(|p| p.public_port),
             |network| networks.get(network)?.ip_address.as_deref()?.parse().ok(),
         )
@@ -317,14 +313,12 @@ impl Docker {
     /// container is not a deployment of Pipes.
     fn facts(
         &self,
-        id: String,
+        seen: Seen,
         labels: &HashMap<String, String>,
-        (running, paused): (bool, bool),
-        exit_code: Option<i64>,
-        started_at: Option<String>,
         host_port: impl FnOnce(u16) -> Option<u16>,
         network_ip: impl FnOnce(&str) -> Option<IpAddr>,
     ) -> Option<Instance> {
+        let Seen { id, running, paused, exit_code, started_at } = seen;
         let deployment = Deployment::parse(labels.get(LABEL_DEPLOYMENT)?)?;
         let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
         // A paused container keeps its address for when it is thawed.
@@ -800,6 +794,16 @@ fn split_reference(reference: &str) -> (&str, &str) {
         Some(colon) => (&reference[..last_slash + colon], &reference[last_slash + colon + 1..]),
         None => (reference, DEFAULT_TAG),
     }
+}
+
+/// What the engine said of a container's state, by either of its views
+/// (inspect, or the list).
+struct Seen {
+    id: String,
+    running: bool,
+    paused: bool,
+    exit_code: Option<i64>,
+    started_at: Option<String>,
 }
 
 #[cfg(test)]

@@ -571,7 +571,7 @@ async fn the_table_holds_a_bounded_number_of_deployments_that_do_not_run() {
 /// Pauses `d` after its idle timeout (set to 1 s with `idle_action: pause`).
 async fn paused_after_idle(h: &Harness, d: &Deployment, extra: &str) {
     let config = DeployConfig::from_json(format!(r#"{{"idle_timeout":"1s","idle_action":"pause"{extra}}}"#).as_bytes()).unwrap();
-    h.fleet.deployer.store().put_tag(&d, config).await.unwrap();
+    h.fleet.deployer.store().put_tag(d, config).await.unwrap();
     h.ready(d).await.unwrap();
     let (fleet, slot) = (h.fleet.clone(), h.fleet.slot(d.as_ref()));
     eventually("the idle instance is paused", move || {

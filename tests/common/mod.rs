@@ -47,9 +47,23 @@ pub fn prepared() -> Option<&'static TestEnv> {
 pub fn skip() -> bool {
     let missing = prepared().is_none();
     if missing {
-        eprintln!("skipped: this test needs the engine, registry and fixture images that scripts/test prepares; run scripts/test");
+        skipped("this test needs the engine, registry and fixture images that scripts/test prepares; run scripts/test");
     }
     missing
+}
+
+/// Says loudly that the running test is skipped, and why: on stderr, and as a
+/// line in the file `PIPES_TEST_SKIPS` names, which `scripts/test` counts and
+/// shows (and fails on in CI, where nothing may be skipped).
+pub fn skipped(why: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    eprintln!("skipped: {test}: {why}");
+    if let Some(path) = std::env::var_os("PIPES_TEST_SKIPS") {
+        use std::io::Write;
+        let line = format!("{test}: {why}\n");
+        let written = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| f.write_all(line.as_bytes()));
+        written.expect("the skip record PIPES_TEST_SKIPS names is writable");
+    }
 }
 
 /// The prepared environment; tests call [`skip`] first.
