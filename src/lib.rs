@@ -15,6 +15,7 @@
 mod access_log;
 pub mod api;
 mod auth;
+pub(crate) mod clock;
 pub mod config;
 mod connection;
 pub mod engine;

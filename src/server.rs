@@ -54,7 +54,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         BackendKind::Docker => (Arc::new(control.block_on(Docker::connect(&settings.docker))), Store::dir(settings.config_dir.clone())),
         BackendKind::Swarm => {
             let swarm = Arc::new(Swarm::new(&settings.docker));
-            (swarm.clone(), Store::new(swarm))
+            (swarm.clone(), Store::new(Arc::new(swarm.configs())))
         }
     };
     let fleet = Arc::new(Fleet::new(&settings, backend, store.clone(), control.handle().clone()));

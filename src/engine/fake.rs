@@ -1,9 +1,13 @@
-//! An in-memory [`Backend`] for the fleet's unit tests.
+//! An in-memory [`Backend`] for tests: the fleet's unit tests and the
+//! backend contract (`tests/contract.rs`), which holds it to what Docker's
+//! engine does.
 //!
 //! An instance is a tiny HTTP server on 127.0.0.1 that answers `200 ok`, so
 //! the fleet's probes and connections are real; stopping one closes its
 //! listener, so a refused connection is real too. Images are "published" by
-//! the test with the behaviour their instances show.
+//! the test with the behaviour their instances show. Where the engine
+//! refuses (pausing what does not run, starting what is paused), the fake
+//! refuses too; its "engine down" switch fails every call.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use super::{Backend, Event, EventKind, Image, Instance, Progress, Quiet, Spec};
+use super::{Backend, Event, EventKind, Image, Instance, Pausing, Progress, Quiet, Replicas, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -32,6 +36,10 @@ pub struct Behaviour {
     pub listen_after: Duration,
     /// Ports the image exposes.
     pub exposed: Vec<u16>,
+    /// The port its program listens on, if not the one the spec names: its
+    /// instances then refuse connections at their address, as a container
+    /// whose program listens elsewhere does.
+    pub listens_on: Option<u16>,
 }
 
 struct Entry {
@@ -83,13 +91,15 @@ pub struct Calls {
 pub struct Fake {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Event>,
+    /// Every event so far, for `events(since)`; locked after `inner`.
+    history: Mutex<Vec<Event>>,
     pub calls: Calls,
 }
 
 impl Fake {
     /// An empty fake: no images, no instances.
     pub fn new() -> Arc<Fake> {
-        Arc::new(Fake { inner: Mutex::default(), events: broadcast::channel(1024).0, calls: Calls::default() })
+        Arc::new(Fake { inner: Mutex::default(), events: broadcast::channel(1024).0, history: Mutex::default(), calls: Calls::default() })
     }
 
     /// Makes the fake one of several Pipes serving its instances.
@@ -119,9 +129,14 @@ impl Fake {
         self.lock().entries.values().filter(|e| &e.instance.deployment == d && e.instance.running).map(|e| e.instance.id.clone()).collect()
     }
 
+    /// Tells followers of `kind` happening to `entry`. Called with `inner`
+    /// locked, so that `events` can take the history and follow from one
+    /// point, missing nothing and repeating nothing.
     fn emit(&self, entry: &Entry, kind: EventKind) {
-        let time_nano = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
-        let _ = self.events.send(Event { id: entry.instance.id.clone(), deployment: Some(entry.instance.deployment.clone()), kind, time_nano });
+        let time_nano = i64::try_from(crate::clock::wall().as_nanos()).unwrap_or(i64::MAX);
+        let event = Event { id: entry.instance.id.clone(), deployment: Some(entry.instance.deployment.clone()), kind, time_nano };
+        self.history.lock().unwrap_or_else(PoisonError::into_inner).push(event.clone());
+        let _ = self.events.send(event);
     }
 
     /// Makes every call fail as if the engine were unreachable (or answer again).
@@ -150,7 +165,7 @@ impl Fake {
 
     fn up(&self) -> Result<(), PipesError> {
         if self.lock().down {
-            Err(PipesError::EngineUnavailable { reason: "the fake engine is down".into() })
+            Err(down())
         } else {
             Ok(())
         }
@@ -158,14 +173,15 @@ impl Fake {
 
     /// Starts the entry `id`: serves, or exits at once as its image says.
     async fn launch(&self, id: &str) -> Result<Instance, PipesError> {
-        let behaviour = {
+        let (behaviour, port) = {
             let inner = self.lock();
             let entry = inner.entries.get(id).ok_or_else(|| gone(id))?;
-            inner.registry.get(&entry.spec.image).map(|(b, _)| b.clone()).unwrap_or_default()
+            (inner.registry.get(&entry.spec.image).map(|(b, _)| b.clone()).unwrap_or_default(), entry.spec.port)
         };
+        let listens = behaviour.listens_on.is_none_or(|p| p == port);
         let served = match behaviour.exit_code {
             Some(_) => None,
-            None => Some(serve(behaviour.listen_after).await),
+            None => Some(serve(behaviour.listen_after, listens).await),
         };
         let mut inner = self.lock();
         let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
@@ -194,6 +210,15 @@ fn gone(id: &str) -> PipesError {
     PipesError::Engine { action: "find an instance", detail: format!("no instance {id}") }
 }
 
+/// What the engine answers to an operation its instance's state forbids.
+fn refused(action: &str, id: &str, why: &str) -> PipesError {
+    PipesError::Engine { action: "change an instance", detail: format!("cannot {action} {id}: it {why}") }
+}
+
+fn down() -> PipesError {
+    PipesError::EngineUnavailable { reason: "the fake engine is down".into() }
+}
+
 fn halt(entry: &mut Entry, code: i64) {
     if let Some(server) = entry.server.take() {
         server.abort();
@@ -205,11 +230,16 @@ fn halt(entry: &mut Entry, code: i64) {
     entry.exit.send_replace(Some(code));
 }
 
-/// A server answering every request `200 ok`, listening after `delay`.
-async fn serve(delay: Duration) -> (SocketAddr, AbortHandle) {
+/// A server answering every request `200 ok`, listening after `delay` — or
+/// never, unless `listens`: its address then refuses connections.
+async fn serve(delay: Duration, listens: bool) -> (SocketAddr, AbortHandle) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
     let addr = listener.local_addr().expect("a bound address");
     let task = tokio::spawn(async move {
+        if !listens {
+            drop(listener);
+            return std::future::pending().await;
+        }
         let listener = if delay.is_zero() {
             listener
         } else {
@@ -290,115 +320,50 @@ impl Backend for Fake {
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
         self.up()?;
         self.calls.creates.fetch_add(1, Ordering::Relaxed);
-        let reuse = {
-            let mut inner = self.lock();
-            let same_name = inner
-                .entries
-                .values()
-                .find(|e| e.instance.deployment == spec.deployment && e.spec.digest == spec.digest)
-                .map(|e| (e.instance.id.clone(), e.spec.hash == spec.hash));
-            match same_name {
-                // A generation coming back.
-                Some((id, true)) => Some(id),
-                // Made from another spec: replaced.
-                Some((id, false)) => {
-                    if let Some(mut old) = inner.entries.remove(&id) {
-                        halt(&mut old, 137);
-                    }
-                    None
-                }
-                None => None,
+        // One look and one change under one lock: like the engine's unique
+        // names, two creates of one generation never make two instances.
+        let mut inner = self.lock();
+        let same_name =
+            inner.entries.values().find(|e| e.instance.deployment == spec.deployment && e.spec.digest == spec.digest).map(|e| e.instance.id.clone());
+        if let Some(id) = same_name {
+            let entry = inner.entries.get(&id).ok_or_else(|| gone(&id))?;
+            if entry.spec.hash == spec.hash {
+                // A generation coming back, or made by another Pipes first.
+                return Ok(entry.instance.clone());
             }
-        };
-        if let Some(id) = reuse {
-            return Ok(self.lock().entries.get(&id).ok_or_else(|| gone(&id))?.instance.clone());
+            // Made from another spec: replaced.
+            if let Some(mut old) = inner.entries.remove(&id) {
+                halt(&mut old, 137);
+                self.emit(&old, EventKind::Destroyed);
+            }
         }
-        let created = {
-            let mut inner = self.lock();
-            inner.next_id += 1;
-            let id = format!("fake{:08}", inner.next_id);
-            let instance = Instance::created(id.clone(), spec);
-            let (exit, _) = watch::channel(None);
-            inner.entries.insert(id.clone(), Entry { instance: instance.clone(), spec: spec.clone(), server: None, exit });
-            instance
-        };
-        Ok(created)
+        inner.next_id += 1;
+        let id = format!("fake{:08}", inner.next_id);
+        let instance = Instance::created(id.clone(), spec);
+        // Waiting for a container that never ran returns at once, as the engine's does.
+        let (exit, _) = watch::channel(Some(0));
+        inner.entries.insert(id, Entry { instance: instance.clone(), spec: spec.clone(), server: None, exit });
+        Ok(instance)
     }
 
     async fn start(&self, id: &str) -> Result<Instance, PipesError> {
         self.up()?;
         self.calls.starts.fetch_add(1, Ordering::Relaxed);
-        let running = self.lock().entries.get(id).ok_or_else(|| gone(id))?.instance.clone();
-        if running.running {
-            return Ok(running);
+        let now = self.lock().entries.get(id).ok_or_else(|| gone(id))?.instance.clone();
+        if now.paused {
+            return Err(refused("start", id, "is paused: unpause it instead"));
+        }
+        if now.running {
+            return Ok(now);
         }
         self.launch(id).await
-    }
-
-    async fn pause(&self, id: &str) -> Result<(), PipesError> {
-        self.up()?;
-        self.calls.pauses.fetch_add(1, Ordering::Relaxed);
-        let mut inner = self.lock();
-        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
-        if entry.instance.running {
-            // Its server task stays, like a frozen process's socket.
-            entry.instance.running = false;
-            entry.instance.paused = true;
-            self.emit(entry, EventKind::Paused);
-        }
-        Ok(())
-    }
-
-    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
-        self.up()?;
-        self.calls.unpauses.fetch_add(1, Ordering::Relaxed);
-        let mut inner = self.lock();
-        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
-        if entry.instance.paused {
-            entry.instance.paused = false;
-            entry.instance.running = true;
-            self.emit(entry, EventKind::Unpaused);
-        }
-        Ok(entry.instance.clone())
-    }
-
-    // One fake backend is one Pipes: its name is always free.
-    async fn claim(&self, _beside: bool) -> Result<Option<String>, PipesError> {
-        self.up()?;
-        Ok(None)
-    }
-
-    async fn release(&self) {}
-
-    fn shared(&self) -> bool {
-        self.lock().others.is_some()
-    }
-
-    async fn share_activity(&self, id: &str, at_ms: u64) -> Result<(), PipesError> {
-        if let Some(others) = self.lock().others.as_mut() {
-            others.told.push((id.to_owned(), at_ms));
-        }
-        Ok(())
-    }
-
-    async fn quiet_elsewhere(&self, _id: &str, _idle: Duration) -> Result<Quiet, PipesError> {
-        Ok(match self.lock().others.as_ref().and_then(|o| o.busy_at) {
-            Some(at) => Quiet::Busy(at),
-            None => Quiet::Since(1),
-        })
-    }
-
-    async fn stop_quiet(&self, id: &str, grace: Duration, _since: u64) -> Result<bool, PipesError> {
-        if self.lock().others.as_ref().is_some_and(|o| o.interfere) {
-            return Ok(false);
-        }
-        self.stop(id, grace).await.map(|()| true)
     }
 
     async fn stop(&self, id: &str, _grace: Duration) -> Result<(), PipesError> {
         self.up()?;
         self.calls.stops.fetch_add(1, Ordering::Relaxed);
         if let Some(entry) = self.lock().entries.get_mut(id) {
+            // The engine stops a paused container too.
             entry.instance.paused = false;
             if entry.instance.running || entry.server.is_some() {
                 halt(entry, 0);
@@ -424,6 +389,7 @@ impl Backend for Fake {
     }
 
     async fn exited(&self, id: &str) -> Result<i64, PipesError> {
+        self.up()?;
         let mut exit = self.lock().entries.get(id).ok_or_else(|| gone(id))?.exit.subscribe();
         let code = exit.wait_for(Option::is_some).await.map_err(|_| gone(id))?;
         Ok(code.unwrap_or(0))
@@ -431,6 +397,9 @@ impl Backend for Fake {
 
     async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
         let inner = self.lock();
+        if inner.down {
+            return Vec::new();
+        }
         let Some(entry) = inner.entries.get(id) else { return Vec::new() };
         let line = match entry.instance.exit_code {
             Some(code) => format!("{} exited with {code}", entry.spec.image),
@@ -439,8 +408,19 @@ impl Backend for Fake {
         std::iter::once(line).take(lines).collect()
     }
 
-    fn events(&self, _since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
-        futures_util::stream::unfold(self.events.subscribe(), |mut rx| async move {
+    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
+        let (rx, past) = {
+            let inner = self.lock();
+            if inner.down {
+                return futures_util::stream::once(std::future::ready(Err(down()))).boxed();
+            }
+            let past: Vec<Event> = match since_nano {
+                Some(since) => self.history.lock().unwrap_or_else(PoisonError::into_inner).iter().filter(|e| e.time_nano > since).cloned().collect(),
+                None => Vec::new(),
+            };
+            (self.events.subscribe(), past)
+        };
+        let live = futures_util::stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {
                     Ok(event) => return Some((Ok(event), rx)),
@@ -448,7 +428,74 @@ impl Backend for Fake {
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
             }
+        });
+        futures_util::stream::iter(past.into_iter().map(Ok)).chain(live).boxed()
+    }
+
+    fn pausing(&self) -> Option<&dyn Pausing> {
+        Some(self)
+    }
+
+    fn replicas(&self) -> Option<&dyn Replicas> {
+        self.lock().others.is_some().then_some(self as &dyn Replicas)
+    }
+}
+
+#[async_trait]
+impl Pausing for Fake {
+    async fn pause(&self, id: &str) -> Result<(), PipesError> {
+        self.up()?;
+        self.calls.pauses.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        if !entry.instance.running {
+            return Err(refused("pause", id, "is not running"));
+        }
+        // Its server task stays, like a frozen process's socket.
+        entry.instance.running = false;
+        entry.instance.paused = true;
+        self.emit(entry, EventKind::Paused);
+        Ok(())
+    }
+
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
+        self.up()?;
+        self.calls.unpauses.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let entry = inner.entries.get_mut(id).ok_or_else(|| gone(id))?;
+        if !entry.instance.paused {
+            return Err(refused("unpause", id, "is not paused"));
+        }
+        entry.instance.paused = false;
+        entry.instance.running = true;
+        self.emit(entry, EventKind::Unpaused);
+        Ok(entry.instance.clone())
+    }
+}
+
+/// The fake plays one of several Pipes when a test makes it ([`Fake::share_with`]).
+#[async_trait]
+impl Replicas for Fake {
+    async fn share_activity(&self, id: &str, at_ms: u64) -> Result<(), PipesError> {
+        self.up()?;
+        if let Some(others) = self.lock().others.as_mut() {
+            others.told.push((id.to_owned(), at_ms));
+        }
+        Ok(())
+    }
+
+    async fn quiet_elsewhere(&self, _id: &str, _idle: Duration) -> Result<Quiet, PipesError> {
+        self.up()?;
+        Ok(match self.lock().others.as_ref().and_then(|o| o.busy_at) {
+            Some(at) => Quiet::Busy(at),
+            None => Quiet::Since(1),
         })
-        .boxed()
+    }
+
+    async fn stop_quiet(&self, id: &str, grace: Duration, _since: u64) -> Result<bool, PipesError> {
+        if self.lock().others.as_ref().is_some_and(|o| o.interfere) {
+            return Ok(false);
+        }
+        self.stop(id, grace).await.map(|()| true)
     }
 }

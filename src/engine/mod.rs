@@ -1,27 +1,32 @@
 //! The backend seam: what the fleet needs from whatever runs deployments.
 //!
-//! [`Backend`] is deliberately narrow and speaks of intent — the instances of
-//! a deployment, an image's facts, run this spec, stop, restart, remove, wait
-//! for an exit, logs — so that a backend other than Docker's containers (for
-//! example Swarm services) is one more module beside [`docker`], and the fleet
-//! does not change. Every backend failure reaches the fleet as a
-//! [`PipesError`] that already says what failed; registry passwords never
-//! appear in one.
+//! [`Backend`] (in `backend.rs`) is deliberately narrow and speaks of intent —
+//! the instances of a deployment, an image's facts, run this spec, stop,
+//! restart, remove, wait for an exit, logs, events — so that another backend
+//! is one more module beside [`docker`] and [`swarm`], and the fleet does not
+//! change. What only some backends can do (pause, share activity between
+//! replicas, claim the instance name) are capabilities a backend offers or
+//! not. Every backend failure reaches the fleet as a
+//! [`PipesError`](crate::error::PipesError) that
+//! already says what failed; registry passwords never appear in one.
+//!
+//! `moby` is what both backends on Docker's engine API share; `fake` is an
+//! in-memory backend for tests. `tests/contract.rs` holds every backend to
+//! the same behaviour.
 
+mod backend;
 pub mod docker;
-#[cfg(test)]
 pub mod fake;
+pub mod moby;
 pub mod swarm;
+
+pub use backend::{Backend, Claims, Pausing, Replicas};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
-use futures_util::stream::BoxStream;
-
 use crate::config::Restart;
-use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::secret::Secret;
 
@@ -43,7 +48,7 @@ pub const LABEL_CONFIG: &str = "pipes.config";
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
 pub const RESERVED_LABELS: [&str; 7] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG];
 
-/// How often a Pipes renews its claim on its instance name ([`Backend::claim`]).
+/// How often a Pipes renews its claim on its instance name ([`Claims::claim`]).
 pub const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(20);
 
 /// Told how far a pull got: bytes done and in all, over the layers so far.
@@ -212,7 +217,7 @@ pub enum Quiet {
     /// the idle timeout: it is not idle.
     Busy(u64),
     /// None did: it may be stopped, unless something changes before
-    /// [`Backend::stop_quiet`] is given this token.
+    /// [`Replicas::stop_quiet`] is given this token.
     Since(u64),
 }
 
@@ -222,107 +227,4 @@ pub struct RegistryAuth {
     pub username: String,
     pub email: Option<String>,
     pub password: Secret,
-}
-
-/// Where deployments run. Implementations keep their own connection and
-/// conventions (names, labels, networks); the fleet holds one as a trait object.
-#[async_trait]
-pub trait Backend: Send + Sync + 'static {
-    /// What this backend is, where it is and how it reaches deployments, for
-    /// the start-up log; an error when it cannot be reached.
-    async fn describe(&self) -> Result<String, PipesError>;
-
-    /// Every instance of this Pipes (`PIPES_INSTANCE`), running or not.
-    async fn list(&self) -> Result<Vec<Instance>, PipesError>;
-
-    /// Every instance (generation) of `d`, running or not.
-    async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError>;
-
-    /// The image `reference` as the backend has it locally, if it does.
-    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError>;
-
-    /// Pulls `reference` with the configured credentials, then its facts.
-    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError>;
-
-    /// The digest (`sha256:…`) the registry holds for `reference` now, asked
-    /// with the configured credentials, without pulling.
-    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
-
-    /// Creates an instance from `spec` (one per deployment and digest),
-    /// not started. If that instance exists already (another Pipes won the
-    /// race, or a rollback target), it is returned as it is (maybe running)
-    /// when it was made from the same spec, and replaced when not: there is
-    /// never a second.
-    async fn create(&self, spec: &Spec) -> Result<Instance, PipesError>;
-
-    /// Starts a stopped instance and returns it as it then is.
-    async fn start(&self, id: &str) -> Result<Instance, PipesError>;
-
-    /// Whether it can freeze instances ([`Backend::pause`]); one that cannot
-    /// stops idle ones whose `idle_action` is `pause`.
-    fn pauses(&self) -> bool {
-        true
-    }
-
-    /// Freezes a running instance (it keeps its memory and answers nothing).
-    async fn pause(&self, id: &str) -> Result<(), PipesError>;
-
-    /// Thaws a paused instance and returns it, running.
-    async fn unpause(&self, id: &str) -> Result<Instance, PipesError>;
-
-    /// Stops an instance, giving it `grace` before it is killed; a stopped or
-    /// vanished one is left as it is.
-    async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError>;
-
-    /// Claims this Pipes' instance name (`PIPES_INSTANCE`) for as long as the
-    /// process lives, renewing the claim when called again. Returns who holds
-    /// it when another live Pipes does, unless `beside`: an upgrade's
-    /// hand-over runs beside the Pipes it replaces.
-    async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError>;
-
-    /// Lets this process' claim go.
-    async fn release(&self);
-
-    /// Whether other Pipes serve this Pipes' instances too (Swarm replicas):
-    /// activity is then shared ([`Backend::share_activity`]) and an idle stop
-    /// asks the others first ([`Backend::quiet_elsewhere`]).
-    fn shared(&self) -> bool {
-        false
-    }
-
-    /// Records, for the other Pipes serving `id`, that this one had
-    /// something open on it at `at_ms` (Unix ms).
-    async fn share_activity(&self, _id: &str, _at_ms: u64) -> Result<(), PipesError> {
-        Ok(())
-    }
-
-    /// Whether any other Pipes serving `id` had something open on it within
-    /// `idle`. Alone, always quiet.
-    async fn quiet_elsewhere(&self, _id: &str, _idle: Duration) -> Result<Quiet, PipesError> {
-        Ok(Quiet::Since(0))
-    }
-
-    /// Stops `id` as [`Backend::stop`] does, unless another Pipes recorded
-    /// activity on it since [`Backend::quiet_elsewhere`] gave `since`;
-    /// whether it stopped it.
-    async fn stop_quiet(&self, id: &str, grace: Duration, _since: u64) -> Result<bool, PipesError> {
-        self.stop(id, grace).await.map(|()| true)
-    }
-
-    /// Restarts an instance, giving it `grace` to stop.
-    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError>;
-
-    /// Removes an instance, running or not; a vanished one is no error.
-    async fn remove(&self, id: &str) -> Result<(), PipesError>;
-
-    /// Resolves when the instance is not running, with its exit code.
-    async fn exited(&self, id: &str) -> Result<i64, PipesError>;
-
-    /// The last `lines` lines the instance wrote (empty when unavailable).
-    async fn logs(&self, id: &str, lines: usize) -> Vec<String>;
-
-    /// What happens to this Pipes' instances from now on (or since
-    /// `since_nano`), as it happens. The stream ends when the connection
-    /// does; the caller reconnects.
-    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>>;
 }

@@ -12,7 +12,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::Mutex;
 
@@ -206,7 +208,7 @@ impl Deployer {
                     let admitted = self.admit().await?;
                     let woken = if i.paused {
                         log::info!("{d}: thawing its paused instance {}", short_id(&i.id));
-                        self.timed(d, Phase::Start, self.backend.unpause(&i.id)).await
+                        self.timed(d, Phase::Start, self.thaw(&i.id)).await
                     } else {
                         log::info!("{d}: starting its stopped instance {}", short_id(&i.id));
                         self.timed(d, Phase::Start, self.backend.start(&i.id)).await
@@ -500,9 +502,20 @@ impl Deployer {
     }
 
     /// Stops an idle instance unless another Pipes served it since `quiet`
-    /// ([`crate::engine::Backend::stop_quiet`]); whether it stopped it.
+    /// ([`crate::engine::Replicas::stop_quiet`]); whether it stopped it.
     pub async fn stop_idle_instance(&self, instance_id: &str, quiet: u64) -> Result<bool, PipesError> {
-        self.backend.stop_quiet(instance_id, STOP_GRACE, quiet).await
+        match self.backend.replicas() {
+            Some(replicas) => replicas.stop_quiet(instance_id, STOP_GRACE, quiet).await,
+            None => self.backend.stop(instance_id, STOP_GRACE).await.map(|()| true),
+        }
+    }
+
+    /// Thaws a paused instance; only a backend that pauses has them.
+    async fn thaw(&self, instance_id: &str) -> Result<Instance, PipesError> {
+        match self.backend.pausing() {
+            Some(pausing) => pausing.unpause(instance_id).await,
+            None => Err(PipesError::Engine { action: "thaw an instance", detail: "this backend cannot pause or thaw".into() }),
+        }
     }
 
     /// Removes every generation of `d`.

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::broadcast;
 
@@ -65,7 +65,7 @@ impl Default for Feed {
 impl Feed {
     /// Tells every follower that `what` happened to `d`.
     pub fn tell(&self, d: &Deployment, what: What) {
-        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_millis() as u64);
+        let at_ms = crate::clock::unix_ms();
         let happening = Arc::new(Happening { deployment: d.clone(), at_ms, what });
         {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::slot::now_ms;
 use super::{Fleet, Slot, Upstream};
+use crate::clock::unix_ms as now_ms;
 use crate::config::IdleAction;
 use crate::engine::Quiet;
 
@@ -39,7 +39,7 @@ impl Fleet {
     /// check after a quiet spell.
     pub fn share_activity(self: &Arc<Self>) {
         let backend = self.deployer.backend();
-        if !backend.shared() || self.retired() {
+        if backend.replicas().is_none() || self.retired() {
             return;
         }
         let now = now_ms();
@@ -51,7 +51,8 @@ impl Fleet {
             let Some(at) = slot.activity_to_share(&up, now, every) else { continue };
             let (backend, d) = (backend.clone(), slot.deployment.clone());
             self.control.spawn(async move {
-                if let Err(e) = backend.share_activity(&up.instance_id, at).await {
+                let Some(replicas) = backend.replicas() else { return };
+                if let Err(e) = replicas.share_activity(&up.instance_id, at).await {
                     log::warn!("{d}: cannot share its activity with the other Pipes: {e}");
                 }
             });
@@ -64,7 +65,11 @@ impl Fleet {
         // Something else changing the deployment wins; the next check sees it anew.
         let Ok(_op) = slot.ops.try_lock() else { return };
         let backend = self.deployer.backend();
-        let quiet = match backend.quiet_elsewhere(&seen.instance_id, seen.idle_timeout.unwrap_or_default()).await {
+        let asked = match backend.replicas() {
+            Some(replicas) => replicas.quiet_elsewhere(&seen.instance_id, seen.idle_timeout.unwrap_or_default()).await,
+            None => Ok(Quiet::Since(0)),
+        };
+        let quiet = match asked {
             Ok(Quiet::Since(token)) => token,
             Ok(Quiet::Busy(at)) => {
                 log::debug!("{}: busy through another Pipes: not idle", slot.deployment);
@@ -86,7 +91,7 @@ impl Fleet {
             return;
         }
         let idle = seen.idle_timeout.map(humantime::format_duration).map(|i| i.to_string()).unwrap_or_default();
-        if seen.idle_action == IdleAction::Pause && backend.pauses() {
+        if seen.idle_action == IdleAction::Pause && backend.pausing().is_some() {
             log::info!("{}: nothing open for {idle}, pausing it", slot.deployment);
             match self.pause_idle(slot, &seen).await {
                 Ok(()) => return,

@@ -47,7 +47,9 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
@@ -163,7 +165,13 @@ impl Fleet {
     /// Pipes does (see [`Backend::claim`]).
     pub async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
         let deployer = self.deployer.clone();
-        self.on_control(async move { deployer.backend().claim(beside).await }).await
+        self.on_control(async move {
+            match deployer.backend().claims() {
+                Some(claims) => claims.claim(beside).await,
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     /// Renews the claim on the instance name, in the background.
@@ -173,7 +181,8 @@ impl Fleet {
         }
         let deployer = self.deployer.clone();
         self.control.spawn(async move {
-            if let Err(e) = deployer.backend().claim(true).await {
+            let Some(claims) = deployer.backend().claims() else { return };
+            if let Err(e) = claims.claim(true).await {
                 log::warn!("cannot renew the claim on this instance name: {e}");
             }
         });
@@ -184,7 +193,12 @@ impl Fleet {
     pub fn release_claim(&self) {
         let deployer = self.deployer.clone();
         // The timer is made inside: it needs the runtime that `block_on` enters.
-        let release = async move { tokio::time::timeout(RELEASE_WAIT, deployer.backend().release()).await };
+        let release = async move {
+            match deployer.backend().claims() {
+                Some(claims) => tokio::time::timeout(RELEASE_WAIT, claims.release()).await,
+                None => Ok(()),
+            }
+        };
         if self.control.block_on(release).is_err() {
             log::warn!("the engine did not confirm the release of this instance name");
         }

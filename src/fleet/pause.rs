@@ -3,7 +3,9 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::{Fleet, Slot, Upstream};
 use crate::engine::{short_id, Instance};
@@ -23,7 +25,9 @@ impl Fleet {
     /// is stopped after its `pause_timeout`, or thawed by the next start.
     pub(super) async fn pause_idle(&self, slot: &Slot, seen: &Upstream) -> Result<(), PipesError> {
         self.make_room_to_pause().await;
-        self.deployer.backend().pause(&seen.instance_id).await?;
+        let backend = self.deployer.backend();
+        let pausing = backend.pausing().ok_or_else(|| PipesError::Engine { action: "pause an instance", detail: "this backend cannot pause".into() })?;
+        pausing.pause(&seen.instance_id).await?;
         let paused = Paused { deployment: slot.deployment.clone(), since: Instant::now(), timeout: seen.pause_timeout };
         self.paused.lock().unwrap_or_else(PoisonError::into_inner).insert(seen.instance_id.clone(), paused);
         if let Some(m) = &slot.metrics {

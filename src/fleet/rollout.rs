@@ -4,11 +4,13 @@
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::idle::SHARE_EVERY;
-use super::slot::now_ms;
 use super::{Fleet, Slot, Upstream, What};
+use crate::clock::unix_ms as now_ms;
 use crate::engine::{short_id, Quiet};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -149,33 +151,34 @@ impl Fleet {
     fn drain(self: &Arc<Self>, slot: Arc<Slot>, old: Arc<Upstream>) {
         let fleet = self.clone();
         self.control.spawn(async move {
-            let deadline = tokio::time::Instant::now() + fleet.drain_timeout;
+            let deadline = Instant::now() + fleet.drain_timeout;
             let backend = fleet.deployer.backend().clone();
-            let mut told: Option<Instant> = None;
-            while old.open() > 0 && tokio::time::Instant::now() < deadline {
-                // Other Pipes serving it wait for what is still open here.
-                if backend.shared() && told.is_none_or(|t| t.elapsed() >= SHARE_EVERY) {
-                    told = Some(Instant::now());
-                    if let Err(e) = backend.share_activity(&old.instance_id, now_ms()).await {
-                        log::warn!("{}: cannot tell the other Pipes it still drains: {e}", slot.deployment);
+            match backend.replicas() {
+                // Other Pipes serving it wait for what is still open here:
+                // told every SHARE_EVERY until it closed.
+                Some(replicas) => {
+                    while old.open() > 0 && Instant::now() < deadline {
+                        if let Err(e) = replicas.share_activity(&old.instance_id, now_ms()).await {
+                            log::warn!("{}: cannot tell the other Pipes it still drains: {e}", slot.deployment);
+                        }
+                        old.until_closed(deadline.min(Instant::now() + SHARE_EVERY)).await;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                None => {
+                    old.until_closed(deadline).await;
+                }
             }
             let d = &slot.deployment;
             if old.open() > 0 {
                 // WebSockets relayed to it end with a close frame (1001), then the rest is cut.
                 old.going_away();
-                let grace = tokio::time::Instant::now() + Duration::from_secs(1);
-                while old.open() > 0 && tokio::time::Instant::now() < grace {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                old.until_closed(Instant::now() + Duration::from_secs(1)).await;
             }
             // And for what other Pipes still have open on it: they followed
             // the switch a little later, so their drain ends a little later.
             let others_deadline = deadline + DRAINING_ELSEWHERE;
-            while backend.shared() && tokio::time::Instant::now() < others_deadline {
-                match backend.quiet_elsewhere(&old.instance_id, DRAINING_ELSEWHERE).await {
+            while let Some(replicas) = backend.replicas().filter(|_| Instant::now() < others_deadline) {
+                match replicas.quiet_elsewhere(&old.instance_id, DRAINING_ELSEWHERE).await {
                     Ok(Quiet::Busy(_)) => tokio::time::sleep(Duration::from_secs(1)).await,
                     _ => break,
                 }

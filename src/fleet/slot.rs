@@ -4,15 +4,17 @@
 
 use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use futures_util::future::{BoxFuture, Shared};
 use pingora::upstreams::peer::HttpPeer;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::clock::unix_ms;
 use crate::config::IdleAction;
 use crate::error::PipesError;
 use crate::metrics::DeploymentMetrics;
@@ -26,6 +28,8 @@ const TOUCH_RESOLUTION_MS: u64 = 100;
 /// time: a burst of first requests must not overflow a small listen backlog
 /// (a dropped SYN costs a one-second retransmit).
 const WARMUP_CONCURRENCY: usize = 32;
+/// How often a wait for an upstream to close looks again without a wake-up.
+const RECHECK: Duration = Duration::from_millis(500);
 
 /// A running instance that answered: where requests for a deployment go.
 #[derive(Debug)]
@@ -50,6 +54,10 @@ pub struct Upstream {
     warmup: Arc<Semaphore>,
     /// Set when its drain ends: relayed WebSockets close with 1001.
     drained: watch::Sender<bool>,
+    /// Set while someone waits for nothing to be open on it (a drain):
+    /// only then does the end of each activity wake `closed`.
+    watched: AtomicBool,
+    closed: Notify,
 }
 
 impl Upstream {
@@ -65,11 +73,33 @@ impl Upstream {
             idle_action: IdleAction::Stop,
             pause_timeout: Duration::from_secs(3600),
             watch: None,
-            ready_ms: now_ms(),
+            ready_ms: unix_ms(),
             peer,
             open: OpenCount::default(),
             warmup: Arc::new(Semaphore::new(WARMUP_CONCURRENCY)),
             drained: watch::channel(false).0,
+            watched: AtomicBool::new(false),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Waits until nothing is open on it, or `deadline`; whether nothing is.
+    /// Woken by the end of each activity; a wake-up lost to the race
+    /// between the two counters costs at most [`RECHECK`].
+    pub async fn until_closed(&self, deadline: Instant) -> bool {
+        self.watched.store(true, Ordering::Relaxed);
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.open() == 0 {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let _ = tokio::time::timeout_at(deadline.min(now + RECHECK), closed).await;
         }
     }
 
@@ -161,6 +191,9 @@ impl Drop for Activity {
     fn drop(&mut self) {
         self.upstream.open.add(-1);
         self.slot.touch();
+        if self.upstream.watched.load(Ordering::Relaxed) {
+            self.upstream.closed.notify_waiters();
+        }
     }
 }
 
@@ -252,7 +285,7 @@ impl Slot {
     /// would bounce this cache line between the proxy threads.
     #[inline]
     fn touch(&self) {
-        let now = now_ms();
+        let now = unix_ms();
         if now.saturating_sub(self.last_activity_ms.load(Ordering::Relaxed)) >= TOUCH_RESOLUTION_MS {
             self.last_activity_ms.store(now, Ordering::Relaxed);
         }
@@ -324,11 +357,6 @@ impl Slot {
         // The guarded data stays consistent even if a holder panicked.
         self.cold.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Unix time in milliseconds.
-pub(super) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
 //! The fleet's logic against the in-memory backend: coalescing, the failure
 //! TTL, recovery, admission, idle stop and the sweep, in plain `cargo test`.
+//! Every test runs on a paused tokio clock: waits of seconds take none.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use std::collections::HashSet;
+use tokio::time::Instant;
 
-use super::slot::now_ms;
 use super::*;
+use crate::clock::unix_ms as now_ms;
 use crate::config::DeployConfig;
 use crate::engine::fake::{Behaviour, Fake, Others};
 use crate::settings::{Settings, Sources};
@@ -100,7 +102,7 @@ fn key(text: &str) -> Deployment {
     Deployment::parse(text).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn slots_are_found_by_borrowed_keys_and_added_once() {
     let h = Harness::new(&[]);
     let d = key("alice/app:v1");
@@ -114,7 +116,7 @@ async fn slots_are_found_by_borrowed_keys_and_added_once() {
     assert!(!h.fleet.allows(key("bob/app:v1").as_ref()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_cold_start_pulls_runs_and_probes() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -132,7 +134,7 @@ async fn a_cold_start_pulls_runs_and_probes() {
     assert_eq!(status.upstream, Some(up.addr));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn concurrent_first_requests_share_one_start() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/slow:v1", Behaviour { listen_after: Duration::from_millis(300), ..Behaviour::default() });
@@ -152,7 +154,7 @@ async fn concurrent_first_requests_share_one_start() {
     assert_eq!(h.fake.instance_count(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_failure_is_remembered_for_its_ttl_then_tried_again() {
     let h = Harness::new(&[("PIPES_FAILURE_TTL", "300ms")]);
     let d = key("alice/missing:v1");
@@ -167,7 +169,7 @@ async fn a_failure_is_remembered_for_its_ttl_then_tried_again() {
     assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), 2, "after the TTL it is tried again");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_instance_that_exits_while_starting_is_reported_with_its_log() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/crash:v1", Behaviour { exit_code: Some(3), ..Behaviour::default() });
@@ -180,7 +182,7 @@ async fn an_instance_that_exits_while_starting_is_reported_with_its_log() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_refused_connection_starts_the_deployment_again() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -204,7 +206,7 @@ async fn a_refused_connection_starts_the_deployment_again() {
     assert!(Arc::ptr_eq(&second, &third));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn admission_stops_at_max_containers() {
     let h = Harness::new(&[("PIPES_MAX_CONTAINERS", "1")]);
     let one = h.publish("alice/one:v1", Behaviour::default());
@@ -215,7 +217,7 @@ async fn admission_stops_at_max_containers() {
     assert_eq!(h.fake.calls.creates.load(Ordering::Relaxed), 1, "nothing was made for the second");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn idle_instances_are_stopped_and_started_again_on_demand() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/idle:v1", Behaviour::default());
@@ -228,7 +230,7 @@ async fn idle_instances_are_stopped_and_started_again_on_demand() {
     assert_eq!(h.fake.instance_count(), 1, "the same instance");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -255,7 +257,7 @@ async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
     assert_eq!(h.fleet.status(&d).await.unwrap().instance.unwrap().id, now.id, "an unchanged config restarts in place");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_tag_config_change_makes_the_deployment_anew_without_its_rollback_generation() {
     let h = Harness::new(&[("PIPES_MAX_MEMORY", "1g")]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -281,7 +283,7 @@ async fn a_tag_config_change_makes_the_deployment_anew_without_its_rollback_gene
     assert!(h.fleet.deployer.store().tag(&denied).await.unwrap().is_none(), "nothing saved");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_changed_config_replaces_a_stopped_instance() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -295,7 +297,7 @@ async fn a_changed_config_replaces_a_stopped_instance() {
     assert_eq!(h.fake.instance_count(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn the_sweep_keeps_running_and_recently_failed_slots() {
     let h = Harness::new(&[("PIPES_FAILURE_TTL", "1h")]);
     let running = h.publish("alice/run:v1", Behaviour::default());
@@ -309,7 +311,7 @@ async fn the_sweep_keeps_running_and_recently_failed_slots() {
     assert_eq!(left, ["alice/fail:v1", "alice/run:v1"]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn adoption_takes_over_running_instances() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -326,7 +328,7 @@ async fn adoption_takes_over_running_instances() {
     assert_eq!(summaries[0].state, State::Running);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_unreachable_backend_is_a_503() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -341,7 +343,7 @@ fn upstream_of(h: &Harness, d: &Deployment) -> Option<Arc<Upstream>> {
     h.fleet.get(d.as_ref()).and_then(|s| s.upstream())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_redeploy_switches_to_the_new_digest_and_keeps_the_old_stopped() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -366,7 +368,7 @@ async fn a_redeploy_switches_to_the_new_digest_and_keeps_the_old_stopped() {
     eventually("only two generations are kept", move || fake.instance_count() == 2).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_bad_push_never_replaces_a_good_instance() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -384,7 +386,7 @@ async fn a_bad_push_never_replaces_a_good_instance() {
     assert!(h.fleet.slot(d.as_ref()).failure(Duration::from_secs(3600)).is_none(), "no failure is remembered");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_drain_waits_for_what_is_open_on_the_old_generation() {
     let h = Harness::new(&[("PIPES_DRAIN_TIMEOUT", "30s")]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -400,7 +402,7 @@ async fn a_drain_waits_for_what_is_open_on_the_old_generation() {
     eventually("stopped once the connection ended", move || !fake.running(&d2).contains(&id)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_rollback_brings_back_the_previous_generation() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -421,7 +423,7 @@ async fn a_rollback_brings_back_the_previous_generation() {
     assert_eq!(h.fake.instance_count(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn idle_counts_from_when_the_last_open_connection_ended() {
     let h = Harness::new(&[]);
     let (d, up) = h.idling("alice/idle:v1").await;
@@ -432,7 +434,7 @@ async fn idle_counts_from_when_the_last_open_connection_ended() {
     h.until_stopped_idle(&d, "stopped an idle timeout after the connection ended").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
     let h = Harness::new(&[]);
     let (d, up) = h.idling("alice/idle:v1").await;
@@ -469,7 +471,7 @@ async fn an_instance_another_pipes_serves_is_not_stopped_for_idleness_here() {
     h.until_stopped_idle(&d, "stopped once quiet everywhere").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn events_keep_the_table_true_without_a_request() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -493,7 +495,7 @@ async fn events_keep_the_table_true_without_a_request() {
     watching.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_watched_tag_is_redeployed_when_it_moves() {
     let h = Harness::new(&[("PIPES_WATCH", "1s")]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -513,7 +515,7 @@ fn upstream_of_fleet(fleet: &Fleet, d: &Deployment) -> Option<Arc<Upstream>> {
     fleet.get(d.as_ref()).and_then(|s| s.upstream())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn names_of_missing_images_hold_no_slot_and_no_place() {
     let h = Harness::new(&[("PIPES_MAX_CONTAINERS", "1"), ("PIPES_FAILURE_TTL", "1h")]);
     let good = h.publish("alice/good:v1", Behaviour::default());
@@ -529,7 +531,7 @@ async fn names_of_missing_images_hold_no_slot_and_no_place() {
     assert_eq!(h.fleet.status(&key("alice/nope3:v1")).await.unwrap().state, State::Failed);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_passing_engine_failure_is_not_remembered() {
     let h = Harness::new(&[("PIPES_FAILURE_TTL", "1h")]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -539,7 +541,7 @@ async fn a_passing_engine_failure_is_not_remembered() {
     h.ready(&d).await.expect("the next request tries again at once");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn one_client_waits_on_a_bounded_number_of_starts() {
     let h = Harness::new(&[("PIPES_MAX_STARTS_PER_CLIENT", "2")]);
     let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
@@ -554,7 +556,7 @@ async fn one_client_waits_on_a_bounded_number_of_starts() {
     drop(first);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn the_table_holds_a_bounded_number_of_deployments_that_do_not_run() {
     let h = Harness::new(&[("PIPES_MAX_NOT_RUNNING", "3"), ("PIPES_FAILURE_TTL", "1h")]);
     let running = h.publish("alice/run:v1", Behaviour::default());
@@ -581,7 +583,7 @@ async fn paused_after_idle(h: &Harness, d: &Deployment, extra: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn an_idle_pause_deployment_is_paused_and_thawed_by_the_next_request() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/nap:v1", Behaviour::default());
@@ -596,7 +598,7 @@ async fn an_idle_pause_deployment_is_paused_and_thawed_by_the_next_request() {
     assert!(h.fleet.paused_deployments().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn paused_instances_are_stopped_past_the_ceiling_and_the_pause_timeout() {
     let h = Harness::new(&[("PIPES_MAX_PAUSED", "1")]);
     let one = h.publish("alice/one:v1", Behaviour::default());
@@ -624,7 +626,7 @@ async fn paused_instances_are_stopped_past_the_ceiling_and_the_pause_timeout() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_stopped_instance_of_an_older_image_is_replaced_not_woken() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
@@ -639,7 +641,7 @@ async fn a_stopped_instance_of_an_older_image_is_replaced_not_woken() {
     assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), pulls, "no pull on the request path");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/told:v1", Behaviour::default());

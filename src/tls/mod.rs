@@ -188,9 +188,9 @@ fn unix_time(t: &openssl::asn1::Asn1TimeRef) -> Result<i64, String> {
     Ok(i64::from(diff.days) * 86_400 + i64::from(diff.secs))
 }
 
-/// Now, in seconds since the Unix epoch.
+/// Now, in seconds since the Unix epoch, by the wall clock certificates are dated by.
 pub fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    i64::try_from(crate::clock::wall().as_secs()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -9,12 +9,13 @@
 //! can be seen, it was renewed within [`STALE_AFTER`].
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bollard::models::VolumeCreateRequest;
 use bollard::query_parameters::{ListVolumesOptions, RemoveVolumeOptions};
 
 use super::Docker;
+use crate::clock::wall;
 use crate::engine::{short_id, CLAIM_RENEW_EVERY};
 use crate::error::PipesError;
 
@@ -44,7 +45,7 @@ impl Holder {
     /// This process.
     pub fn me(hostname: Option<&str>) -> Holder {
         let pid = std::process::id();
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = wall().as_nanos();
         let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
         let pid_ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.display().to_string()).unwrap_or_default();
         Holder {
@@ -60,8 +61,8 @@ impl Docker {
     /// See [`crate::engine::Backend::claim`].
     pub(super) async fn claim_instance(&self, beside: bool) -> Result<Option<String>, PipesError> {
         let docker = self.docker().await?;
-        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_CLAIM}={}", self.instance)])]);
-        let volumes = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await.map_err(|e| self.fail("list volumes", e))?;
+        let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_CLAIM}={}", self.moby.instance())])]);
+        let volumes = docker.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await.map_err(|e| self.moby.fail("list volumes", e))?;
         let own_container = self.own_container().await;
         let mut held_by = None;
         for volume in volumes.volumes.unwrap_or_default() {
@@ -101,24 +102,24 @@ impl Docker {
             }
         }
         let at: u64 = labels.get(LABEL_AT)?.parse().ok()?;
-        let age = unix_now().saturating_sub(at);
+        let age = wall().as_secs().saturating_sub(at);
         (age < STALE_AFTER.as_secs()).then(|| format!("process on host {host}, seen {age} s ago"))
     }
 
     /// Makes this process' claim anew and removes its older volumes.
     async fn renew(&self, own_container: Option<String>) -> Result<(), PipesError> {
         let docker = self.docker().await?;
-        let at = unix_now();
-        let name = format!("{}.claim.{}.{at}", self.instance, self.holder.run);
-        let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
-        labels.insert(LABEL_CLAIM.into(), self.instance.clone());
+        let at = wall().as_secs();
+        let name = format!("{}.claim.{}.{at}", self.moby.instance(), self.holder.run);
+        let mut labels: HashMap<String, String> = self.moby.own_labels();
+        labels.insert(LABEL_CLAIM.into(), self.moby.instance().to_owned());
         labels.insert(LABEL_RUN.into(), self.holder.run.clone());
         labels.insert(LABEL_AT.into(), at.to_string());
         labels.insert(LABEL_CONTAINER.into(), own_container.unwrap_or_default());
         labels.insert(LABEL_PROCESS.into(), self.holder.process.clone());
         labels.insert(LABEL_HOST.into(), self.holder.hostname.clone());
         let request = VolumeCreateRequest { name: Some(name.clone()), labels: Some(labels), ..Default::default() };
-        docker.create_volume(request).await.map_err(|e| self.fail("create a volume", e))?;
+        docker.create_volume(request).await.map_err(|e| self.moby.fail("create a volume", e))?;
         for old in self.own_volumes().await? {
             if old != name {
                 self.drop_volume(&old).await;
@@ -136,7 +137,8 @@ impl Docker {
 
     async fn own_volumes(&self) -> Result<Vec<String>, PipesError> {
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_RUN}={}", self.holder.run)])]);
-        let volumes = self.docker().await?.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await.map_err(|e| self.fail("list volumes", e))?;
+        let volumes =
+            self.docker().await?.list_volumes(Some(ListVolumesOptions { filters: Some(filters) })).await.map_err(|e| self.moby.fail("list volumes", e))?;
         Ok(volumes.volumes.unwrap_or_default().into_iter().map(|v| v.name).collect())
     }
 
@@ -153,8 +155,4 @@ impl Docker {
         let c = self.docker().await.ok()?.inspect_container(hostname, None).await.ok()?;
         (c.config?.hostname.as_deref() == Some(hostname)).then_some(c.id).flatten()
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

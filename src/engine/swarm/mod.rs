@@ -18,15 +18,14 @@
 //!   (`pipes.active.<replica>`), and a replica stops an idle service only if
 //!   no other replica's label is within the idle timeout, asked twice a
 //!   settling period apart, and only with the version it read last.
-//! - Configs and scoped tokens are Swarm configs ([`Storage`]): a write
-//!   creates the next version's config (names are unique, so two writers
-//!   cannot both make one version) and then removes the older ones.
+//! - Configs and scoped tokens are Swarm configs ([`Swarm::configs`],
+//!   `store/swarm.rs`).
 //! - Images are pulled, and digests asked, by the engine Pipes talks to (a
 //!   manager), with the registry credentials passed on to the service
 //!   (`X-Registry-Auth`), so every node can pull the pinned digest.
 //!
-//! Swarm cannot pause a service ([`Backend::pauses`] is false): `idle_action:
-//! pause` stops it instead.
+//! Swarm cannot pause a service (it offers no [`Pausing`](super::Pausing)):
+//! `idle_action: pause` stops it instead.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,36 +33,34 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use bollard::errors::Error as DockerError;
-use bollard::models::{
-    ConfigSpec, EndpointSpec, EndpointSpecModeEnum, Limit, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
-    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
-};
-use bollard::query_parameters::{EventsOptions, ListConfigsOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
+use bollard::models::{Service, ServiceSpec, Task, TaskState};
+use bollard::query_parameters::{EventsOptions, ListServicesOptions, ListTasksOptions, UpdateServiceOptions};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use hickory_resolver::TokioResolver;
-use sha2::{Digest as _, Sha256};
 
-use super::docker::{grace_secs, log_options, since_param, Docker, DockerOptions, Reach};
+use super::moby::events::{since_param, time_nano};
+use super::moby::logs::log_options;
+use super::moby::{DockerOptions, Moby};
 use super::{
-    generation_of, short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT,
-    LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
+    short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
+    LABEL_INSTANCE, LABEL_PORT,
 };
-use crate::config::Restart;
+use crate::clock::unix_ms as now_ms;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use crate::store::{broken, Storage};
+use crate::store::SwarmConfigs;
+use service::{alive, created, deployment_of, ended, replicas, running_task, runs, scale_to_zero, service_spec, task_event};
+
+mod service;
+
+pub use service::service_name;
 
 /// Label holding the id of the local image a service was made from.
 const LABEL_IMAGE_ID: &str = "pipes.image-id";
 /// Prefix of the labels in which each replica records its last activity.
 const LABEL_ACTIVE: &str = "pipes.active.";
-/// Label naming the stored document a Swarm config holds a version of.
-const LABEL_STORE: &str = "pipes.store";
-/// Label holding that version's number.
-const LABEL_STORE_VERSION: &str = "pipes.store-version";
 /// The label the engine puts on a task's container naming its service.
 const LABEL_SERVICE_ID: &str = "com.docker.swarm.service.id";
 
@@ -92,11 +89,11 @@ enum Local {
     Elsewhere,
 }
 
-/// The engine's swarm as a [`Backend`] and as config [`Storage`].
+/// The engine's swarm as a [`Backend`].
 #[derive(Clone)]
 pub struct Swarm {
-    /// The same engine, for images, pulls, digests and the client.
-    engine: Docker,
+    /// The engine: client, images, pulls, digests, logs.
+    moby: Moby,
     /// `PIPES_NETWORK`.
     network: String,
     /// This replica, in its activity label: the container's host name, or
@@ -123,7 +120,7 @@ impl Swarm {
         };
         let replica = replica.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
         Swarm {
-            engine: Docker::new(options, Reach::Network(network.clone())),
+            moby: Moby::new(options),
             network,
             replica,
             resolver: Arc::new(Mutex::new(None)),
@@ -133,20 +130,20 @@ impl Swarm {
     }
 
     async fn client(&self) -> Result<&bollard::Docker, PipesError> {
-        self.engine.docker().await
+        self.moby.client().await
     }
 
-    /// The label filter of this instance's services and configs.
-    fn instance_labels(&self) -> Vec<String> {
-        vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.engine.instance())]
+    /// The swarm's configs, where this instance keeps configs and tokens.
+    pub fn configs(&self) -> SwarmConfigs {
+        SwarmConfigs::new(self.moby.clone())
     }
 
     /// This instance's services, optionally only those of one deployment.
     async fn services(&self, d: Option<&Deployment>) -> Result<Vec<Service>, PipesError> {
-        let mut labels = self.instance_labels();
+        let mut labels = self.moby.instance_filter();
         labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
         let options = ListServicesOptions { filters: Some(HashMap::from([("label".to_owned(), labels)])), ..Default::default() };
-        let services = self.client().await?.list_services(Some(options)).await.map_err(|e| self.engine.fail("list services", e))?;
+        let services = self.client().await?.list_services(Some(options)).await.map_err(|e| self.moby.fail("list services", e))?;
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         for s in &services {
             if let (Some(id), Some(d)) = (&s.id, deployment_of(s)) {
@@ -163,7 +160,7 @@ impl Swarm {
             return Ok(by_service);
         }
         let options = ListTasksOptions { filters: Some(HashMap::from([("service".to_owned(), ids.to_vec())])) };
-        for task in self.client().await?.list_tasks(Some(options)).await.map_err(|e| self.engine.fail("list tasks", e))? {
+        for task in self.client().await?.list_tasks(Some(options)).await.map_err(|e| self.moby.fail("list tasks", e))? {
             if let Some(service) = task.service_id.clone() {
                 by_service.entry(service).or_default().push(task);
             }
@@ -176,7 +173,7 @@ impl Swarm {
         match self.client().await?.inspect_service(id, None).await {
             Ok(s) => Ok(Some(s)),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
-            Err(e) => Err(self.engine.fail("inspect a service", e)),
+            Err(e) => Err(self.moby.fail("inspect a service", e)),
         }
     }
 
@@ -268,7 +265,7 @@ impl Swarm {
     async fn node_id(&self) -> Option<String> {
         self.node
             .get_or_try_init(|| async {
-                let info = self.client().await?.info().await.map_err(|e| self.engine.fail("read its state", e))?;
+                let info = self.client().await?.info().await.map_err(|e| self.moby.fail("read its state", e))?;
                 info.swarm.and_then(|s| s.node_id).ok_or(PipesError::EngineUnavailable { reason: "the engine is in no swarm".into() })
             })
             .await
@@ -342,7 +339,7 @@ impl Swarm {
         match self.client().await?.update_service(id, spec, options, None).await {
             Ok(_) => Ok(true),
             Err(DockerError::DockerResponseServerError { message, .. }) if message.contains("out of sequence") => Ok(false),
-            Err(e) => Err(self.engine.fail(action, e)),
+            Err(e) => Err(self.moby.fail(action, e)),
         }
     }
 
@@ -364,7 +361,7 @@ impl Swarm {
             let newest = tasks.iter().max_by_key(|t| created(t));
             if let Some(TaskState::REJECTED) = newest.and_then(|t| t.status.as_ref()?.state) {
                 let why = newest.and_then(|t| t.status.as_ref()?.err.clone()).unwrap_or_default();
-                return Err(PipesError::Engine { action: "start a service", detail: self.engine.scrub(&why) });
+                return Err(PipesError::Engine { action: "start a service", detail: self.moby.scrub(&why) });
             }
             if tasks.iter().any(runs) || newest.is_some_and(ended) || Instant::now() >= deadline {
                 let name = service.spec.as_ref().and_then(|s| s.name.clone()).unwrap_or_default();
@@ -375,70 +372,6 @@ impl Swarm {
             }
             tokio::time::sleep(POLL).await;
         }
-    }
-
-    /// The spec of a new service for `spec`, with no replica yet.
-    fn service_spec(&self, spec: &Spec) -> ServiceSpec {
-        let mut labels = self.engine.labels(spec);
-        labels.insert(LABEL_IMAGE_ID.into(), spec.image_id.clone());
-        // Pinned to the digest, so that every node runs the same image.
-        let image = match &spec.digest {
-            Some(digest) => format!("{}@{digest}", spec.image),
-            None => spec.image.clone(),
-        };
-        let condition = match spec.restart {
-            Restart::No => TaskSpecRestartPolicyConditionEnum::NONE,
-            Restart::OnFailure => TaskSpecRestartPolicyConditionEnum::ON_FAILURE,
-            Restart::Always | Restart::UnlessStopped => TaskSpecRestartPolicyConditionEnum::ANY,
-        };
-        ServiceSpec {
-            name: Some(service_name(self.engine.instance(), &spec.deployment, spec.digest.as_deref())),
-            labels: Some(labels.clone()),
-            task_template: Some(TaskSpec {
-                container_spec: Some(TaskSpecContainerSpec {
-                    image: Some(image),
-                    // Task containers do not carry the service's labels: their events name the deployment by these.
-                    labels: Some(labels),
-                    env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
-                    args: spec.cmd.clone(),
-                    capability_drop: Some(vec!["ALL".into()]),
-                    capability_add: Some(spec.capabilities.clone()),
-                    ..Default::default()
-                }),
-                resources: Some(TaskSpecResources {
-                    limits: Some(Limit {
-                        nano_cpus: Some((spec.cpus * 1e9).round() as i64),
-                        memory_bytes: i64::try_from(spec.memory_bytes).ok(),
-                        pids: Some(i64::from(spec.pids)),
-                    }),
-                    ..Default::default()
-                }),
-                restart_policy: Some(TaskSpecRestartPolicy { condition: Some(condition), ..Default::default() }),
-                networks: Some(vec![NetworkAttachmentConfig { target: Some(self.network.clone()), ..Default::default() }]),
-                ..Default::default()
-            }),
-            mode: Some(ServiceSpecMode { replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }), ..Default::default() }),
-            endpoint_spec: Some(EndpointSpec { mode: Some(EndpointSpecModeEnum::DNSRR), ports: None }),
-            ..Default::default()
-        }
-    }
-
-    /// The Swarm configs holding versions of document `name`, newest first.
-    async fn versions(&self, name: &str) -> Result<Vec<(u64, bollard::models::Config)>, PipesError> {
-        let mut labels = self.instance_labels();
-        labels.push(format!("{LABEL_STORE}={name}"));
-        let options = ListConfigsOptions { filters: Some(HashMap::from([("label".to_owned(), labels)])) };
-        let configs = self.client().await?.list_configs(Some(options)).await.map_err(|e| self.engine.fail("list Swarm configs", e))?;
-        let mut versions: Vec<(u64, bollard::models::Config)> = configs
-            .into_iter()
-            .filter_map(|c| {
-                let labels = c.spec.as_ref()?.labels.as_ref()?;
-                (labels.get(LABEL_STORE)? == name).then_some(())?;
-                Some((labels.get(LABEL_STORE_VERSION)?.parse().ok()?, c))
-            })
-            .collect();
-        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
-        Ok(versions)
     }
 
     /// The activity labels of the other replicas: the latest, in Unix ms.
@@ -452,14 +385,14 @@ impl Swarm {
 impl Backend for Swarm {
     async fn describe(&self) -> Result<String, PipesError> {
         let docker = self.client().await?;
-        let info = docker.info().await.map_err(|e| self.engine.fail("read its state", e))?;
+        let info = docker.info().await.map_err(|e| self.moby.fail("read its state", e))?;
         let swarm = info.swarm.unwrap_or_default();
         if !swarm.control_available.unwrap_or(false) {
             return Err(PipesError::EngineUnavailable {
-                reason: format!("PIPES_BACKEND=swarm needs a swarm manager, and the engine at {} is not one", self.engine.host()),
+                reason: format!("PIPES_BACKEND=swarm needs a swarm manager, and the engine at {} is not one", self.moby.host()),
             });
         }
-        let network = docker.inspect_network(&self.network, None).await.map_err(|e| self.engine.fail("inspect PIPES_NETWORK", e))?;
+        let network = docker.inspect_network(&self.network, None).await.map_err(|e| self.moby.fail("inspect PIPES_NETWORK", e))?;
         if network.driver.as_deref() != Some("overlay") || network.attachable != Some(true) {
             return Err(PipesError::EngineUnavailable {
                 reason: format!("PIPES_NETWORK '{}' must be an attachable overlay network (docker network create -d overlay --attachable)", self.network),
@@ -469,7 +402,7 @@ impl Backend for Swarm {
             "Docker Swarm (engine {}, {} node(s)) at {}; deployments are services on network '{}', reached at their tasks' IPs; this replica is '{}'",
             info.server_version.unwrap_or_default(),
             swarm.nodes.unwrap_or(0),
-            self.engine.host(),
+            self.moby.host(),
             self.network,
             self.replica
         ))
@@ -486,22 +419,22 @@ impl Backend for Swarm {
     }
 
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
-        self.engine.image(reference).await
+        self.moby.image(reference).await
     }
 
     async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        self.engine.pull(reference, progress).await
+        self.moby.pull(reference, progress).await
     }
 
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        self.engine.registry_digest(reference).await
+        self.moby.registry_digest(reference).await
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
-        let service_spec = self.service_spec(spec);
+        let service_spec = service_spec(&self.moby, &self.network, spec);
         let name = service_spec.name.clone().unwrap_or_default();
         for _ in 0..3 {
-            let created = self.client().await?.create_service(service_spec.clone(), self.engine.credentials()).await;
+            let created = self.client().await?.create_service(service_spec.clone(), self.moby.credentials()).await;
             match created {
                 Ok(answer) => {
                     let id = answer.id.unwrap_or_else(|| name.clone());
@@ -519,7 +452,7 @@ impl Backend for Swarm {
                     log::info!("{}: replacing service {name} made from another config", spec.deployment);
                     self.remove(&id).await?;
                 }
-                Err(e) => return Err(self.engine.fail("create a service", e)),
+                Err(e) => return Err(self.moby.fail("create a service", e)),
             }
         }
         Err(PipesError::Engine { action: "create a service", detail: format!("name {name} stays taken") })
@@ -557,34 +490,69 @@ impl Backend for Swarm {
         Err(PipesError::Engine { action: "start a service", detail: format!("service {} kept changing under Pipes", short_id(id)) })
     }
 
-    fn pauses(&self) -> bool {
-        false
-    }
-
-    async fn pause(&self, id: &str) -> Result<(), PipesError> {
-        Err(PipesError::Engine { action: "pause a service", detail: format!("Swarm cannot pause service {}", short_id(id)) })
-    }
-
-    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
-        Err(PipesError::Engine { action: "unpause a service", detail: format!("Swarm cannot pause service {}", short_id(id)) })
-    }
-
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
         self.update(id, "stop a service", |spec| scale_to_zero(spec, grace)).await
     }
 
     /// Replicas of one instance serve the same services on purpose: there is
     /// nothing to claim.
-    async fn claim(&self, _beside: bool) -> Result<Option<String>, PipesError> {
-        Ok(None)
+    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        self.update(id, "restart a service", |spec| {
+            let task = spec.task_template.get_or_insert_with(Default::default);
+            task.force_update = Some(task.force_update.unwrap_or(0) + 1);
+            task.container_spec.get_or_insert_with(Default::default).stop_grace_period = Some(grace.as_nanos() as i64);
+            true
+        })
+        .await
     }
 
-    async fn release(&self) {}
-
-    fn shared(&self) -> bool {
-        true
+    async fn remove(&self, id: &str) -> Result<(), PipesError> {
+        match self.client().await?.delete_service(id).await {
+            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(self.moby.fail("remove a service", e)),
+        }
     }
 
+    async fn exited(&self, id: &str) -> Result<i64, PipesError> {
+        loop {
+            let Some(service) = self.service(id).await? else { return Ok(0) };
+            let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
+            match self.instance_of(&service, &tasks) {
+                Some(i) if i.running => tokio::time::sleep(POLL * 5).await,
+                Some(i) => return Ok(i.exit_code.unwrap_or(0)),
+                None => return Ok(0),
+            }
+        }
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
+        let Ok(docker) = self.client().await else { return Vec::new() };
+        self.moby.last_lines(docker.service_logs(id, Some(log_options(lines))), lines).await
+    }
+
+    /// Containers of this node's tasks (start, die, …, named by their
+    /// service), and services scaled or removed anywhere in the swarm.
+    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
+        let tasks = self.moby.container_events(since_nano, task_event);
+        let options =
+            EventsOptions { since: since_nano.map(since_param), until: None, filters: Some(HashMap::from([("type".to_owned(), vec!["service".to_owned()])])) };
+        // A service event names only the service: one this replica has not
+        // seen yet is looked up (they are few; the stream is its own).
+        let this = self.clone();
+        let services = self.moby.events(options, move |message| {
+            let this = this.clone();
+            async move { this.service_event(message).await }
+        });
+        futures_util::stream::select(tasks, services).boxed()
+    }
+
+    fn replicas(&self) -> Option<&dyn Replicas> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl Replicas for Swarm {
     async fn share_activity(&self, id: &str, at_ms: u64) -> Result<(), PipesError> {
         let own = format!("{LABEL_ACTIVE}{}", self.replica);
         self.update(id, "share activity", |spec| {
@@ -630,87 +598,6 @@ impl Backend for Swarm {
         scale_to_zero(&mut spec, grace);
         self.write(id, spec, version, "stop a service").await
     }
-
-    async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
-        self.update(id, "restart a service", |spec| {
-            let task = spec.task_template.get_or_insert_with(Default::default);
-            task.force_update = Some(task.force_update.unwrap_or(0) + 1);
-            task.container_spec.get_or_insert_with(Default::default).stop_grace_period = Some(grace.as_nanos() as i64);
-            true
-        })
-        .await
-    }
-
-    async fn remove(&self, id: &str) -> Result<(), PipesError> {
-        match self.client().await?.delete_service(id).await {
-            Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            Err(e) => Err(self.engine.fail("remove a service", e)),
-        }
-    }
-
-    async fn exited(&self, id: &str) -> Result<i64, PipesError> {
-        loop {
-            let Some(service) = self.service(id).await? else { return Ok(0) };
-            let tasks = self.tasks(&[id.to_owned()]).await?.into_values().flatten().collect::<Vec<_>>();
-            match self.instance_of(&service, &tasks) {
-                Some(i) if i.running => tokio::time::sleep(POLL * 5).await,
-                Some(i) => return Ok(i.exit_code.unwrap_or(0)),
-                None => return Ok(0),
-            }
-        }
-    }
-
-    async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
-        let Ok(docker) = self.client().await else { return Vec::new() };
-        self.engine.last_lines(docker.service_logs(id, Some(log_options(lines))), lines).await
-    }
-
-    /// Containers of this node's tasks (start, die, …, named by their
-    /// service), and services scaled or removed anywhere in the swarm.
-    fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
-        let since = since_nano.map(since_param);
-        let containers = EventsOptions {
-            since: since.clone(),
-            until: None,
-            filters: Some(HashMap::from([
-                ("type".to_owned(), vec!["container".to_owned()]),
-                ("label".to_owned(), vec![format!("{LABEL_INSTANCE}={}", self.engine.instance())]),
-            ])),
-        };
-        let services = EventsOptions { since, until: None, filters: Some(HashMap::from([("type".to_owned(), vec!["service".to_owned()])])) };
-        let this = self.clone();
-        futures_util::stream::once(async move {
-            let client = match this.client().await {
-                Ok(c) => c.clone(),
-                Err(e) => return futures_util::stream::once(std::future::ready(Err(e))).boxed(),
-            };
-            let (of_tasks, of_services) = (this.clone(), this.clone());
-            let tasks = client.events(Some(containers)).filter_map(move |item| {
-                let event = match item {
-                    Ok(message) => task_event(message).map(Ok),
-                    Err(e) => Some(Err(of_tasks.engine.fail("watch events", e))),
-                };
-                std::future::ready(event)
-            });
-            // A service event names only the service: one this replica has not
-            // seen yet is looked up (they are few; the stream is its own).
-            let services = client
-                .events(Some(services))
-                .then(move |item| {
-                    let this = of_services.clone();
-                    async move {
-                        match item {
-                            Ok(message) => this.service_event(message).await.map(Ok),
-                            Err(e) => Some(Err(this.engine.fail("watch events", e))),
-                        }
-                    }
-                })
-                .filter_map(std::future::ready);
-            futures_util::stream::select(tasks, services).boxed()
-        })
-        .flatten()
-        .boxed()
-    }
 }
 
 impl Swarm {
@@ -739,177 +626,13 @@ impl Swarm {
             (None, _) => {
                 let service = self.service(&id).await.ok()??;
                 let labels = service.spec.as_ref()?.labels.as_ref()?;
-                (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.engine.instance())).then_some(())?;
+                (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
                 let d = deployment_of(&service)?;
                 self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), d.clone());
                 d
             }
         };
-        let time_nano = message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0);
+        let time_nano = time_nano(message.time_nano, message.time);
         Some(Event { id, deployment: Some(deployment), kind, time_nano })
-    }
-}
-
-/// A task container's event, as its service's.
-fn task_event(message: bollard::models::EventMessage) -> Option<Event> {
-    let service = message.actor.as_ref()?.attributes.as_ref()?.get(LABEL_SERVICE_ID)?.clone();
-    super::docker::event_of(message).map(|event| Event { id: service, ..event })
-}
-
-/// Sets a service to no replica, its tasks given `grace` to stop; whether it had any.
-fn scale_to_zero(spec: &mut ServiceSpec, grace: Duration) -> bool {
-    let mode = spec.mode.get_or_insert_with(Default::default).replicated.get_or_insert_with(Default::default);
-    if mode.replicas == Some(0) {
-        return false;
-    }
-    mode.replicas = Some(0);
-    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
-    container.stop_grace_period = Some(i64::from(grace_secs(grace)) * 1_000_000_000);
-    true
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The replicas a service asks for.
-fn replicas(service: &Service) -> i64 {
-    service.spec.as_ref().and_then(|s| s.mode.as_ref()?.replicated.as_ref()?.replicas).unwrap_or(0)
-}
-
-/// When a task was created. The engine's timestamps vary in length (trailing
-/// zeros of the nanoseconds dropped), so they are compared as times.
-fn created(task: &Task) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339_weak(task.created_at.as_deref()?.trim_end_matches('Z')).ok()
-}
-
-/// The newest task of a service that runs and is meant to.
-fn running_task(tasks: &[Task]) -> Option<&Task> {
-    tasks.iter().filter(|t| runs(t)).max_by_key(|t| created(t))
-}
-
-/// Whether a task ended (or will not run).
-fn ended(task: &Task) -> bool {
-    matches!(
-        task.status.as_ref().and_then(|s| s.state),
-        Some(TaskState::COMPLETE | TaskState::FAILED | TaskState::SHUTDOWN | TaskState::REJECTED | TaskState::REMOVE | TaskState::ORPHANED)
-    )
-}
-
-/// Whether a task runs or is on its way to, and is meant to.
-fn alive(task: &Task) -> bool {
-    task.desired_state == Some(TaskState::RUNNING) && !ended(task)
-}
-
-/// Whether a task runs and is meant to.
-fn runs(task: &Task) -> bool {
-    task.desired_state == Some(TaskState::RUNNING) && task.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
-}
-
-fn deployment_of(service: &Service) -> Option<Deployment> {
-    Deployment::parse(service.spec.as_ref()?.labels.as_ref()?.get(LABEL_DEPLOYMENT)?)
-}
-
-/// The service name of a generation: unique per instance, deployment and
-/// digest, and a valid DNS label (what Swarm asks of a service name): the
-/// readable name when it is one, else its cleaned start and a hash.
-pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
-    let generation = digest.map(generation_of).unwrap_or("local");
-    let wanted = format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag);
-    let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
-    if clean == wanted && clean.len() <= 63 {
-        return clean;
-    }
-    let hash = hex::encode(&Sha256::digest(wanted.as_bytes())[..5]);
-    let start = clean.get(..52).unwrap_or(&clean).trim_end_matches('-');
-    format!("{start}-{hash}")
-}
-
-#[async_trait]
-impl Storage for Swarm {
-    async fn read(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError> {
-        // The newest version; one removed between the listing and the read
-        // was replaced by a newer one, so list again.
-        for _ in 0..UPDATE_ATTEMPTS {
-            let Some((_, config)) = self.versions(name).await?.into_iter().next() else { return Ok(None) };
-            let data = match config.spec.as_ref().and_then(|s| s.data.clone()) {
-                Some(data) => data,
-                None => match self.client().await?.inspect_config(config.id.as_deref().unwrap_or_default()).await {
-                    Ok(c) => c.spec.and_then(|s| s.data).unwrap_or_default(),
-                    Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => continue,
-                    Err(e) => return Err(self.engine.fail("read a Swarm config", e)),
-                },
-            };
-            return base64::engine::general_purpose::STANDARD.decode(data).map(Some).map_err(|e| broken(name, format!("its Swarm config is not base64: {e}")));
-        }
-        Err(broken(name, "its Swarm configs kept changing while read"))
-    }
-
-    async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError> {
-        let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
-        for _ in 0..UPDATE_ATTEMPTS {
-            let versions = self.versions(name).await?;
-            let next = versions.first().map_or(1, |(v, _)| v + 1);
-            let mut labels: HashMap<String, String> =
-                self.instance_labels().iter().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-            labels.insert(LABEL_STORE.into(), name.to_owned());
-            labels.insert(LABEL_STORE_VERSION.into(), next.to_string());
-            let hash = hex::encode(&Sha256::digest(format!("{}/{name}", self.engine.instance()).as_bytes())[..8]);
-            let spec = ConfigSpec { name: Some(format!("pipes-{hash}-{next}")), labels: Some(labels), data: Some(data.clone()), templating: None };
-            match self.client().await?.create_config(spec).await {
-                Ok(_) => {
-                    // Older versions go once the new one is readable; a failure leaves an extra old one, never none.
-                    for (_, old) in versions {
-                        if let Some(id) = old.id {
-                            if let Err(e) = self.client().await?.delete_config(&id).await {
-                                log::debug!("cannot remove an old version of {name}: {e}");
-                            }
-                        }
-                    }
-                    return Ok(());
-                }
-                // Another replica wrote this version first: ours goes after it.
-                Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => continue,
-                Err(e) => return Err(broken(name, format!("cannot be written: {}", self.engine.fail("create a Swarm config", e)))),
-            }
-        }
-        Err(broken(name, "cannot be written: other replicas kept writing it"))
-    }
-
-    async fn configs(&self) -> Result<Vec<String>, PipesError> {
-        let options = ListConfigsOptions { filters: Some(HashMap::from([("label".to_owned(), self.instance_labels())])) };
-        let configs = self.client().await?.list_configs(Some(options)).await.map_err(|e| self.engine.fail("list Swarm configs", e))?;
-        let mut names: Vec<String> =
-            configs.iter().filter_map(|c| c.spec.as_ref()?.labels.as_ref()?.get(LABEL_STORE).cloned()).filter(|n| n.starts_with("repos/")).collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tasks_are_ordered_by_time_not_by_text() {
-        let task = |at: &str| Task { created_at: Some(at.to_owned()), ..Default::default() };
-        let (earlier, later) = (task("2026-11-29T21:45:05.1Z"), task("2026-11-29T21:45:05.123456789Z"));
-        assert!(created(&later) > created(&earlier), "as text, .1Z sorts after .123…Z");
-    }
-
-    #[test]
-    fn service_names_are_dns_labels_and_unique_per_generation() {
-        let d = Deployment::parse("alice/app:v1").unwrap();
-        assert_eq!(service_name("pipes", &d, Some("sha256:0123456789abcdef")), "pipes-alice-app-v1-0123456789ab");
-        let dotted = Deployment::parse("alice/app:1.2.3").unwrap();
-        let dashed = Deployment::parse("alice/app:1-2-3").unwrap();
-        let (a, b) = (service_name("pipes", &dotted, None), service_name("pipes", &dashed, None));
-        assert_ne!(a, b, "cleaning a name never makes two deployments one");
-        let long = Deployment::parse(&format!("alice/{}:v1", "r".repeat(60))).unwrap();
-        for name in [a, b, service_name("pipes", &long, Some("sha256:ff"))] {
-            assert!(name.len() <= 63, "{name}");
-            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
-        }
     }
 }

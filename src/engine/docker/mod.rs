@@ -23,28 +23,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig,
     NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, EventsOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions, RestartContainerOptions,
-    StopContainerOptions, WaitContainerOptions,
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 
+use super::moby::events::event_of;
+use super::moby::logs::log_options;
+use super::moby::{grace_secs, Moby};
 use super::{
-    generation_of, short_id, Backend, Event, EventKind, Image, Instance, Progress, RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT,
-    LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
+    generation_of, short_id, Backend, Claims, Event, Image, Instance, Pausing, Progress, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
+    LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
-use crate::route::{Deployment, DEFAULT_TAG};
-use crate::secret::Secret;
+use crate::route::Deployment;
+
+pub use super::moby::DockerOptions;
 
 mod claim;
 use claim::Holder;
@@ -61,47 +63,14 @@ pub enum Reach {
     Network(String),
 }
 
-/// What the Docker backend is configured with (from the settings).
-#[derive(Debug, Clone)]
-pub struct DockerOptions {
-    /// `DOCKER_HOST`: `unix://…` or `tcp://…`.
-    pub host: String,
-    /// `PIPES_INSTANCE`, carried by every container as a label and in its name.
-    pub instance: String,
-    /// `PIPES_LABELS`.
-    pub labels: Vec<(String, String)>,
-    /// The registry host credentials are for (`docker.io` for Docker Hub).
-    pub registry_host: String,
-    pub auth: Option<RegistryAuth>,
-    /// `PIPES_MAX_PULLS`.
-    pub max_pulls: usize,
-    /// `PIPES_NETWORK`.
-    pub network: Option<String>,
-    /// `PIPES_PUBLISH_PORTS`: published ports even where containers' IPs answer.
-    pub publish_ports: bool,
-    /// This machine's host name: a container's id when Pipes runs in one.
-    pub hostname: Option<String>,
-    /// Whether `/.dockerenv` exists (a hint only: sandboxes have it too).
-    pub in_container: bool,
-}
-
 /// The local Docker engine as a [`Backend`].
 ///
 /// The connection is made on first use and kept, so Pipes starts (and answers
 /// 503) while the engine is down, and picks it up once it answers.
 #[derive(Clone)]
 pub struct Docker {
-    host: String,
-    client: Arc<OnceCell<bollard::Docker>>,
+    moby: Moby,
     reach: Reach,
-    instance: String,
-    extra_labels: Vec<(String, String)>,
-    credentials: Option<DockerCredentials>,
-    registry_host: String,
-    /// Scrubbed from every message that leaves this module.
-    password: Option<Secret>,
-    /// Caps pulls under way at once (`PIPES_MAX_PULLS`).
-    pulls: Arc<Semaphore>,
     /// Set once this instance's own network exists (published or bridge mode).
     network: Arc<OnceCell<()>>,
     /// This process, as its claim on the instance name records it.
@@ -114,23 +83,9 @@ impl Docker {
     /// A backend for the engine at `options.host`, not yet connected, reaching
     /// containers as `reach` says.
     pub fn new(options: &DockerOptions, reach: Reach) -> Docker {
-        let credentials = options.auth.as_ref().map(|a| DockerCredentials {
-            username: Some(a.username.clone()),
-            password: Some(a.password.expose().to_owned()),
-            email: a.email.clone(),
-            serveraddress: Some(options.registry_host.clone()),
-            ..Default::default()
-        });
         Docker {
-            host: options.host.clone(),
-            client: Arc::new(OnceCell::new()),
+            moby: Moby::new(options),
             reach,
-            instance: options.instance.clone(),
-            extra_labels: options.labels.clone(),
-            credentials,
-            registry_host: options.registry_host.clone(),
-            password: options.auth.as_ref().map(|a| a.password.clone()),
-            pulls: Arc::new(Semaphore::new(options.max_pulls)),
             network: Arc::new(OnceCell::new()),
             holder: Holder::me(options.hostname.as_deref()),
             hostname: options.hostname.clone(),
@@ -179,7 +134,7 @@ impl Docker {
     /// namespace of its own: [`Reach::Published`] then, as for an engine
     /// elsewhere.
     async fn bridge_or_published(&self) -> Reach {
-        if !self.host.starts_with("unix://") {
+        if !self.moby.host().starts_with("unix://") {
             return Reach::Published;
         }
         let Ok(docker) = self.docker().await else { return Reach::Published };
@@ -198,14 +153,7 @@ impl Docker {
 
     /// The client, connected and speaking an API version the engine knows.
     pub(super) async fn docker(&self) -> Result<&bollard::Docker, PipesError> {
-        self.client
-            .get_or_try_init(|| async {
-                let docker = bollard::Docker::connect_with_host(&self.host)
-                    .map_err(|e| PipesError::EngineUnavailable { reason: format!("cannot use {}: {e}", self.host) })?;
-                // Older engines (API 1.41) reject newer version prefixes outright.
-                docker.negotiate_version().await.map_err(|e| PipesError::EngineUnavailable { reason: format!("no answer from {}: {e}", self.host) })
-            })
-            .await
+        self.moby.client().await
     }
 
     /// The networks of container `name`, or `None` if the engine has no such container.
@@ -213,7 +161,7 @@ impl Docker {
         match self.docker().await?.inspect_container(name, None).await {
             Ok(c) => Ok(Some(c.network_settings.and_then(|n| n.networks).map(|n| n.into_keys().collect()).unwrap_or_default())),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
-            Err(e) => Err(self.fail("inspect a container", e)),
+            Err(e) => Err(self.moby.fail("inspect a container", e)),
         }
     }
 
@@ -222,32 +170,17 @@ impl Docker {
     fn container_name(&self, spec: &Spec) -> String {
         let d = &spec.deployment;
         match &spec.digest {
-            Some(digest) => format!("{}.{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag, generation_of(digest)),
-            None => format!("{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag),
+            Some(digest) => format!("{}.{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag, generation_of(digest)),
+            None => format!("{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag),
         }
     }
 
     /// Containers of this instance, optionally only those of one deployment.
     async fn containers(&self, d: Option<&Deployment>) -> Result<Vec<ContainerSummary>, PipesError> {
-        let mut labels = vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)];
+        let mut labels = self.moby.instance_filter();
         labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
         let options = ListContainersOptions { all: true, filters: Some(HashMap::from([("label".to_string(), labels)])), ..Default::default() };
-        self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))
-    }
-
-    /// The labels a new container of `spec` carries.
-    pub(super) fn labels(&self, spec: &Spec) -> HashMap<String, String> {
-        let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
-        labels.insert(LABEL_MANAGED.into(), "true".into());
-        labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
-        labels.insert(LABEL_DEPLOYMENT.into(), spec.deployment.to_string());
-        labels.insert(LABEL_CONFIG_HASH.into(), spec.hash.clone());
-        labels.insert(LABEL_PORT.into(), spec.port.to_string());
-        labels.insert(LABEL_CONFIG.into(), spec.config.clone());
-        if let Some(digest) = &spec.digest {
-            labels.insert(LABEL_DIGEST.into(), digest.clone());
-        }
-        labels
+        self.docker().await?.list_containers(Some(options)).await.map_err(|e| self.moby.fail("list containers", e))
     }
 
     /// Inspects a container by name or id; `None` when it does not exist or is
@@ -256,7 +189,7 @@ impl Docker {
         match self.docker().await?.inspect_container(name, None).await {
             Ok(c) => Ok(self.instance_of(c)),
             Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
-            Err(e) => Err(self.fail("inspect a container", e)),
+            Err(e) => Err(self.moby.fail("inspect a container", e)),
         }
     }
 
@@ -380,7 +313,7 @@ impl Docker {
         });
         ContainerCreateBody {
             image: Some(spec.image.clone()),
-            labels: Some(self.labels(spec)),
+            labels: Some(self.moby.labels(spec)),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.cmd.clone(),
             exposed_ports: Some(vec![port_key]),
@@ -400,7 +333,7 @@ impl Docker {
 
     /// The network of this instance's containers in published and bridge mode.
     fn instance_network(&self) -> String {
-        format!("pipes-{}", self.instance)
+        format!("pipes-{}", self.moby.instance())
     }
 
     /// Makes this instance's own network if it is missing: a bridge without
@@ -418,11 +351,9 @@ impl Docker {
                 match docker.inspect_network(&name, None).await {
                     Ok(_) => return Ok(()),
                     Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
-                    Err(e) => return Err(self.fail("inspect a network", e)),
+                    Err(e) => return Err(self.moby.fail("inspect a network", e)),
                 }
-                let mut labels: HashMap<String, String> = self.extra_labels.iter().cloned().collect();
-                labels.insert(LABEL_MANAGED.into(), "true".into());
-                labels.insert(LABEL_INSTANCE.into(), self.instance.clone());
+                let labels = self.moby.own_labels();
                 let request = NetworkCreateRequest {
                     name: name.clone(),
                     driver: Some("bridge".into()),
@@ -437,7 +368,7 @@ impl Docker {
                     }
                     // Made meanwhile by another Pipes of this instance.
                     Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
-                    Err(e) => Err(self.fail("create a network", e)),
+                    Err(e) => Err(self.moby.fail("create a network", e)),
                 }
             })
             .await
@@ -448,96 +379,7 @@ impl Docker {
     async fn start_container(&self, id: &str) -> Result<(), PipesError> {
         match self.docker().await?.start_container(id, None).await {
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
-            Err(e) => Err(self.fail("start a container", e)),
-        }
-    }
-
-    fn pull_failure(&self, reference: &str, e: DockerError) -> PipesError {
-        let message = match &e {
-            DockerError::DockerResponseServerError { message, .. } => message.clone(),
-            DockerError::DockerStreamError { error } => error.clone(),
-            _ => return self.fail("pull an image", e),
-        };
-        let lower = message.to_ascii_lowercase();
-        let detail = self.scrub(&message);
-        if ["unauthorized", "authentication required", "no basic auth credentials", "incorrect username or password"].iter().any(|m| lower.contains(m)) {
-            PipesError::RegistryAuth { registry: self.registry_host.clone(), user: self.credentials.as_ref().and_then(|c| c.username.clone()), detail }
-        } else if ["manifest unknown", "not found", "name unknown", "does not exist", "pull access denied"].iter().any(|m| lower.contains(m)) {
-            PipesError::ImageNotFound { image: reference.to_owned() }
-        } else if UNREACHABLE.iter().any(|m| lower.contains(m)) {
-            PipesError::RegistryUnreachable { image: reference.to_owned(), registry: self.registry_host.clone(), detail }
-        } else {
-            PipesError::Engine { action: "pull an image", detail }
-        }
-    }
-
-    /// One pull of `reference`, telling `progress` how far it got.
-    async fn pull_once(&self, reference: &str, progress: &Progress<'_>) -> Result<(), PipesError> {
-        let _place = self.pulls.acquire().await.map_err(|_| PipesError::EngineUnavailable { reason: "Pipes is shutting down".into() })?;
-        let (repo, tag) = split_reference(reference);
-        let options = CreateImageOptions { from_image: Some(repo.to_owned()), tag: Some(tag.to_owned()), ..Default::default() };
-        let mut stream = self.docker().await?.create_image(Some(options), None, self.credentials.clone());
-        // Bytes done and in all per layer, as the engine reports downloads.
-        let mut layers: HashMap<String, (u64, u64)> = HashMap::new();
-        while let Some(item) = stream.next().await {
-            let info = item.map_err(|e| self.pull_failure(reference, e))?;
-            let (Some(id), Some(detail)) = (info.id, info.progress_detail) else { continue };
-            if info.status.as_deref() != Some("Downloading") {
-                continue;
-            }
-            let (done, total) = (detail.current.unwrap_or(0).max(0) as u64, detail.total.unwrap_or(0).max(0) as u64);
-            layers.insert(id, (done, total));
-            let (done, total) = layers.values().fold((0, 0), |(d, t), (ld, lt)| (d + ld, t + lt));
-            progress(done, total);
-        }
-        Ok(())
-    }
-
-    /// The last `lines` lines of a log stream, passwords scrubbed.
-    pub(super) async fn last_lines(
-        &self,
-        mut stream: impl futures_util::Stream<Item = Result<bollard::container::LogOutput, DockerError>> + Unpin,
-        lines: usize,
-    ) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some(Ok(chunk)) = stream.next().await {
-            let text = String::from_utf8_lossy(&chunk.into_bytes()).into_owned();
-            out.extend(text.lines().map(|l| self.scrub(l)));
-        }
-        let keep = out.len().saturating_sub(lines);
-        out.drain(..keep);
-        out
-    }
-
-    /// The registry credentials, as the engine takes them.
-    pub(super) fn credentials(&self) -> Option<DockerCredentials> {
-        self.credentials.clone()
-    }
-
-    /// The Pipes instance name (`PIPES_INSTANCE`).
-    pub(super) fn instance(&self) -> &str {
-        &self.instance
-    }
-
-    /// The engine's address, for messages.
-    pub(super) fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// Turns an engine error into what a client sees.
-    pub(super) fn fail(&self, action: &'static str, e: DockerError) -> PipesError {
-        match e {
-            DockerError::DockerResponseServerError { message, .. } => PipesError::Engine { action, detail: self.scrub(&message) },
-            DockerError::DockerStreamError { error } => PipesError::Engine { action, detail: self.scrub(&error) },
-            DockerError::JsonDataError { .. } | DockerError::JsonSerdeError { .. } => PipesError::Engine { action, detail: self.scrub(&e.to_string()) },
-            other => PipesError::EngineUnavailable { reason: format!("cannot {action}: {}", self.scrub(&other.to_string())) },
-        }
-    }
-
-    pub(super) fn scrub(&self, text: &str) -> String {
-        match &self.password {
-            Some(p) => p.scrub(text),
-            None => text.to_owned(),
+            Err(e) => Err(self.moby.fail("start a container", e)),
         }
     }
 }
@@ -545,13 +387,13 @@ impl Docker {
 #[async_trait]
 impl Backend for Docker {
     async fn describe(&self) -> Result<String, PipesError> {
-        let v = self.docker().await?.version().await.map_err(|e| self.fail("read its version", e))?;
+        let v = self.docker().await?.version().await.map_err(|e| self.moby.fail("read its version", e))?;
         let reach = match &self.reach {
             Reach::Published => "containers are reached on 127.0.0.1 at published ports".to_owned(),
             Reach::Bridge => format!("containers are reached at their IP on this instance's network '{}'", self.instance_network()),
             Reach::Network(n) => format!("containers are reached at their IP on network '{n}'"),
         };
-        Ok(format!("Docker engine {} (API {}) at {}; {reach}", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), self.host))
+        Ok(format!("Docker engine {} (API {}) at {}; {reach}", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), self.moby.host()))
     }
 
     async fn list(&self) -> Result<Vec<Instance>, PipesError> {
@@ -568,44 +410,15 @@ impl Backend for Docker {
     }
 
     async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
-        match self.docker().await?.inspect_image(reference).await {
-            Ok(img) => {
-                let mut exposed_tcp: Vec<u16> =
-                    img.config.and_then(|c| c.exposed_ports).unwrap_or_default().iter().filter_map(|p| p.strip_suffix("/tcp")?.parse().ok()).collect();
-                exposed_tcp.sort_unstable();
-                exposed_tcp.dedup();
-                // "registry/user/repo@sha256:…", one per repository the image was pulled from.
-                let name = split_reference(reference).0;
-                let repo_digests = img.repo_digests.unwrap_or_default();
-                let digest = repo_digests
-                    .iter()
-                    .find(|d| d.split_once('@').is_some_and(|(n, _)| n == name))
-                    .or(repo_digests.first())
-                    .and_then(|d| d.split_once('@'))
-                    .map(|(_, digest)| digest.to_owned());
-                Ok(Some(Image { id: img.id.unwrap_or_default(), digest, exposed_tcp }))
-            }
-            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
-            Err(e) => Err(self.fail("inspect an image", e)),
-        }
+        self.moby.image(reference).await
     }
 
     async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        // The tag can be removed here between the pull and the look at its
-        // result (`docker rmi` by hand, a clean-up): pull once more then.
-        for _ in 0..2 {
-            self.pull_once(reference, progress).await?;
-            if let Some(image) = self.image(reference).await? {
-                return Ok(image);
-            }
-            log::info!("{reference} was removed here right after it was pulled: pulling it again");
-        }
-        Err(PipesError::Engine { action: "pull an image", detail: format!("{reference} is missing after the pull") })
+        self.moby.pull(reference, progress).await
     }
 
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        let answer = self.docker().await?.inspect_registry_image(reference, self.credentials.clone()).await.map_err(|e| self.pull_failure(reference, e))?;
-        answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
+        self.moby.registry_digest(reference).await
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
@@ -633,7 +446,7 @@ impl Backend for Docker {
                     log::info!("{}: replacing container {} made from another config", spec.deployment, short_id(&existing.id));
                     self.remove(&existing.id).await?;
                 }
-                Err(e) => return Err(self.fail("create a container", e)),
+                Err(e) => return Err(self.moby.fail("create a container", e)),
             }
         }
         Err(PipesError::Engine { action: "create a container", detail: format!("name {name} stays taken") })
@@ -646,41 +459,24 @@ impl Backend for Docker {
             .ok_or_else(|| PipesError::Engine { action: "start a container", detail: format!("container {} vanished after start", short_id(id)) })
     }
 
-    async fn pause(&self, id: &str) -> Result<(), PipesError> {
-        self.docker().await?.pause_container(id).await.map_err(|e| self.fail("pause a container", e))
-    }
-
-    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
-        self.docker().await?.unpause_container(id).await.map_err(|e| self.fail("unpause a container", e))?;
-        self.inspect(id).await?.ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
-    }
-
-    async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
-        self.claim_instance(beside).await
-    }
-
-    async fn release(&self) {
-        self.release_instance().await
-    }
-
     async fn stop(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
         let options = StopContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
         match self.docker().await?.stop_container(id, Some(options)).await {
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 304 | 404, .. }) => Ok(()),
-            Err(e) => Err(self.fail("stop a container", e)),
+            Err(e) => Err(self.moby.fail("stop a container", e)),
         }
     }
 
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
         let options = RestartContainerOptions { t: Some(grace_secs(grace)), ..Default::default() };
-        self.docker().await?.restart_container(id, Some(options)).await.map_err(|e| self.fail("restart a container", e))
+        self.docker().await?.restart_container(id, Some(options)).await.map_err(|e| self.moby.fail("restart a container", e))
     }
 
     async fn remove(&self, id: &str) -> Result<(), PipesError> {
         let options = RemoveContainerOptions { force: true, ..Default::default() };
         match self.docker().await?.remove_container(id, Some(options)).await {
             Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
-            Err(e) => Err(self.fail("remove a container", e)),
+            Err(e) => Err(self.moby.fail("remove a container", e)),
         }
     }
 
@@ -689,112 +485,54 @@ impl Backend for Docker {
         match self.docker().await?.wait_container(id, Some(options)).next().await {
             Some(Ok(r)) => Ok(r.status_code),
             Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(self.fail("watch a container", e)),
+            Some(Err(e)) => Err(self.moby.fail("watch a container", e)),
             None => Err(PipesError::Engine { action: "watch a container", detail: "no answer".into() }),
         }
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Vec<String> {
         let Ok(docker) = self.docker().await else { return Vec::new() };
-        self.last_lines(docker.logs(id, Some(log_options(lines))), lines).await
+        self.moby.last_lines(docker.logs(id, Some(log_options(lines))), lines).await
     }
 
     fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
-        let this = self.clone();
-        let options = EventsOptions {
-            // The engine takes seconds with a fractional part.
-            since: since_nano.map(since_param),
-            until: None,
-            filters: Some(HashMap::from([
-                ("type".to_string(), vec!["container".to_string()]),
-                ("label".to_string(), vec![format!("{LABEL_INSTANCE}={}", self.instance)]),
-            ])),
-        };
-        futures_util::stream::once(async move {
-            match this.docker().await {
-                Ok(client) => {
-                    let fail = this.clone();
-                    client
-                        .events(Some(options))
-                        .filter_map(move |item| {
-                            let event = match item {
-                                Ok(message) => event_of(message).map(Ok),
-                                Err(e) => Some(Err(fail.fail("watch events", e))),
-                            };
-                            std::future::ready(event)
-                        })
-                        .boxed()
-                }
-                Err(e) => futures_util::stream::once(std::future::ready(Err(e))).boxed(),
-            }
-        })
-        .flatten()
-        .boxed()
+        self.moby.container_events(since_nano, event_of)
+    }
+
+    fn pausing(&self) -> Option<&dyn Pausing> {
+        Some(self)
+    }
+
+    fn claims(&self) -> Option<&dyn Claims> {
+        Some(self)
     }
 }
 
-/// An event Pipes cares about, from the engine's message.
-pub(super) fn event_of(message: bollard::models::EventMessage) -> Option<Event> {
-    let action = message.action?;
-    let actor = message.actor?;
-    let attributes = actor.attributes.unwrap_or_default();
-    let kind = match action.as_str() {
-        "start" => EventKind::Started,
-        "die" => EventKind::Died(attributes.get("exitCode").and_then(|c| c.parse().ok())),
-        "stop" => EventKind::Stopped,
-        "kill" => EventKind::Killed,
-        "oom" => EventKind::OutOfMemory,
-        "destroy" => EventKind::Destroyed,
-        "pause" => EventKind::Paused,
-        "unpause" => EventKind::Unpaused,
-        other => EventKind::Health(other.strip_prefix("health_status: ")?.to_owned()),
-    };
-    Some(Event {
-        id: actor.id?,
-        deployment: attributes.get(LABEL_DEPLOYMENT).and_then(|d| Deployment::parse(d)),
-        kind,
-        time_nano: message.time_nano.or(message.time.map(|t| t.saturating_mul(1_000_000_000))).unwrap_or(0),
-    })
+#[async_trait]
+impl Pausing for Docker {
+    async fn pause(&self, id: &str) -> Result<(), PipesError> {
+        self.docker().await?.pause_container(id).await.map_err(|e| self.moby.fail("pause a container", e))
+    }
+
+    async fn unpause(&self, id: &str) -> Result<Instance, PipesError> {
+        self.docker().await?.unpause_container(id).await.map_err(|e| self.moby.fail("unpause a container", e))?;
+        self.inspect(id).await?.ok_or_else(|| PipesError::Engine { action: "unpause a container", detail: format!("container {} vanished", short_id(id)) })
+    }
 }
 
-/// What the engine says when it cannot reach a registry at all.
-const UNREACHABLE: [&str; 8] = [
-    "dial tcp",
-    "connection refused",
-    "no such host",
-    "i/o timeout",
-    "tls handshake timeout",
-    "client.timeout exceeded",
-    "network is unreachable",
-    "server gave http response to https client",
-];
+#[async_trait]
+impl Claims for Docker {
+    async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
+        self.claim_instance(beside).await
+    }
+
+    async fn release(&self) {
+        self.release_instance().await
+    }
+}
 
 /// Longest wait for a container being removed to be gone.
 const REMOVAL_WAIT: Duration = Duration::from_secs(10);
-
-/// What a log request asks for: both streams, the last `lines` lines.
-pub(super) fn log_options(lines: usize) -> LogsOptions {
-    LogsOptions { stdout: true, stderr: true, tail: lines.to_string(), ..Default::default() }
-}
-
-/// An events `since` as the engine takes it: seconds with a fractional part.
-pub(super) fn since_param(nanos: i64) -> String {
-    format!("{}.{:09}", nanos.div_euclid(1_000_000_000), nanos.rem_euclid(1_000_000_000))
-}
-
-/// The engine takes whole seconds.
-pub(super) fn grace_secs(grace: Duration) -> i32 {
-    i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)
-}
-
-/// Splits `registry/user/repo:tag` into `registry/user/repo` and `tag`.
-fn split_reference(reference: &str) -> (&str, &str) {
-    let last_slash = reference.rfind('/').map_or(0, |i| i + 1);
-    match reference[last_slash..].rfind(':') {
-        Some(colon) => (&reference[..last_slash + colon], &reference[last_slash + colon + 1..]),
-        None => (reference, DEFAULT_TAG),
-    }
-}
 
 /// What the engine said of a container's state, by either of its views
 /// (inspect, or the list).
@@ -804,16 +542,4 @@ struct Seen {
     paused: bool,
     exit_code: Option<i64>,
     started_at: Option<String>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn references_split_at_the_tag_not_the_port() {
-        assert_eq!(split_reference("127.0.0.1:5000/a/b:v1"), ("127.0.0.1:5000/a/b", "v1"));
-        assert_eq!(split_reference("a/b:1.2.3"), ("a/b", "1.2.3"));
-        assert_eq!(split_reference("127.0.0.1:5000/a/b"), ("127.0.0.1:5000/a/b", "latest"));
-    }
 }

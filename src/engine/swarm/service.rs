@@ -1,0 +1,163 @@
+//! Services and tasks as the engine reports them: the spec a deployment's
+//! service is made from, its name, and what its tasks say.
+
+use std::time::Duration;
+
+use bollard::models::{
+    EndpointSpec, EndpointSpecModeEnum, EventMessage, Limit, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
+    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+};
+use sha2::{Digest as _, Sha256};
+
+use super::{LABEL_IMAGE_ID, LABEL_SERVICE_ID};
+use crate::config::Restart;
+use crate::engine::generation_of;
+use crate::engine::moby::events::event_of;
+use crate::engine::moby::grace_secs;
+use crate::engine::moby::Moby;
+use crate::engine::{Event, Spec, LABEL_DEPLOYMENT};
+use crate::route::Deployment;
+
+/// The spec of a new service for `spec` on `network`, with no replica yet.
+pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec) -> ServiceSpec {
+    let mut labels = moby.labels(spec);
+    labels.insert(LABEL_IMAGE_ID.into(), spec.image_id.clone());
+    // Pinned to the digest, so that every node runs the same image.
+    let image = match &spec.digest {
+        Some(digest) => format!("{}@{digest}", spec.image),
+        None => spec.image.clone(),
+    };
+    let condition = match spec.restart {
+        Restart::No => TaskSpecRestartPolicyConditionEnum::NONE,
+        Restart::OnFailure => TaskSpecRestartPolicyConditionEnum::ON_FAILURE,
+        Restart::Always | Restart::UnlessStopped => TaskSpecRestartPolicyConditionEnum::ANY,
+    };
+    ServiceSpec {
+        name: Some(service_name(moby.instance(), &spec.deployment, spec.digest.as_deref())),
+        labels: Some(labels.clone()),
+        task_template: Some(TaskSpec {
+            container_spec: Some(TaskSpecContainerSpec {
+                image: Some(image),
+                // Task containers do not carry the service's labels: their events name the deployment by these.
+                labels: Some(labels),
+                env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+                args: spec.cmd.clone(),
+                capability_drop: Some(vec!["ALL".into()]),
+                capability_add: Some(spec.capabilities.clone()),
+                ..Default::default()
+            }),
+            resources: Some(TaskSpecResources {
+                limits: Some(Limit {
+                    nano_cpus: Some((spec.cpus * 1e9).round() as i64),
+                    memory_bytes: i64::try_from(spec.memory_bytes).ok(),
+                    pids: Some(i64::from(spec.pids)),
+                }),
+                ..Default::default()
+            }),
+            restart_policy: Some(TaskSpecRestartPolicy { condition: Some(condition), ..Default::default() }),
+            networks: Some(vec![NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }]),
+            ..Default::default()
+        }),
+        mode: Some(ServiceSpecMode { replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }), ..Default::default() }),
+        endpoint_spec: Some(EndpointSpec { mode: Some(EndpointSpecModeEnum::DNSRR), ports: None }),
+        ..Default::default()
+    }
+}
+
+/// A task container's event, as its service's.
+pub(super) fn task_event(message: EventMessage) -> Option<Event> {
+    let service = message.actor.as_ref()?.attributes.as_ref()?.get(LABEL_SERVICE_ID)?.clone();
+    event_of(message).map(|event| Event { id: service, ..event })
+}
+
+/// Sets a service to no replica, its tasks given `grace` to stop; whether it had any.
+pub(super) fn scale_to_zero(spec: &mut ServiceSpec, grace: Duration) -> bool {
+    let mode = spec.mode.get_or_insert_with(Default::default).replicated.get_or_insert_with(Default::default);
+    if mode.replicas == Some(0) {
+        return false;
+    }
+    mode.replicas = Some(0);
+    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
+    container.stop_grace_period = Some(i64::from(grace_secs(grace)) * 1_000_000_000);
+    true
+}
+
+/// The replicas a service asks for.
+pub(super) fn replicas(service: &Service) -> i64 {
+    service.spec.as_ref().and_then(|s| s.mode.as_ref()?.replicated.as_ref()?.replicas).unwrap_or(0)
+}
+
+/// When a task was created. The engine's timestamps vary in length (trailing
+/// zeros of the nanoseconds dropped), so they are compared as times.
+pub(super) fn created(task: &Task) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339_weak(task.created_at.as_deref()?.trim_end_matches('Z')).ok()
+}
+
+/// The newest task of a service that runs and is meant to.
+pub(super) fn running_task(tasks: &[Task]) -> Option<&Task> {
+    tasks.iter().filter(|t| runs(t)).max_by_key(|t| created(t))
+}
+
+/// Whether a task ended (or will not run).
+pub(super) fn ended(task: &Task) -> bool {
+    matches!(
+        task.status.as_ref().and_then(|s| s.state),
+        Some(TaskState::COMPLETE | TaskState::FAILED | TaskState::SHUTDOWN | TaskState::REJECTED | TaskState::REMOVE | TaskState::ORPHANED)
+    )
+}
+
+/// Whether a task runs or is on its way to, and is meant to.
+pub(super) fn alive(task: &Task) -> bool {
+    task.desired_state == Some(TaskState::RUNNING) && !ended(task)
+}
+
+/// Whether a task runs and is meant to.
+pub(super) fn runs(task: &Task) -> bool {
+    task.desired_state == Some(TaskState::RUNNING) && task.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
+}
+
+pub(super) fn deployment_of(service: &Service) -> Option<Deployment> {
+    Deployment::parse(service.spec.as_ref()?.labels.as_ref()?.get(LABEL_DEPLOYMENT)?)
+}
+
+/// The service name of a generation: unique per instance, deployment and
+/// digest, and a valid DNS label (what Swarm asks of a service name): the
+/// readable name when it is one, else its cleaned start and a hash.
+pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
+    let generation = digest.map(generation_of).unwrap_or("local");
+    let wanted = format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag);
+    let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+    if clean == wanted && clean.len() <= 63 {
+        return clean;
+    }
+    let hash = hex::encode(&Sha256::digest(wanted.as_bytes())[..5]);
+    let start = clean.get(..52).unwrap_or(&clean).trim_end_matches('-');
+    format!("{start}-{hash}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_are_ordered_by_time_not_by_text() {
+        let task = |at: &str| Task { created_at: Some(at.to_owned()), ..Default::default() };
+        let (earlier, later) = (task("2026-11-29T21:45:05.1Z"), task("2026-11-29T21:45:05.123456789Z"));
+        assert!(created(&later) > created(&earlier), "as text, .1Z sorts after .123…Z");
+    }
+
+    #[test]
+    fn service_names_are_dns_labels_and_unique_per_generation() {
+        let d = Deployment::parse("alice/app:v1").unwrap();
+        assert_eq!(service_name("pipes", &d, Some("sha256:0123456789abcdef")), "pipes-alice-app-v1-0123456789ab");
+        let dotted = Deployment::parse("alice/app:1.2.3").unwrap();
+        let dashed = Deployment::parse("alice/app:1-2-3").unwrap();
+        let (a, b) = (service_name("pipes", &dotted, None), service_name("pipes", &dashed, None));
+        assert_ne!(a, b, "cleaning a name never makes two deployments one");
+        let long = Deployment::parse(&format!("alice/{}:v1", "r".repeat(60))).unwrap();
+        for name in [a, b, service_name("pipes", &long, Some("sha256:ff"))] {
+            assert!(name.len() <= 63, "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{name}");
+        }
+    }
+}
