@@ -29,7 +29,7 @@ mod proxy;
 mod reply;
 pub mod route;
 mod scrape;
-mod secret;
+pub mod secret;
 pub mod server;
 pub mod settings;
 pub mod store;

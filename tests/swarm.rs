@@ -56,18 +56,6 @@ fn lines(out: &std::process::Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
 }
 
-/// The Swarm tests run only where scripts/test made the engine a swarm manager.
-fn no_swarm() -> bool {
-    if common::skip() {
-        return true;
-    }
-    if std::env::var_os("PIPES_TEST_SWARM").is_none() {
-        common::skipped("the engine is not a swarm manager (scripts/test says why)");
-        return true;
-    }
-    false
-}
-
 /// One Pipes replica of `created.instance` on the overlay network; its
 /// 127.0.0.1 port.
 fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (String, u16) {
@@ -154,7 +142,7 @@ async fn cluster(extra_env: &[&str]) -> (Created, [(String, u16); 2]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm() {
-    if no_swarm() {
+    if common::no_swarm() {
         return;
     }
     let (created, [(_, port_a), (b, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=2s"]).await;
@@ -298,7 +286,7 @@ async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_its_websockets() {
-    if no_swarm() {
+    if common::no_swarm() {
         return;
     }
     let (created, [(_, port_a), (_, port_b)]) = cluster(&["PIPES_DRAIN_TIMEOUT=10s", "PIPES_FAILURE_TTL=1s"]).await;
@@ -399,7 +387,7 @@ fn secret(name: &str, value: &str) {
 
 #[tokio::test]
 async fn the_stack_file_runs_pipes_as_a_swarm_service() {
-    if no_swarm() {
+    if common::no_swarm() {
         return;
     }
     let e = env();

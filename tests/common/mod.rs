@@ -66,6 +66,19 @@ pub fn skipped(why: &str) {
     }
 }
 
+/// Whether a Swarm test must be skipped: the environment is missing, or
+/// the engine is no swarm manager (where scripts/test could not make it one).
+pub fn no_swarm() -> bool {
+    if skip() {
+        return true;
+    }
+    if std::env::var_os("PIPES_TEST_SWARM").is_none() {
+        skipped("the engine is not a swarm manager (scripts/test says why)");
+        return true;
+    }
+    false
+}
+
 /// The prepared environment; tests call [`skip`] first.
 pub fn env() -> &'static TestEnv {
     prepared().expect("this needs the engine, registry and fixtures that scripts/test (or scripts/bench) prepares")
