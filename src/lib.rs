@@ -19,7 +19,7 @@ pub(crate) mod clock;
 pub mod config;
 mod connection;
 pub mod engine;
-mod error;
+pub mod error;
 mod events;
 pub mod fleet;
 mod forwarded;

@@ -101,16 +101,18 @@ async fn accepts(addr: SocketAddr, long: Duration) -> bool {
     }
 }
 
-/// Waits for a `Started` event of `id` on `events`.
-async fn started_event(events: &mut futures_util::stream::BoxStream<'static, Result<pipes::engine::Event, impl std::fmt::Display>>, id: &str) {
-    within("a Started event", async {
+type Events = futures_util::stream::BoxStream<'static, Result<pipes::engine::Event, pipes::error::PipesError>>;
+
+/// Waits for an event of `id` that `wanted` accepts on `events`.
+async fn event(events: &mut Events, id: &str, what: &str, wanted: impl Fn(&EventKind) -> bool) {
+    within(what, async {
         while let Some(event) = events.next().await {
             let event = event.unwrap_or_else(|e| panic!("the event stream failed: {e}"));
-            if event.id == id && event.kind == EventKind::Started {
+            if event.id == id && wanted(&event.kind) {
                 return;
             }
         }
-        panic!("the event stream ended before the Started event");
+        panic!("the event stream ended before {what}");
     })
     .await;
 }
@@ -162,8 +164,9 @@ async fn lifecycle(s: &Subject) {
     assert!(b.list().await.expect("list").iter().any(|i| i.id == created.id), "listed");
     let id = created.id.as_str();
 
-    let since = wall_nanos();
-    let mut events = b.events(None);
+    // A stream follows the engine from its first poll; `since` replays
+    // what happened from then on, as the fleet's watcher asks after a reconnect.
+    let mut events = b.events(Some(wall_nanos() - 1_000_000_000));
     let started = b.start(id).await.expect("started");
     assert!(started.running && !started.paused && started.exit_code.is_none(), "{started:?}");
     assert!(started.address.is_some(), "a running instance has an address");
@@ -172,8 +175,8 @@ async fn lifecycle(s: &Subject) {
         assert!(accepts(started.address.expect("address"), WAIT).await, "it answers at its address");
     }
     assert_eq!(b.start(id).await.expect("started again").id, id, "a running instance is left as it is");
-    started_event(&mut events, id).await;
-    started_event(&mut b.events(Some(since - 1_000_000_000)), id).await;
+    event(&mut events, id, "a Started event", |k| *k == EventKind::Started).await;
+    drop(events);
 
     if let Some(pausing) = b.pausing() {
         pausing.pause(id).await.expect("paused");
@@ -188,7 +191,9 @@ async fn lifecycle(s: &Subject) {
 
     b.restart(id, GRACE).await.expect("restarted");
     assert!(only_instance(b, &d).await.running, "running after a restart");
+    let mut after = b.events(Some(wall_nanos()));
     b.stop(id, GRACE).await.expect("stopped");
+    event(&mut after, id, "an event that it stopped", |k| matches!(k, EventKind::Stopped | EventKind::Died(_))).await;
     let stopped = only_instance(b, &d).await;
     assert!(!stopped.running && !stopped.paused && stopped.address.is_none(), "{stopped:?}");
     within("exited after a stop", b.exited(id)).await.expect("its exit");

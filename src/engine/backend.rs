@@ -68,9 +68,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The last `lines` lines the instance wrote (empty when unavailable).
     async fn logs(&self, id: &str, lines: usize) -> Vec<String>;
 
-    /// What happens to this Pipes' instances from now on (or since
-    /// `since_nano`), as it happens. The stream ends when the connection
-    /// does; the caller reconnects.
+    /// What happens to this Pipes' instances as it happens: from the
+    /// stream's first poll on, or from `since_nano` (nanoseconds since the
+    /// epoch) when given. The stream ends when the connection does; the
+    /// caller reconnects, asking from the last event it saw.
     fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>>;
 
     /// Freezing instances, if this backend can.

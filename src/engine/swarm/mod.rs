@@ -496,14 +496,18 @@ impl Backend for Swarm {
 
     /// Replicas of one instance serve the same services on purpose: there is
     /// nothing to claim.
+    /// Replaces its task, and returns once the new one runs (or ended), as
+    /// the engine's restart of a container does.
     async fn restart(&self, id: &str, grace: Duration) -> Result<(), PipesError> {
+        let before: Vec<String> = self.tasks(&[id.to_owned()]).await?.into_values().flatten().filter_map(|t| t.id).collect();
         self.update(id, "restart a service", |spec| {
             let task = spec.task_template.get_or_insert_with(Default::default);
             task.force_update = Some(task.force_update.unwrap_or(0) + 1);
             task.container_spec.get_or_insert_with(Default::default).stop_grace_period = Some(grace.as_nanos() as i64);
             true
         })
-        .await
+        .await?;
+        self.until_settled(id, &before).await.map(drop)
     }
 
     async fn remove(&self, id: &str) -> Result<(), PipesError> {

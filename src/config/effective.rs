@@ -1,0 +1,124 @@
+//! Every layer merged: what a deployment runs with, and the hashes that tell
+//! whether an instance was made from it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+/// Pipes' own defaults, the lowest layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub memory: ByteSize,
+    pub cpus: f64,
+    pub health_timeout: Duration,
+    /// `PIPES_WATCH`: how often running deployments check their tag.
+    pub watch: Option<Duration>,
+    /// `PIPES_IDLE_ACTION`.
+    pub idle_action: IdleAction,
+    /// `PIPES_PAUSE_TIMEOUT`.
+    pub pause_timeout: Duration,
+}
+
+/// Everything a deployment runs with, all layers merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    /// Set by a config; otherwise the image decides.
+    pub port: Option<u16>,
+    pub env: BTreeMap<String, String>,
+    pub cmd: Option<Vec<String>>,
+    pub memory: ByteSize,
+    pub cpus: f64,
+    pub health_path: String,
+    pub health_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub idle_action: IdleAction,
+    pub pause_timeout: Duration,
+    pub restart: Restart,
+    pub pull: Pull,
+    pub watch: Option<Duration>,
+    pub pids: u32,
+    /// Capabilities added to [`BASE_CAPABILITIES`].
+    pub capabilities: Vec<String>,
+}
+
+impl Effective {
+    /// Merges the tag's layer over the repository's over `defaults`.
+    pub fn merge(tag: Option<&DeployConfig>, repository: Option<&DeployConfig>, defaults: &Defaults) -> Effective {
+        let empty = DeployConfig::default();
+        let c = tag.unwrap_or(&empty).over(repository.unwrap_or(&empty));
+        let health = c.health.unwrap_or_default();
+        Effective {
+            port: c.port,
+            env: c.env,
+            cmd: c.cmd,
+            memory: c.memory.unwrap_or(defaults.memory),
+            cpus: c.cpus.unwrap_or(defaults.cpus),
+            health_path: health.path.unwrap_or_else(|| "/".to_owned()),
+            health_timeout: health.timeout.map_or(defaults.health_timeout, |s| s.0),
+            idle_timeout: c.idle_timeout.map(|s| s.0),
+            idle_action: c.idle_action.unwrap_or(defaults.idle_action),
+            pause_timeout: c.pause_timeout.map_or(defaults.pause_timeout, |s| s.0),
+            restart: c.restart.unwrap_or(Restart::No),
+            pull: c.pull.unwrap_or(Pull::Missing),
+            watch: match c.watch {
+                Some(w) => w.interval(),
+                None => defaults.watch,
+            },
+            pids: c.pids.unwrap_or(DEFAULT_PIDS),
+            capabilities: c.capabilities.unwrap_or_default().iter().filter_map(|n| check_capability(n).ok()).collect(),
+        }
+    }
+
+    /// The effective config as the API shows it, with the port the image chose.
+    pub fn to_json(&self, port: Option<u16>) -> serde_json::Value {
+        serde_json::json!({
+            "port": self.port.or(port),
+            "env": self.env,
+            "cmd": self.cmd,
+            "memory": ByteSize(self.memory.0).to_string(),
+            "cpus": self.cpus,
+            "health": { "path": self.health_path, "timeout": Span(self.health_timeout).to_string() },
+            "idle_timeout": self.idle_timeout.map(|d| Span(d).to_string()),
+            "idle_action": self.idle_action.as_str(),
+            "pause_timeout": Span(self.pause_timeout).to_string(),
+            "restart": self.restart.as_str(),
+            "pull": match self.pull { Pull::Missing => "missing", Pull::Always => "always" },
+            "watch": self.watch.map_or_else(|| "off".to_owned(), |d| Span(d).to_string()),
+            "pids": self.pids,
+            "capabilities": self.capabilities,
+        })
+    }
+
+    /// A short, stable hash of what the container is created from; a container
+    /// whose label differs was made from another image reference or config.
+    pub fn spec_hash(&self, image_ref: &str, port: u16) -> String {
+        let mut h = Sha256::new();
+        h.update(image_ref);
+        h.update([0]);
+        h.update(port.to_be_bytes());
+        for (k, v) in &self.env {
+            h.update(k);
+            h.update([0]);
+            h.update(v);
+            h.update([0]);
+        }
+        h.update([1]);
+        for arg in self.cmd.iter().flatten() {
+            h.update(arg);
+            h.update([0]);
+        }
+        h.update([1]);
+        h.update(self.memory.0.to_be_bytes());
+        h.update(self.cpus.to_bits().to_be_bytes());
+        h.update(self.restart.as_str());
+        h.update(self.pids.to_be_bytes());
+        for cap in &self.capabilities {
+            h.update(cap);
+            h.update([0]);
+        }
+        h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
