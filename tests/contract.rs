@@ -60,6 +60,7 @@ fn spec(d: &Deployment, reference: &str, image: &Image, hash: &str) -> Spec {
         image: reference.to_owned(),
         port: PORT,
         hash: hash.to_owned(),
+        identity: format!("{hash}-identity"),
         env: BTreeMap::new(),
         cmd: None,
         memory_bytes: 64 << 20,

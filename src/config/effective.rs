@@ -119,6 +119,32 @@ impl Effective {
             h.update(cap);
             h.update([0]);
         }
-        h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+        short(h)
     }
+
+    /// A short, stable hash of everything this config makes an instance
+    /// serve with: its spec ([`Effective::spec_hash`]) and what Pipes applies
+    /// when it starts (probe, idle, pause, pulls, tag watching). An instance
+    /// made with another is running an older config: a restart applies the
+    /// change. Independent of how the API names or shows the fields.
+    pub fn identity(&self, image_ref: &str, port: u16) -> String {
+        let mut h = Sha256::new();
+        h.update(self.spec_hash(image_ref, port));
+        h.update([0]);
+        h.update(&self.health_path);
+        h.update([0]);
+        h.update(self.health_timeout.as_nanos().to_be_bytes());
+        h.update(self.idle_timeout.map_or(u128::MAX, |d| d.as_nanos()).to_be_bytes());
+        h.update(self.idle_action.as_str());
+        h.update([0]);
+        h.update(self.pause_timeout.as_nanos().to_be_bytes());
+        h.update([matches!(self.pull, Pull::Always) as u8]);
+        h.update(self.watch.map_or(u128::MAX, |d| d.as_nanos()).to_be_bytes());
+        short(h)
+    }
+}
+
+/// The first 8 bytes of a hash, in hex: enough to tell configs apart.
+fn short(h: Sha256) -> String {
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

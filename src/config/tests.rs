@@ -141,6 +141,29 @@ fn spec_hash_follows_what_makes_the_container() {
 }
 
 #[test]
+fn the_identity_follows_every_field_a_restart_applies() {
+    let base = Effective::merge(None, None, &defaults());
+    let id = base.identity("a/b:c", 80);
+    assert_eq!(id, Effective::merge(None, None, &defaults()).identity("a/b:c", 80), "stable");
+    assert_ne!(id, base.identity("a/b:c", 81));
+    let changes: [(&str, fn(&mut Effective)); 8] = [
+        ("env", |e| drop(e.env.insert("X".into(), "1".into()))),
+        ("health path", |e| e.health_path = "/up".into()),
+        ("health timeout", |e| e.health_timeout += Duration::from_secs(1)),
+        ("idle timeout", |e| e.idle_timeout = Some(Duration::from_secs(5))),
+        ("idle action", |e| e.idle_action = IdleAction::Pause),
+        ("pause timeout", |e| e.pause_timeout += Duration::from_secs(1)),
+        ("pull", |e| e.pull = Pull::Always),
+        ("watch", |e| e.watch = Some(Duration::from_secs(60))),
+    ];
+    for (field, change) in changes {
+        let mut changed = base.clone();
+        change(&mut changed);
+        assert_ne!(id, changed.identity("a/b:c", 80), "{field} changes the identity");
+    }
+}
+
+#[test]
 fn sizes_read_and_print() {
     assert_eq!(ByteSize::parse("512m").unwrap(), ByteSize(512 << 20));
     assert_eq!(ByteSize::parse("1.5g").unwrap(), ByteSize(3 << 29));

@@ -44,9 +44,12 @@ pub const LABEL_PORT: &str = "pipes.port";
 pub const LABEL_DIGEST: &str = "pipes.digest";
 /// Label holding the effective config an instance was made from (JSON).
 pub const LABEL_CONFIG: &str = "pipes.config";
+/// Label holding the identity of that config ([`Spec::identity`]).
+pub const LABEL_IDENTITY: &str = "pipes.config-identity";
 
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
-pub const RESERVED_LABELS: [&str; 7] = [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG];
+pub const RESERVED_LABELS: [&str; 8] =
+    [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG, LABEL_IDENTITY];
 
 /// How often a Pipes renews its claim on its instance name ([`Claims::claim`]).
 pub const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(20);
@@ -75,6 +78,9 @@ pub struct Instance {
     pub exit_code: Option<i64>,
     /// The hash of the [`Spec`] it was made from (`None` if not made by Pipes' rules).
     pub spec_hash: Option<String>,
+    /// The identity of the whole config it was made with ([`Spec::identity`]);
+    /// `None` for instances made before Pipes recorded it.
+    pub identity: Option<String>,
     /// The container port Pipes proxies to.
     pub port: Option<u16>,
     /// When it last started (RFC 3339), as the backend reports it.
@@ -100,6 +106,7 @@ impl Instance {
             paused: false,
             exit_code: None,
             spec_hash: Some(spec.hash.clone()),
+            identity: Some(spec.identity.clone()),
             port: Some(spec.port),
             started_at: None,
             address: None,
@@ -155,6 +162,10 @@ pub struct Spec {
     /// A short hash of everything below; an instance with another hash was
     /// made from another spec and is replaced, not started.
     pub hash: String,
+    /// The identity of the whole effective config the instance serves
+    /// with: its spec and what Pipes applies at its start (probe, idle,
+    /// pause, pulls, tag watching). Another one now means a change is pending.
+    pub identity: String,
     pub env: BTreeMap<String, String>,
     pub cmd: Option<Vec<String>>,
     pub memory_bytes: u64,

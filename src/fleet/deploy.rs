@@ -340,6 +340,7 @@ impl Deployer {
             image: image_ref.to_owned(),
             port,
             hash: config.spec_hash(image_ref, port),
+            identity: config.identity(image_ref, port),
             env: config.env.clone(),
             cmd: config.cmd.clone(),
             memory_bytes: config.memory.0,
@@ -545,14 +546,16 @@ impl Deployer {
         }
     }
 
-    /// Whether `instance` was made from another config than `config`, the
-    /// effective one now: a restart recreates it.
+    /// Whether `instance` was made with another config than `config`, the
+    /// effective one now: a restart applies it. Told by the config's
+    /// identity, never by how the API shows it.
     pub fn outdated(&self, d: &Deployment, instance: &Instance, config: &Effective) -> bool {
-        match (&instance.config, instance.port) {
-            (Some(made_from), port) => serde_json::from_str::<serde_json::Value>(made_from).ok() != Some(config.to_json(port)),
-            // Made before Pipes kept its config: only what the hash covers can be told.
-            (None, Some(port)) => instance.spec_hash.as_deref() != Some(&config.spec_hash(&self.image_ref(d), port)),
-            (None, None) => false,
+        let Some(made_on) = instance.port else { return false };
+        let port = config.port.unwrap_or(made_on);
+        match &instance.identity {
+            Some(identity) => *identity != config.identity(&self.image_ref(d), port),
+            // Made before Pipes recorded identities: only what the spec hash covers can be told.
+            None => instance.spec_hash.as_deref() != Some(&config.spec_hash(&self.image_ref(d), port)),
         }
     }
 

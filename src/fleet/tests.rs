@@ -247,6 +247,10 @@ async fn a_repository_config_change_is_pending_until_a_restart_applies_it() {
     assert_eq!(status.instance.as_ref().unwrap().id, first, "nothing was replaced by the PUT");
     assert!(!status.instance.unwrap().config.unwrap().contains("GREETING"), "it shows what it runs");
 
+    let idle_only = DeployConfig::from_json(br#"{"env":{"GREETING":"hi"},"idle_timeout":"5m"}"#).unwrap();
+    h.fleet.change_config(ConfigScope::Repository(&d), idle_only).await.unwrap();
+    assert!(h.fleet.status(&d).await.unwrap().config_pending, "an idle timeout applies at the next start too");
+
     h.fleet.restart(&d).await.unwrap();
     let status = h.fleet.status(&d).await.unwrap();
     let now = status.instance.unwrap();

@@ -40,7 +40,7 @@ use super::moby::logs::log_options;
 use super::moby::{grace_secs, Moby};
 use super::{
     generation_of, short_id, Backend, Claims, Event, Image, Instance, Pausing, Progress, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
-    LABEL_PORT,
+    LABEL_IDENTITY, LABEL_PORT,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -270,6 +270,7 @@ impl Docker {
             paused,
             exit_code: exit_code.filter(|_| !running && !paused),
             spec_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
+            identity: labels.get(LABEL_IDENTITY).cloned(),
             port,
             started_at,
             address,

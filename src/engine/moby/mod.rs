@@ -19,7 +19,7 @@ use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use tokio::sync::{OnceCell, Semaphore};
 
-use super::{RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT};
+use super::{RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_IDENTITY, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT};
 use crate::error::PipesError;
 use crate::secret::Secret;
 
@@ -128,6 +128,7 @@ impl Moby {
         labels.insert(LABEL_CONFIG_HASH.into(), spec.hash.clone());
         labels.insert(LABEL_PORT.into(), spec.port.to_string());
         labels.insert(LABEL_CONFIG.into(), spec.config.clone());
+        labels.insert(LABEL_IDENTITY.into(), spec.identity.clone());
         if let Some(digest) = &spec.digest {
             labels.insert(LABEL_DIGEST.into(), digest.clone());
         }

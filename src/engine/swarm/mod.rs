@@ -45,7 +45,7 @@ use super::moby::logs::log_options;
 use super::moby::{DockerOptions, Moby};
 use super::{
     short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
-    LABEL_INSTANCE, LABEL_PORT,
+    LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT,
 };
 use crate::clock::unix_ms as now_ms;
 use crate::error::PipesError;
@@ -201,6 +201,7 @@ impl Swarm {
             paused: false,
             exit_code,
             spec_hash: labels.get(LABEL_CONFIG_HASH).cloned(),
+            identity: labels.get(LABEL_IDENTITY).cloned(),
             port: labels.get(LABEL_PORT).and_then(|p| p.parse().ok()),
             started_at,
             address: None,
