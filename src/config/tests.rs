@@ -146,7 +146,8 @@ fn the_identity_follows_every_field_a_restart_applies() {
     let id = base.identity("a/b:c", 80);
     assert_eq!(id, Effective::merge(None, None, &defaults()).identity("a/b:c", 80), "stable");
     assert_ne!(id, base.identity("a/b:c", 81));
-    let changes: [(&str, fn(&mut Effective)); 8] = [
+    type Change = (&'static str, fn(&mut Effective));
+    let changes: [Change; 8] = [
         ("env", |e| drop(e.env.insert("X".into(), "1".into()))),
         ("health path", |e| e.health_path = "/up".into()),
         ("health timeout", |e| e.health_timeout += Duration::from_secs(1)),
