@@ -30,7 +30,7 @@ const MAX_TAIL: usize = 10_000;
 
 /// Where an endpoint is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum On {
+pub enum HostKind {
     /// On a deployment's host.
     Deployment,
     /// On the bare domain.
@@ -39,10 +39,10 @@ pub enum On {
     Both,
 }
 
-impl On {
+impl HostKind {
     /// Whether an endpoint served `self` is served on a host of kind `host`.
-    pub fn covers(self, host: On) -> bool {
-        self == On::Both || self == host
+    pub fn covers(self, host: HostKind) -> bool {
+        self == HostKind::Both || self == host
     }
 }
 
@@ -108,11 +108,11 @@ impl Endpoint {
     }
 
     /// Which host serves it.
-    pub fn on(self) -> On {
+    pub fn on(self) -> HostKind {
         match self {
-            Endpoint::Deployments | Endpoint::RegistryHook => On::Bare,
-            Endpoint::Events => On::Both,
-            _ => On::Deployment,
+            Endpoint::Deployments | Endpoint::RegistryHook => HostKind::Bare,
+            Endpoint::Events => HostKind::Both,
+            _ => HostKind::Deployment,
         }
     }
 
@@ -146,13 +146,13 @@ pub(crate) struct Request {
 
 /// An API request whose endpoint, method and token were checked, before
 /// its body is read: a client without a valid token gets nothing read.
-pub(crate) struct Admitted {
+pub(crate) struct Authorized {
     endpoint: Endpoint,
     method: Method,
     access: Access,
 }
 
-impl Admitted {
+impl Authorized {
     /// What the token may manage.
     pub(crate) fn access(&self) -> &Access {
         &self.access
@@ -160,8 +160,8 @@ impl Admitted {
 }
 
 /// Checks what the request head alone can tell: endpoint, method, token.
-pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Result<Admitted, PipesError> {
-    let on = if req.deployment.is_some() { On::Deployment } else { On::Bare };
+pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Result<Authorized, PipesError> {
+    let on = if req.deployment.is_some() { HostKind::Deployment } else { HostKind::Bare };
     let endpoint = Endpoint::find(&req.path).ok_or_else(|| not_found(&req.path, on, None))?;
     if !endpoint.on().covers(on) {
         return Err(not_found(&req.path, on, Some(endpoint.on())));
@@ -184,32 +184,32 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
     if let Some(d) = &req.deployment {
         access.check(&d.user)?;
     }
-    Ok(Admitted { endpoint, method, access })
+    Ok(Authorized { endpoint, method, access })
 }
 
 /// 404 for `path` asked on a host of kind `on`: the endpoints served there,
 /// and where `path` is served if on the other kind of host.
-fn not_found(path: &str, on: On, served_on: Option<On>) -> PipesError {
+fn not_found(path: &str, on: HostKind, served_on: Option<HostKind>) -> PipesError {
     PipesError::ApiNotFound {
         path: path.to_owned(),
         known: Endpoint::ALL.iter().filter(|e| e.on().covers(on)).map(|e| e.path()).collect(),
         elsewhere: served_on.map(|on| match on {
-            On::Bare => "the bare domain (a Host without deployment labels, such as example.com)",
-            On::Deployment => "a deployment's host ({tag}.{repo}.{user}.<domain>)",
-            On::Both => "every host",
+            HostKind::Bare => "the bare domain (a Host without deployment labels, such as example.com)",
+            HostKind::Deployment => "a deployment's host ({tag}.{repo}.{user}.<domain>)",
+            HostKind::Both => "every host",
         }),
     }
 }
 
 /// Answers an admitted API request, its body read.
-pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Admitted, req: Request) -> Result<Json, PipesError> {
-    let Admitted { endpoint, method, access } = admitted;
+pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authorized, req: Request) -> Result<Json, PipesError> {
+    let Authorized { endpoint, method, access } = admitted;
     let Some(d) = &req.deployment else {
         return match endpoint {
             Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body).await,
             Endpoint::Deployments => deployments(fleet, &access).await.map(Json::ok),
             // The event stream is answered by `events`; the rest is not served here.
-            _ => Err(not_found(&req.path, On::Bare, Some(endpoint.on()))),
+            _ => Err(not_found(&req.path, HostKind::Bare, Some(endpoint.on()))),
         };
     };
     match (endpoint, method) {
@@ -249,7 +249,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Admitted
             fleet.change_config(ConfigScope::Repository(d), config).await?;
             repository_config(store, d).await.map(Json::ok)
         }
-        (Endpoint::Deployments | Endpoint::RegistryHook | Endpoint::Events, _) => Err(not_found(&req.path, On::Deployment, Some(endpoint.on()))),
+        (Endpoint::Deployments | Endpoint::RegistryHook | Endpoint::Events, _) => Err(not_found(&req.path, HostKind::Deployment, Some(endpoint.on()))),
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::api::{self, Endpoint};
 use crate::auth::{Access, ApiAuth};
 use crate::error::PipesError;
-use crate::fleet::{Fleet, Happening, State, What};
+use crate::fleet::{Fleet, Happening, HappeningKind, State};
 use crate::reply::{error_body_for, Audience};
 use crate::route::Deployment;
 use crate::store::Store;
@@ -123,52 +123,52 @@ async fn snapshot(fleet: &Arc<Fleet>, view: &View) -> Result<Vec<(&'static str, 
         Audience::Public => fleet.table_view(d.as_ref()),
         Audience::Operator => {
             let status = fleet.status(d).await?;
-            (status.state.as_str(), status.last_error)
+            (status.state, status.last_error)
         }
     };
     let slot = fleet.get(d.as_ref());
     let mut body = json!({
         "deployment": d.to_string(),
-        "state": state,
+        "state": state.as_str(),
         "expected_ms": slot.as_deref().and_then(|s| s.last_start()).map(|t| t.as_millis() as u64),
     });
     if let (Some(e), Some(obj)) = (&error, body.as_object_mut()) {
         obj.insert("error".into(), error_body_for(e, view.audience));
     }
     let mut events = vec![("status", body)];
-    if state == State::Running.as_str() && slot.as_deref().is_some_and(|s| s.upstream().is_some()) {
-        events.push(("ready", json!({ "deployment": d.to_string(), "state": "running" })));
+    if state == State::Running && slot.as_deref().is_some_and(|s| s.upstream().is_some()) {
+        events.push(("ready", json!({ "deployment": d.to_string(), "state": State::Running.as_str() })));
     }
     // A follower that arrives during a start hears what it missed of it.
-    if state == State::Starting.as_str() {
+    if state == State::Starting {
         events.extend(fleet.this_start(d).iter().map(|h| (name(h), data(h, view.audience))));
     }
     Ok(events)
 }
 
 fn name(h: &Happening) -> &'static str {
-    match h.what {
-        What::Starting { .. } => "starting",
-        What::Phase { .. } => "phase",
-        What::Pulling { .. } => "pulling",
-        What::Ready { .. } => "ready",
-        What::Failed { .. } => "failed",
-        What::Left { .. } => "state",
-        What::Switched { .. } => "redeployed",
+    match h.kind {
+        HappeningKind::Starting { .. } => "starting",
+        HappeningKind::Phase { .. } => "phase",
+        HappeningKind::Pulling { .. } => "pulling",
+        HappeningKind::Ready { .. } => "ready",
+        HappeningKind::Failed { .. } => "failed",
+        HappeningKind::Left { .. } => "state",
+        HappeningKind::Switched { .. } => "redeployed",
     }
 }
 
 /// The data of `h` as `audience` may see it.
 fn data(h: &Happening, audience: Audience) -> Value {
     let ms = |d: &Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let mut data = match &h.what {
-        What::Starting { expected } => json!({ "state": "starting", "expected_ms": expected.as_ref().map(ms) }),
-        What::Phase { phase, took } => json!({ "phase": phase.name(), "ms": ms(took) }),
-        What::Pulling { done, total } => json!({ "phase": "pull", "done_bytes": done, "total_bytes": total }),
-        What::Ready { took } => json!({ "state": "running", "ms": ms(took) }),
-        What::Failed { error } => json!({ "state": "failed", "error": error_body_for(error, audience) }),
-        What::Left { state, why } => json!({ "state": state, "why": why }),
-        What::Switched { digest } => json!({ "state": "running", "digest": digest }),
+    let mut data = match &h.kind {
+        HappeningKind::Starting { expected } => json!({ "state": State::Starting.as_str(), "expected_ms": expected.as_ref().map(ms) }),
+        HappeningKind::Phase { phase, took } => json!({ "phase": phase.name(), "ms": ms(took) }),
+        HappeningKind::Pulling { done, total } => json!({ "phase": "pull", "done_bytes": done, "total_bytes": total }),
+        HappeningKind::Ready { took } => json!({ "state": State::Running.as_str(), "ms": ms(took) }),
+        HappeningKind::Failed { error } => json!({ "state": State::Failed.as_str(), "error": error_body_for(error, audience) }),
+        HappeningKind::Left { state, why } => json!({ "state": state.as_str(), "why": why }),
+        HappeningKind::Switched { digest } => json!({ "state": State::Running.as_str(), "digest": digest }),
     };
     if let Some(obj) = data.as_object_mut() {
         obj.insert("deployment".into(), json!(h.deployment.to_string()));

@@ -23,6 +23,7 @@ pub mod error;
 mod events;
 pub mod fleet;
 mod forwarded;
+pub mod host;
 mod metrics;
 mod policy;
 mod proxy;

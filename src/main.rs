@@ -9,7 +9,7 @@ use pipes::settings::{LoadError, Settings};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    pipes::server::raise_open_files_limit();
+    pipes::host::raise_open_files_limit();
     let settings = match Settings::load() {
         Ok(settings) => settings,
         Err(LoadError::Info(text)) => {

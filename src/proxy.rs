@@ -42,7 +42,7 @@ use crate::waiting;
 use crate::websocket;
 
 /// The Pingora application of Pipes.
-pub struct Pipes {
+pub struct Proxy {
     fleet: Arc<Fleet>,
     hosts: Hosts,
     api_auth: ApiAuth,
@@ -63,10 +63,10 @@ pub struct Pipes {
     waiting_page_after: Option<std::time::Duration>,
 }
 
-impl Pipes {
+impl Proxy {
     /// The proxy for `fleet`, routing as `settings` say.
     pub fn new(fleet: Arc<Fleet>, store: Store, settings: &Settings, acme: Option<Arc<Acme>>, access_log: Option<Arc<AccessLog>>) -> Self {
-        Pipes {
+        Proxy {
             acme,
             access_log,
             https_redirect: settings.https_redirect,
@@ -123,7 +123,7 @@ impl Drop for RequestCtx {
 }
 
 /// What `request_filter` decided, owned, so the request can be answered.
-enum Next {
+enum Decision {
     /// A deployment's request, admitted by the fleet.
     Deployment(Admission),
     Api(api::Request),
@@ -133,7 +133,7 @@ enum Next {
 }
 
 #[async_trait]
-impl ProxyHttp for Pipes {
+impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
@@ -167,9 +167,9 @@ impl ProxyHttp for Pipes {
             };
         }
         let admission = match self.decide(session) {
-            Next::Deployment(admission) => admission,
-            Next::Dashboard(domain) => return ui::dashboard(session, &domain, self.hosts.style.pattern()).await,
-            Next::Api(request) if request.method == http::Method::OPTIONS => {
+            Decision::Deployment(admission) => admission,
+            Decision::Dashboard(domain) => return ui::dashboard(session, &domain, self.hosts.style.pattern()).await,
+            Decision::Api(request) if request.method == http::Method::OPTIONS => {
                 return match self.dashboard_origin(session.req_header()) {
                     Some(origin) => reply::preflight(session, &origin).await.map(|()| true),
                     None => {
@@ -177,13 +177,13 @@ impl ProxyHttp for Pipes {
                     }
                 };
             }
-            Next::Api(request) if events::wanted(&request) => {
+            Decision::Api(request) if events::wanted(&request) => {
                 if let Err((e, audience)) = events::serve(&self.fleet, &self.store, &self.api_auth, session, request).await {
                     reply::error(session, &e, audience, false).await?;
                 }
                 return Ok(true);
             }
-            Next::Api(request) => {
+            Decision::Api(request) => {
                 // The dashboard on the bare domain calls deployments' hosts.
                 let origin = self.dashboard_origin(session.req_header());
                 match self.api(session, request).await {
@@ -192,7 +192,7 @@ impl ProxyHttp for Pipes {
                 }
                 return Ok(true);
             }
-            Next::Fail(e) => return reply_error(session, &e).await,
+            Decision::Fail(e) => return reply_error(session, &e).await,
         };
         let (slot, upstream) = match admission {
             Admission::Warm { slot, upstream } => (slot, upstream),
@@ -327,23 +327,23 @@ impl ProxyHttp for Pipes {
     }
 }
 
-impl Pipes {
+impl Proxy {
     /// Routes a request and has the fleet admit it, without touching the
     /// engine: the hot path ends in `Admission::Warm`.
-    fn decide(&self, session: &Session) -> Next {
+    fn decide(&self, session: &Session) -> Decision {
         let req = session.req_header();
         let raw = match request_host(req) {
             Ok(raw) => raw,
-            Err(e) => return Next::Fail(e),
+            Err(e) => return Decision::Fail(e),
         };
         let host = route::normalize_host(raw);
         let target = match route::route(&host, &self.hosts) {
             Ok(target) => target,
-            Err(e) => return Next::Fail(e),
+            Err(e) => return Decision::Fail(e),
         };
         let path = req.uri.path();
         if route::is_api_path(path) {
-            return Next::Api(api::Request {
+            return Decision::Api(api::Request {
                 deployment: match target {
                     Target::Deployment(d) => Some(d.to_owned()),
                     Target::Bare => None,
@@ -357,12 +357,12 @@ impl Pipes {
         }
         let d = match target {
             Target::Deployment(d) => d,
-            Target::Bare if path == "/" && matches!(req.method, http::Method::GET | http::Method::HEAD) => return Next::Dashboard(raw.to_owned()),
-            Target::Bare => return Next::Fail(self.hosts.no_deployment(&host)),
+            Target::Bare if path == "/" && matches!(req.method, http::Method::GET | http::Method::HEAD) => return Decision::Dashboard(raw.to_owned()),
+            Target::Bare => return Decision::Fail(self.hosts.no_deployment(&host)),
         };
         match self.fleet.admit(d, || self.client(session)) {
-            Ok(admission) => Next::Deployment(admission),
-            Err(e) => Next::Fail(e),
+            Ok(admission) => Decision::Deployment(admission),
+            Err(e) => Decision::Fail(e),
         }
     }
 }
@@ -451,7 +451,7 @@ fn origin_form(upstream_request: &mut RequestHeader) -> Result<()> {
     Ok(())
 }
 
-impl Pipes {
+impl Proxy {
     /// The client's address: the peer, or the client behind a trusted proxy.
     fn client(&self, session: &Session) -> Option<std::net::IpAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip())?;

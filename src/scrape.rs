@@ -13,7 +13,7 @@ use pingora::protocols::http::ServerSession;
 use tokio::sync::Semaphore;
 
 use crate::access_log::AccessLog;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, State};
 use crate::metrics::{Exposition, Metrics};
 use crate::proxy::IN_FLIGHT;
 use crate::tls::Acme;
@@ -51,14 +51,15 @@ impl Scrape {
 
         let slots = self.fleet.slots();
         let paused = self.fleet.paused_deployments();
-        let mut states: BTreeMap<&str, usize> = ["running", "starting", "paused", "stopped", "failed"].into_iter().map(|s| (s, 0)).collect();
+        let shown = [State::Running, State::Starting, State::Paused, State::Stopped, State::Failed];
+        let mut states: BTreeMap<&str, usize> = shown.into_iter().map(|s| (s.as_str(), 0)).collect();
         let mut open: BTreeMap<&str, usize> = BTreeMap::new();
         for slot in &slots {
             let state = match self.fleet.table_state(slot) {
-                "stopped" if paused.contains(&slot.deployment) => "paused",
+                State::Stopped if paused.contains(&slot.deployment) => State::Paused,
                 state => state,
             };
-            *states.entry(state).or_default() += 1;
+            *states.entry(state.as_str()).or_default() += 1;
             if let (Some(up), Some(m)) = (slot.upstream(), &slot.metrics) {
                 *open.entry(m.label()).or_default() += up.open();
             }
@@ -120,11 +121,7 @@ fn process(out: &mut Exposition) {
         out.family("process_open_fds", "gauge", "Number of open file descriptors.");
         out.sample("process_open_fds", &[], fds.count() as f64);
     }
-    let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|l| {
-        let line = l.lines().find(|l| l.starts_with("Max open files"))?;
-        line.split_whitespace().nth(3)?.parse::<f64>().ok()
-    });
-    if let Some(max) = max_fds {
+    if let Some(max) = crate::host::open_files_limit().map(|n| n as f64) {
         out.family("process_max_fds", "gauge", "Maximum number of open file descriptors.");
         out.sample("process_max_fds", &[], max);
     }

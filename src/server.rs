@@ -19,7 +19,7 @@ use crate::engine::docker::Docker;
 use crate::engine::swarm::Swarm;
 use crate::engine::Backend;
 use crate::fleet::{Fleet, Janitor, Watcher};
-use crate::proxy::{Pipes, HANDING_OVER, IN_FLIGHT};
+use crate::proxy::{Proxy, HANDING_OVER, IN_FLIGHT};
 use crate::scrape::Scrape;
 use crate::settings::BackendKind;
 use crate::settings::{AccessLog, Settings};
@@ -90,7 +90,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         AccessLog::Off => None,
     };
     let app = |h2c: bool, acme: Option<Arc<Acme>>| {
-        let mut app = http_proxy(&server.configuration, Pipes::new(fleet.clone(), store.clone(), &settings, acme, access_log.clone()));
+        let mut app = http_proxy(&server.configuration, Proxy::new(fleet.clone(), store.clone(), &settings, acme, access_log.clone()));
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
         options.h2_idle_timeout = Some(settings.keepalive_timeout);
@@ -135,21 +135,6 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     // The control runtime outlives the server: in-flight starts end with it.
     drop(control);
     Ok(())
-}
-
-/// Raises the soft limit on open files to the hard one, as Go's runtime and
-/// nginx do: every client connection and its upstream one takes a
-/// descriptor, and the soft limit (often 1024) is a default, not a policy.
-/// Call before the settings are read, whose connection cap follows it.
-pub fn raise_open_files_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit and setrlimit only read and write the struct given.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 /// Binds every listening address once and lets go: Pingora binds them again

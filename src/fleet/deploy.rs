@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use tokio::sync::Mutex;
 
-use super::feed::{Feed, What};
+use super::feed::{Feed, HappeningKind};
 use super::probe;
 use super::slot::Upstream;
 use crate::config::{check_capability, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
@@ -64,9 +64,9 @@ pub struct Deployer {
 
 /// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
 /// instance runs (the backend counts it from then on).
-struct Admitted(Arc<AtomicUsize>);
+struct ContainerPlace(Arc<AtomicUsize>);
 
-impl Drop for Admitted {
+impl Drop for ContainerPlace {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -98,7 +98,7 @@ impl Deployer {
         if let Some(m) = &self.metrics {
             m.phase(phase, took);
         }
-        self.feed.tell(d, What::Phase { phase, took });
+        self.feed.tell(d, HappeningKind::Phase { phase, took });
         out
     }
 
@@ -110,7 +110,7 @@ impl Deployer {
             let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if last.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) || done == total {
                 *last = Some(Instant::now());
-                self.feed.tell(d, What::Pulling { done, total });
+                self.feed.tell(d, HappeningKind::Pulling { done, total });
             }
         };
         self.timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref, &progress)))
@@ -437,14 +437,14 @@ impl Deployer {
 
     /// A place for one more running instance, unless `PIPES_MAX_CONTAINERS`
     /// run or are starting already.
-    async fn admit(&self) -> Result<Admitted, PipesError> {
+    async fn admit(&self) -> Result<ContainerPlace, PipesError> {
         let _one_at_a_time = self.admission.lock().await;
         let running = self.backend.list().await?.iter().filter(|i| i.running).count();
         if running + self.starting.load(Ordering::Acquire) >= self.max_containers {
             return Err(PipesError::TooManyContainers { max: self.max_containers });
         }
         self.starting.fetch_add(1, Ordering::AcqRel);
-        Ok(Admitted(self.starting.clone()))
+        Ok(ContainerPlace(self.starting.clone()))
     }
 
     /// Probes until the instance answers; fails if it exits or the timeout passes.

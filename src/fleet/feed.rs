@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
+use super::State;
 use crate::error::PipesError;
 use crate::metrics::Phase;
 use crate::route::Deployment;
@@ -23,12 +24,12 @@ pub struct Happening {
     pub deployment: Deployment,
     /// Unix time in milliseconds.
     pub at_ms: u64,
-    pub what: What,
+    pub kind: HappeningKind,
 }
 
 /// What happened.
 #[derive(Debug, Clone)]
-pub enum What {
+pub enum HappeningKind {
     /// A start began; `expected` is how long the last one took, if any did.
     Starting { expected: Option<Duration> },
     /// A phase of a start ended.
@@ -39,8 +40,8 @@ pub enum What {
     Ready { took: Duration },
     /// The start failed.
     Failed { error: PipesError },
-    /// It stopped serving: `stopped`, `paused` or `removed`, and why.
-    Left { state: &'static str, why: &'static str },
+    /// It stopped serving: stopped, paused or removed, and why.
+    Left { state: State, why: &'static str },
     /// Another generation serves it now (a redeploy or rollback).
     Switched { digest: Option<String> },
 }
@@ -63,10 +64,10 @@ impl Default for Feed {
 }
 
 impl Feed {
-    /// Tells every follower that `what` happened to `d`.
-    pub fn tell(&self, d: &Deployment, what: What) {
+    /// Tells every follower that `kind` happened to `d`.
+    pub fn tell(&self, d: &Deployment, kind: HappeningKind) {
         let at_ms = crate::clock::unix_ms();
-        let happening = Arc::new(Happening { deployment: d.clone(), at_ms, what });
+        let happening = Arc::new(Happening { deployment: d.clone(), at_ms, kind });
         {
             let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             if recent.len() == RECENT {
@@ -86,7 +87,7 @@ impl Feed {
     /// recent happenings): for a follower that arrives while it starts.
     pub fn this_start(&self, d: &Deployment) -> Vec<Arc<Happening>> {
         let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(began) = recent.iter().rposition(|h| h.deployment == *d && matches!(h.what, What::Starting { .. })) else {
+        let Some(began) = recent.iter().rposition(|h| h.deployment == *d && matches!(h.kind, HappeningKind::Starting { .. })) else {
             return Vec::new();
         };
         recent.iter().skip(began).filter(|h| h.deployment == *d).cloned().collect()

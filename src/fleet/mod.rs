@@ -64,7 +64,7 @@ use deploy::Deployer;
 use feed::Feed;
 
 pub use admission::{Admission, ClientStart, ColdStart};
-pub use feed::{Happening, What};
+pub use feed::{Happening, HappeningKind};
 pub use janitor::Janitor;
 pub use ops::{Applied, ConfigScope};
 pub use rollout::{Generation, Switch};

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::idle::SHARE_EVERY;
-use super::{Fleet, Slot, Upstream, What};
+use super::{Fleet, HappeningKind, Slot, Upstream};
 use crate::clock::unix_ms as now_ms;
 use crate::engine::{short_id, Quiet};
 use crate::error::PipesError;
@@ -138,7 +138,7 @@ impl Fleet {
             old
         };
         log::info!("{}: now served by {} ({})", slot.deployment, short_id(&next.instance_id), next.digest.as_deref().unwrap_or("no digest"));
-        self.feed.tell(&slot.deployment, What::Switched { digest: next.digest.clone() });
+        self.feed.tell(&slot.deployment, HappeningKind::Switched { digest: next.digest.clone() });
         match old {
             Some(old) => self.drain(slot.clone(), old),
             None => self.deployer.prune(&slot.deployment, &next.instance_id, &[]).await,

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use futures_util::future::FutureExt;
 
 use super::slot::Start;
-use super::{Fleet, Slot, StartResult, What};
+use super::{Fleet, HappeningKind, Slot, StartResult};
 use crate::error::PipesError;
 
 impl Fleet {
@@ -68,7 +68,7 @@ impl Fleet {
             let result = match slot.upstream() {
                 Some(up) => Ok(up),
                 None => {
-                    fleet.feed.tell(&slot.deployment, What::Starting { expected: slot.last_start() });
+                    fleet.feed.tell(&slot.deployment, HappeningKind::Starting { expected: slot.last_start() });
                     deployer.deploy(&slot.deployment).await.map(Arc::new)
                 }
             };
@@ -86,11 +86,11 @@ impl Fleet {
                     cold.failed = None;
                     slot.set_upstream(Some(up.clone()));
                     // Told once a request would be served: the waiting page moves on at this.
-                    fleet.feed.tell(&slot.deployment, What::Ready { took });
+                    fleet.feed.tell(&slot.deployment, HappeningKind::Ready { took });
                 }
                 Err(e) => {
                     log::warn!("{}: start failed after {:?}: {e}", slot.deployment, began.elapsed());
-                    fleet.feed.tell(&slot.deployment, What::Failed { error: e.clone() });
+                    fleet.feed.tell(&slot.deployment, HappeningKind::Failed { error: e.clone() });
                     match e {
                         PipesError::ImageNotFound { .. } => {
                             drop(cold);

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::{Fleet, What};
+use super::{Fleet, HappeningKind, State};
 use crate::engine::{short_id, Event, EventKind};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -24,14 +24,14 @@ impl Fleet {
                     if slot.retract(&event.id) {
                         log::info!("{d}: instance {} {kind:?}: no more requests go to it", short_id(&event.id));
                         let (state, why) = match kind {
-                            EventKind::Paused => ("paused", "paused"),
-                            EventKind::Destroyed => ("removed", "removed"),
-                            EventKind::OutOfMemory => ("stopped", "out of memory"),
-                            EventKind::Killed => ("stopped", "killed"),
-                            EventKind::Died(_) => ("stopped", "exited"),
-                            _ => ("stopped", "stopped"),
+                            EventKind::Paused => (State::Paused, "paused"),
+                            EventKind::Destroyed => (State::Removed, "removed"),
+                            EventKind::OutOfMemory => (State::Stopped, "out of memory"),
+                            EventKind::Killed => (State::Stopped, "killed"),
+                            EventKind::Died(_) => (State::Stopped, "exited"),
+                            _ => (State::Stopped, "stopped"),
                         };
-                        self.feed.tell(d, What::Left { state, why });
+                        self.feed.tell(d, HappeningKind::Left { state, why });
                     }
                 }
             }

@@ -654,11 +654,11 @@ async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let mut told = Vec::new();
     while let Ok(happening) = feed.try_recv() {
         assert_eq!(happening.deployment, d);
-        told.push(match &happening.what {
-            What::Starting { .. } => "starting".to_owned(),
-            What::Phase { phase, .. } => phase.name().to_owned(),
-            What::Pulling { done, total } => format!("pulling {done}/{total}"),
-            What::Ready { .. } => "ready".to_owned(),
+        told.push(match &happening.kind {
+            HappeningKind::Starting { .. } => "starting".to_owned(),
+            HappeningKind::Phase { phase, .. } => phase.name().to_owned(),
+            HappeningKind::Pulling { done, total } => format!("pulling {done}/{total}"),
+            HappeningKind::Ready { .. } => "ready".to_owned(),
             other => format!("{other:?}"),
         });
     }
@@ -670,5 +670,5 @@ async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let mut feed = h.fleet.follow();
     h.ready(&crash).await.unwrap_err();
     let last = std::iter::from_fn(|| feed.try_recv().ok()).last().expect("told");
-    assert!(matches!(&last.what, What::Failed { error: PipesError::Exited { code: 3, .. } }), "{last:?}");
+    assert!(matches!(&last.kind, HappeningKind::Failed { error: PipesError::Exited { code: 3, .. } }), "{last:?}");
 }

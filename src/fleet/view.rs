@@ -26,6 +26,9 @@ pub enum State {
     Absent,
     /// Its last start failed (remembered for `PIPES_FAILURE_TTL`).
     Failed,
+    /// Its instance was just removed: told as it happens; a status read
+    /// afterwards says `absent`.
+    Removed,
 }
 
 impl State {
@@ -53,6 +56,7 @@ impl State {
             State::Stopped => "stopped",
             State::Absent => "absent",
             State::Failed => "failed",
+            State::Removed => "removed",
         }
     }
 }
@@ -111,26 +115,26 @@ impl Fleet {
     /// The state of `slot` as the table alone tells it, without asking the
     /// backend: `stopped` covers deployments whose instance is stopped or
     /// gone. For metrics, read at every scrape.
-    pub fn table_state(&self, slot: &Slot) -> &'static str {
+    pub fn table_state(&self, slot: &Slot) -> State {
         if slot.upstream().is_some() {
-            "running"
+            State::Running
         } else if slot.starting() {
-            "starting"
+            State::Starting
         } else if slot.failure(self.failure_ttl).is_some() {
-            "failed"
+            State::Failed
         } else {
-            "stopped"
+            State::Stopped
         }
     }
 
     /// The state of `d` and its remembered failure as the table alone tells
     /// them, without asking the backend (see [`Fleet::table_state`]).
-    pub fn table_view(&self, d: DeploymentRef<'_>) -> (&'static str, Option<PipesError>) {
+    pub fn table_view(&self, d: DeploymentRef<'_>) -> (State, Option<PipesError>) {
         match self.get(d) {
             Some(slot) => (self.table_state(&slot), slot.failure(self.failure_ttl)),
             None => match self.missing(d) {
-                Some(e) => ("failed", Some(e)),
-                None => ("stopped", None),
+                Some(e) => (State::Failed, Some(e)),
+                None => (State::Stopped, None),
             },
         }
     }

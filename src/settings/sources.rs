@@ -35,10 +35,7 @@ impl Sources {
             env: std::env::vars().collect(),
             hostname: std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty()),
             in_container: std::path::Path::new("/.dockerenv").exists(),
-            open_files: std::fs::read_to_string("/proc/self/limits").ok().and_then(|limits| {
-                let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-                line.split_whitespace().nth(3)?.parse().ok()
-            }),
+            open_files: crate::host::open_files_limit(),
             memory: std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
                 let kib: u64 = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.split_whitespace().next()?.parse().ok()?;
                 kib.checked_mul(1024)
