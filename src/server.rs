@@ -23,7 +23,7 @@ use crate::proxy::{Proxy, HANDING_OVER, IN_FLIGHT};
 use crate::scrape::Scrape;
 use crate::settings::BackendKind;
 use crate::settings::{AccessLog, Settings};
-use crate::store::Store;
+use crate::store::{Store, SwarmConfigs};
 use crate::tls::acme::Renewals;
 use crate::tls::{Acme, Tls};
 use crate::websocket;
@@ -54,7 +54,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         BackendKind::Docker => (Arc::new(control.block_on(Docker::connect(&settings.docker))), Store::dir(settings.config_dir.clone())),
         BackendKind::Swarm => {
             let swarm = Arc::new(Swarm::new(&settings.docker));
-            (swarm.clone(), Store::new(Arc::new(swarm.configs())))
+            (swarm.clone(), Store::new(Arc::new(SwarmConfigs::new(swarm.moby().clone()))))
         }
     };
     let fleet = Arc::new(Fleet::new(&settings, backend, store.clone(), control.handle().clone()));

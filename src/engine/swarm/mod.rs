@@ -18,8 +18,8 @@
 //!   (`pipes.active.<replica>`), and a replica stops an idle service only if
 //!   no other replica's label is within the idle timeout, asked twice a
 //!   settling period apart, and only with the version it read last.
-//! - Configs and scoped tokens are Swarm configs ([`Swarm::configs`],
-//!   `store/swarm.rs`).
+//! - Configs and scoped tokens are Swarm configs (`store/swarm.rs`), on the
+//!   same engine connection ([`Swarm::moby`]).
 //! - Images are pulled, and digests asked, by the engine Pipes talks to (a
 //!   manager), with the registry credentials passed on to the service
 //!   (`X-Registry-Auth`), so every node can pull the pinned digest.
@@ -50,7 +50,6 @@ use super::{
 use crate::clock::unix_ms as now_ms;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use crate::store::SwarmConfigs;
 use service::{alive, created, deployment_of, ended, replicas, running_task, runs, scale_to_zero, service_spec, task_event};
 
 mod service;
@@ -133,9 +132,10 @@ impl Swarm {
         self.moby.client().await
     }
 
-    /// The swarm's configs, where this instance keeps configs and tokens.
-    pub fn configs(&self) -> SwarmConfigs {
-        SwarmConfigs::new(self.moby.clone())
+    /// The engine it talks to, to share with the config store
+    /// (`store::SwarmConfigs`).
+    pub fn moby(&self) -> &Moby {
+        &self.moby
     }
 
     /// This instance's services, optionally only those of one deployment.
