@@ -3,7 +3,7 @@
 //!
 //! A new backend (Podman, Kubernetes) implements the fourteen methods of
 //! [`Backend`] — facts, images, the lifecycle of an instance, its exit, logs
-//! and events — and passes the contract tests in `tests/contract.rs`. Whatever it
+//! and events — and passes the contract tests in `tests/it/contract.rs`. Whatever it
 //! cannot do it simply does not offer: the fleet asks for each capability and
 //! does without it (an idle deployment is stopped instead of paused; no
 //! activity is shared; no claim guards the instance name).

@@ -1,5 +1,5 @@
 //! An in-memory [`Backend`] for tests: the fleet's unit tests and the
-//! backend contract (`tests/contract.rs`), which holds it to what Docker's
+//! backend contract (`tests/it/contract.rs`), which holds it to what Docker's
 //! engine does.
 //!
 //! An instance is a tiny HTTP server on 127.0.0.1 that answers `200 ok`, so

@@ -11,7 +11,7 @@
 //! already says what failed; registry passwords never appear in one.
 //!
 //! `moby` is what both backends on Docker's engine API share; `fake` is an
-//! in-memory backend for tests. `tests/contract.rs` holds every backend to
+//! in-memory backend for tests. `tests/it/contract.rs` holds every backend to
 //! the same behaviour.
 
 mod backend;

@@ -1,7 +1,7 @@
 //! The Pipes image, run as users run it: in a container with the engine's
 //! socket mounted, reaching deployments over a network the test creates.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! Config writes survive kill -9 at any moment: the file holds the old config
 //! or the new one, never a torn one.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -3,7 +3,7 @@
 //! ceiling and timeout, an open WebSocket keeping a deployment awake, and
 //! the right image woken after the tag moved (pulled ahead on a push).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

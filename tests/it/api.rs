@@ -1,7 +1,7 @@
 //! The management API at /__proxyapi against the real engine: every endpoint,
 //! the auth matrix, bad input, and configs across restarts.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! arbitrary bytes thrown at its port: every connection is answered with
 //! HTTP or closed, and Pipes serves on.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,6 @@
 //! The `pipes` command line: help, checks and refusals, without an engine.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

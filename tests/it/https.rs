@@ -4,7 +4,7 @@
 //! Pebble, Let's Encrypt's test CA, which validates HTTP-01 against Pipes
 //! itself (with its default of rejecting 5 % of nonces).
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -3,7 +3,7 @@
 //! checks it with counts (connections closed, places free, failed
 //! requests), not timings.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! of a deployment that starts slowly or fails, and the event stream it
 //! follows, read by curl.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Cold starts, routing and failures against the real Docker engine and a local registry.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -6,7 +6,7 @@
 //! `scripts/test` prepares (engine, registry, fixture image, a swarm) and say
 //! so loudly when it is missing.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -2,7 +2,7 @@
 //! two Pipes replicas, containers of the Pipes image on an overlay network,
 //! each with an empty config dir of its own, serving the same deployments.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! connections (WebSocket, stream, upload) through every lifecycle event —
 //! idle stop, redeploy, SIGTERM and the zero-downtime upgrade.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

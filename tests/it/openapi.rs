@@ -1,7 +1,7 @@
 //! docs/openapi.json against the server: the same routes, and every answer
 //! matching the schema documented for its status.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

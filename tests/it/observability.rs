@@ -1,7 +1,7 @@
 //! What operators watch: the metrics endpoint, checked by `promtool` and
 //! scraped by a real Prometheus server, and the JSON access log.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

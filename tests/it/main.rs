@@ -1,0 +1,23 @@
+//! Pipes' integration tests, one binary: the real `pipes` program and real
+//! clients against it, the engine, a registry and browsers where
+//! `scripts/test` prepared them (`common` is the harness). One binary
+//! compiles the harness once and links once.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api;
+mod api_fuzz;
+mod browser;
+mod cli;
+mod contract;
+mod deploy;
+mod hardening;
+mod https;
+mod image;
+mod lifecycle;
+mod observability;
+mod openapi;
+mod pause;
+mod store;
+mod swarm;
