@@ -1,9 +1,9 @@
 //! The seam itself: [`Backend`], what every backend implements, and the
 //! capabilities a backend may add ([`Pausing`], [`Replicas`], [`Claims`]).
 //!
-//! A new backend (Podman, Kubernetes) implements the fourteen methods of
-//! [`Backend`] — facts, images, the lifecycle of an instance, its exit, logs
-//! and events — and passes the contract tests in `tests/it/contract.rs`. Whatever it
+//! A new backend (Podman, Kubernetes) implements the twelve methods of
+//! [`Backend`] — facts, the lifecycle of an instance, its exit, logs and
+//! events, and where its [`Images`] come from — and passes the contract tests in `tests/it/contract.rs`. Whatever it
 //! cannot do it simply does not offer: the fleet asks for each capability and
 //! does without it (an idle deployment is stopped instead of paused; no
 //! activity is shared; no claim guards the instance name).
@@ -31,15 +31,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Every instance (generation) of `d`, running or not.
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError>;
 
-    /// The image `reference` as the backend has it locally, if it does.
-    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError>;
-
-    /// Pulls `reference` with the configured credentials, then its facts.
-    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError>;
-
-    /// The digest (`sha256:…`) the registry holds for `reference` now, asked
-    /// with the configured credentials, without pulling.
-    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
+    /// Where its images come from and are kept.
+    fn images(&self) -> &dyn Images;
 
     /// Creates an instance from `spec` (one per deployment and digest),
     /// not started. If that instance exists already (another Pipes won the
@@ -89,6 +82,21 @@ pub trait Backend: Send + Sync + 'static {
     fn claims(&self) -> Option<&dyn Claims> {
         None
     }
+}
+
+/// Images: what is here, what the registry has, and pulls. Both engine
+/// backends share one implementation (`engine/moby`).
+#[async_trait]
+pub trait Images: Send + Sync {
+    /// The image `reference` as the backend has it locally, if it does.
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError>;
+
+    /// Pulls `reference` with the configured credentials, then its facts.
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError>;
+
+    /// The digest (`sha256:…`) the registry holds for `reference` now, asked
+    /// with the configured credentials, without pulling.
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
 }
 
 /// A backend that freezes instances: they keep their memory and answer

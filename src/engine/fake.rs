@@ -19,11 +19,11 @@ use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{broadcast, watch};
 use tokio::task::AbortHandle;
 
-use super::{Backend, Event, EventKind, Image, Instance, Pausing, Progress, Quiet, Replicas, Spec};
+use super::{Backend, Event, EventKind, Image, Images, Instance, Pausing, Progress, Quiet, Replicas, Spec};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -231,43 +231,48 @@ fn halt(entry: &mut Entry, code: i64) {
 }
 
 /// A server answering every request `200 ok`, listening after `delay` — or
-/// never, unless `listens`: its address then refuses connections.
+/// never, unless `listens`. Its socket is bound at once and kept: until it
+/// listens, connections to its address are refused, and no other program
+/// can take the port meanwhile.
 async fn serve(delay: Duration, listens: bool) -> (SocketAddr, AbortHandle) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
-    let addr = listener.local_addr().expect("a bound address");
-    let task = tokio::spawn(async move {
-        if !listens {
-            drop(listener);
-            return std::future::pending().await;
-        }
-        let listener = if delay.is_zero() {
-            listener
-        } else {
-            // Listen later: connections before then are refused.
-            drop(listener);
+    let socket = TcpSocket::new_v4().expect("a socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("a free port");
+    let addr = socket.local_addr().expect("a bound address");
+    let task = match (listens, delay.is_zero()) {
+        (false, _) => tokio::spawn(async move {
+            let _bound = socket;
+            std::future::pending::<()>().await
+        }),
+        (true, true) => tokio::spawn(answer_ok(socket.listen(1024).expect("listening"))),
+        (true, false) => tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            let Ok(listener) = TcpListener::bind(addr).await else { return };
-            listener
-        };
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = 0;
-                while !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf[seen..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen += n,
-                    }
-                    if seen == buf.len() {
-                        return;
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
-            });
-        }
-    });
+            if let Ok(listener) = socket.listen(1024) {
+                answer_ok(listener).await;
+            }
+        }),
+    };
     (addr, task.abort_handle())
+}
+
+/// Answers every request on `listener` with `200 ok`.
+async fn answer_ok(listener: TcpListener) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut seen = 0;
+            while !buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf[seen..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen += n,
+                }
+                if seen == buf.len() {
+                    return;
+                }
+            }
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+        });
+    }
 }
 
 #[async_trait]
@@ -288,33 +293,8 @@ impl Backend for Fake {
         Ok(self.lock().entries.values().filter(|e| &e.instance.deployment == d).map(|e| e.instance.clone()).collect())
     }
 
-    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
-        self.up()?;
-        Ok(self.lock().local.get(reference).cloned())
-    }
-
-    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        self.up()?;
-        self.calls.pulls.fetch_add(1, Ordering::Relaxed);
-        let mut inner = self.lock();
-        let published = inner.registry.get(reference).cloned();
-        match published {
-            Some((behaviour, digest)) => {
-                let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone() };
-                inner.local.insert(reference.to_owned(), image.clone());
-                // One layer of a kilobyte, all there at once.
-                progress(1024, 1024);
-                Ok(image)
-            }
-            None => Err(PipesError::ImageNotFound { image: reference.to_owned() }),
-        }
-    }
-
-    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        self.up()?;
-        self.calls.digests.fetch_add(1, Ordering::Relaxed);
-        let inner = self.lock();
-        inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
+    fn images(&self) -> &dyn Images {
+        self
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
@@ -438,6 +418,38 @@ impl Backend for Fake {
 
     fn replicas(&self) -> Option<&dyn Replicas> {
         self.lock().others.is_some().then_some(self as &dyn Replicas)
+    }
+}
+
+#[async_trait]
+impl Images for Fake {
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
+        self.up()?;
+        Ok(self.lock().local.get(reference).cloned())
+    }
+
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
+        self.up()?;
+        self.calls.pulls.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let published = inner.registry.get(reference).cloned();
+        match published {
+            Some((behaviour, digest)) => {
+                let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone() };
+                inner.local.insert(reference.to_owned(), image.clone());
+                // One layer of a kilobyte, all there at once.
+                progress(1024, 1024);
+                Ok(image)
+            }
+            None => Err(PipesError::ImageNotFound { image: reference.to_owned() }),
+        }
+    }
+
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
+        self.up()?;
+        self.calls.digests.fetch_add(1, Ordering::Relaxed);
+        let inner = self.lock();
+        inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
     }
 }
 

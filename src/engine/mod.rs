@@ -20,7 +20,7 @@ pub mod fake;
 pub mod moby;
 pub mod swarm;
 
-pub use backend::{Backend, Claims, Pausing, Replicas};
+pub use backend::{Backend, Claims, Images, Pausing, Replicas};
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -132,7 +132,7 @@ impl Fleet {
         }
         let deployer = self.deployer.clone();
         let reference = deployer.image_ref(d);
-        let asked = self.control.spawn(async move { deployer.backend().registry_digest(&reference).await }).await;
+        let asked = self.control.spawn(async move { deployer.backend().images().registry_digest(&reference).await }).await;
         match asked {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => {

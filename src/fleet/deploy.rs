@@ -113,7 +113,7 @@ impl Deployer {
                 self.feed.tell(d, HappeningKind::Pulling { done, total });
             }
         };
-        self.timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.pull(image_ref, &progress)))
+        self.timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.images().pull(image_ref, &progress)))
             .await
             .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })?
     }
@@ -235,7 +235,7 @@ impl Deployer {
     /// was made from (the tag moved and was pulled since): a stopped or
     /// paused instance of an older image is not woken.
     async fn newer_local_image(&self, image_ref: &str, instance: &Instance) -> Result<Option<String>, PipesError> {
-        let Some(local) = self.backend.image(image_ref).await? else { return Ok(None) };
+        let Some(local) = self.backend.images().image(image_ref).await? else { return Ok(None) };
         Ok(match &instance.image_id {
             Some(made_from) if *made_from != local.id => Some(local.digest.unwrap_or(local.id)),
             _ => None,
@@ -323,7 +323,7 @@ impl Deployer {
     /// (when `admit`) only once the image is known to exist, so names of
     /// images that do not exist never hold one.
     async fn run(&self, d: &Deployment, image_ref: &str, config: &Effective, fresh: bool, admit: bool) -> Result<Instance, PipesError> {
-        let local = if fresh { None } else { self.backend.image(image_ref).await? };
+        let local = if fresh { None } else { self.backend.images().image(image_ref).await? };
         let image = match local {
             Some(image) => image,
             None => {
@@ -378,7 +378,7 @@ impl Deployer {
     /// the error: whatever serves now keeps serving.
     pub async fn next_generation(&self, d: &Deployment, serving: Option<&str>) -> Result<Option<Upstream>, PipesError> {
         let image_ref = self.image_ref(d);
-        let digest = self.backend.registry_digest(&image_ref).await?;
+        let digest = self.backend.images().registry_digest(&image_ref).await?;
         if serving == Some(digest.as_str()) {
             return Ok(None);
         }

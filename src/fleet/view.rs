@@ -151,7 +151,7 @@ impl Fleet {
         let ((instance, previous), image, config) = self
             .on_control(async move {
                 let generations = deployer.generations(&key).await?;
-                let image = deployer.backend().image(&deployer.image_ref(&key)).await?;
+                let image = deployer.backend().images().image(&deployer.image_ref(&key)).await?;
                 Ok((generations, image, deployer.effective(&key).await))
             })
             .await?;

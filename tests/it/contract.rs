@@ -79,7 +79,7 @@ async fn within<T>(what: &str, work: impl std::future::Future<Output = T>) -> T 
 }
 
 async fn pulled(b: &dyn Backend, reference: &str) -> Image {
-    b.pull(reference, &|_, _| {}).await.unwrap_or_else(|e| panic!("pull {reference}: {e}"))
+    b.images().pull(reference, &|_, _| {}).await.unwrap_or_else(|e| panic!("pull {reference}: {e}"))
 }
 
 async fn only_instance(b: &dyn Backend, d: &Deployment) -> Instance {
@@ -138,14 +138,14 @@ async fn keeps_the_contract(s: &Subject) {
 
 async fn images(s: &Subject) {
     let b = &*s.backend;
-    assert_eq!(b.image(&s.serving).await.expect("image"), None, "not here before the pull");
-    let digest = b.registry_digest(&s.serving).await.expect("the registry has it");
+    assert_eq!(b.images().image(&s.serving).await.expect("image"), None, "not here before the pull");
+    let digest = b.images().registry_digest(&s.serving).await.expect("the registry has it");
     let image = pulled(b, &s.serving).await;
     assert_eq!(image.digest.as_deref(), Some(digest.as_str()), "pulled what the registry names");
-    assert_eq!(b.image(&s.serving).await.expect("image"), Some(image), "here after the pull");
-    let missing = b.pull(&s.missing, &|_, _| {}).await.expect_err("a missing image is not pulled");
+    assert_eq!(b.images().image(&s.serving).await.expect("image"), Some(image), "here after the pull");
+    let missing = b.images().pull(&s.missing, &|_, _| {}).await.expect_err("a missing image is not pulled");
     assert_eq!(missing.status(), 404, "{missing}");
-    let missing = b.registry_digest(&s.missing).await.expect_err("a missing image has no digest");
+    let missing = b.images().registry_digest(&s.missing).await.expect_err("a missing image has no digest");
     assert_eq!(missing.status(), 404, "{missing}");
 }
 
@@ -253,8 +253,8 @@ async fn an_engine_out_of_reach_is_a_503(s: &Subject) {
     assert_eq!(status(down.describe().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.list().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.instances(&d).await.map(drop).map_err(|e| e.status())), 503);
-    assert_eq!(status(down.image(&s.serving).await.map(drop).map_err(|e| e.status())), 503);
-    assert_eq!(status(down.pull(&s.serving, &|_, _| {}).await.map(drop).map_err(|e| e.status())), 503);
+    assert_eq!(status(down.images().image(&s.serving).await.map(drop).map_err(|e| e.status())), 503);
+    assert_eq!(status(down.images().pull(&s.serving, &|_, _| {}).await.map(drop).map_err(|e| e.status())), 503);
     let image = Image { id: "sha256:0".into(), digest: None, exposed_tcp: Vec::new() };
     assert_eq!(status(down.create(&spec(&d, &s.serving, &image, "down")).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.start("nothing").await.map(drop).map_err(|e| e.status())), 503);

@@ -39,7 +39,7 @@ use super::moby::events::event_of;
 use super::moby::logs::log_options;
 use super::moby::{grace_secs, Moby};
 use super::{
-    generation_of, short_id, Backend, Claims, Event, Image, Instance, Pausing, Progress, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
+    generation_of, short_id, Backend, Claims, Event, Images, Instance, Pausing, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
     LABEL_IDENTITY, LABEL_PORT,
 };
 use crate::config::Restart;
@@ -410,16 +410,8 @@ impl Backend for Docker {
         Ok(instances)
     }
 
-    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
-        self.moby.image(reference).await
-    }
-
-    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        self.moby.pull(reference, progress).await
-    }
-
-    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        self.moby.registry_digest(reference).await
+    fn images(&self) -> &dyn Images {
+        &self.moby
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {

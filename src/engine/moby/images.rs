@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 
+use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::query_parameters::CreateImageOptions;
 use futures_util::StreamExt;
 
 use super::{not_found, Moby};
-use crate::engine::{Image, Progress};
+use crate::engine::{Image, Images, Progress};
 use crate::error::PipesError;
 use crate::route::DEFAULT_TAG;
 
@@ -25,9 +26,10 @@ const UNREACHABLE: [&str; 8] = [
     "server gave http response to https client",
 ];
 
-impl Moby {
+#[async_trait]
+impl Images for Moby {
     /// The image `reference` as the engine has it locally, if it does.
-    pub async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
+    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
         match self.client().await?.inspect_image(reference).await {
             Ok(img) => {
                 let mut exposed_tcp: Vec<u16> =
@@ -51,7 +53,7 @@ impl Moby {
     }
 
     /// Pulls `reference`, then its facts.
-    pub async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
+    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
         // The tag can be removed here between the pull and the look at its
         // result (`docker rmi` by hand, a clean-up): pull once more then.
         for _ in 0..2 {
@@ -65,11 +67,13 @@ impl Moby {
     }
 
     /// The digest the registry holds for `reference` now, without pulling.
-    pub async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
+    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
         let answer = self.client().await?.inspect_registry_image(reference, self.credentials()).await.map_err(|e| self.pull_failure(reference, e))?;
         answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
     }
+}
 
+impl Moby {
     /// One pull of `reference`, within `PIPES_MAX_PULLS`, telling `progress`
     /// how far it got.
     async fn pull_once(&self, reference: &str, progress: &Progress<'_>) -> Result<(), PipesError> {

@@ -44,7 +44,7 @@ use super::moby::events::{since_param, time_nano};
 use super::moby::logs::log_options;
 use super::moby::{DockerOptions, Moby};
 use super::{
-    short_id, Backend, Event, EventKind, Image, Instance, Progress, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
+    short_id, Backend, Event, EventKind, Images, Instance, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
     LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT,
 };
 use crate::clock::unix_ms as now_ms;
@@ -419,16 +419,8 @@ impl Backend for Swarm {
         self.instances_of(services, true).await
     }
 
-    async fn image(&self, reference: &str) -> Result<Option<Image>, PipesError> {
-        self.moby.image(reference).await
-    }
-
-    async fn pull(&self, reference: &str, progress: &Progress<'_>) -> Result<Image, PipesError> {
-        self.moby.pull(reference, progress).await
-    }
-
-    async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
-        self.moby.registry_digest(reference).await
+    fn images(&self) -> &dyn Images {
+        &self.moby
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
