@@ -15,7 +15,7 @@
 mod access_log;
 pub mod api;
 mod auth;
-pub(crate) mod clock;
+mod clock;
 pub mod config;
 mod connection;
 pub mod engine;
