@@ -76,6 +76,10 @@ pub enum PipesError {
     TooManyStarts { max: usize },
     /// `PIPES_MAX_NOT_RUNNING` deployments that do not run are known already.
     TooManyNotRunning { max: usize },
+    /// This client has `PIPES_MAX_STREAMS_PER_CLIENT` event streams open.
+    TooManyStreams { max: usize },
+    /// Anonymous event streams hold their whole share of `PIPES_MAX_CONNECTIONS`.
+    PublicStreamsFull { max: usize },
     /// The client broke HTTP (a bad chunk size, a forbidden header).
     BadRequest { reason: String },
 }
@@ -107,7 +111,8 @@ impl PipesError {
             Self::HeadersTooLarge { .. } => 431,
             Self::BodyTimeout { .. } => 408,
             Self::PullTimeout { .. } => 504,
-            Self::TooManyStarts { .. } | Self::TooManyNotRunning { .. } => 503,
+            Self::TooManyStarts { .. } | Self::TooManyNotRunning { .. } | Self::PublicStreamsFull { .. } => 503,
+            Self::TooManyStreams { .. } => 429,
             Self::BadRequest { .. } => 400,
             Self::EngineUnavailable { .. } => 503,
         }
@@ -149,6 +154,8 @@ impl PipesError {
             Self::PullTimeout { .. } => "pull_timeout",
             Self::TooManyStarts { .. } => "too_many_starts",
             Self::TooManyNotRunning { .. } => "too_many_not_running",
+            Self::TooManyStreams { .. } => "too_many_streams",
+            Self::PublicStreamsFull { .. } => "public_streams_full",
             Self::BadRequest { .. } => "bad_request",
         }
     }
@@ -162,6 +169,8 @@ impl PipesError {
                 | Self::TooManyConnections { .. }
                 | Self::TooManyStarts { .. }
                 | Self::TooManyNotRunning { .. }
+                | Self::TooManyStreams { .. }
+                | Self::PublicStreamsFull { .. }
         )
         .then_some(RETRY_AFTER_SECS)
     }
@@ -260,6 +269,12 @@ impl fmt::Display for PipesError {
             Self::TooManyNotRunning { max } => {
                 write!(f, "{max} deployments that do not run are known already (PIPES_MAX_NOT_RUNNING); retry in {RETRY_AFTER_SECS} s")
             }
+            Self::TooManyStreams { max } => {
+                write!(f, "{max} event streams are open for this client already (PIPES_MAX_STREAMS_PER_CLIENT); retry in {RETRY_AFTER_SECS} s")
+            }
+            Self::PublicStreamsFull { max } => {
+                write!(f, "{max} anonymous event streams are open, the share of PIPES_MAX_CONNECTIONS they may take; retry in {RETRY_AFTER_SECS} s")
+            }
         }
     }
 }
@@ -298,10 +313,12 @@ mod tests {
             (PipesError::Exited { deployment: "a/b:c".into(), code: 3, logs: vec![] }, 502),
             (PipesError::NotReady { deployment: "a/b:c".into(), timeout: Duration::from_secs(1), probed: "GET /".into() }, 504),
             (PipesError::EngineUnavailable { reason: "down".into() }, 503),
+            (PipesError::TooManyStreams { max: 8 }, 429),
+            (PipesError::PublicStreamsFull { max: 25 }, 503),
         ];
         for (error, status) in cases {
             assert_eq!(error.status(), status, "{error}");
-            assert_eq!(error.retry_after().is_some(), status == 503);
+            assert_eq!(error.retry_after().is_some(), status == 503 || status == 429);
         }
     }
 

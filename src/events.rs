@@ -4,8 +4,19 @@
 //! with a token and as the public sees it without one (phases, progress,
 //! readiness, and failures as the error page tells them) — which is what the
 //! waiting page follows.
+//!
+//! A stream holds a connection for as long as it is open, so streams are
+//! bounded: `PIPES_MAX_STREAMS_PER_CLIENT` per client address (429 past it),
+//! and anonymous ones together to a quarter of `PIPES_MAX_CONNECTIONS` (503
+//! past it), so that they can never take every connection. An anonymous
+//! stream is served only for a name a request could start (403 or 404 as a
+//! request would get otherwise), and a stream whose client left ends within
+//! a second: the read side is watched, not only the next write.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -20,12 +31,77 @@ use crate::error::PipesError;
 use crate::fleet::{Fleet, Happening, HappeningKind, State};
 use crate::reply::{error_body_for, Audience};
 use crate::route::Deployment;
+use crate::settings::Settings;
 use crate::store::Store;
 
 /// A comment line this often keeps proxies and browsers from closing a quiet stream.
 const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How often a quiet stream checks whether Pipes is stopping.
 const CHECK: Duration = Duration::from_secs(1);
+
+/// The event streams open now, and how many may be.
+pub(crate) struct Limits {
+    per_client: usize,
+    /// Anonymous streams, all clients together.
+    public_max: usize,
+    by_client: Mutex<HashMap<IpAddr, usize>>,
+    public: AtomicUsize,
+}
+
+impl Limits {
+    pub(crate) fn new(settings: &Settings) -> Limits {
+        Limits {
+            per_client: settings.max_streams_per_client,
+            public_max: (settings.connections.max_connections / 4).max(1),
+            by_client: Mutex::new(HashMap::new()),
+            public: AtomicUsize::new(0),
+        }
+    }
+
+    /// A place for one more stream of `client` (when known), anonymous or not.
+    fn enter(self: &Arc<Self>, client: Option<IpAddr>, public: bool) -> Result<Place, PipesError> {
+        if public && self.public.fetch_add(1, Ordering::AcqRel) >= self.public_max {
+            self.public.fetch_sub(1, Ordering::AcqRel);
+            return Err(PipesError::PublicStreamsFull { max: self.public_max });
+        }
+        // Made first, so that a refusal below gives the public place back.
+        let mut place = Place { limits: self.clone(), client: None, public };
+        if let Some(client) = client {
+            let mut open = self.by_client.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = open.entry(client).or_insert(0);
+            if *n >= self.per_client {
+                return Err(PipesError::TooManyStreams { max: self.per_client });
+            }
+            *n += 1;
+            place.client = Some(client);
+        }
+        Ok(place)
+    }
+}
+
+/// One open stream's place under [`Limits`]; given back when dropped.
+struct Place {
+    limits: Arc<Limits>,
+    client: Option<IpAddr>,
+    public: bool,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if self.public {
+            self.limits.public.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(client) = self.client {
+            let mut open = self.limits.by_client.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = open.get_mut(&client) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&client);
+                }
+            }
+        }
+    }
+}
 
 /// Who follows, and what they may see.
 struct View {
@@ -50,14 +126,31 @@ pub(crate) fn wanted(req: &api::Request) -> bool {
     Endpoint::find(&req.path) == Some(Endpoint::Events)
 }
 
+/// What a stream needs besides its request: the fleet, the store and the
+/// API's credentials to check who asks, and the limits on open streams.
+pub(crate) struct Streams<'a> {
+    pub fleet: &'a Arc<Fleet>,
+    pub store: &'a Store,
+    pub auth: &'a ApiAuth,
+    pub limits: &'a Arc<Limits>,
+}
+
 /// Checks who asks, then streams events until the client leaves or Pipes stops.
-pub(crate) async fn serve(fleet: &Arc<Fleet>, store: &Store, auth: &ApiAuth, session: &mut Session, req: api::Request) -> Result<(), (PipesError, Audience)> {
-    let view = if req.deployment.is_some() && req.authorization.is_none() && req.method == http::Method::GET {
-        View { deployment: req.deployment.clone(), access: None, audience: Audience::Public }
-    } else {
-        let admitted = api::admit(store, auth, &req).await.map_err(|e| (e, Audience::Public))?;
-        View { deployment: req.deployment.clone(), access: Some(admitted.access().clone()), audience: Audience::Operator }
+pub(crate) async fn serve(streams: Streams<'_>, client: Option<IpAddr>, session: &mut Session, req: api::Request) -> Result<(), (PipesError, Audience)> {
+    let Streams { fleet, store, auth, limits } = streams;
+    let public = |e| (e, Audience::Public);
+    let view = match &req.deployment {
+        Some(d) if req.authorization.is_none() && req.method == http::Method::GET => {
+            // Only for a name a request could start, answered as a request would be.
+            fleet.check_followable(d).await.map_err(public)?;
+            View { deployment: Some(d.clone()), access: None, audience: Audience::Public }
+        }
+        _ => {
+            let admitted = api::admit(store, auth, &req).await.map_err(public)?;
+            View { deployment: req.deployment.clone(), access: Some(admitted.access().clone()), audience: Audience::Operator }
+        }
     };
+    let _place = limits.enter(client, view.audience == Audience::Public).map_err(public)?;
     // Followed before the snapshot is taken, so nothing falls between them.
     let mut feed = fleet.follow();
     let snapshot = snapshot(fleet, &view).await.map_err(|e| (e, view.audience))?;
@@ -78,7 +171,14 @@ pub(crate) async fn serve(fleet: &Arc<Fleet>, store: &Store, auth: &ApiAuth, ses
     }
     let mut quiet = Duration::ZERO;
     loop {
-        let next = tokio::time::timeout(CHECK, feed.recv()).await;
+        let next = tokio::select! {
+            next = tokio::time::timeout(CHECK, feed.recv()) => next,
+            // A GET carries no body: anything but more bytes is the client leaving.
+            read = session.read_body_or_idle(true) => match read {
+                Ok(_) => continue,
+                Err(_) => return Ok(()),
+            },
+        };
         if fleet.retired() {
             break;
         }

@@ -48,6 +48,8 @@ pub struct Proxy {
     api_auth: ApiAuth,
     /// Configs and scoped tokens, read by the API.
     store: Store,
+    /// How many event streams may be open, shared by every listener.
+    stream_limits: Arc<events::Limits>,
     /// `PIPES_KEEPALIVE_TIMEOUT`, in whole seconds as Pingora takes it.
     keepalive_secs: u64,
     /// How long an API request's body may take (`PIPES_HEADER_TIMEOUT`).
@@ -65,13 +67,21 @@ pub struct Proxy {
 
 impl Proxy {
     /// The proxy for `fleet`, routing as `settings` say.
-    pub fn new(fleet: Arc<Fleet>, store: Store, settings: &Settings, acme: Option<Arc<Acme>>, access_log: Option<Arc<AccessLog>>) -> Self {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        store: Store,
+        stream_limits: Arc<events::Limits>,
+        settings: &Settings,
+        acme: Option<Arc<Acme>>,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Self {
         Proxy {
             acme,
             access_log,
             https_redirect: settings.https_redirect,
             fleet,
             store,
+            stream_limits,
             hosts: settings.hosts.clone(),
             api_auth: settings.api_auth.clone(),
             keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
@@ -178,7 +188,9 @@ impl ProxyHttp for Proxy {
                 };
             }
             Decision::Api(request) if events::wanted(&request) => {
-                if let Err((e, audience)) = events::serve(&self.fleet, &self.store, &self.api_auth, session, request).await {
+                let streams = events::Streams { fleet: &self.fleet, store: &self.store, auth: &self.api_auth, limits: &self.stream_limits };
+                let client = self.client(session);
+                if let Err((e, audience)) = events::serve(streams, client, session, request).await {
                     reply::error(session, &e, audience, false).await?;
                 }
                 return Ok(true);

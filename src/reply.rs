@@ -152,6 +152,12 @@ pub fn error_body(e: &PipesError) -> Value {
         PipesError::TooManyNotRunning { max } => {
             json!({ "max": max, "setting": "PIPES_MAX_NOT_RUNNING", "retry_after": RETRY_AFTER_SECS })
         }
+        PipesError::TooManyStreams { max } => {
+            json!({ "max": max, "setting": "PIPES_MAX_STREAMS_PER_CLIENT", "retry_after": RETRY_AFTER_SECS })
+        }
+        PipesError::PublicStreamsFull { max } => {
+            json!({ "max": max, "setting": "PIPES_MAX_CONNECTIONS", "retry_after": RETRY_AFTER_SECS })
+        }
         PipesError::BadRequest { .. } => json!({}),
     };
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {

@@ -89,8 +89,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
         AccessLog::Json => Some(Arc::new(access_log::AccessLog::start()?)),
         AccessLog::Off => None,
     };
+    let stream_limits = Arc::new(crate::events::Limits::new(&settings));
     let app = |h2c: bool, acme: Option<Arc<Acme>>| {
-        let mut app = http_proxy(&server.configuration, Proxy::new(fleet.clone(), store.clone(), &settings, acme, access_log.clone()));
+        let mut app = http_proxy(&server.configuration, Proxy::new(fleet.clone(), store.clone(), stream_limits.clone(), &settings, acme, access_log.clone()));
         let mut options = HttpServerOptions::default();
         options.h2c = h2c;
         options.h2_idle_timeout = Some(settings.keepalive_timeout);

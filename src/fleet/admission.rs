@@ -145,6 +145,17 @@ impl Fleet {
         }
     }
 
+    /// `Ok` if anyone may follow `d`'s events: a deployment the table knows
+    /// (starting, serving, failed or stopped here) at once, else as
+    /// [`Fleet::check_exists`] tells.
+    pub async fn check_followable(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.check_allowed(d)?;
+        if self.get(d.as_ref()).is_some() {
+            return Ok(());
+        }
+        self.check_exists(d).await
+    }
+
     /// Remembers that the registry has no image for `d`, and takes `d` out of
     /// the table.
     pub(super) fn remember_missing(&self, d: &Deployment) {

@@ -132,6 +132,9 @@ pub(super) struct Cli {
     /// Most cold starts one client address may have under way; more get 503
     #[arg(long, env = "PIPES_MAX_STARTS_PER_CLIENT", value_name = "N", default_value = "8", value_parser = parse_count)]
     pub(super) max_starts_per_client: usize,
+    /// Most event streams one client address may have open; more get 429
+    #[arg(long, env = "PIPES_MAX_STREAMS_PER_CLIENT", value_name = "N", default_value = "8", value_parser = parse_count)]
+    pub(super) max_streams_per_client: usize,
     /// Most deployments kept in the table that do not run (starting, stopped, failed); requests for more names get 503
     #[arg(long, env = "PIPES_MAX_NOT_RUNNING", value_name = "N", default_value = "1000", value_parser = parse_count)]
     pub(super) max_not_running: usize,

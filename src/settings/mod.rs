@@ -94,6 +94,8 @@ pub struct Settings {
     pub max_starts_per_client: usize,
     /// `PIPES_MAX_NOT_RUNNING`.
     pub max_not_running: usize,
+    /// `PIPES_MAX_STREAMS_PER_CLIENT`.
+    pub max_streams_per_client: usize,
     /// What no deployment's config may exceed.
     pub ceilings: Ceilings,
     /// `PIPES_TRUSTED_PROXIES`.

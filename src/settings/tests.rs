@@ -146,6 +146,7 @@ fn bad_values_name_the_variable_in_one_line() {
         ("PIPES_KEEPALIVE_TIMEOUT", "later"),
         ("PIPES_PULL_TIMEOUT", "never"),
         ("PIPES_MAX_STARTS_PER_CLIENT", "0"),
+        ("PIPES_MAX_STREAMS_PER_CLIENT", "none"),
         ("PIPES_MAX_NOT_RUNNING", "-3"),
         ("PIPES_MAX_MEMORY", "1k"),
         ("PIPES_MAX_CPUS", "0"),

@@ -168,6 +168,7 @@ impl Settings {
             pull_timeout: cli.pull_timeout,
             max_starts_per_client: cli.max_starts_per_client,
             max_not_running: cli.max_not_running,
+            max_streams_per_client: cli.max_streams_per_client,
             ceilings,
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
             backend: cli.backend,

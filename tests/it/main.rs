@@ -12,6 +12,7 @@ mod browser;
 mod cli;
 mod contract;
 mod deploy;
+mod event_streams;
 mod hardening;
 mod https;
 mod image;
