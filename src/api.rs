@@ -294,7 +294,8 @@ async fn registry_hook(fleet: &Arc<Fleet>, access: &Access, body: &[u8]) -> Resu
             redeploying.push(json!(name));
             fleet.redeploy_later(d, "push notification");
             None
-        } else if fleet.has_run(&d).await {
+        } else if fleet.prepulled_lately(&d) || fleet.has_run(&d).await {
+            // Coalesced: at most one pull ahead per deployment at a time.
             pulling.push(json!(name));
             fleet.prepull_later(d);
             None

@@ -34,6 +34,7 @@ mod idle;
 mod janitor;
 mod ops;
 mod pause;
+mod prepull;
 mod probe;
 mod rollout;
 mod slot;
@@ -110,6 +111,8 @@ pub struct Fleet {
     metrics: Option<Arc<Metrics>>,
     /// What happens to deployments, for whoever follows.
     feed: Feed,
+    /// Pulls ahead after push notifications.
+    prepulls: prepull::Prepulls,
 }
 
 impl Fleet {
@@ -135,6 +138,7 @@ impl Fleet {
             max_starts_per_client: settings.max_starts_per_client,
             metrics,
             feed,
+            prepulls: prepull::Prepulls::new(settings.docker.max_pulls),
         }
     }
 

@@ -232,19 +232,6 @@ impl Fleet {
         matches!(self.configs(d).await, Ok(c) if c.own.is_some() || c.repository.is_some())
     }
 
-    /// Pulls what `d`'s tag names now, in the background and within
-    /// `PIPES_MAX_PULLS`: its next start then wakes no stale image and waits
-    /// for no pull.
-    pub fn prepull_later(self: &Arc<Self>, d: Deployment) {
-        let deployer = self.deployer.clone();
-        self.control.spawn(async move {
-            match deployer.pull(&d).await {
-                Ok(digest) => log::info!("{d}: push notification: pulled {digest} ahead of its next start"),
-                Err(e) => log::warn!("{d}: push notification: pulling ahead failed: {e}"),
-            }
-        });
-    }
-
     /// The path part of `PIPES_REGISTRY` (`team` in `registry.example.com/team`),
     /// which a registry's own notifications put before `user/repo`.
     pub fn registry_path(&self) -> Option<&str> {

@@ -646,6 +646,33 @@ async fn a_stopped_instance_of_an_older_image_is_replaced_not_woken() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn pushes_pull_ahead_once_per_deployment_and_keep_a_place_for_starts() {
+    let h = Harness::new(&[("PIPES_MAX_PULLS", "2")]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    h.ready(&d).await.unwrap();
+    h.fleet.stop(&d).await.unwrap();
+    h.push("alice/app:v1", Behaviour::default());
+    let (pulls, digests) = (h.fake.calls.pulls.load(Ordering::Relaxed), h.fake.calls.digests.load(Ordering::Relaxed));
+
+    let begun = (0..300).filter(|_| h.fleet.prepull_later(d.clone())).count();
+    assert_eq!(begun, 1, "300 notifications, one pull ahead");
+    let fake = h.fake.clone();
+    eventually("the pull ahead", move || fake.calls.pulls.load(Ordering::Relaxed) == pulls + 1).await;
+    assert_eq!(h.fake.calls.digests.load(Ordering::Relaxed), digests + 1, "one registry question");
+
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(h.fleet.prepull_later(d.clone()), "a later notification asks again");
+    let fake = h.fake.clone();
+    eventually("the question", move || fake.calls.digests.load(Ordering::Relaxed) == digests + 2).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.fake.calls.pulls.load(Ordering::Relaxed), pulls + 1, "what the tag names is here already: no pull");
+
+    let one = Harness::new(&[("PIPES_MAX_PULLS", "1")]);
+    let d = one.publish("alice/app:v1", Behaviour::default());
+    assert!(!one.fleet.prepull_later(d), "the only pull place stays for starts");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/told:v1", Behaviour::default());

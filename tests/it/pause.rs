@@ -144,6 +144,24 @@ impl HeldNotifications {
         HeldNotifications { port, bodies }
     }
 
+    /// Hands what the registry sent so far to Pipes' hook, each `times`
+    /// times, fifty at once: a registry retrying, or a storm of them.
+    async fn deliver_repeatedly(&self, pipes: &Pipes, times: usize) -> Vec<u16> {
+        let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
+        let url = format!("http://localhost:{}/__proxyapi/hooks/registry", pipes.port);
+        let client = common::client_for("localhost", pipes.port);
+        let mut statuses = Vec::new();
+        for body in &bodies {
+            for _ in 0..times.div_ceil(50) {
+                let batch = (0..50).map(|_| client.post(&url).bearer_auth(TOKEN).body(body.clone()).send());
+                for resp in futures_util::future::join_all(batch).await {
+                    statuses.push(resp.map(|r| r.status().as_u16()).unwrap_or(0));
+                }
+            }
+        }
+        statuses
+    }
+
     /// Hands what the registry sent so far to Pipes' hook; how many.
     async fn deliver(&self, pipes: &Pipes) -> usize {
         let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
@@ -204,5 +222,69 @@ async fn a_push_pulls_a_stopped_deployment_ahead_and_its_next_start_runs_the_new
     let after_request = &log[log.find("ahead of its next start").unwrap_or(0)..];
     assert!(!after_request.contains(": pulling "), "no pull on the request path:\n{log}");
     assert!(after_request.contains("making a new generation"), "{log}");
+    drop(registry);
+}
+
+/// Pulls of `reference` the engine made between `since` and now (Unix seconds).
+fn pulls_since(reference: &str, since: u64) -> usize {
+    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 1;
+    let events = docker_ok(&[
+        "events",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &until.to_string(),
+        "--filter",
+        "type=image",
+        "--filter",
+        "event=pull",
+        "--format",
+        "{{.Actor.ID}}",
+    ]);
+    events.lines().filter(|id| *id == reference).count()
+}
+
+#[tokio::test]
+async fn a_storm_of_push_notifications_pulls_once() {
+    if common::skip() {
+        return;
+    }
+    let port = common::free_port();
+    let pipes = Pipes::start(&[
+        ("PIPES_API_TOKEN", Some(TOKEN)),
+        ("DOMAINLEVELS", Some("1")),
+        ("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))),
+        ("DOCKER_AUTH", None),
+    ]);
+    let held = HeldNotifications::start();
+    let registry = common::Registry::start(port, &format!("http://127.0.0.1:{}/notify", held.port), TOKEN);
+    let user = common::unique("s");
+    let reference = format!("127.0.0.1:{port}/{user}/app:v1");
+    let push = |id: &str| {
+        common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
+        docker_ok(&["push", "-q", &reference]);
+        docker_ok(&["rmi", &reference]);
+    };
+    push("one");
+    let host = format!("v1.app.{user}.localhost");
+    assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
+    let (status, _) = api(&pipes, &host, "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
+    assert_eq!(status, 200);
+
+    push("two");
+    eventually("the registry sent its notification", Duration::from_secs(30), || async { !held.bodies.lock().unwrap().is_empty() }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 1;
+    let copies = held.bodies.lock().unwrap().clone();
+    let statuses = held.deliver_repeatedly(&pipes, 300).await;
+    assert!(statuses.iter().all(|s| *s == 202), "every notification is taken: {statuses:?}");
+    eventually("the pull ahead", Duration::from_secs(30), || async { pipes.log().contains("ahead of its next start") }).await;
+    // A second storm while the first pull's image is here.
+    held.bodies.lock().unwrap().extend(copies);
+    held.deliver_repeatedly(&pipes, 300).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pulls = pulls_since(&reference, since);
+    assert_eq!(pulls, 1, "{} notifications, one pull:\n{}", statuses.len() * 2, pipes.log());
+    assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "two", "and the next start runs it");
     drop(registry);
 }
