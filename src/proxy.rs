@@ -158,6 +158,12 @@ impl ProxyHttp for Proxy {
         } else if session.get_keepalive().is_some() {
             session.set_keepalive(Some(self.keepalive_secs));
         }
+        // Requests pipelined behind this one (apt sends them so) are
+        // answered after it, in order (RFC 9112 §9.3.2), not dropped.
+        session.set_pipelining_enabled(true);
+        if let Err(e) = request_target(session.req_header()) {
+            return reply_error(session, &e).await;
+        }
         let path = session.req_header().uri.path();
         if let Some(name) = path.strip_prefix(ui::UI_PREFIX) {
             let name = name.to_owned();
@@ -449,6 +455,27 @@ fn canonical_content_length(upstream_request: &mut RequestHeader) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `Ok` for a request target Pipes serves: origin-form (`/path?q`),
+/// absolute-form (`http://host/path`, which a server must accept and Pipes
+/// passes on as origin-form), or `*` with `OPTIONS`. Anything else (`a/b`,
+/// `?x=1`, `GET *`, an empty target) is refused, never rewritten into
+/// another path.
+fn request_target(req: &RequestHeader) -> std::result::Result<(), PipesError> {
+    let raw = req.raw_path();
+    let absolute = |scheme: &[u8]| raw.len() > scheme.len() && raw[..scheme.len()].eq_ignore_ascii_case(scheme);
+    let fine = match raw.first() {
+        Some(b'/') => true,
+        Some(b'*') => raw.len() == 1 && req.method == http::Method::OPTIONS,
+        _ => absolute(b"http://") || absolute(b"https://"),
+    };
+    if fine {
+        Ok(())
+    } else {
+        let shown = String::from_utf8_lossy(&raw[..raw.len().min(64)]).into_owned();
+        Err(PipesError::BadRequest { reason: format!("the request target '{shown}' is not origin-form (/path) or absolute-form (http://host/path)") })
+    }
 }
 
 /// The request line as origin-form (`GET /path?q`): a client may have sent

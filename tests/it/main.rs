@@ -13,6 +13,7 @@ mod cli;
 mod contract;
 mod deploy;
 mod event_streams;
+mod front_door;
 mod hardening;
 mod https;
 mod image;
