@@ -107,6 +107,12 @@ impl Endpoint {
         }
     }
 
+    /// Whether `method` on it changes something (GET on `container/stop`,
+    /// which the original API promised, among them).
+    pub fn acts(self, method: &Method) -> bool {
+        *method != Method::GET || self == Endpoint::ContainerStop
+    }
+
     /// Which host serves it.
     pub fn on(self) -> HostKind {
         match self {
@@ -141,6 +147,11 @@ pub(crate) struct Request {
     pub path: String,
     pub query: Option<String>,
     pub authorization: Option<Vec<u8>>,
+    /// The page that sent it, when a browser says it is another site's:
+    /// its `Origin`, or `cross-site` from `Sec-Fetch-Site`.
+    pub cross_site: Option<String>,
+    /// `Content-Type`, when the request carries a body.
+    pub body_type: Option<Option<String>>,
     pub body: Vec<u8>,
 }
 
@@ -167,8 +178,19 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
         return Err(not_found(&req.path, on, Some(endpoint.on())));
     }
     let method = if req.method == Method::HEAD { Method::GET } else { req.method.clone() };
-    if !endpoint.methods().contains(&method) {
+    // HEAD asks what GET would answer; it never acts, even where GET does.
+    let head_that_acts = req.method == Method::HEAD && endpoint.acts(&method);
+    if !endpoint.methods().contains(&method) || head_that_acts {
         return Err(PipesError::MethodNotAllowed { path: req.path.clone(), allow: endpoint.allow() });
+    }
+    // A web page on another site may not drive the API, whatever the auth mode.
+    if let Some(origin) = req.cross_site.as_ref().filter(|_| endpoint.acts(&method)) {
+        return Err(PipesError::CrossSite { origin: origin.clone() });
+    }
+    if let Some(given) = &req.body_type {
+        if !given.as_deref().is_some_and(is_json) {
+            return Err(PipesError::UnsupportedMediaType { given: given.clone().unwrap_or_default() });
+        }
     }
     // A broken tokens.json must not lock the admin out: its tokens are ignored.
     let tokens = store.tokens().await.unwrap_or_else(|e| {
@@ -185,6 +207,13 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
         access.check(&d.user)?;
     }
     Ok(Authorized { endpoint, method, access })
+}
+
+/// Whether a `Content-Type` says JSON: `application/json`, or a JSON
+/// dialect such as the registry's `application/vnd.docker.distribution.events.v1+json`.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// 404 for `path` asked on a host of kind `on`: the endpoints served there,

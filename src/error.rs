@@ -76,6 +76,10 @@ pub enum PipesError {
     TooManyStarts { max: usize },
     /// `PIPES_MAX_NOT_RUNNING` deployments that do not run are known already.
     TooManyNotRunning { max: usize },
+    /// A browser says a page of another site sent a request that acts.
+    CrossSite { origin: String },
+    /// A request body that is not JSON.
+    UnsupportedMediaType { given: String },
     /// This client has `PIPES_MAX_STREAMS_PER_CLIENT` event streams open.
     TooManyStreams { max: usize },
     /// Anonymous event streams hold their whole share of `PIPES_MAX_CONNECTIONS`.
@@ -113,6 +117,8 @@ impl PipesError {
             Self::PullTimeout { .. } => 504,
             Self::TooManyStarts { .. } | Self::TooManyNotRunning { .. } | Self::PublicStreamsFull { .. } => 503,
             Self::TooManyStreams { .. } => 429,
+            Self::CrossSite { .. } => 403,
+            Self::UnsupportedMediaType { .. } => 415,
             Self::BadRequest { .. } => 400,
             Self::EngineUnavailable { .. } => 503,
         }
@@ -155,6 +161,8 @@ impl PipesError {
             Self::TooManyStarts { .. } => "too_many_starts",
             Self::TooManyNotRunning { .. } => "too_many_not_running",
             Self::TooManyStreams { .. } => "too_many_streams",
+            Self::CrossSite { .. } => "cross_site",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::PublicStreamsFull { .. } => "public_streams_full",
             Self::BadRequest { .. } => "bad_request",
         }
@@ -268,6 +276,13 @@ impl fmt::Display for PipesError {
             Self::BadRequest { reason } => write!(f, "the request is not valid HTTP: {reason}"),
             Self::TooManyNotRunning { max } => {
                 write!(f, "{max} deployments that do not run are known already (PIPES_MAX_NOT_RUNNING); retry in {RETRY_AFTER_SECS} s")
+            }
+            Self::CrossSite { origin } => {
+                write!(f, "a page of another site ({origin}) may not change deployments; use the dashboard on the bare domain, or a client that is no browser")
+            }
+            Self::UnsupportedMediaType { given } => {
+                let given = if given.is_empty() { "no Content-Type" } else { given.as_str() };
+                write!(f, "request bodies are JSON (Content-Type: application/json), not {given}")
             }
             Self::TooManyStreams { max } => {
                 write!(f, "{max} event streams are open for this client already (PIPES_MAX_STREAMS_PER_CLIENT); retry in {RETRY_AFTER_SECS} s")

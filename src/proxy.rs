@@ -370,6 +370,8 @@ impl Proxy {
                 path: path.to_owned(),
                 query: req.uri.query().map(str::to_owned),
                 authorization: req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()),
+                cross_site: self.cross_site(req),
+                body_type: has_body(req).then(|| req.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned)),
                 body: Vec::new(),
             });
         }
@@ -457,6 +459,12 @@ fn canonical_content_length(upstream_request: &mut RequestHeader) -> Result<()> 
     Ok(())
 }
 
+/// Whether `req` carries a body: a length above zero, or chunks.
+fn has_body(req: &RequestHeader) -> bool {
+    let length = req.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    length.is_some_and(|n| n > 0) || req.headers.contains_key(http::header::TRANSFER_ENCODING)
+}
+
 /// `Ok` for a request target Pipes serves: origin-form (`/path?q`),
 /// absolute-form (`http://host/path`, which a server must accept and Pipes
 /// passes on as origin-form), or `*` with `OPTIONS`. Anything else (`a/b`,
@@ -521,6 +529,27 @@ impl Proxy {
         }
         let host = route::normalize_host(request_host(req).ok()?);
         host.strip_suffix(origin_host.as_ref())?.ends_with('.').then(|| origin.to_owned())
+    }
+
+    /// Who sent `req`, when a browser says it is a page of another site:
+    /// `Sec-Fetch-Site: cross-site` (sent over HTTPS), an `Origin` other than
+    /// the bare domain's (the dashboard's), or a `Referer` from elsewhere
+    /// (an image or link over plain HTTP carries only that). `None` for
+    /// clients that are no browser.
+    fn cross_site(&self, req: &RequestHeader) -> Option<String> {
+        let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+        let elsewhere = |url: &str| {
+            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+            let authority = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+            !authority.is_some_and(|a| matches!(route::route(&route::normalize_host(a), &self.hosts), Ok(Target::Bare)))
+        };
+        if let Some(origin) = header("origin").filter(|o| elsewhere(o)) {
+            return Some(origin.to_owned());
+        }
+        if header("sec-fetch-site") == Some("cross-site") {
+            return Some("a page of another site".to_owned());
+        }
+        header("referer").filter(|r| elsewhere(r)).map(|r| r.split(['?', '#']).next().unwrap_or(r).to_owned())
     }
 
     /// Answers an API request: nothing of its body is read before its token

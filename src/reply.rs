@@ -152,6 +152,8 @@ pub fn error_body(e: &PipesError) -> Value {
         PipesError::TooManyNotRunning { max } => {
             json!({ "max": max, "setting": "PIPES_MAX_NOT_RUNNING", "retry_after": RETRY_AFTER_SECS })
         }
+        PipesError::CrossSite { origin } => json!({ "origin": origin }),
+        PipesError::UnsupportedMediaType { given } => json!({ "content_type": given, "expected": "application/json" }),
         PipesError::TooManyStreams { max } => {
             json!({ "max": max, "setting": "PIPES_MAX_STREAMS_PER_CLIENT", "retry_after": RETRY_AFTER_SECS })
         }

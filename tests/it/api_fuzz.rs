@@ -88,13 +88,17 @@ fn arbitrary_api_requests_are_refused_cleanly() {
 
     let config = ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() };
     proptest!(config, |((method, path, body) in request(),
-                        with_token in prop::bool::weighted(0.9), on_domain in prop::bool::weighted(0.1))| {
+                        with_token in prop::bool::weighted(0.9), on_domain in prop::bool::weighted(0.1),
+                        as_json in prop::bool::weighted(0.9))| {
         let host = if on_domain { "example.com" } else { HOST };
         let before = snapshot(&configs);
         let (status, text) = rt.block_on(async {
             let mut req = pipes.client(host).request(method.parse().unwrap(), pipes.url(host, &path)).body(body.clone());
             if with_token {
                 req = req.bearer_auth(TOKEN);
+            }
+            if as_json {
+                req = req.header("content-type", "application/json");
             }
             let resp = req.send().await.expect("Pipes answers every request");
             // The event stream is accepted and never ends: its head is the answer.

@@ -76,3 +76,85 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!(seen, expected, "every pipelined request answered, in order: {}", String::from_utf8_lossy(&answer));
     assert!(closed, "and the last one's Connection: close ends it");
 }
+
+const TOKEN: &str = "front-door-token-0123456789";
+
+/// Serves `html` to every request on a port of 127.0.0.1, another site than
+/// Pipes' domain, for as long as the test runs; the port.
+fn serve_page(html: String) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten().take(20) {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let answer = format!("HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{html}", html.len());
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn head_never_acts_and_api_bodies_are_json() {
+    if common::skip() {
+        return;
+    }
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_TOKEN", Some(TOKEN))]);
+    assert_eq!(pipes.get(&host, "/").await.status(), 200);
+    let client = pipes.client(&host);
+    let stop = pipes.url(&host, "/__proxyapi/container/stop");
+    let head = client.head(&stop).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(head.status(), 405, "HEAD asks, never acts");
+    let (_, state) = common::api(&pipes, &host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
+    assert_eq!(state["state"], "running", "{state}");
+
+    let config = pipes.url(&host, "/__proxyapi/repository/config");
+    for (content_type, body) in [(Some("text/plain"), "{}"), (Some("application/x-www-form-urlencoded"), "a=1"), (None, "{}")] {
+        let mut req = client.put(&config).bearer_auth(TOKEN).body(body);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        let (status, answer) = common::json(req.send().await.unwrap()).await;
+        assert_eq!(status, 415, "{content_type:?}: {answer}");
+        assert_eq!(answer["error"], "unsupported_media_type");
+    }
+    let json = client.put(&config).bearer_auth(TOKEN).header("content-type", "application/json; charset=utf-8").body("{}").send().await.unwrap();
+    assert_eq!(json.status(), 200);
+
+    // The original API's GET stops, for clients that are no browser.
+    assert_eq!(client.get(&stop).bearer_auth(TOKEN).send().await.unwrap().status(), 200);
+    let (_, state) = common::api(&pipes, &host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
+    assert_eq!(state["state"], "stopped", "{state}");
+}
+
+#[tokio::test]
+async fn a_page_of_another_site_cannot_drive_an_open_api() {
+    if common::skip() {
+        return;
+    }
+    let (_f, pipes, host) = common::serving_app(&[("PIPES_API_AUTH", Some("none")), ("PIPES_ACCESS_LOG", Some("json"))]);
+    assert_eq!(pipes.get(&host, "/").await.status(), 200);
+    let stop = pipes.url(&host, "/__proxyapi/container/stop");
+    // A page elsewhere embeds the stop URL and posts to it, as a hostile
+    // site would; Chromium says where the requests come from.
+    let page = format!(
+        "<img src='{stop}'><script>fetch('{stop}', {{ method: 'POST', mode: 'no-cors' }}).then(() => document.title = 'sent', () => document.title = 'sent');</script>"
+    );
+    let elsewhere = serve_page(page);
+    let browser = common::browser::Browser::start().await;
+    browser.goto(&format!("http://127.0.0.1:{elsewhere}/")).await;
+    browser.until("the page sent its requests", Duration::from_secs(20), "return document.title === 'sent'").await;
+    common::eventually("both requests reached Pipes", Duration::from_secs(10), || async {
+        pipes.log().lines().filter(|l| l.contains("\"path\":\"/__proxyapi/container/stop\"")).count() >= 2
+    })
+    .await;
+    let refused = pipes.log().lines().filter(|l| l.contains("\"path\":\"/__proxyapi/container/stop\"") && l.contains("\"status\":403")).count();
+    assert!(refused >= 2, "both refused:\n{}", pipes.log());
+    let (_, state) = common::api(&pipes, &host, "GET", "/__proxyapi/container", None, None).await;
+    assert_eq!(state["state"], "running", "the deployment still runs: {state}");
+
+    // The same GET without a browser's word on its origin still stops, as promised.
+    assert_eq!(pipes.client(&host).get(&stop).send().await.unwrap().status(), 200);
+}

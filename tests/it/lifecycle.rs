@@ -358,7 +358,7 @@ async fn the_registry_notifies_pipes_of_a_push() {
     // Docker Hub's webhook shape, token in the query as Hub must send it.
     let hub = format!(r#"{{"push_data":{{"tag":"v1"}},"repository":{{"repo_name":"{user}/app"}}}}"#);
     let url = format!("http://localhost:{}/__proxyapi/hooks/registry?token={TOKEN}", pipes.port);
-    let resp = common::client_for("localhost", pipes.port).post(url).body(hub).send().await.unwrap();
+    let resp = common::client_for("localhost", pipes.port).post(url).header("content-type", "application/json").body(hub).send().await.unwrap();
     let (status, body) = json(resp).await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["redeploying"][0], format!("{user}/app:v1"));

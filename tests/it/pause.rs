@@ -99,6 +99,9 @@ async fn an_open_websocket_keeps_a_pause_deployment_awake() {
 
 /// Stands in for Pipes as the registry's notification endpoint and keeps
 /// what the registry sent, so the test decides when Pipes gets it.
+/// The media type of the registry's notifications.
+const REGISTRY_EVENTS: &str = "application/vnd.docker.distribution.events.v1+json";
+
 struct HeldNotifications {
     port: u16,
     bodies: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
@@ -153,7 +156,7 @@ impl HeldNotifications {
         let mut statuses = Vec::new();
         for body in &bodies {
             for _ in 0..times.div_ceil(50) {
-                let batch = (0..50).map(|_| client.post(&url).bearer_auth(TOKEN).body(body.clone()).send());
+                let batch = (0..50).map(|_| client.post(&url).bearer_auth(TOKEN).header("content-type", REGISTRY_EVENTS).body(body.clone()).send());
                 for resp in futures_util::future::join_all(batch).await {
                     statuses.push(resp.map(|r| r.status().as_u16()).unwrap_or(0));
                 }
@@ -167,7 +170,14 @@ impl HeldNotifications {
         let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
         for body in &bodies {
             let url = format!("http://localhost:{}/__proxyapi/hooks/registry", pipes.port);
-            let resp = common::client_for("localhost", pipes.port).post(url).bearer_auth(TOKEN).body(body.clone()).send().await.unwrap();
+            let resp = common::client_for("localhost", pipes.port)
+                .post(url)
+                .bearer_auth(TOKEN)
+                .header("content-type", REGISTRY_EVENTS)
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
             assert_eq!(resp.status(), 202);
         }
         bodies.len()

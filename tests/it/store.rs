@@ -42,7 +42,7 @@ async fn kill_9_during_config_writes_never_tears_a_file() {
                         let n = format!("{round}-{w}-{i}");
                         sent.lock().unwrap().push(n.clone());
                         let body = format!(r#"{{"env":{{"APP_N":"{n}","APP_FILL":"{filler}"}}}}"#);
-                        if client.put(&url).bearer_auth(TOKEN).body(body).send().await.is_err() {
+                        if client.put(&url).bearer_auth(TOKEN).header("content-type", "application/json").body(body).send().await.is_err() {
                             return;
                         }
                     }
