@@ -2,6 +2,8 @@
 //! for API clients, a short HTML page for browsers) and the API's JSON,
 //! written to the Pingora session with the headers each one needs.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
@@ -37,6 +39,7 @@ pub enum Audience {
 /// would show how Pipes is set up (registry, engine, files, addresses).
 fn public_message(e: &PipesError) -> Option<String> {
     Some(match e {
+        PipesError::Exited { deployment, code, .. } => format!("the container of {deployment} exited with code {code} while starting"),
         PipesError::EngineUnavailable { .. } => format!("the Docker engine is unavailable; retry in {RETRY_AFTER_SECS} s"),
         PipesError::Engine { action, .. } => format!("the Docker engine failed to {action}"),
         PipesError::RegistryAuth { .. } => "the registry refused the credentials this Pipes uses".to_owned(),
@@ -50,6 +53,19 @@ fn public_message(e: &PipesError) -> Option<String> {
         PipesError::Unservable { deployment, .. } => format!("{deployment} cannot be served right now"),
         _ => return None,
     })
+}
+
+/// `PIPES_PUBLIC_LOGS`, set once at start-up.
+static PUBLIC_LOGS: AtomicBool = AtomicBool::new(false);
+
+/// Whether anonymous clients are shown the last log lines of a container
+/// that failed to start (`PIPES_PUBLIC_LOGS`); operators always are.
+pub fn show_logs_to_public(show: bool) {
+    PUBLIC_LOGS.store(show, Ordering::Relaxed);
+}
+
+fn public_logs() -> bool {
+    PUBLIC_LOGS.load(Ordering::Relaxed)
 }
 
 /// `user/repo:tag` of an image reference, without the registry in front.
@@ -76,6 +92,11 @@ pub fn error_body_for(e: &PipesError, audience: Audience) -> Value {
                 }),
                 PipesError::Unservable { deployment, .. } => json!({ "deployment": deployment }),
                 PipesError::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
+                // What an app prints while crashing (DSNs, addresses) is the operator's.
+                PipesError::Exited { deployment, code, logs } => match public_logs() {
+                    true => json!({ "deployment": deployment, "exit_code": code, "logs": logs }),
+                    false => json!({ "deployment": deployment, "exit_code": code }),
+                },
                 _ => json!({}),
             };
             if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
@@ -170,6 +191,11 @@ pub fn error_body(e: &PipesError) -> Value {
 
 /// A short HTML page for browsers (who are the public).
 pub fn error_page(e: &PipesError) -> String {
+    page(e, public_logs())
+}
+
+/// The page for `e`, with a failed start's log lines if `show_logs`.
+fn page(e: &PipesError, show_logs: bool) -> String {
     let message = public_message(e).unwrap_or_else(|| e.to_string());
     let mut page = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{status} {kind}</title></head>\
@@ -179,7 +205,7 @@ pub fn error_page(e: &PipesError) -> String {
         message = escape_html(&message),
     );
     if let PipesError::Exited { logs, .. } = e {
-        if !logs.is_empty() {
+        if !logs.is_empty() && show_logs {
             page.push_str("<pre>");
             page.push_str(&escape_html(&logs.join("\n")));
             page.push_str("</pre>");
@@ -403,8 +429,19 @@ mod tests {
     #[test]
     fn pages_are_escaped() {
         let e = PipesError::Exited { deployment: "a/b:c".into(), code: 1, logs: vec!["<script>".into()] };
-        let html = error_page(&e);
+        let html = page(&e, true);
         assert!(html.contains("&lt;script&gt;"));
         assert!(!html.contains("<script>"));
+    }
+
+    #[test]
+    fn a_crash_shows_the_public_its_code_and_kind_not_its_lines() {
+        let e = PipesError::Exited { deployment: "a/b:c".into(), code: 3, logs: vec!["DATABASE_URL=postgres://u:hunter2@10.0.0.5/db".into()] };
+        let public = error_body_for(&e, Audience::Public);
+        assert_eq!((public["error"].as_str(), public["exit_code"].as_i64()), (Some("container_exited"), Some(3)), "{public}");
+        let shown = public.to_string() + &error_page(&e);
+        assert!(!shown.contains("hunter2") && !shown.contains("10.0.0.5"), "{shown}");
+        assert!(error_body_for(&e, Audience::Operator).to_string().contains("hunter2"), "the operator sees them");
+        assert!(page(&e, true).contains("hunter2"), "and so does everyone with PIPES_PUBLIC_LOGS");
     }
 }

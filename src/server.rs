@@ -46,6 +46,7 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     if !settings.upgrade {
         check_listeners(&settings)?;
     }
+    crate::reply::show_logs_to_public(settings.public_logs);
 
     // Cold starts and backend calls live on their own runtime: a slow pull
     // never occupies a proxy thread, and the engine connection has one home.

@@ -468,9 +468,12 @@ impl Deployer {
         }
     }
 
-    /// The failure of an instance that exited while starting, with its last log lines.
+    /// The failure of an instance that exited while starting, with its last
+    /// log lines, each once: an instance started again keeps what its
+    /// earlier runs printed, which would repeat the same crash.
     async fn exit_failure(&self, d: &Deployment, id: &str, code: i64) -> PipesError {
-        let logs = self.backend.logs(id, LOG_LINES).await;
+        let mut seen = std::collections::HashSet::new();
+        let logs = self.backend.logs(id, LOG_LINES).await.into_iter().filter(|l| seen.insert(l.clone())).collect();
         PipesError::Exited { deployment: d.to_string(), code, logs }
     }
 

@@ -96,6 +96,8 @@ pub struct Settings {
     pub max_not_running: usize,
     /// `PIPES_MAX_STREAMS_PER_CLIENT`.
     pub max_streams_per_client: usize,
+    /// `PIPES_PUBLIC_LOGS`: crash log lines for anonymous clients too.
+    pub public_logs: bool,
     /// What no deployment's config may exceed.
     pub ceilings: Ceilings,
     /// `PIPES_TRUSTED_PROXIES`.

@@ -47,8 +47,9 @@ async fn a_failed_start_is_explained_on_the_waiting_page() {
     }
     let mut f = Fixtures::new();
     f.publish("app", "crash", "ENV FIXTURE_MODE=crash");
-    // The page at once, so the failure arrives while it is shown.
-    let pipes = Pipes::start(&[("PIPES_WAITING_PAGE_AFTER", Some("0s"))]);
+    // The page at once, so the failure arrives while it is shown; log lines
+    // on it, as an operator may open them to everyone.
+    let pipes = Pipes::start(&[("PIPES_WAITING_PAGE_AFTER", Some("0s")), ("PIPES_PUBLIC_LOGS", Some("true"))]);
     let browser = Browser::start().await;
     browser.goto(&pipes.url(&f.host("app", "crash", DOMAIN), "/")).await;
     browser.until("the failure is shown", Duration::from_secs(60), "return document.querySelector('main')?.dataset.state === 'failed'").await;

@@ -275,7 +275,8 @@ async fn a_container_that_exits_while_starting_is_a_502_with_its_log() {
     }
     let mut f = Fixtures::new();
     f.publish("app", "crash", "ENV FIXTURE_MODE=crash");
-    let pipes = Pipes::start(&[]);
+    // Log lines reach anonymous clients only where the operator opens them.
+    let pipes = Pipes::start(&[("PIPES_PUBLIC_LOGS", Some("true"))]);
     let (status, body) = json(pipes.get(&f.host("app", "crash", DOMAIN), "/").await).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"], "container_exited");

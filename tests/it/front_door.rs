@@ -158,3 +158,42 @@ async fn a_page_of_another_site_cannot_drive_an_open_api() {
     // The same GET without a browser's word on its origin still stops, as promised.
     assert_eq!(pipes.client(&host).get(&stop).send().await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn what_a_crashing_app_prints_reaches_operators_only() {
+    if common::skip() {
+        return;
+    }
+    let mut f = common::Fixtures::new();
+    // What the app prints while crashing holds its database's password.
+    f.publish("app", "v1", "ENV FIXTURE_MODE=crash\nENV FIXTURE_ID=postgres://app:hunter2@db.internal/app");
+    let pipes = common::Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_FAILURE_TTL", Some("1s"))]);
+    let host = f.host("app", "v1", "example.com");
+
+    let (status, body) = common::json(pipes.get(&host, "/").await).await;
+    assert_eq!(status, 502);
+    assert_eq!((body["error"].as_str(), body["exit_code"].as_i64()), (Some("container_exited"), Some(3)), "{body}");
+    let html = pipes.client(&host).get(pipes.url(&host, "/")).header("accept", "text/html").send().await.unwrap().text().await.unwrap();
+    let (stream, _) = raw_exchange(pipes.port, format!("GET /__proxyapi/events HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes(), Duration::from_secs(2));
+    let stream = String::from_utf8_lossy(&stream).into_owned();
+    assert!(stream.contains("container_exited"), "the public stream tells the failure: {stream}");
+    for (view, text) in [("502 body", body.to_string()), ("error page", html), ("event stream", stream)] {
+        assert!(!text.contains("hunter2"), "{view} shows what the app printed to anonymous clients: {text}");
+    }
+
+    // Started again once its failure is forgotten: the same crash, told once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pipes.get(&host, "/").await.status(), 502);
+    let (_, state) = common::api(&pipes, &host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
+    let logs: Vec<&str> = state["last_error"]["logs"].as_array().expect("the operator sees the lines").iter().filter_map(|l| l.as_str()).collect();
+    assert!(logs.iter().any(|l| l.contains("hunter2")), "{state}");
+    let mut unique = logs.clone();
+    unique.dedup();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), logs.len(), "no line twice: {logs:?}");
+
+    let open = common::Pipes::start(&[("PIPES_PUBLIC_LOGS", Some("true"))]);
+    let (_, body) = common::json(open.get(&host, "/").await).await;
+    assert!(body.to_string().contains("hunter2"), "PIPES_PUBLIC_LOGS shows them to everyone: {body}");
+}
