@@ -5,7 +5,11 @@
 //! whatever the client wrote, unless the peer is a proxy the operator trusts
 //! (`PIPES_TRUSTED_PROXIES`), whose header is then extended. `X-Real-IP`,
 //! `X-Forwarded-Host` and `X-Forwarded-Proto` are set; `Forwarded` is
-//! removed, so nothing a client writes passes as Pipes' word.
+//! removed, so nothing a client writes passes as Pipes' word. So are the
+//! rest of the `X-Forwarded-*` family and `True-Client-IP`, unless a trusted
+//! proxy sent them, and header names with `_` (CGI and WSGI servers read
+//! `X_Real_IP` as `X-Real-IP`), unless `PIPES_UNDERSCORE_HEADERS` keeps them,
+//! as nginx does by default.
 
 use std::net::IpAddr;
 
@@ -58,14 +62,16 @@ impl Trusted {
 
     /// Sets the forwarding headers of a request that goes to a container;
     /// `host` is the host the client asked for.
-    pub fn apply(&self, peer: Option<IpAddr>, host: HeaderValue, tls: bool, upstream: &mut RequestHeader) -> pingora::Result<()> {
+    /// Header names with `_` pass only with `underscores`.
+    pub fn apply(&self, peer: Option<IpAddr>, host: HeaderValue, tls: bool, underscores: bool, upstream: &mut RequestHeader) -> pingora::Result<()> {
+        let trusted = peer.is_some_and(|p| self.contains(p));
+        strip_spoofable(upstream, trusted, underscores);
         let Some(peer) = peer else {
             for name in [X_FORWARDED_FOR, X_REAL_IP, FORWARDED] {
                 upstream.remove_header(name);
             }
             return Ok(());
         };
-        let trusted = self.contains(peer);
         let (chain, client) = if trusted {
             let peer_text = peer.to_string();
             let chain = forwarded_for(upstream).chain(std::iter::once(peer_text.as_str())).collect::<Vec<_>>().join(", ");
@@ -84,6 +90,25 @@ impl Trusted {
         }
         upstream.remove_header(FORWARDED);
         Ok(())
+    }
+}
+
+/// Removes headers a client could write to pass as what a proxy in front
+/// said: the `X-Forwarded-*` Pipes does not set and `True-Client-IP` (kept
+/// from a `trusted` peer), and names with `_` (kept with `underscores`).
+/// One look at the names on every request; a copy only when one goes.
+fn strip_spoofable(upstream: &mut RequestHeader, trusted: bool, underscores: bool) {
+    let spoofable = |name: &str| {
+        let proxies_word =
+            name == "true-client-ip" || (name.starts_with("x-forwarded-") && !matches!(name, X_FORWARDED_FOR | X_FORWARDED_HOST | X_FORWARDED_PROTO));
+        (!underscores && name.contains('_')) || (!trusted && proxies_word)
+    };
+    if !upstream.headers.keys().any(|n| spoofable(n.as_str())) {
+        return;
+    }
+    let doomed: Vec<http::HeaderName> = upstream.headers.keys().filter(|n| spoofable(n.as_str())).cloned().collect();
+    for name in doomed {
+        upstream.remove_header(&name);
     }
 }
 
@@ -150,15 +175,46 @@ mod tests {
     #[test]
     fn an_untrusted_peer_replaces_what_the_client_wrote() {
         let mut req = request(&["6.6.6.6"]);
-        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("v1.a.b.example.com"), false, &mut req).unwrap();
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("v1.a.b.example.com"), false, false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-real-ip"), Some("203.0.113.7"));
         assert_eq!(header(&req, "x-forwarded-host"), Some("v1.a.b.example.com"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("http"));
         assert_eq!(header(&req, "forwarded"), None);
         let mut over_tls = request(&[]);
-        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("h"), true, &mut over_tls).unwrap();
+        Trusted::default().apply(Some("203.0.113.7".parse().unwrap()), HeaderValue::from_static("h"), true, false, &mut over_tls).unwrap();
         assert_eq!(header(&over_tls, "x-forwarded-proto"), Some("https"));
+    }
+
+    #[test]
+    fn spellings_a_cgi_server_would_read_as_the_edges_are_dropped() {
+        let spoofs = ["x_real_ip", "x_forwarded_for", "x-forwarded-port", "x-forwarded-prefix", "true-client-ip"];
+        let with_spoofs = || {
+            let mut req = request(&[]);
+            for name in spoofs {
+                req.insert_header(name, "6.6.6.6").unwrap();
+            }
+            req.insert_header("x-app-token", "kept").unwrap();
+            req
+        };
+        let peer = Some("203.0.113.7".parse().unwrap());
+        let mut req = with_spoofs();
+        Trusted::default().apply(peer, HeaderValue::from_static("h"), false, false, &mut req).unwrap();
+        for name in spoofs {
+            assert_eq!(header(&req, name), None, "{name}");
+        }
+        assert_eq!(header(&req, "x-app-token"), Some("kept"));
+
+        let mut req = with_spoofs();
+        Trusted::default().apply(peer, HeaderValue::from_static("h"), false, true, &mut req).unwrap();
+        assert_eq!(header(&req, "x_real_ip"), Some("6.6.6.6"), "PIPES_UNDERSCORE_HEADERS keeps them");
+        assert_eq!(header(&req, "x-forwarded-port"), None, "the family stays Pipes' or a trusted proxy's");
+
+        let mut req = with_spoofs();
+        Trusted::parse("203.0.113.0/24").unwrap().apply(peer, HeaderValue::from_static("h"), false, false, &mut req).unwrap();
+        assert_eq!(header(&req, "x-forwarded-port"), Some("6.6.6.6"), "a trusted proxy's word stands");
+        assert_eq!(header(&req, "true-client-ip"), Some("6.6.6.6"));
+        assert_eq!(header(&req, "x_forwarded_for"), None, "underscores go whoever sent them");
     }
 
     #[test]
@@ -168,7 +224,7 @@ mod tests {
         req.insert_header("x-forwarded-proto", "https").unwrap();
         let peer = "127.0.0.1".parse().unwrap();
         assert_eq!(trusted.client(peer, &req), "198.51.100.4".parse::<IpAddr>().unwrap());
-        trusted.apply(Some(peer), HeaderValue::from_static("h"), false, &mut req).unwrap();
+        trusted.apply(Some(peer), HeaderValue::from_static("h"), false, false, &mut req).unwrap();
         assert_eq!(header(&req, "x-forwarded-for"), Some("6.6.6.6, 198.51.100.4, 10.1.2.3, 127.0.0.1"));
         assert_eq!(header(&req, "x-real-ip"), Some("198.51.100.4"));
         assert_eq!(header(&req, "x-forwarded-proto"), Some("https"));

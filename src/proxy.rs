@@ -55,6 +55,8 @@ pub struct Proxy {
     /// How long an API request's body may take (`PIPES_HEADER_TIMEOUT`).
     body_timeout: std::time::Duration,
     trusted: Trusted,
+    /// `PIPES_UNDERSCORE_HEADERS`: header names with `_` pass.
+    underscore_headers: bool,
     /// Answers ACME's HTTP-01 challenges, with on-demand certificates.
     acme: Option<Arc<Acme>>,
     /// `PIPES_HTTPS_REDIRECT`: the HTTPS port plain requests are sent to.
@@ -87,6 +89,7 @@ impl Proxy {
             keepalive_secs: settings.keepalive_timeout.as_secs().max(1),
             body_timeout: settings.connections.header_timeout,
             trusted: settings.trusted_proxies.clone(),
+            underscore_headers: settings.underscore_headers,
             waiting_page_after: settings.waiting_page_after,
         }
     }
@@ -515,7 +518,7 @@ impl Proxy {
             (None, Some(host)) => host.clone(),
             (None, None) => HeaderValue::from_static(""),
         };
-        self.trusted.apply(peer, host, is_tls(session), upstream_request)
+        self.trusted.apply(peer, host, is_tls(session), self.underscore_headers, upstream_request)
     }
 
     /// The `Origin` of a request from this Pipes' dashboard to a

@@ -45,6 +45,9 @@ pub(super) struct Cli {
     /// Publish container ports on 127.0.0.1 and reach containers there, even where their IPs answer: true or false
     #[arg(long, env = "PIPES_PUBLISH_PORTS", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
     pub(super) publish_ports: bool,
+    /// Pass request header names that hold `_` on to containers (dropped by default, as nginx does): true or false
+    #[arg(long, env = "PIPES_UNDERSCORE_HEADERS", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
+    pub(super) underscore_headers: bool,
     /// Show the last log lines of a container that failed to start to anonymous clients too (502 body, waiting page, event stream): true or false
     #[arg(long, env = "PIPES_PUBLIC_LOGS", value_name = "BOOL", default_value = "false", value_parser = parse_bool, action = ArgAction::Set)]
     pub(super) public_logs: bool,

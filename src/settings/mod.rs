@@ -98,6 +98,8 @@ pub struct Settings {
     pub max_streams_per_client: usize,
     /// `PIPES_PUBLIC_LOGS`: crash log lines for anonymous clients too.
     pub public_logs: bool,
+    /// `PIPES_UNDERSCORE_HEADERS`: header names with `_` reach containers.
+    pub underscore_headers: bool,
     /// What no deployment's config may exceed.
     pub ceilings: Ceilings,
     /// `PIPES_TRUSTED_PROXIES`.

@@ -170,6 +170,7 @@ impl Settings {
             max_not_running: cli.max_not_running,
             max_streams_per_client: cli.max_streams_per_client,
             public_logs: cli.public_logs,
+            underscore_headers: cli.underscore_headers,
             ceilings,
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
             backend: cli.backend,

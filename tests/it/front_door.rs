@@ -197,3 +197,30 @@ async fn what_a_crashing_app_prints_reaches_operators_only() {
     let (_, body) = common::json(open.get(&host, "/").await).await;
     assert!(body.to_string().contains("hunter2"), "PIPES_PUBLIC_LOGS shows them to everyone: {body}");
 }
+
+#[tokio::test]
+async fn header_spellings_a_cgi_server_would_read_as_the_edges_do_not_pass() {
+    if common::skip() {
+        return;
+    }
+    let (_f, pipes, host) = common::serving_app(&[]);
+    let request = format!(
+        "GET /h HTTP/1.1\r\nHost: {host}\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded-Port: 1\r\n\
+         X-Forwarded-Prefix: /admin\r\nTrue-Client-IP: 6.6.6.6\r\nX-App: kept\r\nConnection: close\r\n\r\n"
+    );
+    let (answer, _) = raw_exchange(pipes.port, request.as_bytes(), Duration::from_secs(10));
+    let found = answers(&answer);
+    assert_eq!(found.len(), 1, "{}", String::from_utf8_lossy(&answer));
+    let body: serde_json::Value = serde_json::from_str(&found[0].1).unwrap();
+    let seen = &body["headers"];
+    for name in ["x_real_ip", "x_forwarded_for", "x-forwarded-port", "x-forwarded-prefix", "true-client-ip"] {
+        assert!(seen[name].is_null(), "{name} reached the container: {seen}");
+    }
+    assert_eq!(seen["x-app"], "kept");
+    assert_eq!(seen["x-real-ip"], "127.0.0.1", "Pipes' own word: {seen}");
+
+    let keeping = common::Pipes::start(&[("PIPES_UNDERSCORE_HEADERS", Some("true"))]);
+    let (answer, _) = raw_exchange(keeping.port, request.as_bytes(), Duration::from_secs(10));
+    let body: serde_json::Value = serde_json::from_str(&answers(&answer)[0].1).unwrap();
+    assert_eq!(body["headers"]["x_real_ip"], "6.6.6.6", "kept where the operator asks");
+}
