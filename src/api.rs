@@ -183,15 +183,6 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
     if !endpoint.methods().contains(&method) || head_that_acts {
         return Err(PipesError::MethodNotAllowed { path: req.path.clone(), allow: endpoint.allow() });
     }
-    // A web page on another site may not drive the API, whatever the auth mode.
-    if let Some(origin) = req.cross_site.as_ref().filter(|_| endpoint.acts(&method)) {
-        return Err(PipesError::CrossSite { origin: origin.clone() });
-    }
-    if let Some(given) = &req.body_type {
-        if !given.as_deref().is_some_and(is_json) {
-            return Err(PipesError::UnsupportedMediaType { given: given.clone().unwrap_or_default() });
-        }
-    }
     // A broken tokens.json must not lock the admin out: its tokens are ignored.
     let tokens = store.tokens().await.unwrap_or_else(|e| {
         log::error!("{e}; the tokens it grants are ignored until it is fixed");
@@ -205,6 +196,15 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
     let access = auth.authorize(req.authorization.as_deref().or(from_query.as_deref()), &tokens)?;
     if let Some(d) = &req.deployment {
         access.check(&d.user)?;
+    }
+    // A web page on another site may not drive the API, whatever the auth mode.
+    if let Some(origin) = req.cross_site.as_ref().filter(|_| endpoint.acts(&method)) {
+        return Err(PipesError::CrossSite { origin: origin.clone() });
+    }
+    if let Some(given) = &req.body_type {
+        if !given.as_deref().is_some_and(is_json) {
+            return Err(PipesError::UnsupportedMediaType { given: given.clone().unwrap_or_default() });
+        }
     }
     Ok(Authorized { endpoint, method, access })
 }

@@ -128,7 +128,7 @@ async fn request_heads_are_capped_and_api_bodies_wait_for_the_token() {
 
     // With a token, a body that never finishes is cut at the deadline.
     let slow = format!(
-        "PUT /__proxyapi/repository/config HTTP/1.1\r\nHost: v1.app.alice.example.com\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{"
+        "PUT /__proxyapi/repository/config HTTP/1.1\r\nHost: v1.app.alice.example.com\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
     );
     let (answer, closed) = raw_exchange(pipes.port, slow.as_bytes(), Duration::from_secs(6));
     assert_eq!(status_of(&answer), Some(408), "{}", String::from_utf8_lossy(&answer));

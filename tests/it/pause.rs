@@ -148,15 +148,17 @@ impl HeldNotifications {
     }
 
     /// Hands what the registry sent so far to Pipes' hook, each `times`
-    /// times, fifty at once: a registry retrying, or a storm of them.
+    /// times, fifty at once: a registry retrying, or a storm of them. The
+    /// statuses Pipes answered.
     async fn deliver_repeatedly(&self, pipes: &Pipes, times: usize) -> Vec<u16> {
         let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
         let url = format!("http://localhost:{}/__proxyapi/hooks/registry", pipes.port);
         let client = common::client_for("localhost", pipes.port);
         let mut statuses = Vec::new();
         for body in &bodies {
-            for _ in 0..times.div_ceil(50) {
-                let batch = (0..50).map(|_| client.post(&url).bearer_auth(TOKEN).header("content-type", REGISTRY_EVENTS).body(body.clone()).send());
+            for start in (0..times).step_by(50) {
+                let batch = (start..times.min(start + 50))
+                    .map(|_| client.post(&url).bearer_auth(TOKEN).header("content-type", REGISTRY_EVENTS).body(body.clone()).send());
                 for resp in futures_util::future::join_all(batch).await {
                     statuses.push(resp.map(|r| r.status().as_u16()).unwrap_or(0));
                 }
@@ -164,23 +166,47 @@ impl HeldNotifications {
         }
         statuses
     }
+}
 
-    /// Hands what the registry sent so far to Pipes' hook; how many.
-    async fn deliver(&self, pipes: &Pipes) -> usize {
-        let bodies = std::mem::take(&mut *self.bodies.lock().unwrap());
-        for body in &bodies {
-            let url = format!("http://localhost:{}/__proxyapi/hooks/registry", pipes.port);
-            let resp = common::client_for("localhost", pipes.port)
-                .post(url)
-                .bearer_auth(TOKEN)
-                .header("content-type", REGISTRY_EVENTS)
-                .body(body.clone())
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), 202);
-        }
-        bodies.len()
+/// A deployment that ran and was stopped, then a push of a new image of its
+/// tag to a registry of the test's own, whose notification is held.
+struct StoppedThenPushed {
+    pipes: Pipes,
+    held: HeldNotifications,
+    registry: common::Registry,
+    reference: String,
+    host: String,
+}
+
+impl StoppedThenPushed {
+    async fn new() -> StoppedThenPushed {
+        let port = common::free_port();
+        let pipes = Pipes::start(&[
+            ("PIPES_API_TOKEN", Some(TOKEN)),
+            ("DOMAINLEVELS", Some("1")),
+            ("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))),
+            ("DOCKER_AUTH", None),
+        ]);
+        // The registry's notifications are held until the test's own copy of
+        // the pushed image is gone, so that only Pipes can bring it back.
+        let held = HeldNotifications::start();
+        let registry = common::Registry::start(port, &format!("http://127.0.0.1:{}/notify", held.port), TOKEN);
+        let user = common::unique("w");
+        let reference = format!("127.0.0.1:{port}/{user}/app:v1");
+        let push = |id: &str| {
+            common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
+            docker_ok(&["push", "-q", &reference]);
+            docker_ok(&["rmi", &reference]);
+        };
+        push("one");
+        let host = format!("v1.app.{user}.localhost");
+        assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
+        let (status, _) = api(&pipes, &host, "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
+        assert_eq!(status, 200);
+        push("two");
+        eventually("the registry sent its notification", Duration::from_secs(30), || async { !held.bodies.lock().unwrap().is_empty() }).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        StoppedThenPushed { pipes, held, registry, reference, host }
     }
 }
 
@@ -189,34 +215,9 @@ async fn a_push_pulls_a_stopped_deployment_ahead_and_its_next_start_runs_the_new
     if common::skip() {
         return;
     }
-    let port = common::free_port();
-    let pipes = Pipes::start(&[
-        ("PIPES_API_TOKEN", Some(TOKEN)),
-        ("DOMAINLEVELS", Some("1")),
-        ("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))),
-        ("DOCKER_AUTH", None),
-    ]);
-    // The registry's notifications are held until the test's own copy of the
-    // pushed image is gone, so that only Pipes can bring it back.
-    let held = HeldNotifications::start();
-    let registry = common::Registry::start(port, &format!("http://127.0.0.1:{}/notify", held.port), TOKEN);
-    let user = common::unique("w");
-    let reference = format!("127.0.0.1:{port}/{user}/app:v1");
-    let push = |id: &str| {
-        common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
-        docker_ok(&["push", "-q", &reference]);
-        docker_ok(&["rmi", &reference]);
-    };
-    push("one");
-    let host = format!("v1.app.{user}.localhost");
-    assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
-    let (status, _) = api(&pipes, &host, "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
-    assert_eq!(status, 200);
-
-    push("two");
-    eventually("the registry sent its notification", Duration::from_secs(30), || async { !held.bodies.lock().unwrap().is_empty() }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(held.deliver(&pipes).await > 0);
+    let StoppedThenPushed { pipes, held, registry, reference, host } = StoppedThenPushed::new().await;
+    let statuses = held.deliver_repeatedly(&pipes, 1).await;
+    assert!(!statuses.is_empty() && statuses.iter().all(|s| *s == 202), "{statuses:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !pipes.log().contains("ahead of its next start") {
         assert!(std::time::Instant::now() < deadline, "the notification pulled nothing:\n{}\n--- registry\n{}", pipes.log(), registry.log());
@@ -259,31 +260,7 @@ async fn a_storm_of_push_notifications_pulls_once() {
     if common::skip() {
         return;
     }
-    let port = common::free_port();
-    let pipes = Pipes::start(&[
-        ("PIPES_API_TOKEN", Some(TOKEN)),
-        ("DOMAINLEVELS", Some("1")),
-        ("PIPES_REGISTRY", Some(&format!("127.0.0.1:{port}"))),
-        ("DOCKER_AUTH", None),
-    ]);
-    let held = HeldNotifications::start();
-    let registry = common::Registry::start(port, &format!("http://127.0.0.1:{}/notify", held.port), TOKEN);
-    let user = common::unique("s");
-    let reference = format!("127.0.0.1:{port}/{user}/app:v1");
-    let push = |id: &str| {
-        common::build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n", common::env().fixture));
-        docker_ok(&["push", "-q", &reference]);
-        docker_ok(&["rmi", &reference]);
-    };
-    push("one");
-    let host = format!("v1.app.{user}.localhost");
-    assert_eq!(json(pipes.get(&host, "/").await).await.1["id"], "one");
-    let (status, _) = api(&pipes, &host, "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await;
-    assert_eq!(status, 200);
-
-    push("two");
-    eventually("the registry sent its notification", Duration::from_secs(30), || async { !held.bodies.lock().unwrap().is_empty() }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let StoppedThenPushed { pipes, held, registry, reference, host } = StoppedThenPushed::new().await;
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 1;
     let copies = held.bodies.lock().unwrap().clone();
     let statuses = held.deliver_repeatedly(&pipes, 300).await;
