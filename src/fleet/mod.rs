@@ -113,6 +113,9 @@ pub struct Fleet {
     feed: Feed,
     /// Pulls ahead after push notifications.
     prepulls: prepull::Prepulls,
+    /// Deployments with a redeploy under way in the background, and whether
+    /// another was asked for meanwhile.
+    redeploys: Mutex<HashMap<Deployment, bool>>,
 }
 
 impl Fleet {
@@ -139,6 +142,7 @@ impl Fleet {
             metrics,
             feed,
             prepulls: prepull::Prepulls::new(settings.docker.max_pulls),
+            redeploys: Mutex::new(HashMap::new()),
         }
     }
 

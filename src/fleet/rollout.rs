@@ -3,7 +3,7 @@
 
 use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -97,15 +97,38 @@ impl Fleet {
 
     /// Redeploys `d` in the background (after a tag check or a push
     /// notification, which must not wait), logging the outcome.
+    ///
+    /// Coalesced per deployment: while one runs, any number of further
+    /// requests make one more after it (so a push during a redeploy is not
+    /// missed), never one each — a storm of notifications asks the registry
+    /// twice at most.
     pub fn redeploy_later(self: &Arc<Self>, d: Deployment, cause: &'static str) {
+        {
+            let mut pending = self.redeploys.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(again) = pending.get_mut(&d) {
+                *again = true;
+                return;
+            }
+            pending.insert(d.clone(), false);
+        }
         let fleet = self.clone();
         self.control.spawn(async move {
-            match fleet.redeploy(&d).await {
-                Ok(Switch::Unchanged(_)) => log::debug!("{d}: {cause}: the tag names what serves already"),
-                Ok(Switch::Replaced { current, .. }) => {
-                    log::info!("{d}: {cause}: the tag moved, now serving {}", current.digest.unwrap_or_default())
+            loop {
+                match fleet.redeploy(&d).await {
+                    Ok(Switch::Unchanged(_)) => log::debug!("{d}: {cause}: the tag names what serves already"),
+                    Ok(Switch::Replaced { current, .. }) => {
+                        log::info!("{d}: {cause}: the tag moved, now serving {}", current.digest.unwrap_or_default())
+                    }
+                    Err(e) => log::warn!("{d}: {cause}: redeploy failed, the current generation keeps serving: {e}"),
                 }
-                Err(e) => log::warn!("{d}: {cause}: redeploy failed, the current generation keeps serving: {e}"),
+                let mut pending = fleet.redeploys.lock().unwrap_or_else(PoisonError::into_inner);
+                match pending.get_mut(&d) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        pending.remove(&d);
+                        return;
+                    }
+                }
             }
         });
     }

@@ -673,6 +673,26 @@ async fn pushes_pull_ahead_once_per_deployment_and_keep_a_place_for_starts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_storm_of_redeploy_requests_asks_the_registry_twice_at_most() {
+    let h = Harness::new(&[]);
+    let d = h.publish("alice/app:v1", Behaviour::default());
+    let first = h.ready(&d).await.unwrap();
+    let newer = h.push("alice/app:v1", Behaviour::default());
+    let digests = h.fake.calls.digests.load(Ordering::Relaxed);
+    for _ in 0..300 {
+        h.fleet.redeploy_later(d.clone(), "push notification");
+    }
+    let slot = h.fleet.slot(d.as_ref());
+    let want = newer.clone();
+    eventually("the new generation serves", move || slot.upstream().is_some_and(|up| up.digest.as_deref() == Some(want.as_str()))).await;
+    let fleet = h.fleet.clone();
+    eventually("the redeploys are done", move || fleet.redeploys.lock().unwrap().is_empty()).await;
+    let asked = h.fake.calls.digests.load(Ordering::Relaxed) - digests;
+    assert!((1..=2).contains(&asked), "300 requests, {asked} registry questions");
+    assert_ne!(h.fleet.slot(d.as_ref()).upstream().unwrap().instance_id, first.instance_id);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/told:v1", Behaviour::default());
