@@ -35,7 +35,7 @@ impl Fleet {
     /// Reports what this Pipes had open lately to the other Pipes serving
     /// the same instances (Swarm replicas), so none of them stops what
     /// another serves: while traffic goes on, every quarter of the
-    /// deployment's idle timeout ([`SHARE_EVERY`] at least), and at the next
+    /// deployment's idle timeout (`SHARE_EVERY`, 2 s, at least), and at the next
     /// check after a quiet spell.
     pub fn share_activity(self: &Arc<Self>) {
         let backend = self.deployer.backend();

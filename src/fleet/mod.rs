@@ -20,7 +20,7 @@
 //! | stop for idleness | `idle.rs` | [`Fleet::stop_idle`] |
 //! | pause, and stop what paused too long | `pause.rs` | [`Fleet::expire_paused`] |
 //! | redeploy, roll back | `rollout.rs` | [`Fleet::redeploy`], [`Fleet::rollback`] |
-//! | follow the engine | `sync.rs` | [`Fleet::on_event`], [`Fleet::reconcile`] |
+//! | follow the engine | `sync.rs` | `Fleet::on_event`, `Fleet::reconcile` |
 //! | change a config | `ops.rs` | [`Fleet::change_config`] |
 //! | operator operations | `ops.rs` | [`Fleet::stop`], [`Fleet::remove`], [`Fleet::restart`] |
 //!
@@ -170,7 +170,8 @@ impl Fleet {
     }
 
     /// Claims `PIPES_INSTANCE` on the engine: who holds it, if another live
-    /// Pipes does (see [`Backend::claim`]).
+    /// Pipes does (see [`crate::engine::Claims::claim`]); always free on a
+    /// backend that keeps no claims.
     pub async fn claim(&self, beside: bool) -> Result<Option<String>, PipesError> {
         let deployer = self.deployer.clone();
         self.on_control(async move {

@@ -59,14 +59,14 @@ impl Prepulls {
 }
 
 impl Fleet {
-    /// Whether a pull ahead of `d` began within [`PREPULL_EVERY`]: a push
+    /// Whether a pull ahead of `d` began within `PREPULL_EVERY` (10 s): a push
     /// notification for it is answered without asking the engine.
     pub fn prepulled_lately(&self, d: &Deployment) -> bool {
         self.prepulls.lately(d)
     }
 
     /// Pulls what `d`'s tag names now, in the background, unless a pull
-    /// ahead of `d` began within [`PREPULL_EVERY`] or the image is here
+    /// ahead of `d` began within `PREPULL_EVERY` (10 s) or the image is here
     /// already; whether one was begun.
     pub fn prepull_later(self: &Arc<Self>, d: Deployment) -> bool {
         let Some(places) = self.prepulls.places.clone() else {

@@ -85,7 +85,7 @@ impl Upstream {
 
     /// Waits until nothing is open on it, or `deadline`; whether nothing is.
     /// Woken by the end of each activity; a wake-up lost to the race
-    /// between the two counters costs at most [`RECHECK`].
+    /// between the two counters costs at most `RECHECK` (500 ms).
     pub async fn until_closed(&self, deadline: Instant) -> bool {
         self.watched.store(true, Ordering::Relaxed);
         loop {

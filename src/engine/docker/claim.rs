@@ -58,7 +58,7 @@ impl Holder {
 }
 
 impl Docker {
-    /// See [`crate::engine::Backend::claim`].
+    /// See [`crate::engine::Claims::claim`].
     pub(super) async fn claim_instance(&self, beside: bool) -> Result<Option<String>, PipesError> {
         let docker = self.docker().await?;
         let filters = HashMap::from([("label".to_string(), vec![format!("{LABEL_CLAIM}={}", self.moby.instance())])]);

@@ -2,7 +2,7 @@
 //! engine runs containers or a swarm): the connection, made on first use and
 //! kept; engine errors turned into [`PipesError`]s with the registry password
 //! scrubbed; the labels every instance carries; images and pulls
-//! ([`images`]); events ([`events`]); logs ([`logs`]).
+//! (`images.rs`); events (`events.rs`); logs (`logs.rs`).
 //!
 //! [`Docker`](super::docker::Docker) and [`Swarm`](super::swarm::Swarm) each
 //! hold a [`Moby`]; neither borrows from the other.
