@@ -2,7 +2,7 @@
 //!
 //! On a deployment's host it shows and steers that deployment and its
 //! repository's default config; on the bare domain it lists the fleet. Every
-//! call needs a bearer token (see [`crate::auth`]); a token scoped to users
+//! call needs a bearer token (see `auth.rs`); a token scoped to users
 //! manages only their deployments. [`Endpoint`] is the one list of what
 //! exists: dispatch, `Allow` headers and 404 answers come from it, and a test
 //! holds `docs/openapi.json` to it.

@@ -1,9 +1,9 @@
 //! Pipes: a Docker auto-deployment edge proxy on Pingora.
 //!
 //! A request for `{tag}.{repo}.{user}.example.com` goes through
-//! [`route`] → [`policy`] → [`fleet`] (table, cold start) → [`proxy`].
-//! [`engine`] is the seam to whatever runs deployments (Docker's engine),
-//! [`api`] answers `/__proxyapi`, [`reply`] writes Pipes' own answers, and
+//! [`route`] → `policy` → [`fleet`] (admission, table, cold start) → `proxy`.
+//! [`engine`] is the seam to whatever runs deployments (Docker's engine, a
+//! swarm), [`api`] answers `/__proxyapi`, `reply` writes Pipes' own answers, and
 //! [`settings`] holds everything the operator configured. `docs/architecture.md`
 //! walks through it all.
 
