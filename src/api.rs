@@ -147,11 +147,12 @@ pub(crate) struct Request {
     pub path: String,
     pub query: Option<String>,
     pub authorization: Option<Vec<u8>>,
-    /// The page that sent it, when a browser says it is another site's:
-    /// its `Origin`, or `cross-site` from `Sec-Fetch-Site`.
+    /// The page that sent it, when a browser says it is another site's
+    /// (its `Origin`, `Sec-Fetch-Site: cross-site` or its `Referer`).
     pub cross_site: Option<String>,
-    /// `Content-Type`, when the request carries a body.
-    pub body_type: Option<Option<String>>,
+    /// Whether it carries a body, and what `Content-Type` says it is.
+    pub has_body: bool,
+    pub content_type: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -201,10 +202,8 @@ pub(crate) async fn admit(store: &Store, auth: &ApiAuth, req: &Request) -> Resul
     if let Some(origin) = req.cross_site.as_ref().filter(|_| endpoint.acts(&method)) {
         return Err(PipesError::CrossSite { origin: origin.clone() });
     }
-    if let Some(given) = &req.body_type {
-        if !given.as_deref().is_some_and(is_json) {
-            return Err(PipesError::UnsupportedMediaType { given: given.clone().unwrap_or_default() });
-        }
+    if req.has_body && !req.content_type.as_deref().is_some_and(is_json) {
+        return Err(PipesError::UnsupportedMediaType { given: req.content_type.clone().unwrap_or_default() });
     }
     Ok(Authorized { endpoint, method, access })
 }

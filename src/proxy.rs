@@ -374,7 +374,8 @@ impl Proxy {
                 query: req.uri.query().map(str::to_owned),
                 authorization: req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()),
                 cross_site: self.cross_site(req),
-                body_type: has_body(req).then(|| req.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned)),
+                has_body: has_body(req),
+                content_type: req.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned),
                 body: Vec::new(),
             });
         }
@@ -525,13 +526,17 @@ impl Proxy {
     /// deployment's host: the bare domain the request's host is under.
     fn dashboard_origin(&self, req: &RequestHeader) -> Option<String> {
         let origin = req.headers.get(http::header::ORIGIN)?.to_str().ok()?;
-        let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"))?;
-        let origin_host = route::normalize_host(authority);
-        if !matches!(route::route(&origin_host, &self.hosts), Ok(Target::Bare)) {
-            return None;
-        }
+        let origin_host = self.bare_domain_of(origin)?;
         let host = route::normalize_host(request_host(req).ok()?);
         host.strip_suffix(origin_host.as_ref())?.ends_with('.').then(|| origin.to_owned())
+    }
+
+    /// The host of `url` (an `Origin` or a `Referer`), lowercased and
+    /// without its port, if it is this Pipes' bare domain (the dashboard's).
+    fn bare_domain_of<'u>(&self, url: &'u str) -> Option<std::borrow::Cow<'u, str>> {
+        let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
+        let host = route::normalize_host(rest.split(['/', '?', '#']).next().unwrap_or(""));
+        matches!(route::route(&host, &self.hosts), Ok(Target::Bare)).then_some(host)
     }
 
     /// Who sent `req`, when a browser says it is a page of another site:
@@ -541,11 +546,7 @@ impl Proxy {
     /// clients that are no browser.
     fn cross_site(&self, req: &RequestHeader) -> Option<String> {
         let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
-        let elsewhere = |url: &str| {
-            let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-            let authority = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
-            !authority.is_some_and(|a| matches!(route::route(&route::normalize_host(a), &self.hosts), Ok(Target::Bare)))
-        };
+        let elsewhere = |url: &str| self.bare_domain_of(url).is_none();
         if let Some(origin) = header("origin").filter(|o| elsewhere(o)) {
             return Some(origin.to_owned());
         }
