@@ -88,10 +88,8 @@ impl Fleet {
             ConfigScope::Tag(d) => {
                 self.check_allowed(d)?;
                 store.put_tag(d, config).await?;
-                if let Some(slot) = self.get(d.as_ref()) {
-                    slot.lock_cold().failed = None;
-                }
                 log::info!("{d}: config replaced, recreating its instance");
+                // Removing forgets the remembered failure with the instances.
                 self.remove(d).await?;
                 Ok(Applied::Recreated(self.ready(&self.slot(d.as_ref())).await))
             }
