@@ -243,7 +243,12 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authoriz
     match (endpoint, method) {
         (Endpoint::Container, Method::GET) => state(fleet, d).await.map(Json::ok),
         (Endpoint::Container, _) => {
-            fleet.remove(d).await?;
+            let keep_volumes = match query_param(req.query.as_deref(), "keep_volumes").as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(other) => return Err(PipesError::BadQuery { parameter: "keep_volumes", message: format!("expected true or false, got '{other}'") }),
+            };
+            fleet.remove(d, keep_volumes).await?;
             state(fleet, d).await.map(Json::ok)
         }
         (Endpoint::ContainerConfig, Method::GET) => container_config(fleet, d).await.map(Json::ok),
@@ -397,6 +402,8 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         config,
         config_pending,
         last_error,
+        services,
+        volumes,
     } = fleet.status(d).await?;
     let effective = match config {
         Ok(c) => c.to_json(instance.as_ref().and_then(|i| i.port)),
@@ -425,6 +432,8 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         "idle_at": idle_at_ms.map(rfc3339_ms),
         "config": config,
         "config_pending": config_pending,
+        "services": services.iter().filter_map(|(s, pending)| Some((s.service.clone()?, service(s, *pending)))).collect::<serde_json::Map<_, _>>(),
+        "volumes": volumes,
     });
     if let (Some(e), Some(obj)) = (last_error, body.as_object_mut()) {
         obj.insert("last_error".into(), error_body(&e));
@@ -446,6 +455,29 @@ fn container(i: &Instance) -> Value {
     })
 }
 
+/// One service beside the app, as `GET container` shows it.
+fn service(i: &Instance, config_pending: bool) -> Value {
+    let state = if i.running {
+        "running"
+    } else if i.paused {
+        "paused"
+    } else {
+        "stopped"
+    };
+    let image = i.config.as_deref().and_then(|c| serde_json::from_str::<Value>(c).ok()).and_then(|c| c.get("image").cloned());
+    json!({
+        "state": state,
+        "image": image,
+        "container": i.id,
+        "short_id": short_id(&i.id),
+        "image_digest": i.digest,
+        "health": i.health,
+        "exit_code": i.exit_code,
+        "started_at": i.started_at,
+        "config_pending": config_pending,
+    })
+}
+
 /// `GET container/config`: the tag's own layer, its repository's, and the merge.
 async fn container_config(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> {
     let configs = fleet.configs(d).await?;
@@ -462,7 +494,7 @@ async fn repository_config(store: &Store, d: &Deployment) -> Result<Value, Pipes
     Ok(json!({ "repository": d.repository(), "config": config }))
 }
 
-/// `GET container/logs?tail=N`.
+/// `GET container/logs?tail=N&service=NAME`.
 async fn logs(fleet: &Arc<Fleet>, d: &Deployment, query: Option<&str>) -> Result<Value, PipesError> {
     let tail = match query_param(query, "tail") {
         None => DEFAULT_TAIL,
@@ -472,8 +504,12 @@ async fn logs(fleet: &Arc<Fleet>, d: &Deployment, query: Option<&str>) -> Result
             .filter(|n| (1..=MAX_TAIL).contains(n))
             .ok_or_else(|| PipesError::BadQuery { parameter: "tail", message: format!("expected a whole number from 1 to {MAX_TAIL}, got '{t}'") })?,
     };
-    let (id, lines) = fleet.logs(d, tail).await?;
-    Ok(json!({ "deployment": d.to_string(), "container": id, "tail": tail, "lines": lines }))
+    let service = query_param(query, "service");
+    let (id, lines) = fleet.logs(d, tail, service.clone()).await?;
+    if let (None, Some(name)) = (&id, &service) {
+        return Err(PipesError::BadQuery { parameter: "service", message: format!("{d} has no service '{name}'") });
+    }
+    Ok(json!({ "deployment": d.to_string(), "service": service, "container": id, "tail": tail, "lines": lines }))
 }
 
 /// `GET /__proxyapi/deployments` on the bare domain: every deployment the token may see.
@@ -490,6 +526,7 @@ async fn deployments(fleet: &Arc<Fleet>, access: &Access) -> Result<Value, Pipes
                 "container": s.instance_id,
                 "upstream": s.upstream.map(|u| u.to_string()),
                 "last_request_at": s.last_request_ms.map(rfc3339_ms),
+                "services": s.services,
             })
         })
         .collect();

@@ -54,6 +54,10 @@ pub enum PipesError {
     Exited { deployment: String, code: i64, logs: Vec<String> },
     /// The container did not answer within the health timeout.
     NotReady { deployment: String, timeout: Duration, probed: String },
+    /// A service beside the deployment exited while starting.
+    ServiceExited { deployment: String, service: String, code: i64, logs: Vec<String> },
+    /// A service beside the deployment was not healthy within its timeout.
+    ServiceUnhealthy { deployment: String, service: String, timeout: Duration, probed: String },
     /// The Docker engine cannot be reached or refuses more work.
     EngineUnavailable { reason: String },
     /// The engine answered with an error while deploying.
@@ -108,7 +112,8 @@ impl PipesError {
             Self::TooManyContainers { .. } => 503,
             Self::RegistryAuth { .. } | Self::RegistryUnreachable { .. } | Self::Exited { .. } | Self::Engine { .. } => 502,
             Self::Unservable { .. } => 502,
-            Self::NotReady { .. } => 504,
+            Self::NotReady { .. } | Self::ServiceUnhealthy { .. } => 504,
+            Self::ServiceExited { .. } => 502,
             Self::NoPreviousGeneration { .. } => 409,
             Self::TooManyConnections { .. } => 503,
             Self::HeaderTimeout { .. } => 408,
@@ -149,6 +154,8 @@ impl PipesError {
             Self::RegistryUnreachable { .. } => "registry_unreachable",
             Self::Exited { .. } => "container_exited",
             Self::NotReady { .. } => "not_ready",
+            Self::ServiceExited { .. } => "service_exited",
+            Self::ServiceUnhealthy { .. } => "service_unhealthy",
             Self::EngineUnavailable { .. } => "engine_unavailable",
             Self::Engine { .. } => "engine_error",
             Self::Unservable { .. } => "unservable",
@@ -195,6 +202,8 @@ impl PipesError {
                 | Self::RegistryUnreachable { .. }
                 | Self::Exited { .. }
                 | Self::NotReady { .. }
+                | Self::ServiceExited { .. }
+                | Self::ServiceUnhealthy { .. }
                 | Self::Unservable { .. }
                 | Self::ConfigBroken { .. }
                 | Self::PullTimeout { .. }
@@ -248,6 +257,12 @@ impl fmt::Display for PipesError {
             }
             Self::NotReady { deployment, timeout, probed } => {
                 write!(f, "the container of {deployment} did not answer {probed} within {}", DisplayDuration(*timeout))
+            }
+            Self::ServiceExited { deployment, service, code, .. } => {
+                write!(f, "service {service} of {deployment} exited with code {code} while starting")
+            }
+            Self::ServiceUnhealthy { deployment, service, timeout, probed } => {
+                write!(f, "service {service} of {deployment} was not healthy ({probed}) within {}", DisplayDuration(*timeout))
             }
             Self::EngineUnavailable { reason } => {
                 write!(f, "the Docker engine is unavailable: {reason}; retry in {RETRY_AFTER_SECS} s")

@@ -25,24 +25,42 @@ const REQUEST_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 const PHASE_BUCKETS: [f64; 12] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// A step of a cold start.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     Pull,
     Create,
     Start,
     Probe,
+    /// A service beside the app, from its start until it is healthy.
+    Service(Arc<str>),
 }
+
+/// Most services timed apart in `pipes_cold_start_phase_seconds`; later
+/// names share `service:other`.
+const MAX_SERVICE_PHASES: usize = 64;
 
 impl Phase {
     const ALL: [Phase; 4] = [Phase::Pull, Phase::Create, Phase::Start, Phase::Probe];
 
-    /// The phase's name in metrics and events.
-    pub fn name(self) -> &'static str {
+    /// The phase's name in metrics and events: `service:{name}` for a service.
+    pub fn name(&self) -> std::borrow::Cow<'static, str> {
         match self {
-            Phase::Pull => "pull",
-            Phase::Create => "create",
-            Phase::Start => "start",
-            Phase::Probe => "probe",
+            Phase::Pull => "pull".into(),
+            Phase::Create => "create".into(),
+            Phase::Start => "start".into(),
+            Phase::Probe => "probe".into(),
+            Phase::Service(name) => format!("service:{name}").into(),
+        }
+    }
+
+    /// Where the fixed phases keep their histogram.
+    fn index(&self) -> Option<usize> {
+        match self {
+            Phase::Pull => Some(0),
+            Phase::Create => Some(1),
+            Phase::Start => Some(2),
+            Phase::Probe => Some(3),
+            Phase::Service(_) => None,
         }
     }
 }
@@ -54,6 +72,8 @@ pub struct Metrics {
     other: Arc<DeploymentMetrics>,
     none: Arc<DeploymentMetrics>,
     phases: [Histogram; 4],
+    /// Services' phases by name, up to [`MAX_SERVICE_PHASES`].
+    service_phases: Mutex<BTreeMap<String, Arc<Histogram>>>,
     /// ACME orders by outcome (`issued`, `failed`), and names refused one.
     acme: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -67,6 +87,7 @@ impl Metrics {
             other: Arc::new(DeploymentMetrics::new("other".into())),
             none: Arc::new(DeploymentMetrics::new("none".into())),
             phases: std::array::from_fn(|_| Histogram::new(&PHASE_BUCKETS)),
+            service_phases: Mutex::new(BTreeMap::new()),
             acme: Mutex::new(BTreeMap::new()),
         }
     }
@@ -92,8 +113,17 @@ impl Metrics {
     }
 
     /// Records how long a phase of a cold start took.
-    pub fn phase(&self, phase: Phase, took: Duration) {
-        self.phases[phase as usize].observe(took);
+    pub fn phase(&self, phase: &Phase, took: Duration) {
+        match phase.index() {
+            Some(i) => self.phases[i].observe(took),
+            None => {
+                let mut services = self.service_phases.lock().unwrap_or_else(PoisonError::into_inner);
+                let name = phase.name();
+                let key =
+                    if services.len() < MAX_SERVICE_PHASES || services.contains_key(name.as_ref()) { name.into_owned() } else { "service:other".to_owned() };
+                services.entry(key).or_insert_with(|| Arc::new(Histogram::new(&PHASE_BUCKETS))).observe(took);
+            }
+        }
     }
 
     /// Records an ACME order's outcome.
@@ -124,9 +154,18 @@ impl Metrics {
                 out.sample("pipes_cold_starts_total", &[("deployment", &m.label), ("outcome", outcome)], n as f64);
             }
         }
-        out.family("pipes_cold_start_phase_seconds", "histogram", "Time each phase of a cold start took: pull, create, start, probe.");
-        for phase in Phase::ALL {
-            self.phases[phase as usize].write(out, "pipes_cold_start_phase_seconds", &[("phase", phase.name())]);
+        out.family(
+            "pipes_cold_start_phase_seconds",
+            "histogram",
+            "Time each phase of a cold start took: pull, create, start, probe, and service:NAME for each service.",
+        );
+        for (phase, histogram) in Phase::ALL.iter().zip(&self.phases) {
+            histogram.write(out, "pipes_cold_start_phase_seconds", &[("phase", &phase.name())]);
+        }
+        let services: Vec<(String, Arc<Histogram>)> =
+            self.service_phases.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (name, histogram) in services {
+            histogram.write(out, "pipes_cold_start_phase_seconds", &[("phase", &name)]);
         }
         let counts = |out: &mut Exposition, name: &str, help: &str, count: fn(&DeploymentMetrics) -> &AtomicU64| {
             out.family(name, "counter", help);
@@ -337,7 +376,7 @@ mod tests {
         a.request(200, Duration::from_millis(3));
         a.request(200, Duration::from_millis(30));
         a.request(418, Duration::from_secs(60));
-        m.phase(Phase::Pull, Duration::from_millis(700));
+        m.phase(&Phase::Pull, Duration::from_millis(700));
         let mut out = Exposition::default();
         m.write(&mut out);
         let text = out.into_string();

@@ -51,6 +51,10 @@ fn public_message(e: &PipesError) -> Option<String> {
             format!("the container of {deployment} did not answer within {}", crate::error::DisplayDuration(*timeout))
         }
         PipesError::Unservable { deployment, .. } => format!("{deployment} cannot be served right now"),
+        PipesError::ServiceExited { deployment, service, code, .. } => format!("service {service} of {deployment} exited with code {code} while starting"),
+        PipesError::ServiceUnhealthy { deployment, service, timeout, .. } => {
+            format!("service {service} of {deployment} was not healthy within {}", crate::error::DisplayDuration(*timeout))
+        }
         _ => return None,
     })
 }
@@ -97,6 +101,15 @@ pub fn error_body_for(e: &PipesError, audience: Audience) -> Value {
                     true => json!({ "deployment": deployment, "exit_code": code, "logs": logs }),
                     false => json!({ "deployment": deployment, "exit_code": code }),
                 },
+                PipesError::ServiceExited { deployment, service, code, logs } => match public_logs() {
+                    true => json!({ "deployment": deployment, "service": service, "exit_code": code, "logs": logs }),
+                    false => json!({ "deployment": deployment, "service": service, "exit_code": code }),
+                },
+                PipesError::ServiceUnhealthy { deployment, service, timeout, .. } => json!({
+                    "deployment": deployment,
+                    "service": service,
+                    "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                }),
                 _ => json!({}),
             };
             if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
@@ -142,6 +155,15 @@ pub fn error_body(e: &PipesError) -> Value {
         }
         PipesError::NotReady { deployment, timeout, probed } => json!({
             "deployment": deployment,
+            "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            "probed": probed,
+        }),
+        PipesError::ServiceExited { deployment, service, code, logs } => {
+            json!({ "deployment": deployment, "service": service, "exit_code": code, "logs": logs })
+        }
+        PipesError::ServiceUnhealthy { deployment, service, timeout, probed } => json!({
+            "deployment": deployment,
+            "service": service,
             "timeout_ms": u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             "probed": probed,
         }),
@@ -204,7 +226,7 @@ fn page(e: &PipesError, show_logs: bool) -> String {
         kind = e.kind(),
         message = escape_html(&message),
     );
-    if let PipesError::Exited { logs, .. } = e {
+    if let PipesError::Exited { logs, .. } | PipesError::ServiceExited { logs, .. } = e {
         if !logs.is_empty() && show_logs {
             page.push_str("<pre>");
             page.push_str(&escape_html(&logs.join("\n")));

@@ -42,6 +42,10 @@ pub struct Effective {
     pub pids: u32,
     /// Capabilities added to [`BASE_CAPABILITIES`].
     pub capabilities: Vec<String>,
+    /// The services beside the app, by name.
+    pub services: Vec<Service>,
+    /// The app's volumes: volume name → mount path.
+    pub volumes: BTreeMap<String, String>,
 }
 
 impl Effective {
@@ -69,7 +73,14 @@ impl Effective {
             },
             pids: c.pids.unwrap_or(DEFAULT_PIDS),
             capabilities: c.capabilities.unwrap_or_default().iter().filter_map(|n| check_capability(n).ok()).collect(),
+            services: c.services.iter().filter_map(|(name, s)| Service::merge(name, s, defaults.memory, defaults.cpus)).collect(),
+            volumes: c.volumes,
         }
+    }
+
+    /// The service called `name`, if there is one.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// The effective config as the API shows it, with the port the image chose.
@@ -89,6 +100,8 @@ impl Effective {
             "watch": self.watch.map_or_else(|| "off".to_owned(), |d| Span(d).to_string()),
             "pids": self.pids,
             "capabilities": self.capabilities,
+            "services": self.services.iter().map(|s| (s.name.clone(), s.to_json())).collect::<serde_json::Map<_, _>>(),
+            "volumes": self.volumes,
         })
     }
 
@@ -99,13 +112,7 @@ impl Effective {
         h.update(image_ref);
         h.update([0]);
         h.update(port.to_be_bytes());
-        for (k, v) in &self.env {
-            h.update(k);
-            h.update([0]);
-            h.update(v);
-            h.update([0]);
-        }
-        h.update([1]);
+        hash_map(&mut h, &self.env);
         for arg in self.cmd.iter().flatten() {
             h.update(arg);
             h.update([0]);
@@ -119,6 +126,40 @@ impl Effective {
             h.update(cap);
             h.update([0]);
         }
+        // Volumes and the deployment's own network (it has services) are
+        // part of what a container is made with; hashed only when present,
+        // so containers made before they existed keep their hash.
+        if !self.volumes.is_empty() || !self.services.is_empty() {
+            hash_map(&mut h, &self.volumes);
+            h.update([!self.services.is_empty() as u8]);
+        }
+        short(h)
+    }
+
+    /// The hash of what a service's container is made from: another one
+    /// means its config changed (a restart applies it).
+    pub fn service_hash(&self, service: &Service, image_ref: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(image_ref);
+        h.update([0]);
+        hash_map(&mut h, &service.env);
+        for arg in service.cmd.iter().flatten() {
+            h.update(arg);
+            h.update([0]);
+        }
+        h.update([1]);
+        hash_map(&mut h, &service.volumes);
+        match &service.check {
+            Check::Running => h.update([0]),
+            Check::Tcp(port) => h.update(port.to_be_bytes()),
+            Check::Cmd(cmd) => cmd.iter().for_each(|a| {
+                h.update(a);
+                h.update([2]);
+            }),
+        }
+        h.update(service.memory.0.to_be_bytes());
+        h.update(service.cpus.to_bits().to_be_bytes());
+        h.update(service.pids.to_be_bytes());
         short(h)
     }
 
@@ -142,6 +183,17 @@ impl Effective {
         h.update(self.watch.map_or(u128::MAX, |d| d.as_nanos()).to_be_bytes());
         short(h)
     }
+}
+
+/// Every key and value of `map`, each ended, and the map's end.
+fn hash_map(h: &mut Sha256, map: &BTreeMap<String, String>) {
+    for (k, v) in map {
+        h.update(k);
+        h.update([0]);
+        h.update(v);
+        h.update([0]);
+    }
+    h.update([1]);
 }
 
 /// The first 8 bytes of a hash, in hex: enough to tell configs apart.

@@ -10,6 +10,7 @@
 //! what a deployment runs with.
 
 mod effective;
+mod services;
 #[cfg(test)]
 mod tests;
 mod values;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::PipesError;
 
 pub use effective::{Defaults, Effective};
+pub use services::{check_order, start_order, Check, Service, ServiceConfig, ServiceHealth, SERVICE_HEALTH_TIMEOUT};
 pub use values::*;
 
 /// One layer of configuration, as stored and as sent to the API.
@@ -71,6 +73,13 @@ pub struct DeployConfig {
     /// the operator allows (`PIPES_ALLOWED_CAPABILITIES`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
+    /// Services beside the app (databases, caches), by name: each reached
+    /// by its name on the deployment's own network.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// The app's volumes: volume name → mount path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub volumes: BTreeMap<String, String>,
 }
 
 /// A field whose value is not acceptable.
@@ -80,7 +89,7 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn field_error(field: &str, message: impl Into<String>) -> FieldError {
+pub(crate) fn field_error(field: &str, message: impl Into<String>) -> FieldError {
     FieldError { field: field.to_owned(), message: message.into() }
 }
 
@@ -166,20 +175,23 @@ impl DeployConfig {
         for cap in self.capabilities.iter().flatten() {
             check_capability(cap).map_err(|m| field_error("capabilities", m))?;
         }
+        for (name, service) in &self.services {
+            service.validate(name)?;
+        }
+        services::check_volumes("volumes", &self.volumes)?;
         Ok(())
     }
 
-    /// This layer over `lower`: fields set here win; `env` and `health` merge by key.
+    /// This layer over `lower`: fields set here win; `env`, `health`,
+    /// `services` and `volumes` merge by key.
     pub fn over(&self, lower: &DeployConfig) -> DeployConfig {
-        let mut env = lower.env.clone();
-        env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let health = match (&self.health, &lower.health) {
             (Some(h), Some(l)) => Some(Health { path: h.path.clone().or(l.path.clone()), timeout: h.timeout.or(l.timeout) }),
             (h, l) => h.clone().or(l.clone()),
         };
         DeployConfig {
             port: self.port.or(lower.port),
-            env,
+            env: merged(&lower.env, &self.env),
             cmd: self.cmd.clone().or(lower.cmd.clone()),
             memory: self.memory.or(lower.memory),
             cpus: self.cpus.or(lower.cpus),
@@ -192,8 +204,18 @@ impl DeployConfig {
             watch: self.watch.or(lower.watch),
             pids: self.pids.or(lower.pids),
             capabilities: self.capabilities.clone().or(lower.capabilities.clone()),
+            // A service of a name is replaced whole; volumes merge by name.
+            services: merged(&lower.services, &self.services),
+            volumes: merged(&lower.volumes, &self.volumes),
         }
     }
+}
+
+/// `upper` over `lower`, key by key.
+fn merged<V: Clone>(lower: &BTreeMap<String, V>, upper: &BTreeMap<String, V>) -> BTreeMap<String, V> {
+    let mut all = lower.clone();
+    all.extend(upper.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all
 }
 
 fn check_span(field: &str, span: Option<Span>, min: Duration) -> Result<(), FieldError> {

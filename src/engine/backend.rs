@@ -1,9 +1,10 @@
 //! The seam itself: [`Backend`], what every backend implements, and the
 //! capabilities a backend may add ([`Pausing`], [`Replicas`], [`Claims`]).
 //!
-//! A new backend (Podman, Kubernetes) implements the twelve methods of
+//! A new backend (Podman, Kubernetes) implements the fifteen methods of
 //! [`Backend`] — facts, the lifecycle of an instance, its exit, logs and
-//! events, and where its [`Images`] come from — and passes the contract tests in `tests/it/contract.rs`. Whatever it
+//! events, a deployment's services, network and volumes, and where its
+//! [`Images`] come from — and passes the contract tests in `tests/it/contract.rs`. Whatever it
 //! cannot do it simply does not offer: the fleet asks for each capability and
 //! does without it (an idle deployment is stopped instead of paused; no
 //! activity is shared; no claim guards the instance name).
@@ -25,17 +26,31 @@ pub trait Backend: Send + Sync + 'static {
     /// the start-up log; an error when it cannot be reached.
     async fn describe(&self) -> Result<String, PipesError>;
 
-    /// Every instance of this Pipes (`PIPES_INSTANCE`), running or not.
+    /// Every instance of this Pipes (`PIPES_INSTANCE`), running or not,
+    /// services among them.
     async fn list(&self) -> Result<Vec<Instance>, PipesError>;
 
-    /// Every instance (generation) of `d`, running or not.
+    /// Every instance (generation) of `d`'s app, running or not; never a
+    /// service.
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError>;
+
+    /// The services beside `d`'s app ([`Instance::service`]), running or not.
+    async fn services(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError>;
+
+    /// The backend's names of `d`'s volumes.
+    async fn volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError>;
+
+    /// Removes what `d`'s instances shared: its own network, and its volumes
+    /// unless `keep_volumes`. Called once its instances are removed; what is
+    /// already gone is no error.
+    async fn remove_shared(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError>;
 
     /// Where its images come from and are kept.
     fn images(&self) -> &dyn Images;
 
-    /// Creates an instance from `spec` (one per deployment and digest),
-    /// not started. If that instance exists already (another Pipes won the
+    /// Creates an instance from `spec` (one per deployment and digest, or
+    /// per deployment and service), not started; its deployment's network
+    /// and volumes are made first when it needs them. If that instance exists already (another Pipes won the
     /// race, or a rollback target), it is returned as it is (maybe running)
     /// when it was made from the same spec, and replaced when not: there is
     /// never a second.

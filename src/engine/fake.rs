@@ -9,7 +9,7 @@
 //! refuses (pausing what does not run, starting what is paused), the fake
 //! refuses too; its "engine down" switch fails every call.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -40,6 +40,8 @@ pub struct Behaviour {
     /// instances then refuse connections at their address, as a container
     /// whose program listens elsewhere does.
     pub listens_on: Option<u16>,
+    /// Its health check never passes: it stays `starting`.
+    pub unhealthy: bool,
 }
 
 struct Entry {
@@ -58,6 +60,10 @@ struct Inner {
     local: HashMap<String, Image>,
     entries: HashMap<String, Entry>,
     next_id: usize,
+    /// Names of the volumes made, `{deployment}/{volume}`.
+    volumes: BTreeSet<String>,
+    /// Deployments whose own network exists.
+    networks: BTreeSet<String>,
     down: bool,
     /// Set when the fake plays one of several Pipes serving its instances.
     others: Option<Others>,
@@ -124,9 +130,21 @@ impl Fake {
         digest
     }
 
-    /// Ids of `d`'s instances that run.
+    /// Ids of `d`'s app instances that run.
     pub fn running(&self, d: &Deployment) -> Vec<String> {
-        self.lock().entries.values().filter(|e| &e.instance.deployment == d && e.instance.running).map(|e| e.instance.id.clone()).collect()
+        self.lock()
+            .entries
+            .values()
+            .filter(|e| &e.instance.deployment == d && e.instance.service.is_none() && e.instance.running)
+            .map(|e| e.instance.id.clone())
+            .collect()
+    }
+
+    /// Whether `d`'s network exists, and its volumes' names.
+    pub fn shared(&self, d: &Deployment) -> (bool, Vec<String>) {
+        let inner = self.lock();
+        let prefix = format!("{d}/");
+        (inner.networks.contains(&d.to_string()), inner.volumes.iter().filter(|v| v.starts_with(&prefix)).cloned().collect())
     }
 
     /// Tells followers of `kind` happening to `entry`. Called with `inner`
@@ -134,7 +152,13 @@ impl Fake {
     /// point, missing nothing and repeating nothing.
     fn emit(&self, entry: &Entry, kind: EventKind) {
         let time_nano = i64::try_from(crate::clock::wall().as_nanos()).unwrap_or(i64::MAX);
-        let event = Event { id: entry.instance.id.clone(), deployment: Some(entry.instance.deployment.clone()), kind, time_nano };
+        let event = Event {
+            id: entry.instance.id.clone(),
+            deployment: Some(entry.instance.deployment.clone()),
+            service: entry.instance.service.clone(),
+            kind,
+            time_nano,
+        };
         self.history.lock().unwrap_or_else(PoisonError::into_inner).push(event.clone());
         let _ = self.events.send(event);
     }
@@ -144,10 +168,11 @@ impl Fake {
         self.lock().down = down;
     }
 
-    /// Stops `d`'s running instances behind Pipes' back, as `docker kill` would.
-    pub fn kill(&self, d: &Deployment) {
+    /// Stops `d`'s running app instances (or its service `service`) behind
+    /// Pipes' back, as `docker kill` would.
+    pub fn kill(&self, d: &Deployment, service: Option<&str>) {
         let mut inner = self.lock();
-        for entry in inner.entries.values_mut().filter(|e| &e.instance.deployment == d && e.instance.running) {
+        for entry in inner.entries.values_mut().filter(|e| &e.instance.deployment == d && e.instance.service.as_deref() == service && e.instance.running) {
             halt(entry, 137);
             self.emit(entry, EventKind::Died(Some(137)));
         }
@@ -197,6 +222,7 @@ impl Fake {
                 entry.instance.running = true;
                 entry.instance.exit_code = None;
                 entry.instance.address = Some(addr);
+                entry.instance.health = entry.spec.health_cmd.as_ref().map(|_| if behaviour.unhealthy { "starting" } else { "healthy" }.to_owned());
                 entry.server = Some(server);
                 self.emit(entry, EventKind::Started);
             }
@@ -290,7 +316,28 @@ impl Backend for Fake {
 
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
         self.up()?;
-        Ok(self.lock().entries.values().filter(|e| &e.instance.deployment == d).map(|e| e.instance.clone()).collect())
+        Ok(self.lock().entries.values().filter(|e| &e.instance.deployment == d && e.instance.service.is_none()).map(|e| e.instance.clone()).collect())
+    }
+
+    async fn services(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        self.up()?;
+        Ok(self.lock().entries.values().filter(|e| &e.instance.deployment == d && e.instance.service.is_some()).map(|e| e.instance.clone()).collect())
+    }
+
+    async fn volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError> {
+        self.up()?;
+        Ok(self.shared(d).1)
+    }
+
+    async fn remove_shared(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
+        self.up()?;
+        let mut inner = self.lock();
+        inner.networks.remove(&d.to_string());
+        if !keep_volumes {
+            let prefix = format!("{d}/");
+            inner.volumes.retain(|v| !v.starts_with(&prefix));
+        }
+        Ok(())
     }
 
     fn images(&self) -> &dyn Images {
@@ -303,8 +350,18 @@ impl Backend for Fake {
         // One look and one change under one lock: like the engine's unique
         // names, two creates of one generation never make two instances.
         let mut inner = self.lock();
-        let same_name =
-            inner.entries.values().find(|e| e.instance.deployment == spec.deployment && e.spec.digest == spec.digest).map(|e| e.instance.id.clone());
+        if spec.network {
+            inner.networks.insert(spec.deployment.to_string());
+        }
+        for volume in spec.volumes.keys() {
+            inner.volumes.insert(format!("{}/{volume}", spec.deployment));
+        }
+        // One instance per deployment and digest, or per deployment and service.
+        let same_name = inner
+            .entries
+            .values()
+            .find(|e| e.instance.deployment == spec.deployment && e.spec.service == spec.service && (spec.service.is_some() || e.spec.digest == spec.digest))
+            .map(|e| e.instance.id.clone());
         if let Some(id) = same_name {
             let entry = inner.entries.get(&id).ok_or_else(|| gone(&id))?;
             if entry.spec.hash == spec.hash {

@@ -47,9 +47,14 @@ pub const LABEL_CONFIG: &str = "pipes.config";
 /// Label holding the identity of that config ([`Spec::identity`]).
 pub const LABEL_IDENTITY: &str = "pipes.config-identity";
 
+/// Label naming the service an instance is, beside its deployment's app.
+pub const LABEL_SERVICE: &str = "pipes.service";
+/// Label naming a deployment's volume as its config does.
+pub const LABEL_VOLUME: &str = "pipes.volume";
+
 /// Labels Pipes sets itself, which `PIPES_LABELS` may not override.
-pub const RESERVED_LABELS: [&str; 8] =
-    [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG, LABEL_IDENTITY];
+pub const RESERVED_LABELS: [&str; 10] =
+    [LABEL_MANAGED, LABEL_INSTANCE, LABEL_DEPLOYMENT, LABEL_CONFIG_HASH, LABEL_PORT, LABEL_DIGEST, LABEL_CONFIG, LABEL_IDENTITY, LABEL_SERVICE, LABEL_VOLUME];
 
 /// How often a Pipes renews its claim on its instance name ([`Claims::claim`]).
 pub const CLAIM_RENEW_EVERY: Duration = Duration::from_secs(20);
@@ -69,6 +74,8 @@ pub struct Instance {
     /// The backend's id of the instance.
     pub id: String,
     pub deployment: Deployment,
+    /// The service it is, beside the deployment's app; `None` for the app.
+    pub service: Option<String>,
     /// It runs and is not paused: it answers.
     pub running: bool,
     /// It is frozen (paused): it holds its memory and answers nothing until
@@ -94,6 +101,9 @@ pub struct Instance {
     /// The effective config it was made from, as the API shows it (JSON);
     /// `None` for instances made before Pipes kept it.
     pub config: Option<String>,
+    /// What its health check says (`starting`, `healthy`, `unhealthy`),
+    /// when it has one the backend runs ([`Spec::health_cmd`]).
+    pub health: Option<String>,
 }
 
 impl Instance {
@@ -102,6 +112,7 @@ impl Instance {
         Instance {
             id,
             deployment: spec.deployment.clone(),
+            service: spec.service.clone(),
             running: false,
             paused: false,
             exit_code: None,
@@ -113,6 +124,7 @@ impl Instance {
             digest: spec.digest.clone(),
             image_id: Some(spec.image_id.clone()),
             config: Some(spec.config.clone()),
+            health: None,
         }
     }
 
@@ -156,6 +168,9 @@ pub struct Image {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
     pub deployment: Deployment,
+    /// The service this instance is, reached by that name on the
+    /// deployment's own network; `None` for the app.
+    pub service: Option<String>,
     /// The full image reference, registry included.
     pub image: String,
     pub port: u16,
@@ -183,6 +198,15 @@ pub struct Spec {
     /// kept with the instance, so what runs can be told from what is
     /// configured now.
     pub config: String,
+    /// The deployment's volumes it mounts: volume name → mount path. A
+    /// volume outlives instances; it goes with the deployment.
+    pub volumes: BTreeMap<String, String>,
+    /// Whether it joins the deployment's own network (the deployment has
+    /// services); a service always does.
+    pub network: bool,
+    /// A command the backend runs in the instance, again and again: exit 0
+    /// means healthy ([`Instance::health`]).
+    pub health_cmd: Option<Vec<String>>,
 }
 
 /// Something the backend did to one of this Pipes' instances.
@@ -191,6 +215,8 @@ pub struct Event {
     /// The instance's id.
     pub id: String,
     pub deployment: Option<Deployment>,
+    /// The service the instance is; `None` for the app.
+    pub service: Option<String>,
     pub kind: EventKind,
     /// When, in nanoseconds since the Unix epoch (to resume after it).
     pub time_nano: i64,

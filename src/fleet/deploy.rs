@@ -21,10 +21,11 @@ use tokio::sync::Mutex;
 use super::feed::{Feed, HappeningKind};
 use super::probe;
 use super::slot::Upstream;
-use crate::config::{check_capability, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
+use crate::config::{check_capability, ByteSize, Defaults, DeployConfig, Effective, Pull, BASE_CAPABILITIES};
 use crate::engine::{current, generation_of, short_id, Backend, Image, Instance, Spec};
 use crate::error::PipesError;
 use crate::metrics::{Metrics, Phase};
+use crate::policy::Policy;
 use crate::route::Deployment;
 use crate::settings::{Ceilings, Settings};
 use crate::store::Store;
@@ -38,7 +39,7 @@ const STARTED_WAIT: Duration = Duration::from_secs(10);
 /// How long an instance gets to stop before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a never-ready instance gets to stop: it never served anyone.
-const NEVER_READY_GRACE: Duration = Duration::from_secs(2);
+pub(super) const NEVER_READY_GRACE: Duration = Duration::from_secs(2);
 /// Pull progress is told at most this often.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -52,6 +53,8 @@ pub struct Deployer {
     ceilings: Ceilings,
     max_containers: usize,
     pull_timeout: Duration,
+    /// `PIPES_ALLOW`: which images services may run.
+    policy: Policy,
     /// Instances admitted and not yet started.
     starting: Arc<AtomicUsize>,
     /// Serializes admission, so two starts cannot both take the last place.
@@ -62,13 +65,13 @@ pub struct Deployer {
     feed: Feed,
 }
 
-/// A place among `PIPES_MAX_CONTAINERS`, held from admission until the
-/// instance runs (the backend counts it from then on).
-struct ContainerPlace(Arc<AtomicUsize>);
+/// Places among `PIPES_MAX_CONTAINERS`, held from admission until the
+/// instances run (the backend counts them from then on).
+pub(super) struct ContainerPlaces(Arc<AtomicUsize>, usize);
 
-impl Drop for ContainerPlace {
+impl Drop for ContainerPlaces {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(self.1, Ordering::AcqRel);
     }
 }
 
@@ -83,6 +86,7 @@ impl Deployer {
             ceilings: settings.ceilings.clone(),
             max_containers: settings.max_containers,
             pull_timeout: settings.pull_timeout,
+            policy: settings.policy.clone(),
             starting: Arc::new(AtomicUsize::new(0)),
             admission: Mutex::new(()),
             metrics,
@@ -91,12 +95,12 @@ impl Deployer {
     }
 
     /// Times `step` as cold-start `phase` of `d`, and tells the feed.
-    async fn timed<T>(&self, d: &Deployment, phase: Phase, step: impl Future<Output = T>) -> T {
+    pub(super) async fn timed<T>(&self, d: &Deployment, phase: Phase, step: impl Future<Output = T>) -> T {
         let began = Instant::now();
         let out = step.await;
         let took = began.elapsed();
         if let Some(m) = &self.metrics {
-            m.phase(phase, took);
+            m.phase(&phase, took);
         }
         self.feed.tell(d, HappeningKind::Phase { phase, took });
         out
@@ -104,7 +108,7 @@ impl Deployer {
 
     /// Pulls `image_ref` for `d` within `PIPES_PULL_TIMEOUT`, telling the
     /// feed how far it got (at most every [`PROGRESS_EVERY`]).
-    async fn pull_image(&self, d: &Deployment, image_ref: &str) -> Result<Image, PipesError> {
+    pub(super) async fn pull_image(&self, d: &Deployment, image_ref: &str) -> Result<Image, PipesError> {
         let last = std::sync::Mutex::new(None::<Instant>);
         let progress = |done: u64, total: u64| {
             let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -133,6 +137,11 @@ impl Deployer {
         &self.store
     }
 
+    /// `PIPES_ALLOW`.
+    pub(super) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// The full reference of a deployment's image, registry included.
     pub fn image_ref(&self, d: &Deployment) -> String {
         match &self.registry {
@@ -153,21 +162,13 @@ impl Deployer {
         Ok(Effective::merge(tag.as_ref(), repository.as_ref(), &self.defaults))
     }
 
-    /// `Ok` if `config` stays under the operator's ceilings
-    /// (`PIPES_MAX_MEMORY`, `PIPES_MAX_CPUS`), else 422 naming the field.
+    /// `Ok` if `config` (its services' too) stays under the operator's
+    /// ceilings (`PIPES_MAX_MEMORY`, `PIPES_MAX_CPUS`, …), else 422 naming
+    /// the field.
     pub fn check_ceilings(&self, config: &DeployConfig) -> Result<(), PipesError> {
-        let over = |field: &str, value: String, ceiling: String, setting: &str| PipesError::InvalidField {
-            field: field.to_owned(),
-            message: format!("{value} is more than {ceiling}, the most this Pipes allows ({setting})"),
-        };
-        if let Some(memory) = config.memory.filter(|m| *m > self.ceilings.memory) {
-            return Err(over("memory", memory.to_string(), self.ceilings.memory.to_string(), "PIPES_MAX_MEMORY"));
-        }
-        if let Some(cpus) = config.cpus.filter(|c| *c > self.ceilings.cpus) {
-            return Err(over("cpus", cpus.to_string(), self.ceilings.cpus.to_string(), "PIPES_MAX_CPUS"));
-        }
-        if let Some(pids) = config.pids.filter(|p| *p > self.ceilings.pids) {
-            return Err(over("pids", pids.to_string(), self.ceilings.pids.to_string(), "PIPES_MAX_PIDS"));
+        self.check_limits("", config.memory, config.cpus, config.pids)?;
+        for (name, service) in &config.services {
+            self.check_limits(&format!("services.{name}."), service.memory, service.cpus, service.pids)?;
         }
         for cap in config.capabilities.iter().flatten() {
             let name = check_capability(cap).unwrap_or_else(|_| cap.clone());
@@ -194,6 +195,9 @@ impl Deployer {
         let instances = self.backend.instances(d).await?;
         let fresh = config.pull == Pull::Always;
         let current = current(&instances).filter(|i| i.running || !self.outdated(d, i, &config));
+        // The app's image is pulled beside its services' when it will be needed.
+        let app_image = (current.is_none() && !fresh).then_some(image_ref.as_str());
+        self.services_up(d, &config, app_image).await?;
         let instance = match current {
             Some(i) if i.running => i.clone(),
             Some(i) => match self.newer_local_image(&image_ref, i).await? {
@@ -205,7 +209,7 @@ impl Deployer {
                     self.run(d, &image_ref, &config, fresh, true).await?
                 }
                 None => {
-                    let admitted = self.admit().await?;
+                    let admitted = self.admit(1).await?;
                     let woken = if i.paused {
                         log::info!("{d}: thawing its paused instance {}", short_id(&i.id));
                         self.timed(d, Phase::Start, self.thaw(&i.id)).await
@@ -302,6 +306,24 @@ impl Deployer {
         self.answering(d, instance, &config).await.map(Some)
     }
 
+    /// 422 naming `{prefix}memory` (cpus, pids) when above its ceiling.
+    fn check_limits(&self, prefix: &str, memory: Option<ByteSize>, cpus: Option<f64>, pids: Option<u32>) -> Result<(), PipesError> {
+        let over = |field: &str, value: String, ceiling: String, setting: &str| PipesError::InvalidField {
+            field: format!("{prefix}{field}"),
+            message: format!("{value} is more than {ceiling}, the most this Pipes allows ({setting})"),
+        };
+        if let Some(memory) = memory.filter(|m| *m > self.ceilings.memory) {
+            return Err(over("memory", memory.to_string(), self.ceilings.memory.to_string(), "PIPES_MAX_MEMORY"));
+        }
+        if let Some(cpus) = cpus.filter(|c| *c > self.ceilings.cpus) {
+            return Err(over("cpus", cpus.to_string(), self.ceilings.cpus.to_string(), "PIPES_MAX_CPUS"));
+        }
+        if let Some(pids) = pids.filter(|p| *p > self.ceilings.pids) {
+            return Err(over("pids", pids.to_string(), self.ceilings.pids.to_string(), "PIPES_MAX_PIDS"));
+        }
+        Ok(())
+    }
+
     /// An effective config above the ceilings (stored before they were
     /// lowered) is not run.
     fn within_ceilings(&self, d: &Deployment, config: &Effective) -> Result<(), PipesError> {
@@ -312,7 +334,8 @@ impl Deployer {
             capabilities: Some(config.capabilities.clone()),
             ..DeployConfig::default()
         };
-        self.check_ceilings(&layer).map_err(|e| PipesError::Unservable {
+        let services = config.services.iter().try_for_each(|s| self.check_limits(&format!("services.{}.", s.name), Some(s.memory), Some(s.cpus), Some(s.pids)));
+        services.and_then(|()| self.check_ceilings(&layer)).map_err(|e| PipesError::Unservable {
             deployment: d.to_string(),
             reason: format!("its config asks for more than this Pipes allows: {e}; replace the config"),
         })
@@ -337,6 +360,7 @@ impl Deployer {
         };
         let spec = Spec {
             deployment: d.clone(),
+            service: None,
             image: image_ref.to_owned(),
             port,
             hash: config.spec_hash(image_ref, port),
@@ -357,8 +381,11 @@ impl Deployer {
                 caps
             },
             config: config.to_json(Some(port)).to_string(),
+            volumes: config.volumes.clone(),
+            network: !config.services.is_empty(),
+            health_cmd: None,
         };
-        let admitted = if admit { Some(self.admit().await?) } else { None };
+        let admitted = if admit { Some(self.admit(1).await?) } else { None };
         let instance = self.timed(d, Phase::Create, self.backend.create(&spec)).await?;
         let instance = if instance.running { instance } else { self.timed(d, Phase::Start, self.backend.start(&instance.id)).await? };
         drop(admitted);
@@ -385,6 +412,7 @@ impl Deployer {
         let config = self.effective(d).await?;
         self.within_ceilings(d, &config)?;
         log::info!("{d}: the tag now names {}", generation_of(&digest));
+        self.services_up(d, &config, None).await?;
         // A new generation replaces one: it takes no place of its own.
         let instance = self.run(d, &image_ref, &config, true, false).await?;
         if serving.is_some() && instance.digest.as_deref() == serving {
@@ -415,6 +443,7 @@ impl Deployer {
             .ok_or_else(|| PipesError::NoPreviousGeneration { deployment: d.to_string() })?;
         log::info!("{d}: rolling back to instance {}", short_id(&previous.id));
         let config = self.effective(d).await?;
+        self.services_up(d, &config, None).await?;
         let started = self.backend.start(&previous.id).await?;
         self.answering(d, &started, &config).await
     }
@@ -435,16 +464,19 @@ impl Deployer {
         }
     }
 
-    /// A place for one more running instance, unless `PIPES_MAX_CONTAINERS`
-    /// run or are starting already.
-    async fn admit(&self) -> Result<ContainerPlace, PipesError> {
+    /// Places for `n` more running instances, unless that would pass
+    /// `PIPES_MAX_CONTAINERS` with those that run or are starting already.
+    pub(super) async fn admit(&self, n: usize) -> Result<ContainerPlaces, PipesError> {
+        if n == 0 {
+            return Ok(ContainerPlaces(self.starting.clone(), 0));
+        }
         let _one_at_a_time = self.admission.lock().await;
         let running = self.backend.list().await?.iter().filter(|i| i.running).count();
-        if running + self.starting.load(Ordering::Acquire) >= self.max_containers {
+        if running + self.starting.load(Ordering::Acquire) + n > self.max_containers {
             return Err(PipesError::TooManyContainers { max: self.max_containers });
         }
-        self.starting.fetch_add(1, Ordering::AcqRel);
-        Ok(ContainerPlace(self.starting.clone()))
+        self.starting.fetch_add(n, Ordering::AcqRel);
+        Ok(ContainerPlaces(self.starting.clone(), n))
     }
 
     /// Probes until the instance answers; fails if it exits or the timeout passes.
@@ -472,9 +504,13 @@ impl Deployer {
     /// log lines, each once: an instance started again keeps what its
     /// earlier runs printed, which would repeat the same crash.
     async fn exit_failure(&self, d: &Deployment, id: &str, code: i64) -> PipesError {
+        PipesError::Exited { deployment: d.to_string(), code, logs: self.last_logs(id).await }
+    }
+
+    /// The last lines `id` wrote, each once.
+    pub(super) async fn last_logs(&self, id: &str) -> Vec<String> {
         let mut seen = std::collections::HashSet::new();
-        let logs = self.backend.logs(id, LOG_LINES).await.into_iter().filter(|l| seen.insert(l.clone())).collect();
-        PipesError::Exited { deployment: d.to_string(), code, logs }
+        self.backend.logs(id, LOG_LINES).await.into_iter().filter(|l| seen.insert(l.clone())).collect()
     }
 
     async fn probe_until(&self, d: &Deployment, id: &str, addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), PipesError> {
@@ -492,12 +528,12 @@ impl Deployer {
         Err(PipesError::NotReady { deployment: d.to_string(), timeout, probed: format!("GET http://{addr}{path}") })
     }
 
-    /// Stops `d`'s running instances and keeps them.
+    /// Stops `d`'s running instances and its services, and keeps them.
     pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
         for i in self.backend.instances(d).await?.iter().filter(|i| i.running) {
             self.backend.stop(&i.id, STOP_GRACE).await?;
         }
-        Ok(())
+        self.stop_services(d).await
     }
 
     /// Stops `instance_id`, keeping it (a drained or idle generation).
@@ -505,24 +541,29 @@ impl Deployer {
         self.backend.stop(instance_id, STOP_GRACE).await
     }
 
-    /// Stops an idle instance unless another Pipes served it since `quiet`
-    /// ([`crate::engine::Replicas::stop_quiet`]); whether it stopped it.
-    pub async fn stop_idle_instance(&self, instance_id: &str, quiet: u64) -> Result<bool, PipesError> {
-        match self.backend.replicas() {
-            Some(replicas) => replicas.stop_quiet(instance_id, STOP_GRACE, quiet).await,
-            None => self.backend.stop(instance_id, STOP_GRACE).await.map(|()| true),
+    /// Stops an idle instance of `d`, and then its services, unless another
+    /// Pipes served it since `quiet` ([`crate::engine::Replicas::stop_quiet`]);
+    /// whether it stopped it.
+    pub async fn stop_idle_instance(&self, d: &Deployment, instance_id: &str, quiet: u64) -> Result<bool, PipesError> {
+        let stopped = match self.backend.replicas() {
+            Some(replicas) => replicas.stop_quiet(instance_id, STOP_GRACE, quiet).await?,
+            None => self.backend.stop(instance_id, STOP_GRACE).await.map(|()| true)?,
+        };
+        if stopped {
+            self.stop_services(d).await?;
         }
+        Ok(stopped)
     }
 
     /// Thaws a paused instance; only a backend that pauses has them.
-    async fn thaw(&self, instance_id: &str) -> Result<Instance, PipesError> {
+    pub(super) async fn thaw(&self, instance_id: &str) -> Result<Instance, PipesError> {
         match self.backend.pausing() {
             Some(pausing) => pausing.unpause(instance_id).await,
             None => Err(PipesError::Engine { action: "thaw an instance", detail: "this backend cannot pause or thaw".into() }),
         }
     }
 
-    /// Removes every generation of `d`.
+    /// Removes every generation of `d`'s app; its services stay.
     pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
         for i in self.backend.instances(d).await? {
             self.backend.remove(&i.id).await?;
@@ -534,9 +575,14 @@ impl Deployer {
     /// instead when its config changed since it was made, so that the next
     /// start makes one from the config now (as a config PUT does).
     pub async fn restart(&self, d: &Deployment) -> Result<(), PipesError> {
+        let config = self.effective(d).await;
+        // A service's config change is applied here, its volumes kept.
+        if let Ok(config) = &config {
+            self.replace_outdated_services(d, config).await?;
+        }
         let Some(i) = current(&self.backend.instances(d).await?).cloned() else { return Ok(()) };
         // A config changed since the instance was made is applied by making it anew.
-        if let Ok(config) = self.effective(d).await {
+        if let Ok(config) = config {
             if self.outdated(d, &i, &config) {
                 log::info!("{d}: its config changed since instance {} was made: recreating it", short_id(&i.id));
                 return self.remove(d).await;

@@ -100,7 +100,7 @@ impl Fleet {
         } else {
             log::info!("{}: nothing open for {idle}, stopping it", slot.deployment);
         }
-        match self.deployer.stop_idle_instance(&seen.instance_id, quiet).await {
+        match self.deployer.stop_idle_instance(&slot.deployment, &seen.instance_id, quiet).await {
             Ok(true) => {
                 if let Some(m) = &slot.metrics {
                     m.idle_stop();

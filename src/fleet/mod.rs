@@ -37,6 +37,7 @@ mod pause;
 mod prepull;
 mod probe;
 mod rollout;
+mod services;
 mod slot;
 mod start;
 mod sync;

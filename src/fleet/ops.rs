@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use super::{Deployer, Fleet, StartResult};
-use crate::config::DeployConfig;
+use crate::config::{check_order, DeployConfig};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -51,9 +51,11 @@ impl Fleet {
         self.operate(d, |deployer, d| async move { deployer.stop(&d).await }).await
     }
 
-    /// Stops and removes the deployment's instance; its config stays.
-    pub async fn remove(&self, d: &Deployment) -> Result<(), PipesError> {
-        self.operate(d, |deployer, d| async move { deployer.remove(&d).await }).await
+    /// Removes everything of the deployment: every generation, its
+    /// services, its network, and its volumes unless `keep_volumes`. Its
+    /// config stays.
+    pub async fn remove(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
+        self.operate(d, move |deployer, d| async move { deployer.remove_all(&d, keep_volumes).await }).await
     }
 
     /// Restarts the deployment's instance (or starts one) and waits until it answers.
@@ -62,10 +64,32 @@ impl Fleet {
         self.ready(&self.slot(d.as_ref())).await
     }
 
-    /// The last `lines` lines of `d`'s instance, with its id.
-    pub async fn logs(&self, d: &Deployment, lines: usize) -> Result<(Option<String>, Vec<String>), PipesError> {
+    /// The last `lines` lines of `d`'s instance (or of its service
+    /// `service`), with its id.
+    pub async fn logs(&self, d: &Deployment, lines: usize, service: Option<String>) -> Result<(Option<String>, Vec<String>), PipesError> {
         let (deployer, d) = (self.deployer.clone(), d.clone());
-        self.on_control(async move { deployer.logs(&d, lines).await }).await
+        self.on_control(async move {
+            match service {
+                Some(name) => deployer.service_logs(&d, &name, lines).await,
+                None => deployer.logs(&d, lines).await,
+            }
+        })
+        .await
+    }
+
+    /// 422 naming the service when a service's image is not allowed by
+    /// `PIPES_ALLOW`: a config cannot run what a host name could not.
+    fn check_services(&self, config: &DeployConfig) -> Result<(), PipesError> {
+        for (name, service) in &config.services {
+            let allowed = Deployment::parse(&service.image).is_some_and(|image| self.allows(image.as_ref()));
+            if !allowed {
+                return Err(PipesError::InvalidField {
+                    field: format!("services.{name}.image"),
+                    message: format!("{} is not allowed here (PIPES_ALLOW)", service.image),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// A config changed: the one flow for both layers. The config is checked
@@ -83,17 +107,23 @@ impl Fleet {
     ///   repository's previews.
     pub async fn change_config(self: &Arc<Self>, scope: ConfigScope<'_>, config: DeployConfig) -> Result<Applied, PipesError> {
         self.deployer.check_ceilings(&config)?;
+        self.check_services(&config)?;
         let store = self.deployer.store();
         match scope {
             ConfigScope::Tag(d) => {
                 self.check_allowed(d)?;
+                // Services may depend on those the repository's config names.
+                let repository = store.repository(&d.user, &d.repo).await?.unwrap_or_default();
+                check_order(&config.over(&repository).services).map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
                 store.put_tag(d, config).await?;
                 log::info!("{d}: config replaced, recreating its instance");
                 // Removing forgets the remembered failure with the instances.
-                self.remove(d).await?;
+                // Services and volumes stay: a service's change waits for a restart.
+                self.operate(d, |deployer, d| async move { deployer.remove(&d).await }).await?;
                 Ok(Applied::Recreated(self.ready(&self.slot(d.as_ref())).await))
             }
             ConfigScope::Repository(d) => {
+                check_order(&config.services).map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
                 store.put_repository(&d.user, &d.repo, config).await?;
                 for slot in self.table.load().values() {
                     if slot.deployment.user == d.user && slot.deployment.repo == d.repo {

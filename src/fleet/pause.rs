@@ -28,6 +28,10 @@ impl Fleet {
         let backend = self.deployer.backend();
         let pausing = backend.pausing().ok_or_else(|| PipesError::Engine { action: "pause an instance", detail: "this backend cannot pause".into() })?;
         pausing.pause(&seen.instance_id).await?;
+        // Its services sleep with it; the next start thaws them first.
+        if let Err(e) = self.deployer.pause_services(&slot.deployment).await {
+            log::warn!("{}: cannot pause its services: {e}", slot.deployment);
+        }
         let paused = Paused { deployment: slot.deployment.clone(), since: Instant::now(), timeout: seen.pause_timeout };
         self.paused.lock().unwrap_or_else(PoisonError::into_inner).insert(seen.instance_id.clone(), paused);
         if let Some(m) = &slot.metrics {
@@ -83,6 +87,9 @@ impl Fleet {
         if let Err(e) = self.deployer.stop_instance(id).await {
             log::warn!("{d}: cannot stop paused instance {}: {e}", short_id(id));
         }
+        if let Err(e) = self.deployer.stop_services(d).await {
+            log::warn!("{d}: cannot stop its services: {e}");
+        }
     }
 
     /// Forgets that `id` is paused (it was thawed, stopped or removed).
@@ -98,6 +105,8 @@ impl Fleet {
     /// Keeps the record of paused instances true to the backend's list:
     /// ones paused by hand (or before a restart) time out from now.
     pub(super) fn note_paused(&self, instances: &[Instance]) {
+        // Services pause and stop with their app: only apps are counted.
+        let instances: Vec<&Instance> = instances.iter().filter(|i| i.service.is_none()).collect();
         let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
         paused.retain(|id, _| instances.iter().any(|i| i.paused && &i.id == id));
         for i in instances.iter().filter(|i| i.paused) {

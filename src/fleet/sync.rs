@@ -5,6 +5,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::{Fleet, HappeningKind, State};
+
+/// How long a service that died while its app serves is left before it
+/// is started again.
+const SERVICE_RESTART_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 use crate::engine::{short_id, Event, EventKind};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -15,6 +19,9 @@ impl Fleet {
     /// policy) and is not served yet is probed and adopted.
     pub(crate) fn on_event(self: &Arc<Self>, event: &Event) {
         let Some(d) = &event.deployment else { return };
+        if let Some(service) = &event.service {
+            return self.on_service_event(d, service, event);
+        }
         if !matches!(event.kind, EventKind::Paused | EventKind::Health(_)) {
             self.unpaused(&event.id);
         }
@@ -54,11 +61,40 @@ impl Fleet {
                 }
             }
         }
-        for instance in instances.iter().filter(|i| i.running) {
+        for instance in instances.iter().filter(|i| i.running && i.service.is_none()) {
             self.adopt_running(&instance.deployment, &instance.id);
         }
         self.note_paused(&instances);
         Ok(())
+    }
+
+    /// A service that died while its app serves is started again (after a
+    /// moment, so a crashing one cannot spin); one stopped with its app, or
+    /// by Pipes, is left stopped.
+    fn on_service_event(self: &Arc<Self>, d: &Deployment, service: &str, event: &Event) {
+        if !matches!(event.kind, EventKind::Died(_) | EventKind::Killed | EventKind::OutOfMemory) || self.retired() {
+            return;
+        }
+        let Some(slot) = self.get(d.as_ref()) else { return };
+        if slot.upstream().is_none() {
+            return;
+        }
+        log::warn!("{d}: service {service} stopped ({:?}) while the deployment serves: starting it again", event.kind);
+        let (fleet, id, service) = (self.clone(), event.id.clone(), service.to_owned());
+        self.control.spawn(async move {
+            tokio::time::sleep(SERVICE_RESTART_DELAY).await;
+            // Stopped on purpose meanwhile (idle, an operator): left so.
+            if slot.upstream().is_none() {
+                return;
+            }
+            let backend = fleet.deployer.backend();
+            let stopped = backend.services(&slot.deployment).await.is_ok_and(|all| all.iter().any(|i| i.id == id && !i.running && !i.paused));
+            if stopped {
+                if let Err(e) = backend.start(&id).await {
+                    log::warn!("{}: cannot start service {service} again: {e}", slot.deployment);
+                }
+            }
+        });
     }
 
     /// Starts serving `d` through the usual start (which finds its running

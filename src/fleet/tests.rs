@@ -187,7 +187,7 @@ async fn a_refused_connection_starts_the_deployment_again() {
     let h = Harness::new(&[]);
     let d = h.publish("alice/app:v1", Behaviour::default());
     let first = h.ready(&d).await.unwrap();
-    h.fake.kill(&d);
+    h.fake.kill(&d, None);
     // Its listener closes once the aborted server task is dropped.
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(first.addr).await.is_ok() {
@@ -484,7 +484,7 @@ async fn events_keep_the_table_true_without_a_request() {
     let watcher = Watcher::new(h.fleet.clone());
     let watching = tokio::spawn(async move { pingora::services::background::BackgroundService::start(&watcher, shutdown).await });
 
-    h.fake.kill(&d);
+    h.fake.kill(&d, None);
     let fleet = h.fleet.clone();
     let d2 = d.clone();
     eventually("a killed instance leaves the table", move || fleet.get(d2.as_ref()).unwrap().upstream().is_none()).await;
@@ -703,7 +703,7 @@ async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
         assert_eq!(happening.deployment, d);
         told.push(match &happening.kind {
             HappeningKind::Starting { .. } => "starting".to_owned(),
-            HappeningKind::Phase { phase, .. } => phase.name().to_owned(),
+            HappeningKind::Phase { phase, .. } => phase.name().into_owned(),
             HappeningKind::Pulling { done, total } => format!("pulling {done}/{total}"),
             HappeningKind::Ready { .. } => "ready".to_owned(),
             other => format!("{other:?}"),

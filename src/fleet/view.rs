@@ -91,6 +91,11 @@ pub struct Status {
     pub config_pending: bool,
     /// The failure of the last start, while it is remembered.
     pub last_error: Option<PipesError>,
+    /// The services beside the app, with whether each was made from another
+    /// config than the effective one.
+    pub services: Vec<(Instance, bool)>,
+    /// The backend's names of its volumes.
+    pub volumes: Vec<String>,
 }
 
 /// One line of the fleet's list.
@@ -101,6 +106,8 @@ pub struct Summary {
     pub instance_id: Option<String>,
     pub upstream: Option<SocketAddr>,
     pub last_request_ms: Option<u64>,
+    /// How many services it has beside its app.
+    pub services: usize,
 }
 
 /// A deployment's config layers and their merge.
@@ -148,13 +155,22 @@ impl Fleet {
     /// Everything known of `d`, from the table, the backend and the store.
     pub async fn status(&self, d: &Deployment) -> Result<Status, PipesError> {
         let (deployer, key) = (self.deployer.clone(), d.clone());
-        let ((instance, previous), image, config) = self
+        let ((instance, previous), image, config, services, volumes) = self
             .on_control(async move {
                 let generations = deployer.generations(&key).await?;
                 let image = deployer.backend().images().image(&deployer.image_ref(&key)).await?;
-                Ok((generations, image, deployer.effective(&key).await))
+                let services = deployer.backend().services(&key).await?;
+                let volumes = deployer.backend().volumes(&key).await?;
+                Ok((generations, image, deployer.effective(&key).await, services, volumes))
             })
             .await?;
+        let services = services
+            .into_iter()
+            .map(|s| {
+                let pending = config.as_ref().is_ok_and(|c| self.deployer.service_outdated(&s, c));
+                (s, pending)
+            })
+            .collect();
         let slot = self.get(d.as_ref());
         let upstream = slot.as_deref().and_then(Slot::upstream);
         let last_error = slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).or_else(|| self.missing(d.as_ref()));
@@ -178,6 +194,8 @@ impl Fleet {
             config,
             config_pending,
             last_error,
+            services,
+            volumes,
         })
     }
 
@@ -193,7 +211,8 @@ impl Fleet {
             .into_iter()
             .map(|d| {
                 let slot = self.get(d.as_ref());
-                let mine: Vec<Instance> = instances.iter().filter(|i| i.deployment == d).cloned().collect();
+                let mine: Vec<Instance> = instances.iter().filter(|i| i.deployment == d && i.service.is_none()).cloned().collect();
+                let services = instances.iter().filter(|i| i.deployment == d && i.service.is_some()).count();
                 let instance = crate::engine::current(&mine);
                 // A name whose image the registry did not have says so, as `GET container` does.
                 let failed = slot.as_deref().and_then(|s| s.failure(self.failure_ttl)).is_some() || self.missing(d.as_ref()).is_some();
@@ -202,6 +221,7 @@ impl Fleet {
                     instance_id: instance.map(|i| i.id.clone()),
                     upstream: slot.as_deref().and_then(Slot::upstream).map(|u| u.addr),
                     last_request_ms: slot.as_deref().and_then(Slot::last_request_ms),
+                    services,
                     deployment: d,
                 }
             })

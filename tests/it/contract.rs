@@ -46,6 +46,8 @@ struct Subject {
     /// Whether this process can connect to instances at their addresses
     /// (not to a Swarm's overlay network from the host).
     reachable: bool,
+    /// Whether it runs services and volumes beside an app.
+    services: bool,
 }
 
 impl Subject {
@@ -57,6 +59,7 @@ impl Subject {
 fn spec(d: &Deployment, reference: &str, image: &Image, hash: &str) -> Spec {
     Spec {
         deployment: d.clone(),
+        service: None,
         image: reference.to_owned(),
         port: PORT,
         hash: hash.to_owned(),
@@ -71,6 +74,19 @@ fn spec(d: &Deployment, reference: &str, image: &Image, hash: &str) -> Spec {
         pids: 64,
         capabilities: Vec::new(),
         config: "{}".to_owned(),
+        volumes: BTreeMap::new(),
+        network: false,
+        health_cmd: None,
+    }
+}
+
+/// The spec of service `name` of `d`, checked on [`PORT`], with volume `data`.
+fn service_spec(d: &Deployment, name: &str, reference: &str, image: &Image) -> Spec {
+    Spec {
+        service: Some(name.to_owned()),
+        network: true,
+        volumes: BTreeMap::from([("data".to_owned(), "/data".to_owned())]),
+        ..spec(d, reference, image, &format!("service-{name}"))
     }
 }
 
@@ -130,6 +146,11 @@ async fn keeps_the_contract(s: &Subject) {
     images(s).await;
     lifecycle(s).await;
     a_crash_is_reported(s).await;
+    if s.services {
+        services_and_volumes(s).await;
+    } else {
+        services_are_refused(s).await;
+    }
     if s.reachable {
         the_spec_port_is_where_it_answers(s).await;
     }
@@ -235,6 +256,64 @@ async fn a_crash_is_reported(s: &Subject) {
     b.remove(&created.id).await.expect("removed");
 }
 
+/// A service is an instance of its own beside the app's generations, on
+/// the deployment's network, with volumes that outlive it.
+async fn services_and_volumes(s: &Subject) {
+    let b = &*s.backend;
+    let d = s.deployment("with-db");
+    let image = pulled(b, &s.serving).await;
+    let db = b.create(&service_spec(&d, "db", &s.serving, &image)).await.expect("a service created");
+    assert_eq!(db.service.as_deref(), Some("db"));
+    let again = b.create(&service_spec(&d, "db", &s.serving, &image)).await.expect("created again");
+    assert_eq!(again.id, db.id, "one instance per deployment and service");
+    let app = b.create(&Spec { network: true, ..spec(&d, &s.serving, &image, "app") }).await.expect("the app created");
+    assert_eq!(app.service, None);
+    let ids = |all: Vec<Instance>| all.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    assert_eq!(ids(b.instances(&d).await.expect("instances")), vec![app.id.clone()], "instances are the app's generations only");
+    assert_eq!(ids(b.services(&d).await.expect("services")), vec![db.id.clone()], "services are listed apart");
+    let listed = b.list().await.expect("list");
+    assert!(listed.iter().any(|i| i.id == db.id && i.service.as_deref() == Some("db")), "list names the service: {listed:?}");
+
+    let mut events = b.events(Some(wall_nanos() - 1_000_000_000));
+    let running = b.start(&db.id).await.expect("the service started");
+    assert!(running.running && running.service.as_deref() == Some("db"), "{running:?}");
+    if s.reachable {
+        let addr = running.address.expect("a service checked on a port has an address");
+        assert!(accepts(addr, WAIT).await, "the service answers at {addr}");
+    }
+    within("the service's Started event", async {
+        while let Some(event) = events.next().await {
+            let event = event.expect("an event");
+            if event.id == db.id && event.kind == EventKind::Started {
+                assert_eq!(event.service.as_deref(), Some("db"), "events name the service");
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(b.start(&app.id).await.expect("the app started").running);
+    assert_eq!(b.volumes(&d).await.expect("volumes").len(), 1, "its volume was made");
+
+    for i in [&app.id, &db.id] {
+        b.remove(i).await.expect("removed");
+    }
+    b.remove_shared(&d, true).await.expect("the network removed, volumes kept");
+    assert_eq!(b.volumes(&d).await.expect("volumes").len(), 1, "volumes outlive the instances");
+    b.remove_shared(&d, false).await.expect("the volumes removed");
+    assert!(b.volumes(&d).await.expect("volumes").is_empty(), "none left");
+    b.remove_shared(&d, false).await.expect("removing what is gone is no error");
+}
+
+/// A backend without services says so when asked to make one.
+async fn services_are_refused(s: &Subject) {
+    let b = &*s.backend;
+    let d = s.deployment("no-services");
+    let image = pulled(b, &s.serving).await;
+    let refused = b.create(&service_spec(&d, "db", &s.serving, &image)).await.expect_err("a service is refused");
+    assert_eq!(refused.kind(), "unservable", "{refused}");
+    assert!(b.services(&d).await.expect("services").is_empty());
+}
+
 async fn the_spec_port_is_where_it_answers(s: &Subject) {
     let b = &*s.backend;
     let d = s.deployment("elsewhere");
@@ -253,6 +332,10 @@ async fn an_engine_out_of_reach_is_a_503(s: &Subject) {
     assert_eq!(status(down.describe().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.list().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.instances(&d).await.map(drop).map_err(|e| e.status())), 503);
+    if s.services {
+        assert_eq!(status(down.services(&d).await.map(drop).map_err(|e| e.status())), 503);
+        assert_eq!(status(down.volumes(&d).await.map(drop).map_err(|e| e.status())), 503);
+    }
     assert_eq!(status(down.images().image(&s.serving).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.images().pull(&s.serving, &|_, _| {}).await.map(drop).map_err(|e| e.status())), 503);
     let image = Image { id: "sha256:0".into(), digest: None, exposed_tcp: Vec::new() };
@@ -283,6 +366,7 @@ async fn the_fake_keeps_the_contract() {
         crashing: crashing.into(),
         missing: "registry.test/contract/missing:v1".into(),
         reachable: true,
+        services: true,
     };
     keeps_the_contract(&subject).await;
 }
@@ -315,7 +399,7 @@ fn options(instance: &str, network: Option<String>) -> DockerOptions {
 }
 
 /// Removes what an engine check made (instances, services, configs,
-/// networks), also when it fails.
+/// networks, volumes), also when it fails.
 struct Made {
     instance: String,
     networks: Vec<String>,
@@ -332,7 +416,11 @@ impl Drop for Made {
         for id in common::docker_ok(&["ps", "-aq", "--filter", &label]).lines() {
             let _ = common::docker(&["rm", "-fv", id]);
         }
-        for network in &self.networks {
+        for id in common::docker_ok(&["volume", "ls", "-q", "--filter", &label]).lines() {
+            let _ = common::docker(&["volume", "rm", id]);
+        }
+        let labelled = common::docker_ok(&["network", "ls", "-q", "--filter", &label]);
+        for network in self.networks.iter().map(String::as_str).chain(labelled.lines()) {
             // In use until the services' tasks are gone.
             for _ in 0..50 {
                 if common::docker(&["network", "rm", network]).status.success() || common::docker(&["network", "inspect", network]).status.code() != Some(0) {
@@ -364,6 +452,7 @@ async fn docker_keeps_the_contract() {
         crashing,
         missing,
         reachable: true,
+        services: true,
     };
     keeps_the_contract(&subject).await;
 }
@@ -389,6 +478,7 @@ async fn swarm_keeps_the_contract() {
         missing,
         // Tasks answer on the overlay network, which this process is not on.
         reachable: false,
+        services: false,
     };
     keeps_the_contract(&subject).await;
 }

@@ -25,8 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HostConfig,
-    NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HealthConfig,
+    HealthStatusEnum, HostConfig, Mount, MountType, NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RestartContainerOptions, StopContainerOptions, WaitContainerOptions,
@@ -40,7 +40,7 @@ use super::moby::logs::log_options;
 use super::moby::{grace_secs, Moby};
 use super::{
     generation_of, short_id, Backend, Claims, Event, Images, Instance, Pausing, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
-    LABEL_IDENTITY, LABEL_PORT,
+    LABEL_IDENTITY, LABEL_PORT, LABEL_SERVICE,
 };
 use crate::config::Restart;
 use crate::error::PipesError;
@@ -49,6 +49,7 @@ use crate::route::Deployment;
 pub use super::moby::DockerOptions;
 
 mod claim;
+mod shared;
 use claim::Holder;
 
 /// How Pipes reaches the containers it starts.
@@ -166,12 +167,15 @@ impl Docker {
     }
 
     /// The container name of a generation: unique per instance, deployment
-    /// and digest. Images without a digest (built locally) share the bare name.
+    /// and digest. Images without a digest (built locally) share the bare
+    /// name. A service's is unique per deployment and service: a generation
+    /// is hex digits, never `svc-`.
     fn container_name(&self, spec: &Spec) -> String {
         let d = &spec.deployment;
-        match &spec.digest {
-            Some(digest) => format!("{}.{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag, generation_of(digest)),
-            None => format!("{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag),
+        match (&spec.service, &spec.digest) {
+            (Some(service), _) => format!("{}.{}.{}.{}.svc-{service}", self.moby.instance(), d.user, d.repo, d.tag),
+            (None, Some(digest)) => format!("{}.{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag, generation_of(digest)),
+            (None, None) => format!("{}.{}.{}.{}", self.moby.instance(), d.user, d.repo, d.tag),
         }
     }
 
@@ -207,7 +211,8 @@ impl Docker {
         // The engine reports a zero time for a container that never ran.
         let started_at = state.started_at.filter(|s| !s.starts_with("0001-"));
         let exit_code = (!running && !paused && started_at.is_some()).then(|| state.exit_code.unwrap_or(0));
-        let seen = Seen { id: c.id?, running, paused, exit_code, started_at };
+        let health = state.health.and_then(|h| h.status).filter(|s| !matches!(s, HealthStatusEnum::EMPTY | HealthStatusEnum::NONE)).map(|s| s.to_string());
+        let seen = Seen { id: c.id?, running, paused, exit_code, started_at, health };
         self.facts(
             seen,
             &labels,
@@ -232,7 +237,7 @@ impl Docker {
         let exit_code = c.status.as_deref().and_then(|s| s.strip_prefix("Exited (")).and_then(|s| s.split(')').next()).and_then(|n| n.parse().ok());
         let ports = c.ports.unwrap_or_default();
         let networks = c.network_settings.and_then(|n| n.networks).unwrap_or_default();
-        let seen = Seen { id: c.id?, running, paused, exit_code, started_at: None };
+        let seen = Seen { id: c.id?, running, paused, exit_code, started_at: None, health: None };
         self.facts(
             seen,
             &labels,
@@ -251,21 +256,25 @@ impl Docker {
         host_port: impl FnOnce(u16) -> Option<u16>,
         network_ip: impl FnOnce(&str) -> Option<IpAddr>,
     ) -> Option<Instance> {
-        let Seen { id, running, paused, exit_code, started_at } = seen;
+        let Seen { id, running, paused, exit_code, started_at, health } = seen;
         let deployment = Deployment::parse(labels.get(LABEL_DEPLOYMENT)?)?;
+        let service = labels.get(LABEL_SERVICE).cloned();
         let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
-        // A paused container keeps its address for when it is thawed.
-        let address = match (port, running || paused) {
-            (Some(port), true) => match &self.reach {
-                Reach::Published => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
-                Reach::Bridge => network_ip(&self.instance_network()).map(|ip| SocketAddr::new(ip, port)),
-                Reach::Network(name) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
+        // A paused container keeps its address for when it is thawed. A
+        // service is reached on its deployment's network (port 0: no port to reach).
+        let address = match (port.filter(|p| *p != 0), running || paused) {
+            (Some(port), true) => match (&self.reach, &service) {
+                (Reach::Published, _) => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
+                (_, Some(_)) => network_ip(&self.deployment_network(&deployment)).map(|ip| SocketAddr::new(ip, port)),
+                (Reach::Bridge, None) => network_ip(&self.instance_network()).map(|ip| SocketAddr::new(ip, port)),
+                (Reach::Network(name), None) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
             },
             _ => None,
         };
         Some(Instance {
             id,
             deployment,
+            service,
             running,
             paused,
             exit_code: exit_code.filter(|_| !running && !paused),
@@ -277,11 +286,13 @@ impl Docker {
             digest: labels.get(LABEL_DIGEST).cloned(),
             image_id: None,
             config: labels.get(LABEL_CONFIG).cloned(),
+            health,
         })
     }
 
     fn create_body(&self, spec: &Spec) -> ContainerCreateBody {
         let port_key = format!("{}/tcp", spec.port);
+        let has_port = spec.port != 0;
         let mut host_config = HostConfig {
             // A fork bomb stays in its container; root in it cannot gain more.
             pids_limit: Some(i64::from(spec.pids)),
@@ -290,17 +301,33 @@ impl Docker {
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             ..HostConfig::default()
         };
-        let network = match &self.reach {
-            Reach::Published => {
-                let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
-                host_config.port_bindings = Some(HashMap::from([(port_key.clone(), Some(vec![binding]))]));
-                self.instance_network()
+        if matches!(self.reach, Reach::Published) && has_port {
+            let binding = PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) };
+            host_config.port_bindings = Some(HashMap::from([(port_key.clone(), Some(vec![binding]))]));
+        }
+        // A service lives on its deployment's network alone, known by its
+        // name; the app on the network Pipes reaches it by (and joins its
+        // deployment's before it starts).
+        let (network, endpoint) = match (&spec.service, &self.reach) {
+            (Some(name), _) => {
+                (self.deployment_network(&spec.deployment), EndpointSettings { aliases: Some(vec![name.clone()]), ..EndpointSettings::default() })
             }
-            Reach::Bridge => self.instance_network(),
-            Reach::Network(name) => name.clone(),
+            (None, Reach::Published | Reach::Bridge) => (self.instance_network(), EndpointSettings::default()),
+            (None, Reach::Network(name)) => (name.clone(), EndpointSettings::default()),
         };
         host_config.network_mode = Some(network.clone());
-        let networking = Some(NetworkingConfig { endpoints_config: Some(HashMap::from([(network, EndpointSettings::default())])) });
+        let networking = Some(NetworkingConfig { endpoints_config: Some(HashMap::from([(network, endpoint)])) });
+        host_config.mounts = Some(
+            spec.volumes
+                .iter()
+                .map(|(name, path)| Mount {
+                    target: Some(path.clone()),
+                    source: Some(self.volume_name(&spec.deployment, name)),
+                    typ: Some(MountType::VOLUME),
+                    ..Mount::default()
+                })
+                .collect(),
+        );
         host_config.memory = i64::try_from(spec.memory_bytes).ok();
         host_config.nano_cpus = Some((spec.cpus * 1e9).round() as i64);
         host_config.restart_policy = Some(RestartPolicy {
@@ -317,11 +344,25 @@ impl Docker {
             labels: Some(self.moby.labels(spec)),
             env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
             cmd: spec.cmd.clone(),
-            exposed_ports: Some(vec![port_key]),
+            exposed_ports: has_port.then(|| vec![port_key]),
             host_config: Some(host_config),
             networking_config: networking,
+            healthcheck: spec.health_cmd.as_ref().map(health_config),
             ..Default::default()
         }
+    }
+
+    /// `d`'s app instances, or its services, inspected: the start time tells
+    /// the generations apart, the health state how a service is.
+    async fn inspected(&self, d: &Deployment, services: bool) -> Result<Vec<Instance>, PipesError> {
+        let mut instances = Vec::new();
+        for c in self.containers(Some(d)).await? {
+            let is_service = c.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE));
+            if let (Some(id), true) = (c.id, is_service == services) {
+                instances.extend(self.inspect(&id).await?);
+            }
+        }
+        Ok(instances)
     }
 
     /// Waits (a while at most) until the container `name` is removed.
@@ -402,12 +443,19 @@ impl Backend for Docker {
     }
 
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
-        let mut instances = Vec::new();
-        for id in self.containers(Some(d)).await?.into_iter().filter_map(|c| c.id) {
-            // Inspected for the start time, which tells the generations apart.
-            instances.extend(self.inspect(&id).await?);
-        }
-        Ok(instances)
+        self.inspected(d, false).await
+    }
+
+    async fn services(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        self.inspected(d, true).await
+    }
+
+    async fn volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError> {
+        self.deployment_volumes(d).await
+    }
+
+    async fn remove_shared(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
+        self.remove_deployment_shared(d, keep_volumes).await
     }
 
     fn images(&self) -> &dyn Images {
@@ -415,7 +463,10 @@ impl Backend for Docker {
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
-        self.ensure_network().await?;
+        if spec.service.is_none() {
+            self.ensure_network().await?;
+        }
+        self.ensure_shared(spec).await?;
         let name = self.container_name(spec);
         // Another attempt only after a same-named container left: removed by
         // Pipes (made from another spec) or by someone else.
@@ -424,6 +475,13 @@ impl Backend for Docker {
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
                     log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&created.id), spec.image, spec.port);
+                    if spec.network && spec.service.is_none() {
+                        // Before it starts, so the app finds its services from its first line on.
+                        if let Err(e) = self.join_deployment_network(&created.id, &spec.deployment).await {
+                            let _ = self.remove(&created.id).await;
+                            return Err(e);
+                        }
+                    }
                     return Ok(Instance::created(created.id, spec));
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -432,6 +490,9 @@ impl Backend for Docker {
                         self.until_removed(&name).await;
                         continue;
                     };
+                    if existing.deployment != spec.deployment || existing.service != spec.service {
+                        return Err(PipesError::Engine { action: "create a container", detail: format!("name {name} is taken by another container") });
+                    }
                     if existing.spec_hash.as_deref() == Some(spec.hash.as_str()) {
                         // Another Pipes made it first, or it is a generation coming back.
                         return Ok(existing);
@@ -535,4 +596,19 @@ struct Seen {
     paused: bool,
     exit_code: Option<i64>,
     started_at: Option<String>,
+    health: Option<String>,
+}
+
+/// The engine's health check running `cmd`: often while the instance
+/// starts (Pipes waits on it), rarely after.
+fn health_config(cmd: &Vec<String>) -> HealthConfig {
+    const MS: i64 = 1_000_000;
+    HealthConfig {
+        test: Some(std::iter::once("CMD".to_owned()).chain(cmd.iter().cloned()).collect()),
+        interval: Some(10_000 * MS),
+        timeout: Some(5_000 * MS),
+        retries: Some(3),
+        start_period: Some(600_000 * MS),
+        start_interval: Some(500 * MS),
+    }
 }

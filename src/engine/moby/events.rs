@@ -9,7 +9,7 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 
 use super::Moby;
-use crate::engine::{Event, EventKind, LABEL_DEPLOYMENT, LABEL_INSTANCE};
+use crate::engine::{Event, EventKind, LABEL_DEPLOYMENT, LABEL_INSTANCE, LABEL_SERVICE};
 use crate::error::PipesError;
 use crate::route::Deployment;
 
@@ -85,6 +85,7 @@ pub fn event_of(message: EventMessage) -> Option<Event> {
     Some(Event {
         id: actor.id?,
         deployment: attributes.get(LABEL_DEPLOYMENT).and_then(|d| Deployment::parse(d)),
+        service: attributes.get(LABEL_SERVICE).cloned(),
         kind,
         time_nano: time_nano(message.time_nano, message.time),
     })

@@ -19,7 +19,10 @@ use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use tokio::sync::{OnceCell, Semaphore};
 
-use super::{RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_IDENTITY, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT};
+use super::{
+    RegistryAuth, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST, LABEL_IDENTITY, LABEL_INSTANCE, LABEL_MANAGED, LABEL_PORT,
+    LABEL_SERVICE,
+};
 use crate::error::PipesError;
 use crate::secret::Secret;
 
@@ -131,6 +134,9 @@ impl Moby {
         labels.insert(LABEL_IDENTITY.into(), spec.identity.clone());
         if let Some(digest) = &spec.digest {
             labels.insert(LABEL_DIGEST.into(), digest.clone());
+        }
+        if let Some(service) = &spec.service {
+            labels.insert(LABEL_SERVICE.into(), service.clone());
         }
         labels
     }

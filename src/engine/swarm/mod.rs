@@ -139,7 +139,7 @@ impl Swarm {
     }
 
     /// This instance's services, optionally only those of one deployment.
-    async fn services(&self, d: Option<&Deployment>) -> Result<Vec<Service>, PipesError> {
+    async fn swarm_services(&self, d: Option<&Deployment>) -> Result<Vec<Service>, PipesError> {
         let mut labels = self.moby.instance_filter();
         labels.extend(d.map(|d| format!("{LABEL_DEPLOYMENT}={d}")));
         let options = ListServicesOptions { filters: Some(HashMap::from([("label".to_owned(), labels)])), ..Default::default() };
@@ -197,6 +197,7 @@ impl Swarm {
         Some(Instance {
             id: service.id.clone()?,
             deployment,
+            service: None,
             running,
             paused: false,
             exit_code,
@@ -208,6 +209,7 @@ impl Swarm {
             digest: labels.get(LABEL_DIGEST).cloned(),
             image_id: labels.get(LABEL_IMAGE_ID).cloned(),
             config: labels.get(LABEL_CONFIG).cloned(),
+            health: None,
         })
     }
 
@@ -410,12 +412,12 @@ impl Backend for Swarm {
     }
 
     async fn list(&self) -> Result<Vec<Instance>, PipesError> {
-        let services = self.services(None).await?;
+        let services = self.swarm_services(None).await?;
         self.instances_of(services, false).await
     }
 
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
-        let services = self.services(Some(d)).await?;
+        let services = self.swarm_services(Some(d)).await?;
         self.instances_of(services, true).await
     }
 
@@ -423,7 +425,25 @@ impl Backend for Swarm {
         &self.moby
     }
 
+    async fn services(&self, _d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        Ok(Vec::new())
+    }
+
+    async fn volumes(&self, _d: &Deployment) -> Result<Vec<String>, PipesError> {
+        Ok(Vec::new())
+    }
+
+    async fn remove_shared(&self, _d: &Deployment, _keep_volumes: bool) -> Result<(), PipesError> {
+        Ok(())
+    }
+
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
+        if spec.network || spec.service.is_some() || !spec.volumes.is_empty() {
+            return Err(PipesError::Unservable {
+                deployment: spec.deployment.to_string(),
+                reason: "services and volumes are not available on the Swarm backend yet; remove them from its config".into(),
+            });
+        }
         let service_spec = service_spec(&self.moby, &self.network, spec);
         let name = service_spec.name.clone().unwrap_or_default();
         for _ in 0..3 {
@@ -630,6 +650,6 @@ impl Swarm {
             }
         };
         let time_nano = time_nano(message.time_nano, message.time);
-        Some(Event { id, deployment: Some(deployment), kind, time_nano })
+        Some(Event { id, deployment: Some(deployment), service: None, kind, time_nano })
     }
 }
