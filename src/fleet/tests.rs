@@ -719,3 +719,6 @@ async fn a_start_is_told_phase_by_phase_and_replayed_to_late_followers() {
     let last = std::iter::from_fn(|| feed.try_recv().ok()).last().expect("told");
     assert!(matches!(&last.kind, HappeningKind::Failed { error: PipesError::Exited { code: 3, .. } }), "{last:?}");
 }
+
+#[path = "services_tests.rs"]
+mod services;
