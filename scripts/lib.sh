@@ -111,6 +111,7 @@ setup_test_env() {
       # Leaving may keep the bridge the swarm made; it goes if the swarm was ours.
       [ -n "$GWBRIDGE_CREATED" ] && docker network rm docker_gwbridge >/dev/null 2>&1
     fi
+    [ -n "${DEBIAN_IMAGE:-}" ] && docker rmi -f "$DEBIAN_IMAGE" >/dev/null 2>&1
     [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
     rm -rf "$WORK"
@@ -185,9 +186,87 @@ YAML
   docker_build --label "pipes.test=$RUN" -t "$FIXTURE_IMAGE" "$WORK/fixture"
   log "fixture image $FIXTURE_IMAGE"
 
+  build_service_images
+
   export PIPES_TEST_RUN="$RUN"
   export PIPES_TEST_REGISTRY="$REGISTRY"
   export PIPES_TEST_REGISTRY_USER="$REGISTRY_USER"
   export PIPES_TEST_REGISTRY_PASSWORD="$REGISTRY_PASSWORD"
   export PIPES_TEST_FIXTURE_IMAGE="$FIXTURE_IMAGE"
+}
+
+# The Debian mirror the machine's apt sources name first.
+apt_mirror() {
+  local uri
+  uri="$(grep -h -m1 '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 | awk '{print $2}')"
+  [ -n "$uri" ] || uri="$(grep -h -m1 '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}')"
+  printf '%s\n' "${uri:-http://deb.debian.org/debian}"
+}
+
+# Real services for the services tests: Postgres, Redis, and a Python app
+# that reads and writes both by service name, on one Debian root file system
+# made with debootstrap from the machine's mirror and imported into the
+# engine. The root file system is cached under target/ by its package list
+# (about a minute to make); the images are made per run and exported as
+# PIPES_TEST_{POSTGRES,REDIS,APP}_IMAGE.
+SERVICE_PACKAGES="postgresql-15,redis-server,python3,python3-psycopg2,python3-redis"
+build_service_images() {
+  local cache tar suite root
+  cache="${CARGO_TARGET_DIR:-target}/test-images"
+  tar="$cache/debian-$(printf '%s' "$SERVICE_PACKAGES" | sha256sum | cut -c1-12).tar"
+  if [ ! -s "$tar" ]; then
+    ensure_commands debootstrap:debootstrap
+    suite="$(. /etc/os-release && echo "$VERSION_CODENAME")"
+    root="$WORK/rootfs"
+    log "making a Debian $suite root file system for the services tests from $(apt_mirror) (about a minute)"
+    if ! debootstrap --variant=minbase --include="$SERVICE_PACKAGES" "$suite" "$root" "$(apt_mirror)" >"$WORK/debootstrap.log" 2>&1; then
+      tail -20 "$WORK/debootstrap.log" >&2
+      return 1
+    fi
+    # The packages' caches and the cluster the package made are not needed:
+    # the image's entrypoint makes its cluster in the volume.
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/usr/share/doc "$root"/usr/share/man "$root"/var/lib/postgresql/15
+    mkdir -p "$root/var/lib/postgresql/data" "$root/data"
+    chroot "$root" chown postgres:postgres /var/lib/postgresql/data
+    chroot "$root" chown redis:redis /data
+    chmod 700 "$root/var/lib/postgresql/data"
+    mkdir -p "$cache"
+    tar -C "$root" -cf "$tar.part" . && mv "$tar.part" "$tar"
+    rm -rf "$root"
+  fi
+  DEBIAN_IMAGE="pipes-test-debian:$RUN"
+  docker import "$tar" "$DEBIAN_IMAGE" >/dev/null
+  local ctx="$WORK/services"
+  mkdir -p "$ctx/postgres" "$ctx/redis" "$ctx/app"
+  cp tests/services/pg-entry "$ctx/postgres/"
+  cp tests/services/app.py "$ctx/app/"
+  cat >"$ctx/postgres/Dockerfile" <<DOCKERFILE
+FROM $DEBIAN_IMAGE
+COPY pg-entry /usr/local/bin/pg-entry
+USER postgres
+ENV PGDATA=/var/lib/postgresql/data
+EXPOSE 5432
+ENTRYPOINT ["/usr/local/bin/pg-entry"]
+DOCKERFILE
+  cat >"$ctx/redis/Dockerfile" <<DOCKERFILE
+FROM $DEBIAN_IMAGE
+USER redis
+EXPOSE 6379
+ENTRYPOINT ["redis-server", "--protected-mode", "no", "--bind", "0.0.0.0", "--dir", "/data", "--appendonly", "yes"]
+DOCKERFILE
+  cat >"$ctx/app/Dockerfile" <<DOCKERFILE
+FROM $DEBIAN_IMAGE
+COPY app.py /app/app.py
+USER nobody
+EXPOSE 8000
+ENTRYPOINT ["python3", "/app/app.py"]
+DOCKERFILE
+  local name
+  for name in postgres redis app; do
+    docker_build --label "pipes.test=$RUN" -t "pipes-test-$name:$RUN" "$ctx/$name"
+  done
+  export PIPES_TEST_POSTGRES_IMAGE="pipes-test-postgres:$RUN"
+  export PIPES_TEST_REDIS_IMAGE="pipes-test-redis:$RUN"
+  export PIPES_TEST_APP_IMAGE="pipes-test-app:$RUN"
+  log "service images from Debian $(. /etc/os-release && echo "$VERSION_CODENAME"): postgres, redis, app"
 }

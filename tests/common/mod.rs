@@ -24,6 +24,10 @@ pub struct TestEnv {
     pub user: String,
     pub password: String,
     pub fixture: String,
+    /// Real services on Debian: Postgres, Redis, and an app using both.
+    pub postgres: String,
+    pub redis: String,
+    pub app: String,
 }
 
 /// The prepared environment, if `scripts/test` prepared one.
@@ -37,6 +41,9 @@ pub fn prepared() -> Option<&'static TestEnv> {
             user: var("PIPES_TEST_REGISTRY_USER")?,
             password: var("PIPES_TEST_REGISTRY_PASSWORD")?,
             fixture: var("PIPES_TEST_FIXTURE_IMAGE")?,
+            postgres: var("PIPES_TEST_POSTGRES_IMAGE")?,
+            redis: var("PIPES_TEST_REDIS_IMAGE")?,
+            app: var("PIPES_TEST_APP_IMAGE")?,
         })
     })
     .as_ref()
@@ -237,11 +244,17 @@ impl Fixtures {
     /// Pushes `repo:tag` built from the fixture with extra Dockerfile lines,
     /// then removes the local copy so that Pipes has to pull it.
     pub fn publish(&mut self, repo: &str, tag: &str, extra: &str) -> String {
+        self.publish_from(&env().fixture, repo, tag, extra)
+    }
+
+    /// Pushes `repo:tag` built from image `base` with extra Dockerfile
+    /// lines, then removes the local copy so that Pipes has to pull it.
+    pub fn publish_from(&mut self, base: &str, repo: &str, tag: &str, extra: &str) -> String {
         let reference = self.reference(repo, tag);
         // The reference label comes first: it makes every image, and every
         // intermediate layer the classic builder caches, unique to this test.
         // Shared ones would be pruned from under one test by another's clean-up.
-        build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}\nENV FIXTURE_ID={tag}\n{extra}\n", env().fixture));
+        build_image(&reference, &format!("FROM {base}\nLABEL pipes.fixture={reference}\nENV FIXTURE_ID={tag}\n{extra}\n"));
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
         self.refs.push(reference.clone());
@@ -616,8 +629,16 @@ impl Drop for Pipes {
         for id in self.containers() {
             let _ = docker(&["rm", "-f", &id]);
         }
-        // Its containers' own network (published mode).
+        // Its containers' own network (published mode), its deployments'
+        // networks and volumes.
         let _ = docker(&["network", "rm", &format!("pipes-{}", self.instance)]);
+        let label = format!("label=pipes.instance={}", self.instance);
+        for network in docker_ok(&["network", "ls", "-q", "--filter", &label]).lines() {
+            let _ = docker(&["network", "rm", network]);
+        }
+        for volume in docker_ok(&["volume", "ls", "-q", "--filter", &label]).lines() {
+            let _ = docker(&["volume", "rm", volume]);
+        }
         // Its claim on the instance name, left behind by a kill.
         let claims = docker_ok(&["volume", "ls", "-q", "--filter", &format!("label=pipes.claim={}", self.instance)]);
         for volume in claims.lines() {

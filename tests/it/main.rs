@@ -21,5 +21,6 @@ mod lifecycle;
 mod observability;
 mod openapi;
 mod pause;
+mod services;
 mod store;
 mod swarm;

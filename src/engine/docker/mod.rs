@@ -347,7 +347,7 @@ impl Docker {
             exposed_ports: has_port.then(|| vec![port_key]),
             host_config: Some(host_config),
             networking_config: networking,
-            healthcheck: spec.health_cmd.as_ref().map(health_config),
+            healthcheck: spec.health_cmd.as_deref().map(health_config),
             ..Default::default()
         }
     }
@@ -601,7 +601,7 @@ struct Seen {
 
 /// The engine's health check running `cmd`: often while the instance
 /// starts (Pipes waits on it), rarely after.
-fn health_config(cmd: &Vec<String>) -> HealthConfig {
+fn health_config(cmd: &[String]) -> HealthConfig {
     const MS: i64 = 1_000_000;
     HealthConfig {
         test: Some(std::iter::once("CMD".to_owned()).chain(cmd.iter().cloned()).collect()),

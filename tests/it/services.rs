@@ -1,0 +1,184 @@
+//! Services beside a deployment, with real software: an app that keeps rows
+//! in Postgres and counts hits in Redis, both started from the host name
+//! alone, asleep with the app, kept across redeploys and restarts, and gone
+//! with the deployment.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::{api, docker_ok, eventually, json, Fixtures, Pipes};
+
+const DOMAIN: &str = "example.com";
+const TOKEN: &str = "services-test-token-0123456789";
+
+/// The app with its database and cache; `user` owns the service images.
+fn config(user: &str, idle: &str) -> String {
+    format!(
+        r#"{{"port": 8000, "idle_timeout": "{idle}", "volumes": {{"uploads": "/tmp/uploads"}},
+            "services": {{
+              "db": {{"image": "{user}/postgres:15", "cmd": ["-c", "fsync=off"],
+                      "volumes": {{"data": "/var/lib/postgresql/data"}},
+                      "health": {{"cmd": ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "127.0.0.1", "-U", "postgres"], "timeout": "60s"}},
+                      "memory": "256m"}},
+              "cache": {{"image": "{user}/redis:7", "volumes": {{"data": "/data"}}, "health": {{"tcp": 6379}}}}
+            }}}}"#
+    )
+}
+
+/// The services' images and the app's, published for a fresh user.
+fn published() -> Fixtures {
+    let mut f = Fixtures::new();
+    let e = common::env();
+    f.publish_from(&e.postgres, "postgres", "15", "");
+    f.publish_from(&e.redis, "redis", "7", "");
+    f.publish_from(&e.app, "shop", "v1", "ENV APP_ID=v1");
+    f
+}
+
+/// `GET container`, as an operator sees it.
+async fn container(pipes: &Pipes, host: &str) -> serde_json::Value {
+    let (status, body) = api(pipes, host, "GET", "/__proxyapi/container", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The engine's word on a container: `running`, `exited`, …
+fn engine_status(id: &str) -> String {
+    docker_ok(&["inspect", "-f", "{{.State.Status}}", id])
+}
+
+/// Names of the networks and volumes of this Pipes.
+fn shared(pipes: &Pipes) -> (Vec<String>, Vec<String>) {
+    let label = format!("label=pipes.instance={}", pipes.instance);
+    let lines = |out: String| out.lines().map(str::to_owned).collect::<Vec<_>>();
+    (
+        lines(docker_ok(&["network", "ls", "--format", "{{.Name}}", "--filter", &label])),
+        lines(docker_ok(&["volume", "ls", "--format", "{{.Name}}", "--filter", &label])),
+    )
+}
+
+/// `GET /notes` until it answers 200 (a restarting database answers 500 for a moment).
+async fn notes(pipes: &Pipes, host: &str) -> serde_json::Value {
+    let mut last = String::new();
+    for _ in 0..60 {
+        let resp = pipes.get(host, "/notes").await;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        if status == 200 {
+            return serde_json::from_str(&text).expect("JSON");
+        }
+        last = format!("{status}: {text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("GET /notes did not answer 200 within 30 s; last {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_app_with_postgres_and_redis_lives_and_keeps_its_rows() {
+    if common::skip() {
+        return;
+    }
+    let mut f = published();
+    let metrics = common::free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics}");
+    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_METRICS_LISTEN", Some(&metrics_listen))]);
+    let host = f.host("shop", "v1", DOMAIN);
+    // The repository's config: saved, nothing started yet.
+    let (status, body) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some(&config(&f.user, "3s")), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(pipes.containers().is_empty());
+
+    // Twenty first requests at once: one network, one container per service, one app.
+    let first: Vec<_> = (0..20).map(|_| pipes.get(&host, "/")).collect();
+    for resp in futures_util::future::join_all(first).await {
+        assert_eq!(resp.status().as_u16(), 200);
+    }
+    assert_eq!(pipes.containers().len(), 3, "app, db and cache");
+    let state = container(&pipes, &host).await;
+    let (db, cache) = (state["services"]["db"].clone(), state["services"]["cache"].clone());
+    assert_eq!((db["state"].as_str(), db["health"].as_str()), (Some("running"), Some("healthy")), "{state}");
+    assert_eq!(cache["state"], "running", "{state}");
+    let db_id = db["container"].as_str().expect("db container").to_owned();
+    assert_eq!(state["volumes"].as_array().map(Vec::len), Some(3), "uploads, and db's and cache's data: {state}");
+    let (networks, _) = shared(&pipes);
+    assert_eq!(networks.len(), 2, "Pipes' own and the deployment's: {networks:?}");
+    let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(text.contains(r#"pipes_cold_start_phase_seconds_count{phase="service:db"} 1"#), "{text}");
+
+    for body in ["first", "second"] {
+        let resp = pipes.client(&host).post(pipes.url(&host, "/notes")).body(body).send().await.expect("answer");
+        assert_eq!(resp.status().as_u16(), 201);
+    }
+    assert_eq!(notes(&pipes, &host).await["notes"], serde_json::json!(["first", "second"]));
+    let (status, logs) = api(&pipes, &host, "GET", "/__proxyapi/container/logs?service=db&tail=50", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{logs}");
+    assert!(logs["lines"].as_array().is_some_and(|l| l.iter().any(|l| l.as_str().is_some_and(|l| l.contains("ready to accept connections")))), "{logs}");
+
+    // Idle: the app and its services stop together; the next request finds the rows.
+    eventually("app, db and cache stop for idleness", Duration::from_secs(30), || async { pipes.containers().iter().all(|id| engine_status(id) == "exited") })
+        .await;
+    assert_eq!(notes(&pipes, &host).await["notes"], serde_json::json!(["first", "second"]));
+    assert_eq!(container(&pipes, &host).await["services"]["db"]["container"], db_id.as_str(), "the same database container");
+
+    // A redeploy of the app joins the same database.
+    f.push("shop", "v1", "v2", "ENV APP_ID=v2");
+    let (status, body) = api(&pipes, &host, "POST", "/__proxyapi/container/redeploy", None, Some(TOKEN)).await;
+    assert_eq!((status, body["changed"].as_bool()), (200, Some(true)), "{body}");
+    let after = notes(&pipes, &host).await;
+    assert_eq!((after["app"].as_str(), after["notes"].clone()), (Some("v2"), serde_json::json!(["first", "second"])));
+    assert_eq!(container(&pipes, &host).await["services"]["db"]["container"], db_id.as_str(), "not restarted by the redeploy");
+
+    // The engine restarts the database; then Pipes restarts. Nothing is lost.
+    docker_ok(&["restart", "-t", "5", &db_id]);
+    assert_eq!(notes(&pipes, &host).await["notes"], serde_json::json!(["first", "second"]));
+    pipes.restart();
+    assert_eq!(notes(&pipes, &host).await["notes"], serde_json::json!(["first", "second"]));
+
+    // Removed with its volumes kept: a new start finds the rows again.
+    let (status, body) = api(&pipes, &host, "DELETE", "/__proxyapi/container?keep_volumes=true", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(pipes.containers().is_empty(), "no container left");
+    assert_eq!(shared(&pipes).1.len(), 3, "the volumes stay");
+    assert_eq!(notes(&pipes, &host).await["notes"], serde_json::json!(["first", "second"]));
+    assert_ne!(container(&pipes, &host).await["services"]["db"]["container"], db_id.as_str(), "a new database container, the same data");
+
+    // Removed for good: no container, no network of the deployment, no volume.
+    let (status, body) = api(&pipes, &host, "DELETE", "/__proxyapi/container", None, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(pipes.containers().is_empty(), "no container left");
+    let (networks, volumes) = shared(&pipes);
+    assert!(networks.iter().all(|n| *n == format!("pipes-{}", pipes.instance)), "only Pipes' own network: {networks:?}");
+    assert!(volumes.is_empty(), "no volume left: {volumes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_are_refused_when_not_allowed_and_a_crash_is_a_502_with_its_log() {
+    if common::skip() {
+        return;
+    }
+    let f = published();
+    let allow = format!("{}/*", f.user);
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_ALLOW", Some(&allow))]);
+    let host = f.host("shop", "v1", DOMAIN);
+    let foreign = r#"{"services": {"db": {"image": "someone/postgres:15"}}}"#;
+    let (status, body) = api(&pipes, &host, "PUT", "/__proxyapi/container/config", Some(foreign), Some(TOKEN)).await;
+    assert_eq!((status, body["error"].as_str(), body["field"].as_str()), (422, Some("invalid_field"), Some("services.db.image")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("PIPES_ALLOW")), "{body}");
+    assert!(pipes.containers().is_empty(), "nothing started");
+
+    // Postgres refuses a setting it does not know and exits.
+    let crashing = config(&f.user, "1m").replace(r#""cmd": ["-c", "fsync=off"]"#, r#""cmd": ["-c", "no_such_setting=1"]"#);
+    let (status, _) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some(&crashing), Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let (status, body) = json(pipes.get(&host, "/").await).await;
+    assert_eq!((status, body["error"].as_str(), body["service"].as_str()), (502, Some("service_exited"), Some("db")), "{body}");
+    assert!(body.get("logs").is_none(), "the public is not shown a service's log: {body}");
+    let state = container(&pipes, &host).await;
+    let error = &state["last_error"];
+    assert_eq!(error["error"], "service_exited", "{state}");
+    assert!(error["logs"].as_array().is_some_and(|l| l.iter().any(|l| l.as_str().is_some_and(|l| l.contains("no_such_setting")))), "{state}");
+    assert_eq!(state["container"], serde_json::Value::Null, "the app was not started");
+    let services = docker_ok(&["ps", "-aq", "--filter", &format!("label=pipes.instance={}", pipes.instance), "--filter", "label=pipes.service"]);
+    assert_eq!(services.lines().count(), pipes.containers().len(), "no app container without its services");
+}
