@@ -269,8 +269,14 @@ impl Fixtures {
     /// Pushes a new image under `repo:tag` (a new digest) answering with
     /// `id` as identity, with extra Dockerfile lines.
     pub fn push(&mut self, repo: &str, tag: &str, id: &str, extra: &str) -> String {
+        self.push_from(&env().fixture, repo, tag, id, extra)
+    }
+
+    /// Pushes a new image under `repo:tag` built from image `base`, as
+    /// [`Fixtures::push`] does.
+    pub fn push_from(&mut self, base: &str, repo: &str, tag: &str, id: &str, extra: &str) -> String {
         let reference = self.reference(repo, tag);
-        build_image(&reference, &format!("FROM {}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n{extra}\n", env().fixture));
+        build_image(&reference, &format!("FROM {base}\nLABEL pipes.fixture={reference}#{id}\nENV FIXTURE_ID={id}\n{extra}\n"));
         docker_ok(&["push", "-q", &reference]);
         docker_ok(&["rmi", &reference]);
         if !self.refs.contains(&reference) {

@@ -18,10 +18,10 @@ fn config(user: &str, idle: &str) -> String {
         r#"{{"port": 8000, "idle_timeout": "{idle}", "volumes": {{"uploads": "/tmp/uploads"}},
             "services": {{
               "db": {{"image": "{user}/postgres:15", "cmd": ["-c", "fsync=off"],
-                      "volumes": {{"data": "/var/lib/postgresql/data"}},
+                      "volumes": {{"pgdata": "/var/lib/postgresql/data"}},
                       "health": {{"cmd": ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "127.0.0.1", "-U", "postgres"], "timeout": "60s"}},
                       "memory": "256m"}},
-              "cache": {{"image": "{user}/redis:7", "volumes": {{"data": "/data"}}, "health": {{"tcp": 6379}}}}
+              "cache": {{"image": "{user}/redis:7", "volumes": {{"redisdata": "/data"}}, "health": {{"tcp": 6379}}}}
             }}}}"#
     )
 }
@@ -48,13 +48,14 @@ fn engine_status(id: &str) -> String {
     docker_ok(&["inspect", "-f", "{{.State.Status}}", id])
 }
 
-/// Names of the networks and volumes of this Pipes.
+/// Names of the networks of this Pipes and of its deployments' volumes.
 fn shared(pipes: &Pipes) -> (Vec<String>, Vec<String>) {
     let label = format!("label=pipes.instance={}", pipes.instance);
     let lines = |out: String| out.lines().map(str::to_owned).collect::<Vec<_>>();
     (
         lines(docker_ok(&["network", "ls", "--format", "{{.Name}}", "--filter", &label])),
-        lines(docker_ok(&["volume", "ls", "--format", "{{.Name}}", "--filter", &label])),
+        // Volumes of its deployments: not its claim on the instance name.
+        lines(docker_ok(&["volume", "ls", "--format", "{{.Name}}", "--filter", &label, "--filter", "label=pipes.deployment"])),
     )
 }
 
@@ -122,7 +123,7 @@ async fn an_app_with_postgres_and_redis_lives_and_keeps_its_rows() {
     assert_eq!(container(&pipes, &host).await["services"]["db"]["container"], db_id.as_str(), "the same database container");
 
     // A redeploy of the app joins the same database.
-    f.push("shop", "v1", "v2", "ENV APP_ID=v2");
+    f.push_from(&common::env().app, "shop", "v1", "v2", "ENV APP_ID=v2");
     let (status, body) = api(&pipes, &host, "POST", "/__proxyapi/container/redeploy", None, Some(TOKEN)).await;
     assert_eq!((status, body["changed"].as_bool()), (200, Some(true)), "{body}");
     let after = notes(&pipes, &host).await;

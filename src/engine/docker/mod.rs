@@ -74,6 +74,9 @@ pub struct Docker {
     reach: Reach,
     /// Set once this instance's own network exists (published or bridge mode).
     network: Arc<OnceCell<()>>,
+    /// Held while a deployment's network is looked for and made: engines
+    /// before API 1.44 make a second network of the same name when asked.
+    making_networks: Arc<tokio::sync::Mutex<()>>,
     /// This process, as its claim on the instance name records it.
     holder: Holder,
     hostname: Option<String>,
@@ -88,6 +91,7 @@ impl Docker {
             moby: Moby::new(options),
             reach,
             network: Arc::new(OnceCell::new()),
+            making_networks: Arc::new(tokio::sync::Mutex::new(())),
             holder: Holder::me(options.hostname.as_deref()),
             hostname: options.hostname.clone(),
             in_container: options.in_container,
@@ -599,16 +603,17 @@ struct Seen {
     health: Option<String>,
 }
 
-/// The engine's health check running `cmd`: often while the instance
-/// starts (Pipes waits on it), rarely after.
+/// The engine's health check running `cmd`: every 250 ms while the
+/// instance starts (Pipes waits on it), every second after.
 fn health_config(cmd: &[String]) -> HealthConfig {
     const MS: i64 = 1_000_000;
     HealthConfig {
         test: Some(std::iter::once("CMD".to_owned()).chain(cmd.iter().cloned()).collect()),
-        interval: Some(10_000 * MS),
+        // Engines before API 1.44 know no start interval: the interval is short.
+        interval: Some(1_000 * MS),
         timeout: Some(5_000 * MS),
         retries: Some(3),
         start_period: Some(600_000 * MS),
-        start_interval: Some(500 * MS),
+        start_interval: Some(250 * MS),
     }
 }

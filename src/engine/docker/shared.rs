@@ -39,6 +39,7 @@ impl Docker {
         let docker = self.docker().await?;
         let d = &spec.deployment;
         if spec.network {
+            let _one_at_a_time = self.making_networks.lock().await;
             let name = self.deployment_network(d);
             match docker.inspect_network(&name, None).await {
                 Ok(_) => {}
