@@ -118,8 +118,14 @@ impl Fleet {
                 store.put_tag(d, config).await?;
                 log::info!("{d}: config replaced, recreating its instance");
                 // Removing forgets the remembered failure with the instances.
-                // Services and volumes stay: a service's change waits for a restart.
-                self.operate(d, |deployer, d| async move { deployer.remove(&d).await }).await?;
+                // Services and volumes stay (a service's change waits for a
+                // restart), but for services the config no longer names.
+                self.operate(d, |deployer, d| async move {
+                    deployer.remove(&d).await?;
+                    let config = deployer.effective(&d).await?;
+                    deployer.remove_unconfigured_services(&d, &config).await.map(drop)
+                })
+                .await?;
                 Ok(Applied::Recreated(self.ready(&self.slot(d.as_ref())).await))
             }
             ConfigScope::Repository(d) => {

@@ -41,12 +41,7 @@ impl Deployer {
                 });
             }
         }
-        let existing = self.backend().services(d).await?;
-        // Services no longer configured go; their volumes stay with the deployment.
-        for old in existing.iter().filter(|i| i.service.as_deref().is_none_or(|n| config.service(n).is_none())) {
-            log::info!("{d}: service {} is no longer configured: removing its container", old.service.as_deref().unwrap_or("?"));
-            self.backend().remove(&old.id).await?;
-        }
+        let existing = self.remove_unconfigured_services(d, config).await?;
         let found = |name: &str| existing.iter().find(|i| i.service.as_deref() == Some(name));
         let mut wanted: Vec<String> = config.services.iter().filter(|s| found(&s.name).is_none()).map(|s| self.image_ref(&s.image)).collect();
         wanted.extend(app_image.map(str::to_owned));
@@ -241,6 +236,23 @@ impl Deployer {
             }
         }
         Ok(())
+    }
+
+    /// Removes the containers of `d`'s services that `config` no longer
+    /// names (their volumes stay with the deployment); those left.
+    pub(super) async fn remove_unconfigured_services(&self, d: &Deployment, config: &Effective) -> Result<Vec<Instance>, PipesError> {
+        let (mut kept, mut gone) = (Vec::new(), Vec::new());
+        for i in self.backend().services(d).await? {
+            match i.service.as_deref().and_then(|n| config.service(n)) {
+                Some(_) => kept.push(i),
+                None => gone.push(i),
+            }
+        }
+        for old in gone {
+            log::info!("{d}: service {} is no longer configured: removing its container", old.service.as_deref().unwrap_or("?"));
+            self.backend().remove(&old.id).await?;
+        }
+        Ok(kept)
     }
 
     /// Whether service instance `i` was made from another config than

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::engine::{Backend, EventKind, Instance};
+use crate::fleet::{Applied, ConfigScope};
 
 /// A repository config giving `alice/{repo}` a database and a cache that
 /// needs it, each with a volume, and an idle timeout of 1 s.
@@ -177,4 +178,22 @@ async fn configs_with_services_are_checked_before_they_are_saved() {
     assert_eq!(refused(e), "volumes.data");
     assert!(h.fleet.deployer.store().tag(&d).await.unwrap().is_none(), "nothing refused was saved");
     put(DB_AND_CACHE).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_no_longer_configured_is_removed_and_its_volume_kept() {
+    let h = Harness::new(&[]);
+    let d = with_services(&h, "shop", Behaviour::default());
+    let put = |json: &str| {
+        let (fleet, d, config) = (h.fleet.clone(), d.clone(), DeployConfig::from_json(json.as_bytes()).unwrap());
+        async move { fleet.change_config(ConfigScope::Tag(&d), config).await.unwrap() }
+    };
+    assert!(matches!(put(DB_AND_CACHE).await, Applied::Recreated(Ok(_))));
+    assert_eq!(services_of(&h, &d).len(), 2);
+    assert!(matches!(put(r#"{"services":{"db":{"image":"alice/postgres:15","volumes":{"data":"/data"}}}}"#).await, Applied::Recreated(Ok(_))));
+    let left = services_of(&h, &d);
+    assert_eq!(left.iter().map(|s| s.service.as_deref().unwrap()).collect::<Vec<_>>(), ["db"], "the cache is gone");
+    assert!(matches!(put(r#"{"idle_timeout":"1m"}"#).await, Applied::Recreated(Ok(_))));
+    assert!(services_of(&h, &d).is_empty(), "no service configured, none left");
+    assert!(h.fake.shared(&d).1.contains(&"alice/shop:v1/data".to_owned()), "volumes stay with the deployment");
 }

@@ -69,7 +69,8 @@ function idle(c) {
 function phases(entry) {
   const p = entry.phases;
   if (!p || Object.keys(p).length === 0) return "—";
-  return ["pull", "create", "start", "probe"].filter((k) => k in p).map((k) => `${k} ${p[k]} ms`).join(" · ");
+  // In the order they were told: pulls, each service (service:db), then the app's.
+  return Object.entries(p).map(([k, ms]) => `${k} ${ms} ms`).join(" · ");
 }
 
 // --- rows ------------------------------------------------------------------

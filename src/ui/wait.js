@@ -48,6 +48,8 @@ on("starting", (d) => {
 on("phase", (d) => {
   const upcoming = next[d.phase];
   if (upcoming) phase.textContent = phases[upcoming];
+  // A service beside the app (service:db) is ready; the app starts after the last.
+  if (d.phase.startsWith("service:")) phase.textContent = `service ${d.phase.slice(8)} is ready`;
   if (d.phase === "pull") bar.hidden = true;
 });
 on("pulling", (d) => {
