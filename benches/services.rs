@@ -81,7 +81,7 @@ async fn run(docker: &Docker, label: &HashMap<String, String>, image: &str, netw
 /// The engine's own work for the same three containers, in sequence.
 async fn direct(docker: &Docker, images: &[String; 3], round: usize) -> Duration {
     let run_id = &env().run;
-    let label = HashMap::from([("pipes.test".to_string(), run_id.clone())]);
+    let label = HashMap::from([("pipes.test".to_string(), run_id.clone()), (DIRECT.0.to_string(), DIRECT.1.to_string())]);
     let network = format!("bench-services-{run_id}-{round}");
     let (pgdata, redisdata) = (format!("{network}-pg"), format!("{network}-redis"));
     let probe = reqwest::Client::builder().no_proxy().build().expect("client");
@@ -107,10 +107,13 @@ async fn direct(docker: &Docker, images: &[String; 3], round: usize) -> Duration
     t0.elapsed()
 }
 
+/// The label of what the engine's rounds make (and nothing of Pipes').
+const DIRECT: (&str, &str) = ("pipes.bench", "services-direct");
+
 /// Removes what the engine's rounds made.
 async fn clean(docker: &Docker) {
     for kind in [&["ps", "-aq"][..], &["network", "ls", "-q"], &["volume", "ls", "-q"]] {
-        let filter = format!("label=pipes.test={}", env().run);
+        let filter = format!("label={}={}", DIRECT.0, DIRECT.1);
         let mut args = kind.to_vec();
         args.extend(["--filter", &filter]);
         for id in common::docker_ok(&args).lines() {

@@ -15,6 +15,9 @@ use tokio::time::{sleep, timeout_at, Instant};
 const FIRST_PAUSE: Duration = Duration::from_millis(2);
 /// Longest pause between probes.
 const MAX_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between connection attempts: a refused one costs a reset,
+/// and a database's port is waited on by everything behind it.
+const MAX_CONNECT_PAUSE: Duration = Duration::from_millis(10);
 /// Longest a single probe may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,7 +51,7 @@ pub async fn until_connects(addr: SocketAddr, timeout: Duration) -> bool {
             return false;
         }
         sleep(pause).await;
-        pause = (pause * 3 / 2).min(MAX_PAUSE);
+        pause = (pause * 3 / 2).min(MAX_CONNECT_PAUSE);
     }
 }
 

@@ -81,7 +81,7 @@ impl Deployer {
             let woken = match existing {
                 Some(i) if i.running => Ok(i.clone()),
                 Some(i) if i.paused => self.thaw(&i.id).await,
-                Some(i) => self.backend().start(&i.id).await,
+                Some(i) => self.start_service(d, service, &i.id).await,
                 None => Err(PipesError::Engine { action: "find a service", detail: "none yet".into() }),
             };
             let instance = match (woken, image) {
@@ -133,7 +133,16 @@ impl Deployer {
             return Ok(instance);
         }
         log::info!("{d}: starting service {} ({})", service.name, short_id(&instance.id));
-        self.backend().start(&instance.id).await
+        self.start_service(d, service, &instance.id).await
+    }
+
+    /// Starts service `id` within its health timeout: a backend may call a
+    /// task with a health check started only once it is healthy (Swarm).
+    async fn start_service(&self, d: &Deployment, service: &Service, id: &str) -> Result<Instance, PipesError> {
+        match tokio::time::timeout(service.timeout, self.backend().start(id)).await {
+            Ok(started) => started,
+            Err(_) => Err(PipesError::ServiceUnhealthy { deployment: d.to_string(), service: service.name.clone(), timeout: service.timeout, probed: "start".into() }),
+        }
     }
 
     /// Waits until `instance` of `service` passes its check; fails when it

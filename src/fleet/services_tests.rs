@@ -197,3 +197,24 @@ async fn a_service_no_longer_configured_is_removed_and_its_volume_kept() {
     assert!(services_of(&h, &d).is_empty(), "no service configured, none left");
     assert!(h.fake.shared(&d).1.contains(&"alice/shop:v1/data".to_owned()), "volumes stay with the deployment");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_service_config_change_waits_for_a_restart_which_keeps_its_volume() {
+    let h = Harness::new(&[]);
+    let d = with_services(&h, "shop", Behaviour::default());
+    configure(&h, &d, DB_AND_CACHE).await;
+    h.ready(&d).await.unwrap();
+    let before = services_of(&h, &d);
+    configure(&h, &d, &DB_AND_CACHE.replace(r#""health":{"tcp":5432}"#, r#""health":{"tcp":5432},"env":{"MODE":"new"}"#)).await;
+    let status = h.fleet.status(&d).await.unwrap();
+    let pending: Vec<(Option<&str>, bool)> = status.services.iter().map(|(s, pending)| (s.service.as_deref(), *pending)).collect();
+    assert!(pending.contains(&(Some("db"), true)) && pending.contains(&(Some("cache"), false)), "{pending:?}");
+    assert_eq!(services_of(&h, &d), before, "nothing is restarted by the change itself");
+
+    h.fleet.restart(&d).await.unwrap();
+    let after = services_of(&h, &d);
+    assert_ne!(after[1].id, before[1].id, "the database is made anew");
+    assert_eq!(after[0].id, before[0].id, "the cache, unchanged, is left as it is");
+    assert!(after.iter().all(|s| s.running));
+    assert!(h.fake.shared(&d).1.contains(&"alice/shop:v1/data".to_owned()), "its volume is kept");
+}

@@ -46,8 +46,6 @@ struct Subject {
     /// Whether this process can connect to instances at their addresses
     /// (not to a Swarm's overlay network from the host).
     reachable: bool,
-    /// Whether it runs services and volumes beside an app.
-    services: bool,
 }
 
 impl Subject {
@@ -146,11 +144,7 @@ async fn keeps_the_contract(s: &Subject) {
     images(s).await;
     lifecycle(s).await;
     a_crash_is_reported(s).await;
-    if s.services {
-        services_and_volumes(s).await;
-    } else {
-        services_are_refused(s).await;
-    }
+    services_and_volumes(s).await;
     if s.reachable {
         the_spec_port_is_where_it_answers(s).await;
     }
@@ -304,16 +298,6 @@ async fn services_and_volumes(s: &Subject) {
     b.remove_shared(&d, false).await.expect("removing what is gone is no error");
 }
 
-/// A backend without services says so when asked to make one.
-async fn services_are_refused(s: &Subject) {
-    let b = &*s.backend;
-    let d = s.deployment("no-services");
-    let image = pulled(b, &s.serving).await;
-    let refused = b.create(&service_spec(&d, "db", &s.serving, &image)).await.expect_err("a service is refused");
-    assert_eq!(refused.kind(), "unservable", "{refused}");
-    assert!(b.services(&d).await.expect("services").is_empty());
-}
-
 async fn the_spec_port_is_where_it_answers(s: &Subject) {
     let b = &*s.backend;
     let d = s.deployment("elsewhere");
@@ -332,10 +316,8 @@ async fn an_engine_out_of_reach_is_a_503(s: &Subject) {
     assert_eq!(status(down.describe().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.list().await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.instances(&d).await.map(drop).map_err(|e| e.status())), 503);
-    if s.services {
-        assert_eq!(status(down.services(&d).await.map(drop).map_err(|e| e.status())), 503);
-        assert_eq!(status(down.volumes(&d).await.map(drop).map_err(|e| e.status())), 503);
-    }
+    assert_eq!(status(down.services(&d).await.map(drop).map_err(|e| e.status())), 503);
+    assert_eq!(status(down.volumes(&d).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.images().image(&s.serving).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.images().pull(&s.serving, &|_, _| {}).await.map(drop).map_err(|e| e.status())), 503);
     let image = Image { id: "sha256:0".into(), digest: None, exposed_tcp: Vec::new() };
@@ -366,7 +348,6 @@ async fn the_fake_keeps_the_contract() {
         crashing: crashing.into(),
         missing: "registry.test/contract/missing:v1".into(),
         reachable: true,
-        services: true,
     };
     keeps_the_contract(&subject).await;
 }
@@ -452,7 +433,6 @@ async fn docker_keeps_the_contract() {
         crashing,
         missing,
         reachable: true,
-        services: true,
     };
     keeps_the_contract(&subject).await;
 }
@@ -478,7 +458,6 @@ async fn swarm_keeps_the_contract() {
         missing,
         // Tasks answer on the overlay network, which this process is not on.
         reachable: false,
-        services: false,
     };
     keeps_the_contract(&subject).await;
 }

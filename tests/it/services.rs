@@ -183,3 +183,59 @@ async fn services_are_refused_when_not_allowed_and_a_crash_is_a_502_with_its_log
     let services = docker_ok(&["ps", "-aq", "--filter", &format!("label=pipes.instance={}", pipes.instance), "--filter", "label=pipes.service"]);
     assert_eq!(services.lines().count(), pipes.containers().len(), "no app container without its services");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_swarm_services_share_an_overlay_and_a_volume_pins_its_service() {
+    if common::no_swarm() {
+        return;
+    }
+    let mut f = published();
+    let mut created = crate::swarm::Created::default();
+    created.instance = common::unique("svc");
+    let image = common::build_pipes_image();
+    created.image = Some(image.clone());
+    created.network = Some(common::network("pipes-services-overlay", &["-d", "overlay", "--attachable"]));
+    let (_, port) = crate::swarm::run_replica(&mut created, &image, &[]);
+    common::until_answering(port).await;
+    let host = f.host("shop", "v1", DOMAIN);
+    let client = common::client_for(&host, port);
+    let url = |path: &str| format!("http://{host}:{port}{path}");
+    let call = |method: &str, path: &str, body: Option<String>| {
+        let mut req = client.request(method.parse().expect("method"), url(path)).bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        async move { json(req.send().await.expect("answer")).await }
+    };
+    let (status, body) = call("PUT", "/__proxyapi/repository/config", Some(config(&f.user, "10m"))).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = json(client.get(url("/")).send().await.expect("answer")).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = client.post(url("/notes")).body("on a swarm").send().await.expect("answer");
+    assert_eq!(resp.status().as_u16(), 201, "{}", resp.text().await.unwrap_or_default());
+    let (status, notes) = json(client.get(url("/notes")).send().await.expect("answer")).await;
+    assert_eq!((status, notes["notes"].clone()), (200, serde_json::json!(["on a swarm"])), "{notes}");
+
+    let (status, state) = call("GET", "/__proxyapi/container", None).await;
+    assert_eq!(status, 200, "{state}");
+    let db = state["services"]["db"]["container"].as_str().expect("db's service").to_owned();
+    let cache = state["services"]["cache"]["container"].as_str().expect("cache's service").to_owned();
+    let constraints = |id: &str| docker_ok(&["service", "inspect", "-f", "{{json .Spec.TaskTemplate.Placement.Constraints}}", id]);
+    let node = docker_ok(&["info", "-f", "{{.Swarm.NodeID}}"]);
+    assert_eq!(constraints(&db).trim(), format!("[\"node.id=={}\"]", node.trim()), "the database is pinned to its volume's node");
+    assert_eq!(constraints(&cache).trim(), "null", "the cache has no volume to hold it anywhere");
+    f.push_from(&common::env().app, "shop", "v1", "v2", "ENV APP_ID=v2");
+    let (status, body) = call("POST", "/__proxyapi/container/redeploy", None).await;
+    assert_eq!((status, body["changed"].as_bool()), (200, Some(true)), "{body}");
+    let (_, notes) = json(client.get(url("/notes")).send().await.expect("answer")).await;
+    assert_eq!((notes["app"].as_str(), notes["notes"].clone()), (Some("v2"), serde_json::json!(["on a swarm"])), "{notes}");
+
+    let (status, body) = call("DELETE", "/__proxyapi/container", None).await;
+    assert_eq!(status, 200, "{body}");
+    let label = format!("label=pipes.deployment={}/shop:v1", f.user);
+    eventually("no service, network or volume of the deployment is left", Duration::from_secs(30), || async {
+        ["service", "network", "volume"].iter().all(|kind| docker_ok(&[kind, "ls", "-q", "--filter", &label]).trim().is_empty())
+    })
+    .await;
+}

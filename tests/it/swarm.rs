@@ -14,11 +14,11 @@ const TOKEN: &str = "swarm-test-token-0123456789";
 
 /// Everything the test creates on the engine, removed on drop (also on failure).
 #[derive(Default)]
-struct Created {
-    replicas: Vec<String>,
-    instance: String,
-    network: Option<String>,
-    image: Option<String>,
+pub(crate) struct Created {
+    pub(crate) replicas: Vec<String>,
+    pub(crate) instance: String,
+    pub(crate) network: Option<String>,
+    pub(crate) image: Option<String>,
 }
 
 impl Drop for Created {
@@ -36,6 +36,21 @@ impl Drop for Created {
         }
         for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
             let _ = docker(&["config", "rm", &id]);
+        }
+        // Deployments' networks and volumes, once their tasks are gone.
+        for _ in 0..50 {
+            let networks = lines(&docker(&["network", "ls", "-q", "--filter", &label]));
+            let volumes = lines(&docker(&["volume", "ls", "-q", "--filter", &label]));
+            if networks.is_empty() && volumes.is_empty() {
+                break;
+            }
+            for id in networks {
+                let _ = docker(&["network", "rm", &id]);
+            }
+            for id in volumes {
+                let _ = docker(&["volume", "rm", &id]);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
         if let Some(n) = &self.network {
             // The network is in use until the services' tasks are gone.
@@ -58,7 +73,7 @@ fn lines(out: &std::process::Output) -> Vec<String> {
 
 /// One Pipes replica of `created.instance` on the overlay network; its
 /// 127.0.0.1 port.
-fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (String, u16) {
+pub(crate) fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]) -> (String, u16) {
     let e = env();
     let name = unique("pipes-replica");
     let network = created.network.clone().expect("network");

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
 use bollard::models::{
-    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, HealthConfig,
+    ContainerCreateBody, ContainerInspectResponse, ContainerStateStatusEnum, ContainerSummary, ContainerSummaryStateEnum, EndpointSettings, 
     HealthStatusEnum, HostConfig, Mount, MountType, NetworkCreateRequest, NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
@@ -37,7 +37,7 @@ use tokio::sync::OnceCell;
 
 use super::moby::events::event_of;
 use super::moby::logs::log_options;
-use super::moby::{grace_secs, Moby};
+use super::moby::{grace_secs, health_config, Moby, NetworkKind};
 use super::{
     generation_of, short_id, Backend, Claims, Event, Images, Instance, Pausing, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
     LABEL_IDENTITY, LABEL_PORT, LABEL_SERVICE,
@@ -49,7 +49,6 @@ use crate::route::Deployment;
 pub use super::moby::DockerOptions;
 
 mod claim;
-mod shared;
 use claim::Holder;
 
 /// How Pipes reaches the containers it starts.
@@ -74,9 +73,6 @@ pub struct Docker {
     reach: Reach,
     /// Set once this instance's own network exists (published or bridge mode).
     network: Arc<OnceCell<()>>,
-    /// Held while a deployment's network is looked for and made: engines
-    /// before API 1.44 make a second network of the same name when asked.
-    making_networks: Arc<tokio::sync::Mutex<()>>,
     /// This process, as its claim on the instance name records it.
     holder: Holder,
     hostname: Option<String>,
@@ -91,7 +87,6 @@ impl Docker {
             moby: Moby::new(options),
             reach,
             network: Arc::new(OnceCell::new()),
-            making_networks: Arc::new(tokio::sync::Mutex::new(())),
             holder: Holder::me(options.hostname.as_deref()),
             hostname: options.hostname.clone(),
             in_container: options.in_container,
@@ -258,20 +253,25 @@ impl Docker {
         seen: Seen,
         labels: &HashMap<String, String>,
         host_port: impl FnOnce(u16) -> Option<u16>,
-        network_ip: impl FnOnce(&str) -> Option<IpAddr>,
+        network_ip: impl Fn(&str) -> Option<IpAddr>,
     ) -> Option<Instance> {
         let Seen { id, running, paused, exit_code, started_at, health } = seen;
         let deployment = Deployment::parse(labels.get(LABEL_DEPLOYMENT)?)?;
         let service = labels.get(LABEL_SERVICE).cloned();
         let port: Option<u16> = labels.get(LABEL_PORT).and_then(|p| p.parse().ok());
         // A paused container keeps its address for when it is thawed. A
-        // service is reached on its deployment's network (port 0: no port to reach).
+        // service, and an app with services, is reached on its deployment's
+        // network (port 0: no port to reach).
         let address = match (port.filter(|p| *p != 0), running || paused) {
             (Some(port), true) => match (&self.reach, &service) {
                 (Reach::Published, _) => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
-                (_, Some(_)) => network_ip(&self.deployment_network(&deployment)).map(|ip| SocketAddr::new(ip, port)),
-                (Reach::Bridge, None) => network_ip(&self.instance_network()).map(|ip| SocketAddr::new(ip, port)),
-                (Reach::Network(name), None) => network_ip(name).map(|ip| SocketAddr::new(ip, port)),
+                (_, Some(_)) => network_ip(&self.moby.deployment_network(&deployment)).map(|ip| SocketAddr::new(ip, port)),
+                (Reach::Bridge, None) => {
+                    network_ip(&self.instance_network()).or_else(|| network_ip(&self.moby.deployment_network(&deployment))).map(|ip| SocketAddr::new(ip, port))
+                }
+                (Reach::Network(name), None) => {
+                    network_ip(name).or_else(|| network_ip(&self.moby.deployment_network(&deployment))).map(|ip| SocketAddr::new(ip, port))
+                }
             },
             _ => None,
         };
@@ -310,12 +310,15 @@ impl Docker {
             host_config.port_bindings = Some(HashMap::from([(port_key.clone(), Some(vec![binding]))]));
         }
         // A service lives on its deployment's network alone, known by its
-        // name; the app on the network Pipes reaches it by (and joins its
-        // deployment's before it starts).
+        // name, and so does an app with services: Pipes reaches that network
+        // as it reaches its own (from this host's bridges, at a published
+        // port, or by joining it), and the deployment is isolated there. An
+        // app without services is on the network Pipes reaches it by.
         let (network, endpoint) = match (&spec.service, &self.reach) {
             (Some(name), _) => {
-                (self.deployment_network(&spec.deployment), EndpointSettings { aliases: Some(vec![name.clone()]), ..EndpointSettings::default() })
+                (self.moby.deployment_network(&spec.deployment), EndpointSettings { aliases: Some(vec![name.clone()]), ..EndpointSettings::default() })
             }
+            (None, _) if spec.network => (self.moby.deployment_network(&spec.deployment), EndpointSettings::default()),
             (None, Reach::Published | Reach::Bridge) => (self.instance_network(), EndpointSettings::default()),
             (None, Reach::Network(name)) => (name.clone(), EndpointSettings::default()),
         };
@@ -326,7 +329,7 @@ impl Docker {
                 .iter()
                 .map(|(name, path)| Mount {
                     target: Some(path.clone()),
-                    source: Some(self.volume_name(&spec.deployment, name)),
+                    source: Some(self.moby.volume_name(&spec.deployment, name)),
                     typ: Some(MountType::VOLUME),
                     ..Mount::default()
                 })
@@ -353,6 +356,16 @@ impl Docker {
             networking_config: networking,
             healthcheck: spec.health_cmd.as_deref().map(health_config),
             ..Default::default()
+        }
+    }
+
+    /// Pipes' own container when it runs in one of this engine's and
+    /// reaches containers on a network: it joins each deployment's network
+    /// to check its services.
+    fn pipes_container(&self) -> Option<&str> {
+        match (&self.reach, &self.hostname) {
+            (Reach::Network(_), Some(me)) => Some(me),
+            _ => None,
         }
     }
 
@@ -455,11 +468,11 @@ impl Backend for Docker {
     }
 
     async fn volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError> {
-        self.deployment_volumes(d).await
+        self.moby.deployment_volumes(d).await
     }
 
     async fn remove_shared(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
-        self.remove_deployment_shared(d, keep_volumes).await
+        self.moby.remove_shared(d, keep_volumes, self.pipes_container()).await
     }
 
     fn images(&self) -> &dyn Images {
@@ -467,10 +480,10 @@ impl Backend for Docker {
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
-        if spec.service.is_none() {
+        if !spec.network {
             self.ensure_network().await?;
         }
-        self.ensure_shared(spec).await?;
+        self.moby.ensure_shared(spec, NetworkKind::Bridge, self.pipes_container()).await?;
         let name = self.container_name(spec);
         // Another attempt only after a same-named container left: removed by
         // Pipes (made from another spec) or by someone else.
@@ -479,13 +492,6 @@ impl Backend for Docker {
             match self.docker().await?.create_container(Some(options), self.create_body(spec)).await {
                 Ok(created) => {
                     log::info!("{}: created container {} ({} port {})", spec.deployment, short_id(&created.id), spec.image, spec.port);
-                    if spec.network && spec.service.is_none() {
-                        // Before it starts, so the app finds its services from its first line on.
-                        if let Err(e) = self.join_deployment_network(&created.id, &spec.deployment).await {
-                            let _ = self.remove(&created.id).await;
-                            return Err(e);
-                        }
-                    }
                     return Ok(Instance::created(created.id, spec));
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -601,19 +607,4 @@ struct Seen {
     exit_code: Option<i64>,
     started_at: Option<String>,
     health: Option<String>,
-}
-
-/// The engine's health check running `cmd`: every 250 ms while the
-/// instance starts (Pipes waits on it), every second after.
-fn health_config(cmd: &[String]) -> HealthConfig {
-    const MS: i64 = 1_000_000;
-    HealthConfig {
-        test: Some(std::iter::once("CMD".to_owned()).chain(cmd.iter().cloned()).collect()),
-        // Engines before API 1.44 know no start interval: the interval is short.
-        interval: Some(1_000 * MS),
-        timeout: Some(5_000 * MS),
-        retries: Some(3),
-        start_period: Some(600_000 * MS),
-        start_interval: Some(250 * MS),
-    }
 }

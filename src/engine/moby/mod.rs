@@ -2,7 +2,8 @@
 //! engine runs containers or a swarm): the connection, made on first use and
 //! kept; engine errors turned into [`PipesError`]s with the registry password
 //! scrubbed; the labels every instance carries; images and pulls
-//! (`images.rs`); events (`events.rs`); logs (`logs.rs`).
+//! (`images.rs`); events (`events.rs`); logs (`logs.rs`); a deployment's
+//! network and volumes (`shared.rs`).
 //!
 //! [`Docker`](super::docker::Docker) and [`Swarm`](super::swarm::Swarm) each
 //! hold a [`Moby`]; neither borrows from the other.
@@ -10,6 +11,9 @@
 pub(super) mod events;
 mod images;
 pub(super) mod logs;
+mod shared;
+
+pub use shared::NetworkKind;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
+use bollard::models::HealthConfig;
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
@@ -64,6 +69,8 @@ pub struct Moby {
     password: Option<Secret>,
     /// Caps pulls under way at once (`PIPES_MAX_PULLS`).
     pulls: Arc<Semaphore>,
+    /// Held while a deployment's network is looked for and made.
+    making_shared: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Moby {
@@ -85,6 +92,7 @@ impl Moby {
             registry_host: options.registry_host.clone(),
             password: options.auth.as_ref().map(|a| a.password.clone()),
             pulls: Arc::new(Semaphore::new(options.max_pulls)),
+            making_shared: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -173,4 +181,19 @@ pub fn not_found(e: &DockerError) -> bool {
 /// The engine takes whole seconds.
 pub fn grace_secs(grace: Duration) -> i32 {
     i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)
+}
+
+/// The engine's health check running `cmd`: every 250 ms while the
+/// instance starts (Pipes waits on it), every second after.
+pub fn health_config(cmd: &[String]) -> HealthConfig {
+    const MS: i64 = 1_000_000;
+    HealthConfig {
+        test: Some(std::iter::once("CMD".to_owned()).chain(cmd.iter().cloned()).collect()),
+        // Engines before API 1.44 know no start interval: the interval is short.
+        interval: Some(1_000 * MS),
+        timeout: Some(5_000 * MS),
+        retries: Some(3),
+        start_period: Some(600_000 * MS),
+        start_interval: Some(250 * MS),
+    }
 }

@@ -24,6 +24,13 @@
 //!   manager), with the registry credentials passed on to the service
 //!   (`X-Registry-Auth`), so every node can pull the pinned digest.
 //!
+//! - Services beside a deployment (a database, a cache) are Swarm services
+//!   too, on the deployment's own attachable overlay network, known there by
+//!   their names; the app joins both networks. Pipes' own container joins
+//!   the deployment's network to check them. A service (or app) with volumes
+//!   is pinned to the node of the engine Pipes talks to, where its volumes
+//!   are made.
+//!
 //! Swarm cannot pause a service (it offers no [`Pausing`](super::Pausing)):
 //! `idle_action: pause` stops it instead.
 
@@ -42,15 +49,15 @@ use hickory_resolver::TokioResolver;
 
 use super::moby::events::{since_param, time_nano};
 use super::moby::logs::log_options;
-use super::moby::{DockerOptions, Moby};
+use super::moby::{DockerOptions, Moby, NetworkKind};
 use super::{
     short_id, Backend, Event, EventKind, Images, Instance, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
-    LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT,
+    LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT, LABEL_SERVICE,
 };
 use crate::clock::unix_ms as now_ms;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use service::{alive, created, deployment_of, ended, replicas, running_task, runs, scale_to_zero, service_spec, task_event};
+use service::{alive, created, deployment_of, ended, is_service, replicas, running_task, runs, scale_to_zero, service_spec, task_event};
 
 mod service;
 
@@ -101,9 +108,12 @@ pub struct Swarm {
     /// Resolves `tasks.<service>` through the engine's DNS (the container's
     /// `/etc/resolv.conf`).
     resolver: Arc<Mutex<Option<TokioResolver>>>,
-    /// Deployments of services seen, by service id: a removed service's
-    /// event names only its id.
-    known: Arc<Mutex<HashMap<String, Deployment>>>,
+    /// Deployments (and the service beside one, if it is one) of services
+    /// seen, by service id: a removed service's event names only its id.
+    known: Arc<Mutex<HashMap<String, Known>>>,
+    /// Pipes' own container, when it runs in one: it joins deployments'
+    /// networks to check their services.
+    container: Option<String>,
     /// This engine's node id in the swarm.
     node: Arc<tokio::sync::OnceCell<String>>,
 }
@@ -124,6 +134,7 @@ impl Swarm {
             replica,
             resolver: Arc::new(Mutex::new(None)),
             known: Arc::new(Mutex::new(HashMap::new())),
+            container: options.hostname.clone().filter(|_| options.in_container),
             node: Arc::new(tokio::sync::OnceCell::new()),
         }
     }
@@ -147,7 +158,7 @@ impl Swarm {
         let mut known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
         for s in &services {
             if let (Some(id), Some(d)) = (&s.id, deployment_of(s)) {
-                known.insert(id.clone(), d);
+                known.insert(id.clone(), (d, service_label(s)));
             }
         }
         Ok(services)
@@ -197,7 +208,7 @@ impl Swarm {
         Some(Instance {
             id: service.id.clone()?,
             deployment,
-            service: None,
+            service: labels.get(LABEL_SERVICE).cloned(),
             running,
             paused: false,
             exit_code,
@@ -209,7 +220,8 @@ impl Swarm {
             digest: labels.get(LABEL_DIGEST).cloned(),
             image_id: labels.get(LABEL_IMAGE_ID).cloned(),
             config: labels.get(LABEL_CONFIG).cloned(),
-            health: None,
+            // Swarm calls a task with a health check running once it is healthy.
+            health: has_health_check(service).then(|| if running { "healthy" } else { "starting" }.to_owned()),
         })
     }
 
@@ -219,8 +231,13 @@ impl Swarm {
     /// runs). The DNS also names a task that is still stopping, so the
     /// container is asked where it can be.
     async fn addressed(&self, mut instance: Instance, name: &str, task: Option<&Task>) -> Instance {
-        let Some(port) = instance.port.filter(|_| instance.running) else { return instance };
-        match self.local(task).await {
+        let Some(port) = instance.port.filter(|p| *p != 0 && instance.running) else { return instance };
+        // A service is on its deployment's network only.
+        let network = match instance.service {
+            Some(_) => self.moby.deployment_network(&instance.deployment),
+            None => self.network.clone(),
+        };
+        match self.local(task, &network).await {
             Local::At(ip) => {
                 instance.address = Some(SocketAddr::new(ip, port));
                 return instance;
@@ -249,8 +266,8 @@ impl Swarm {
         }
     }
 
-    /// Where `task`'s container answers on `PIPES_NETWORK`, if it is on this node.
-    async fn local(&self, task: Option<&Task>) -> Local {
+    /// Where `task`'s container answers on `network`, if it is on this node.
+    async fn local(&self, task: Option<&Task>, network: &str) -> Local {
         let (Some(task), Some(node)) = (task, self.node_id().await) else { return Local::Elsewhere };
         let container = task.status.as_ref().and_then(|s| s.container_status.as_ref()?.container_id.clone());
         let (Some(container), true) = (container, task.node_id.as_deref() == Some(node.as_str())) else { return Local::Elsewhere };
@@ -260,7 +277,7 @@ impl Swarm {
         if !state.running.unwrap_or(false) {
             return Local::Exited(state.exit_code.unwrap_or(0));
         }
-        let ip = inspected.network_settings.and_then(|n| n.networks?.get(&self.network)?.ip_address.as_deref()?.parse().ok());
+        let ip = inspected.network_settings.and_then(|n| n.networks?.get(network)?.ip_address.as_deref()?.parse().ok());
         ip.map_or(Local::Elsewhere, Local::At)
     }
 
@@ -417,7 +434,7 @@ impl Backend for Swarm {
     }
 
     async fn instances(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
-        let services = self.swarm_services(Some(d)).await?;
+        let services = self.swarm_services(Some(d)).await?.into_iter().filter(|s| !is_service(s)).collect();
         self.instances_of(services, true).await
     }
 
@@ -425,26 +442,27 @@ impl Backend for Swarm {
         &self.moby
     }
 
-    async fn services(&self, _d: &Deployment) -> Result<Vec<Instance>, PipesError> {
-        Ok(Vec::new())
+    async fn services(&self, d: &Deployment) -> Result<Vec<Instance>, PipesError> {
+        let services = self.swarm_services(Some(d)).await?.into_iter().filter(is_service).collect();
+        self.instances_of(services, true).await
     }
 
-    async fn volumes(&self, _d: &Deployment) -> Result<Vec<String>, PipesError> {
-        Ok(Vec::new())
+    async fn volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError> {
+        self.moby.deployment_volumes(d).await
     }
 
-    async fn remove_shared(&self, _d: &Deployment, _keep_volumes: bool) -> Result<(), PipesError> {
-        Ok(())
+    async fn remove_shared(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
+        self.moby.remove_shared(d, keep_volumes, self.container.as_deref()).await
     }
 
     async fn create(&self, spec: &Spec) -> Result<Instance, PipesError> {
-        if spec.network || spec.service.is_some() || !spec.volumes.is_empty() {
-            return Err(PipesError::Unservable {
-                deployment: spec.deployment.to_string(),
-                reason: "services and volumes are not available on the Swarm backend yet; remove them from its config".into(),
-            });
-        }
-        let service_spec = service_spec(&self.moby, &self.network, spec);
+        self.moby.ensure_shared(spec, NetworkKind::Overlay, self.container.as_deref()).await?;
+        // Volumes are made on this engine's node: what mounts them runs there.
+        let pin = match spec.volumes.is_empty() {
+            true => None,
+            false => Some(self.node_id().await.ok_or_else(|| PipesError::EngineUnavailable { reason: "the engine names no node of its swarm".into() })?),
+        };
+        let service_spec = service_spec(&self.moby, &self.network, spec, pin.as_deref());
         let name = service_spec.name.clone().unwrap_or_default();
         for _ in 0..3 {
             let created = self.client().await?.create_service(service_spec.clone(), self.moby.credentials()).await;
@@ -452,7 +470,7 @@ impl Backend for Swarm {
                 Ok(answer) => {
                     let id = answer.id.unwrap_or_else(|| name.clone());
                     log::info!("{}: created service {name} ({} port {})", spec.deployment, spec.image, spec.port);
-                    self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), spec.deployment.clone());
+                    self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), (spec.deployment.clone(), spec.service.clone()));
                     return Ok(Instance::created(id, spec));
                 }
                 Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {
@@ -632,24 +650,38 @@ impl Swarm {
             _ => return None,
         };
         let known = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned();
-        let deployment = match (known, &kind) {
-            (Some(d), EventKind::Destroyed) => {
+        let (deployment, service) = match (known, &kind) {
+            (Some(known), EventKind::Destroyed) => {
                 self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                d
+                known
             }
-            (Some(d), _) => d,
+            (Some(known), _) => known,
             // A removed service cannot be asked about any more; the reconcile covers it.
             (None, EventKind::Destroyed) => return None,
             (None, _) => {
                 let service = self.service(&id).await.ok()??;
                 let labels = service.spec.as_ref()?.labels.as_ref()?;
                 (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
-                let d = deployment_of(&service)?;
-                self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), d.clone());
-                d
+                let known = (deployment_of(&service)?, service_label(&service));
+                self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), known.clone());
+                known
             }
         };
         let time_nano = time_nano(message.time_nano, message.time);
-        Some(Event { id, deployment: Some(deployment), service: None, kind, time_nano })
+        Some(Event { id, deployment: Some(deployment), service, kind, time_nano })
     }
+}
+
+/// A service's deployment, and the service beside it that it is, if one.
+type Known = (Deployment, Option<String>);
+
+/// The service beside a deployment that `service` is, if one.
+fn service_label(service: &Service) -> Option<String> {
+    service.spec.as_ref()?.labels.as_ref()?.get(LABEL_SERVICE).cloned()
+}
+
+/// Whether `service`'s tasks run a health check.
+fn has_health_check(service: &Service) -> bool {
+    let check = service.spec.as_ref().and_then(|s| s.task_template.as_ref()?.container_spec.as_ref()?.health_check.as_ref()?.test.as_ref());
+    check.is_some_and(|test| test.first().is_some_and(|t| t != "NONE"))
 }

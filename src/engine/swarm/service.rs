@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use bollard::models::{
-    EndpointSpec, EndpointSpecModeEnum, EventMessage, Limit, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode, ServiceSpecModeReplicated, Task,
-    TaskSpec, TaskSpecContainerSpec, TaskSpecResources, TaskSpecRestartPolicy, TaskSpecRestartPolicyConditionEnum, TaskState,
+    EndpointSpec, EndpointSpecModeEnum, EventMessage, Limit, Mount, MountType, NetworkAttachmentConfig, Service, ServiceSpec, ServiceSpecMode,
+    ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
+    TaskSpecRestartPolicyConditionEnum, TaskState,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -13,13 +14,13 @@ use super::{LABEL_IMAGE_ID, LABEL_SERVICE_ID};
 use crate::config::Restart;
 use crate::engine::generation_of;
 use crate::engine::moby::events::event_of;
-use crate::engine::moby::grace_secs;
-use crate::engine::moby::Moby;
-use crate::engine::{Event, Spec, LABEL_DEPLOYMENT};
+use crate::engine::moby::{grace_secs, health_config, Moby};
+use crate::engine::{Event, Spec, LABEL_DEPLOYMENT, LABEL_SERVICE};
 use crate::route::Deployment;
 
-/// The spec of a new service for `spec` on `network`, with no replica yet.
-pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec) -> ServiceSpec {
+/// The spec of a new service for `spec` on `network`, with no replica yet;
+/// pinned to node `pin` if given (it holds the volumes).
+pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec, pin: Option<&str>) -> ServiceSpec {
     let mut labels = moby.labels(spec);
     labels.insert(LABEL_IMAGE_ID.into(), spec.image_id.clone());
     // Pinned to the digest, so that every node runs the same image.
@@ -32,8 +33,24 @@ pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec) -> ServiceSp
         Restart::OnFailure => TaskSpecRestartPolicyConditionEnum::ON_FAILURE,
         Restart::Always | Restart::UnlessStopped => TaskSpecRestartPolicyConditionEnum::ANY,
     };
+    // A service is on its deployment's network alone, known there by its
+    // name; the app on PIPES_NETWORK, and on its deployment's when it has services.
+    let own = || NetworkAttachmentConfig { target: Some(moby.deployment_network(&spec.deployment)), aliases: spec.service.clone().map(|s| vec![s]), ..Default::default() };
+    let networks = match (&spec.service, spec.network) {
+        (Some(_), _) => vec![own()],
+        (None, joins) => std::iter::once(NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }).chain(joins.then(own)).collect(),
+    };
+    let mounts: Vec<Mount> = spec
+        .volumes
+        .iter()
+        .map(|(name, path)| Mount { target: Some(path.clone()), source: Some(moby.volume_name(&spec.deployment, name)), typ: Some(MountType::VOLUME), ..Default::default() })
+        .collect();
+    let name = match &spec.service {
+        Some(service) => dns_name(&format!("{}-{}-{}-{}-svc-{service}", moby.instance(), spec.deployment.user, spec.deployment.repo, spec.deployment.tag)),
+        None => service_name(moby.instance(), &spec.deployment, spec.digest.as_deref()),
+    };
     ServiceSpec {
-        name: Some(service_name(moby.instance(), &spec.deployment, spec.digest.as_deref())),
+        name: Some(name),
         labels: Some(labels.clone()),
         task_template: Some(TaskSpec {
             container_spec: Some(TaskSpecContainerSpec {
@@ -44,8 +61,11 @@ pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec) -> ServiceSp
                 args: spec.cmd.clone(),
                 capability_drop: Some(vec!["ALL".into()]),
                 capability_add: Some(spec.capabilities.clone()),
+                mounts: (!mounts.is_empty()).then_some(mounts),
+                health_check: spec.health_cmd.as_deref().map(health_config),
                 ..Default::default()
             }),
+            placement: pin.map(|node| TaskSpecPlacement { constraints: Some(vec![format!("node.id=={node}")]), ..Default::default() }),
             resources: Some(TaskSpecResources {
                 limits: Some(Limit {
                     nano_cpus: Some((spec.cpus * 1e9).round() as i64),
@@ -55,7 +75,7 @@ pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec) -> ServiceSp
                 ..Default::default()
             }),
             restart_policy: Some(TaskSpecRestartPolicy { condition: Some(condition), ..Default::default() }),
-            networks: Some(vec![NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }]),
+            networks: Some(networks),
             ..Default::default()
         }),
         mode: Some(ServiceSpecMode { replicated: Some(ServiceSpecModeReplicated { replicas: Some(0) }), ..Default::default() }),
@@ -116,6 +136,11 @@ pub(super) fn runs(task: &Task) -> bool {
     task.desired_state == Some(TaskState::RUNNING) && task.status.as_ref().and_then(|s| s.state) == Some(TaskState::RUNNING)
 }
 
+/// Whether `service` is a service beside a deployment's app.
+pub(super) fn is_service(service: &Service) -> bool {
+    service.spec.as_ref().and_then(|s| s.labels.as_ref()).is_some_and(|l| l.contains_key(LABEL_SERVICE))
+}
+
 pub(super) fn deployment_of(service: &Service) -> Option<Deployment> {
     Deployment::parse(service.spec.as_ref()?.labels.as_ref()?.get(LABEL_DEPLOYMENT)?)
 }
@@ -125,7 +150,11 @@ pub(super) fn deployment_of(service: &Service) -> Option<Deployment> {
 /// readable name when it is one, else its cleaned start and a hash.
 pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
     let generation = digest.map(generation_of).unwrap_or("local");
-    let wanted = format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag);
+    dns_name(&format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag))
+}
+
+/// `wanted` when it is a DNS label, else its cleaned start and a hash.
+fn dns_name(wanted: &str) -> String {
     let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
     if clean == wanted && clean.len() <= 63 {
         return clean;
