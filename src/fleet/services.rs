@@ -141,7 +141,9 @@ impl Deployer {
     async fn start_service(&self, d: &Deployment, service: &Service, id: &str) -> Result<Instance, PipesError> {
         match tokio::time::timeout(service.timeout, self.backend().start(id)).await {
             Ok(started) => started,
-            Err(_) => Err(PipesError::ServiceUnhealthy { deployment: d.to_string(), service: service.name.clone(), timeout: service.timeout, probed: "start".into() }),
+            Err(_) => {
+                Err(PipesError::ServiceUnhealthy { deployment: d.to_string(), service: service.name.clone(), timeout: service.timeout, probed: "start".into() })
+            }
         }
     }
 

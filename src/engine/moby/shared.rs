@@ -66,8 +66,13 @@ impl Moby {
                         NetworkKind::Overlay => ("overlay", Some(true)),
                     };
                     // Containers on it talk to each other (the app to its database).
-                    let request =
-                        NetworkCreateRequest { name: name.clone(), driver: Some(driver.into()), attachable, labels: Some(self.shared_labels(d)), ..Default::default() };
+                    let request = NetworkCreateRequest {
+                        name: name.clone(),
+                        driver: Some(driver.into()),
+                        attachable,
+                        labels: Some(self.shared_labels(d)),
+                        ..Default::default()
+                    };
                     match docker.create_network(request).await {
                         Ok(_) => log::info!("{d}: created network {name} for the deployment and its services"),
                         Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {}

@@ -35,7 +35,11 @@ pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec, pin: Option<
     };
     // A service is on its deployment's network alone, known there by its
     // name; the app on PIPES_NETWORK, and on its deployment's when it has services.
-    let own = || NetworkAttachmentConfig { target: Some(moby.deployment_network(&spec.deployment)), aliases: spec.service.clone().map(|s| vec![s]), ..Default::default() };
+    let own = || NetworkAttachmentConfig {
+        target: Some(moby.deployment_network(&spec.deployment)),
+        aliases: spec.service.clone().map(|s| vec![s]),
+        ..Default::default()
+    };
     let networks = match (&spec.service, spec.network) {
         (Some(_), _) => vec![own()],
         (None, joins) => std::iter::once(NetworkAttachmentConfig { target: Some(network.to_owned()), ..Default::default() }).chain(joins.then(own)).collect(),
@@ -43,7 +47,12 @@ pub(super) fn service_spec(moby: &Moby, network: &str, spec: &Spec, pin: Option<
     let mounts: Vec<Mount> = spec
         .volumes
         .iter()
-        .map(|(name, path)| Mount { target: Some(path.clone()), source: Some(moby.volume_name(&spec.deployment, name)), typ: Some(MountType::VOLUME), ..Default::default() })
+        .map(|(name, path)| Mount {
+            target: Some(path.clone()),
+            source: Some(moby.volume_name(&spec.deployment, name)),
+            typ: Some(MountType::VOLUME),
+            ..Default::default()
+        })
         .collect();
     let name = match &spec.service {
         Some(service) => dns_name(&format!("{}-{}-{}-{}-svc-{service}", moby.instance(), spec.deployment.user, spec.deployment.repo, spec.deployment.tag)),
