@@ -192,10 +192,13 @@ impl Deployer {
     async fn until_reported_healthy(&self, d: &Deployment, id: &str, service: &Service) -> bool {
         let deadline = Instant::now() + service.timeout;
         loop {
-            if let Ok(services) = self.backend().services(d).await {
-                if services.iter().any(|i| i.id == id && i.health.as_deref() == Some("healthy")) {
-                    return true;
-                }
+            match self.backend().services(d).await {
+                Ok(services) => match services.iter().find(|i| i.id == id) {
+                    Some(i) if i.health.as_deref() == Some("healthy") => return true,
+                    Some(i) => log::debug!("{d}: service {} is {:?} (running: {})", service.name, i.health, i.running),
+                    None => log::debug!("{d}: service {} is not listed", service.name),
+                },
+                Err(e) => log::debug!("{d}: cannot ask how service {} is: {e}", service.name),
             }
             if Instant::now() + HEALTH_POLL >= deadline {
                 return false;

@@ -10,7 +10,7 @@ use common::{docker, docker_ok, env, json, unique, Fixtures};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-const TOKEN: &str = "swarm-test-token-0123456789";
+pub(crate) const TOKEN: &str = "swarm-test-token-0123456789";
 
 /// Everything the test creates on the engine, removed on drop (also on failure).
 #[derive(Default)]
@@ -32,6 +32,12 @@ impl Drop for Created {
         }
         let label = format!("label=pipes.instance={}", self.instance);
         for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
+            if std::thread::panicking() {
+                let ps = docker(&["service", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", &id]);
+                eprintln!("--- tasks of {id} ---\n{}", String::from_utf8_lossy(&ps.stdout));
+                let logs = docker(&["service", "logs", "--tail", "30", &id]);
+                eprintln!("--- service {id} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+            }
             let _ = docker(&["service", "rm", &id]);
         }
         for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
@@ -368,6 +374,12 @@ impl Drop for Stack {
         let _ = docker(&["stack", "rm", &self.name]);
         let label = format!("label=pipes.instance={}", self.instance);
         for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
+            if std::thread::panicking() {
+                let ps = docker(&["service", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", &id]);
+                eprintln!("--- tasks of {id} ---\n{}", String::from_utf8_lossy(&ps.stdout));
+                let logs = docker(&["service", "logs", "--tail", "30", &id]);
+                eprintln!("--- service {id} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+            }
             let _ = docker(&["service", "rm", &id]);
         }
         for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {

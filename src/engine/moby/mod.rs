@@ -22,6 +22,7 @@ use std::time::Duration;
 use bollard::auth::DockerCredentials;
 use bollard::errors::Error as DockerError;
 use bollard::models::HealthConfig;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::{
@@ -196,4 +197,15 @@ pub fn health_config(cmd: &[String]) -> HealthConfig {
         start_period: Some(600_000 * MS),
         start_interval: Some(250 * MS),
     }
+}
+
+/// `wanted` when it is a DNS label, else its cleaned start and a hash.
+pub fn dns_name(wanted: &str) -> String {
+    let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
+    if clean == wanted && clean.len() <= 63 {
+        return clean;
+    }
+    let hash = hex::encode(&Sha256::digest(wanted.as_bytes())[..5]);
+    let start = clean.get(..52).unwrap_or(&clean).trim_end_matches('-');
+    format!("{start}-{hash}")
 }

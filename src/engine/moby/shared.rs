@@ -10,7 +10,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest, VolumeCreateRequest};
 use bollard::query_parameters::{ListVolumesOptions, RemoveVolumeOptions};
 
-use super::Moby;
+use super::{dns_name, Moby};
 use crate::engine::{Spec, LABEL_DEPLOYMENT, LABEL_VOLUME};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -29,9 +29,9 @@ pub enum NetworkKind {
 }
 
 impl Moby {
-    /// The name of `d`'s own network.
+    /// The name of `d`'s own network: a DNS label, as a swarm's names are.
     pub fn deployment_network(&self, d: &Deployment) -> String {
-        format!("pipes-{}.{}.{}.{}", self.instance, d.user, d.repo, d.tag)
+        dns_name(&format!("pipes-{}-{}-{}-{}", self.instance, d.user, d.repo, d.tag))
     }
 
     /// The engine's name of `d`'s volume `name`: instance, deployment, volume.
@@ -149,6 +149,8 @@ impl Moby {
         loop {
             match remove().await {
                 Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => return Ok(()),
+                // A swarm's network just removed is still named here for a moment.
+                Err(DockerError::DockerResponseServerError { message, .. }) if message.ends_with("not found") => return Ok(()),
                 Err(DockerError::DockerResponseServerError { status_code: 409 | 403, .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }

@@ -49,7 +49,7 @@ use hickory_resolver::TokioResolver;
 
 use super::moby::events::{since_param, time_nano};
 use super::moby::logs::log_options;
-use super::moby::{DockerOptions, Moby, NetworkKind};
+use super::moby::{health_config, DockerOptions, Moby, NetworkKind};
 use super::{
     short_id, Backend, Event, EventKind, Images, Instance, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
     LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT, LABEL_SERVICE,
@@ -354,7 +354,8 @@ impl Swarm {
     }
 
     /// Writes `spec` at `version`; `false` when another write came first.
-    async fn write(&self, id: &str, spec: ServiceSpec, version: u64, action: &'static str) -> Result<bool, PipesError> {
+    async fn write(&self, id: &str, mut spec: ServiceSpec, version: u64, action: &'static str) -> Result<bool, PipesError> {
+        restore_health_check(&mut spec);
         let options = UpdateServiceOptions { version: i32::try_from(version).unwrap_or(i32::MAX), ..Default::default() };
         match self.client().await?.update_service(id, spec, options, None).await {
             Ok(_) => Ok(true),
@@ -682,6 +683,21 @@ fn service_label(service: &Service) -> Option<String> {
 
 /// Whether `service`'s tasks run a health check.
 fn has_health_check(service: &Service) -> bool {
-    let check = service.spec.as_ref().and_then(|s| s.task_template.as_ref()?.container_spec.as_ref()?.health_check.as_ref()?.test.as_ref());
-    check.is_some_and(|test| test.first().is_some_and(|t| t != "NONE"))
+    service.spec.as_ref().and_then(health_cmd).is_some()
+}
+
+/// The health check command of a service, as the config it was made from
+/// says: the engine writes the check back under another name than it takes
+/// it (`Healthcheck`, not `HealthCheck`), which the client does not read.
+fn health_cmd(spec: &ServiceSpec) -> Option<Vec<String>> {
+    let config: serde_json::Value = serde_json::from_str(spec.labels.as_ref()?.get(LABEL_CONFIG)?).ok()?;
+    config["health"]["cmd"].as_array()?.iter().map(|a| a.as_str().map(str::to_owned)).collect()
+}
+
+/// Puts a spec read back from the engine's health check in again before it
+/// is written: left out, the write would remove it.
+fn restore_health_check(spec: &mut ServiceSpec) {
+    let Some(cmd) = health_cmd(spec) else { return };
+    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
+    container.health_check.get_or_insert_with(|| health_config(&cmd));
 }

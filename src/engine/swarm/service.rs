@@ -8,13 +8,12 @@ use bollard::models::{
     ServiceSpecModeReplicated, Task, TaskSpec, TaskSpecContainerSpec, TaskSpecPlacement, TaskSpecResources, TaskSpecRestartPolicy,
     TaskSpecRestartPolicyConditionEnum, TaskState,
 };
-use sha2::{Digest as _, Sha256};
 
 use super::{LABEL_IMAGE_ID, LABEL_SERVICE_ID};
 use crate::config::Restart;
 use crate::engine::generation_of;
 use crate::engine::moby::events::event_of;
-use crate::engine::moby::{grace_secs, health_config, Moby};
+use crate::engine::moby::{dns_name, grace_secs, health_config, Moby};
 use crate::engine::{Event, Spec, LABEL_DEPLOYMENT, LABEL_SERVICE};
 use crate::route::Deployment;
 
@@ -160,17 +159,6 @@ pub(super) fn deployment_of(service: &Service) -> Option<Deployment> {
 pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
     let generation = digest.map(generation_of).unwrap_or("local");
     dns_name(&format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag))
-}
-
-/// `wanted` when it is a DNS label, else its cleaned start and a hash.
-fn dns_name(wanted: &str) -> String {
-    let clean: String = wanted.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' }).collect();
-    if clean == wanted && clean.len() <= 63 {
-        return clean;
-    }
-    let hash = hex::encode(&Sha256::digest(wanted.as_bytes())[..5]);
-    let start = clean.get(..52).unwrap_or(&clean).trim_end_matches('-');
-    format!("{start}-{hash}")
 }
 
 #[cfg(test)]
