@@ -6,8 +6,8 @@ use super::*;
 use crate::engine::{Backend, EventKind, Instance};
 use crate::fleet::{Applied, ConfigScope};
 
-/// A repository config giving `alice/{repo}` a database and a cache that
-/// needs it, each with a volume, and an idle timeout of 1 s.
+/// Publishes `alice/{repo}:v1` and the images of its database and of its
+/// cache (which behaves as `cache` says).
 fn with_services(h: &Harness, repo: &str, cache: Behaviour) -> Deployment {
     h.publish("alice/postgres:15", Behaviour::default());
     h.publish("alice/redis:7", cache);
@@ -18,9 +18,19 @@ async fn configure(h: &Harness, d: &Deployment, json: &str) {
     h.fleet.deployer.store().put_repository(&d.user, &d.repo, DeployConfig::from_json(json.as_bytes()).unwrap()).await.unwrap();
 }
 
+/// A database, and a cache that needs it, each with a volume; the app with
+/// one too and an idle timeout of 1 s.
 const DB_AND_CACHE: &str = r#"{"idle_timeout":"1s","volumes":{"uploads":"/app/uploads"},
     "services":{"db":{"image":"alice/postgres:15","volumes":{"data":"/var/lib/postgresql/data"},"health":{"tcp":5432}},
                 "cache":{"image":"alice/redis:7","depends_on":["db"],"health":{"cmd":["redis-cli","ping"],"timeout":"3s"}}}}"#;
+
+/// `alice/shop:v1` with its database and cache, started.
+async fn started_shop(h: &Harness) -> Deployment {
+    let d = with_services(h, "shop", Behaviour::default());
+    configure(h, &d, DB_AND_CACHE).await;
+    h.ready(&d).await.unwrap();
+    d
+}
 
 fn services_of(h: &Harness, d: &Deployment) -> Vec<Instance> {
     let mut all: Vec<Instance> = futures_util::FutureExt::now_or_never(h.fake.services(d)).expect("ready").expect("services");
@@ -53,9 +63,7 @@ async fn services_start_in_dependency_order_before_the_app() {
 #[tokio::test(start_paused = true)]
 async fn idle_stop_pause_and_wake_take_the_services_along() {
     let h = Harness::new(&[]);
-    let d = with_services(&h, "shop", Behaviour::default());
-    configure(&h, &d, DB_AND_CACHE).await;
-    h.ready(&d).await.unwrap();
+    let d = started_shop(&h).await;
     let made: Vec<String> = services_of(&h, &d).into_iter().map(|s| s.id).collect();
     h.until_stopped_idle(&d, "the app stops for idleness").await;
     eventually("its services stop with it", || services_of(&h, &d).iter().all(|s| !s.running)).await;
@@ -137,9 +145,7 @@ async fn services_take_places_among_the_containers_and_start_once() {
 #[tokio::test(start_paused = true)]
 async fn a_service_that_dies_while_the_app_serves_is_started_again() {
     let h = Harness::new(&[]);
-    let d = with_services(&h, "shop", Behaviour::default());
-    configure(&h, &d, DB_AND_CACHE).await;
-    h.ready(&d).await.unwrap();
+    let d = started_shop(&h).await;
     let mut events = h.fake.events(None);
     h.fake.kill(&d, Some("db"));
     while let Some(Ok(event)) = futures_util::StreamExt::next(&mut events).await {
@@ -201,9 +207,7 @@ async fn a_service_no_longer_configured_is_removed_and_its_volume_kept() {
 #[tokio::test(start_paused = true)]
 async fn a_service_config_change_waits_for_a_restart_which_keeps_its_volume() {
     let h = Harness::new(&[]);
-    let d = with_services(&h, "shop", Behaviour::default());
-    configure(&h, &d, DB_AND_CACHE).await;
-    h.ready(&d).await.unwrap();
+    let d = started_shop(&h).await;
     let before = services_of(&h, &d);
     configure(&h, &d, &DB_AND_CACHE.replace(r#""health":{"tcp":5432}"#, r#""health":{"tcp":5432},"env":{"MODE":"new"}"#)).await;
     let status = h.fleet.status(&d).await.unwrap();
