@@ -79,17 +79,20 @@ impl Deployer {
         let phase = Phase::Service(service.name.as_str().into());
         self.timed(d, phase, async {
             let woken = match existing {
-                Some(i) if i.running => Ok(i.clone()),
-                Some(i) if i.paused => self.thaw(&i.id).await,
-                Some(i) => self.start_service(d, service, &i.id).await,
-                None => Err(PipesError::Engine { action: "find a service", detail: "none yet".into() }),
+                Some(i) if i.running => Some(Ok(i.clone())),
+                Some(i) if i.paused => Some(self.thaw(&i.id).await),
+                Some(i) => Some(self.start_service(d, service, &i.id).await),
+                None => None,
             };
-            let instance = match (woken, image) {
-                (Ok(instance), _) => instance,
+            let instance = match woken {
+                Some(Ok(instance)) => instance,
+                Some(Err(e @ PipesError::ServiceUnhealthy { .. })) => return Err(e),
                 // Missing, or removed since it was listed: made anew from its image.
-                (Err(_), Some(image)) => self.create_service(d, config, service, image).await?,
-                (Err(_), None) => {
-                    let image = self.local_or_pulled(d, &self.image_ref(&service.image)).await?;
+                Some(Err(_)) | None => {
+                    let image = match image {
+                        Some(image) => image.clone(),
+                        None => self.local_or_pulled(d, &self.image_ref(&service.image)).await?,
+                    };
                     self.create_service(d, config, service, &image).await?
                 }
             };
