@@ -104,6 +104,9 @@ async fn an_app_with_postgres_and_redis_lives_and_keeps_its_rows() {
     assert_eq!(state["volumes"].as_array().map(Vec::len), Some(3), "uploads, and db's and cache's data: {state}");
     let (networks, _) = shared(&pipes);
     assert_eq!(networks.len(), 1, "the deployment's own, where the app and its services live: {networks:?}");
+    let (status, list) = api(&pipes, DOMAIN, "GET", "/__proxyapi/deployments", None, Some(TOKEN)).await;
+    let listed = list["deployments"].as_array().and_then(|l| l.iter().find(|d| d["deployment"] == format!("{}/shop:v1", f.user)).cloned());
+    assert_eq!((status, listed.map(|d| d["services"].clone())), (200, Some(serde_json::json!(2))), "{list}");
     let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.expect("metrics").text().await.expect("text");
     assert!(text.contains(r#"pipes_cold_start_phase_seconds_count{phase="service:db"} 1"#), "{text}");
 
