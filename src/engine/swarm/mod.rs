@@ -49,7 +49,7 @@ use hickory_resolver::TokioResolver;
 
 use super::moby::events::{since_param, time_nano};
 use super::moby::logs::log_options;
-use super::moby::{health_config, DockerOptions, Moby, NetworkKind};
+use super::moby::{DockerOptions, Moby, NetworkKind};
 use super::{
     short_id, Backend, Event, EventKind, Images, Instance, Quiet, Replicas, Spec, LABEL_CONFIG, LABEL_CONFIG_HASH, LABEL_DEPLOYMENT, LABEL_DIGEST,
     LABEL_IDENTITY, LABEL_INSTANCE, LABEL_PORT, LABEL_SERVICE,
@@ -57,7 +57,10 @@ use super::{
 use crate::clock::unix_ms as now_ms;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use service::{alive, created, deployment_of, ended, is_service, replicas, running_task, runs, scale_to_zero, service_spec, task_event};
+use service::{
+    alive, created, deployment_of, ended, has_health_check, is_service, replicas, restore_health_check, running_task, runs, scale_to_zero, service_label,
+    service_spec, task_event,
+};
 
 mod service;
 
@@ -675,29 +678,3 @@ impl Swarm {
 
 /// A service's deployment, and the service beside it that it is, if one.
 type Known = (Deployment, Option<String>);
-
-/// The service beside a deployment that `service` is, if one.
-fn service_label(service: &Service) -> Option<String> {
-    service.spec.as_ref()?.labels.as_ref()?.get(LABEL_SERVICE).cloned()
-}
-
-/// Whether `service`'s tasks run a health check.
-fn has_health_check(service: &Service) -> bool {
-    service.spec.as_ref().and_then(health_cmd).is_some()
-}
-
-/// The health check command of a service, as the config it was made from
-/// says: the engine writes the check back under another name than it takes
-/// it (`Healthcheck`, not `HealthCheck`), which the client does not read.
-fn health_cmd(spec: &ServiceSpec) -> Option<Vec<String>> {
-    let config: serde_json::Value = serde_json::from_str(spec.labels.as_ref()?.get(LABEL_CONFIG)?).ok()?;
-    config["health"]["cmd"].as_array()?.iter().map(|a| a.as_str().map(str::to_owned)).collect()
-}
-
-/// Puts a spec read back from the engine's health check in again before it
-/// is written: left out, the write would remove it.
-fn restore_health_check(spec: &mut ServiceSpec) {
-    let Some(cmd) = health_cmd(spec) else { return };
-    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
-    container.health_check.get_or_insert_with(|| health_config(&cmd));
-}

@@ -14,7 +14,7 @@ use crate::config::Restart;
 use crate::engine::generation_of;
 use crate::engine::moby::events::event_of;
 use crate::engine::moby::{dns_name, grace_secs, health_config, Moby};
-use crate::engine::{Event, Spec, LABEL_DEPLOYMENT, LABEL_SERVICE};
+use crate::engine::{Event, Spec, LABEL_CONFIG, LABEL_DEPLOYMENT, LABEL_SERVICE};
 use crate::route::Deployment;
 
 /// The spec of a new service for `spec` on `network`, with no replica yet;
@@ -159,6 +159,32 @@ pub(super) fn deployment_of(service: &Service) -> Option<Deployment> {
 pub fn service_name(instance: &str, d: &Deployment, digest: Option<&str>) -> String {
     let generation = digest.map(generation_of).unwrap_or("local");
     dns_name(&format!("{instance}-{}-{}-{}-{generation}", d.user, d.repo, d.tag))
+}
+
+/// The service beside a deployment that `service` is, if one.
+pub(super) fn service_label(service: &Service) -> Option<String> {
+    service.spec.as_ref()?.labels.as_ref()?.get(LABEL_SERVICE).cloned()
+}
+
+/// Whether `service`'s tasks run a health check.
+pub(super) fn has_health_check(service: &Service) -> bool {
+    service.spec.as_ref().and_then(health_cmd).is_some()
+}
+
+/// The health check command of a service, as the config it was made from
+/// says: the engine writes the check back under another name than it takes
+/// it (`Healthcheck`, not `HealthCheck`), which the client does not read.
+fn health_cmd(spec: &ServiceSpec) -> Option<Vec<String>> {
+    let config: serde_json::Value = serde_json::from_str(spec.labels.as_ref()?.get(LABEL_CONFIG)?).ok()?;
+    config["health"]["cmd"].as_array()?.iter().map(|a| a.as_str().map(str::to_owned)).collect()
+}
+
+/// Puts a spec read back from the engine's health check in again before it
+/// is written: left out, the write would remove it.
+pub(super) fn restore_health_check(spec: &mut ServiceSpec) {
+    let Some(cmd) = health_cmd(spec) else { return };
+    let container = spec.task_template.get_or_insert_with(Default::default).container_spec.get_or_insert_with(Default::default);
+    container.health_check.get_or_insert_with(|| health_config(&cmd));
 }
 
 #[cfg(test)]
