@@ -244,3 +244,33 @@ async fn on_a_swarm_services_share_an_overlay_and_a_volume_pins_its_service() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_service_is_started_again_and_an_idle_pause_takes_the_services_along() {
+    if common::skip() {
+        return;
+    }
+    let f = published();
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN))]);
+    let host = f.host("shop", "v1", DOMAIN);
+    let config = format!(
+        r#"{{"port": 8000, "idle_timeout": "8s", "idle_action": "pause",
+            "services": {{"cache": {{"image": "{}/redis:7", "health": {{"tcp": 6379}}}}}}}}"#,
+        f.user
+    );
+    let (status, body) = api(&pipes, &host, "PUT", "/__proxyapi/repository/config", Some(&config), Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(pipes.get(&host, "/").await.status().as_u16(), 200);
+    let cache = container(&pipes, &host).await["services"]["cache"]["container"].as_str().expect("the cache").to_owned();
+
+    // Killed behind Pipes' back while its app serves: the engine's events tell Pipes, which starts it again.
+    docker_ok(&["kill", &cache]);
+    eventually("Pipes starts the killed cache again", Duration::from_secs(15), || async { engine_status(&cache) == "running" }).await;
+    assert!(pipes.log().contains("service cache stopped"), "{}", pipes.log());
+
+    // Idle: the app and its cache are paused together, and the next request thaws both.
+    eventually("app and cache are paused", Duration::from_secs(30), || async { pipes.containers().iter().all(|id| engine_status(id) == "paused") }).await;
+    assert_eq!(pipes.get(&host, "/").await.status().as_u16(), 200);
+    assert!(pipes.containers().iter().all(|id| engine_status(id) == "running"), "thawed together");
+    assert_eq!(container(&pipes, &host).await["services"]["cache"]["container"], cache.as_str(), "the same cache container");
+}
