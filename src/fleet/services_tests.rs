@@ -222,3 +222,14 @@ async fn a_service_config_change_waits_for_a_restart_which_keeps_its_volume() {
     assert!(after.iter().all(|s| s.running));
     assert!(h.fake.shared(&d).1.contains(&"alice/shop:v1/data".to_owned()), "its volume is kept");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_reconcile_starts_a_service_that_died_unseen() {
+    let h = Harness::new(&[]);
+    let d = started_shop(&h).await;
+    // Killed with no event reaching the fleet: only the periodic look sees it.
+    h.fake.kill(&d, Some("cache"));
+    assert!(services_of(&h, &d).iter().any(|s| !s.running));
+    h.fleet.reconcile().await.unwrap();
+    eventually("the cache runs again", || services_of(&h, &d).iter().all(|s| s.running)).await;
+}

@@ -49,7 +49,8 @@ impl Fleet {
     }
 
     /// Level-triggered repair: drops upstreams whose instance no longer runs,
-    /// and adopts running instances the table does not serve.
+    /// adopts running instances the table does not serve, and starts again
+    /// the stopped services of deployments that serve.
     pub(crate) async fn reconcile(self: &Arc<Self>) -> Result<(), PipesError> {
         let deployer = self.deployer.clone();
         let instances = self.on_control(async move { deployer.backend().list().await }).await?;
@@ -64,6 +65,12 @@ impl Fleet {
         for instance in instances.iter().filter(|i| i.running && i.service.is_none()) {
             self.adopt_running(&instance.deployment, &instance.id);
         }
+        // A service that died unseen (while Pipes was down, or an event lost).
+        for i in instances.iter().filter(|i| !i.running && !i.paused) {
+            if let Some(service) = &i.service {
+                self.restart_service_later(&i.deployment, &i.id, service);
+            }
+        }
         self.note_paused(&instances);
         Ok(())
     }
@@ -75,12 +82,19 @@ impl Fleet {
         if !matches!(event.kind, EventKind::Died(_) | EventKind::Killed | EventKind::OutOfMemory) || self.retired() {
             return;
         }
+        log::warn!("{d}: service {service} stopped ({:?})", event.kind);
+        self.restart_service_later(d, &event.id, service);
+    }
+
+    /// Starts service instance `id` of `d` again after a moment, if `d`
+    /// serves then and the service is still stopped.
+    fn restart_service_later(self: &Arc<Self>, d: &Deployment, id: &str, service: &str) {
         let Some(slot) = self.get(d.as_ref()) else { return };
         if slot.upstream().is_none() {
             return;
         }
-        log::warn!("{d}: service {service} stopped ({:?}) while the deployment serves: starting it again", event.kind);
-        let (fleet, id, service) = (self.clone(), event.id.clone(), service.to_owned());
+        log::info!("{d}: service {service} does not run while the deployment serves: starting it again");
+        let (fleet, id, service) = (self.clone(), id.to_owned(), service.to_owned());
         self.control.spawn(async move {
             tokio::time::sleep(SERVICE_RESTART_DELAY).await;
             // Stopped on purpose meanwhile (idle, an operator): left so.
