@@ -334,11 +334,14 @@ impl Deployer {
             capabilities: Some(config.capabilities.clone()),
             ..DeployConfig::default()
         };
-        let services = config.services.iter().try_for_each(|s| self.check_limits(&format!("services.{}.", s.name), Some(s.memory), Some(s.cpus), Some(s.pids)));
-        services.and_then(|()| self.check_ceilings(&layer)).map_err(|e| PipesError::Unservable {
-            deployment: d.to_string(),
-            reason: format!("its config asks for more than this Pipes allows: {e}; replace the config"),
-        })
+        self.check_ceilings(&layer)
+            .and_then(|()| {
+                config.services.iter().try_for_each(|s| self.check_limits(&format!("services.{}.", s.name), Some(s.memory), Some(s.cpus), Some(s.pids)))
+            })
+            .map_err(|e| PipesError::Unservable {
+                deployment: d.to_string(),
+                reason: format!("its config asks for more than this Pipes allows: {e}; replace the config"),
+            })
     }
 
     /// Pulls if missing (or always when `fresh`), then runs an instance of

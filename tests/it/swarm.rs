@@ -31,18 +31,7 @@ impl Drop for Created {
             let _ = docker(&["rm", "-fv", r]);
         }
         let label = format!("label=pipes.instance={}", self.instance);
-        for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
-            if std::thread::panicking() {
-                let ps = docker(&["service", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", &id]);
-                eprintln!("--- tasks of {id} ---\n{}", String::from_utf8_lossy(&ps.stdout));
-                let logs = docker(&["service", "logs", "--tail", "30", &id]);
-                eprintln!("--- service {id} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
-            }
-            let _ = docker(&["service", "rm", &id]);
-        }
-        for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
-            let _ = docker(&["config", "rm", &id]);
-        }
+        remove_services_and_configs(&label);
         // Deployments' networks and volumes, once their tasks are gone.
         for _ in 0..50 {
             let networks = lines(&docker(&["network", "ls", "-q", "--filter", &label]));
@@ -70,6 +59,23 @@ impl Drop for Created {
         if let Some(i) = &self.image {
             let _ = docker(&["rmi", "-f", i]);
         }
+    }
+}
+
+/// Removes the services and configs labelled `label`, showing each
+/// service's tasks and last log lines first when a test failed.
+fn remove_services_and_configs(label: &str) {
+    for id in lines(&docker(&["service", "ls", "-q", "--filter", label])) {
+        if std::thread::panicking() {
+            let ps = docker(&["service", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", &id]);
+            eprintln!("--- tasks of {id} ---\n{}", String::from_utf8_lossy(&ps.stdout));
+            let logs = docker(&["service", "logs", "--tail", "30", &id]);
+            eprintln!("--- service {id} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
+        }
+        let _ = docker(&["service", "rm", &id]);
+    }
+    for id in lines(&docker(&["config", "ls", "-q", "--filter", label])) {
+        let _ = docker(&["config", "rm", &id]);
     }
 }
 
@@ -373,18 +379,7 @@ impl Drop for Stack {
         }
         let _ = docker(&["stack", "rm", &self.name]);
         let label = format!("label=pipes.instance={}", self.instance);
-        for id in lines(&docker(&["service", "ls", "-q", "--filter", &label])) {
-            if std::thread::panicking() {
-                let ps = docker(&["service", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", &id]);
-                eprintln!("--- tasks of {id} ---\n{}", String::from_utf8_lossy(&ps.stdout));
-                let logs = docker(&["service", "logs", "--tail", "30", &id]);
-                eprintln!("--- service {id} ---\n{}{}", String::from_utf8_lossy(&logs.stdout), String::from_utf8_lossy(&logs.stderr));
-            }
-            let _ = docker(&["service", "rm", &id]);
-        }
-        for id in lines(&docker(&["config", "ls", "-q", "--filter", &label])) {
-            let _ = docker(&["config", "rm", &id]);
-        }
+        remove_services_and_configs(&label);
         // Secrets and the network are in use until the stack's tasks are gone.
         for _ in 0..100 {
             let secrets_gone =

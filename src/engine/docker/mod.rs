@@ -263,14 +263,15 @@ impl Docker {
         // service, and an app with services, is reached on its deployment's
         // network (port 0: no port to reach).
         let address = match (port.filter(|p| *p != 0), running || paused) {
-            (Some(port), true) => match (&self.reach, &service) {
-                (Reach::Published, _) => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
-                (_, Some(_)) => network_ip(&self.moby.deployment_network(&deployment)).map(|ip| SocketAddr::new(ip, port)),
-                (Reach::Bridge, None) => {
-                    network_ip(&self.instance_network()).or_else(|| network_ip(&self.moby.deployment_network(&deployment))).map(|ip| SocketAddr::new(ip, port))
-                }
-                (Reach::Network(name), None) => {
-                    network_ip(name).or_else(|| network_ip(&self.moby.deployment_network(&deployment))).map(|ip| SocketAddr::new(ip, port))
+            (Some(port), true) => match &self.reach {
+                Reach::Published => host_port(port).map(|host_port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), host_port)),
+                reach => {
+                    let usual = match (reach, &service) {
+                        (_, Some(_)) => None,
+                        (Reach::Network(name), None) => network_ip(name),
+                        _ => network_ip(&self.instance_network()),
+                    };
+                    usual.or_else(|| network_ip(&self.moby.deployment_network(&deployment))).map(|ip| SocketAddr::new(ip, port))
                 }
             },
             _ => None,

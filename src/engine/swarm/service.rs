@@ -171,11 +171,15 @@ pub(super) fn has_health_check(service: &Service) -> bool {
     service.spec.as_ref().and_then(health_cmd).is_some()
 }
 
-/// The health check command of a service, as the config it was made from
-/// says: the engine writes the check back under another name than it takes
-/// it (`Healthcheck`, not `HealthCheck`), which the client does not read.
+/// The health check command of a service beside an app (an app has none),
+/// as the config it was made from says: the engine writes the check back
+/// under another name than it takes it (`Healthcheck`, not `HealthCheck`),
+/// which the client does not read. An app's spec, written back at every
+/// activity report, is not parsed.
 fn health_cmd(spec: &ServiceSpec) -> Option<Vec<String>> {
-    let config: serde_json::Value = serde_json::from_str(spec.labels.as_ref()?.get(LABEL_CONFIG)?).ok()?;
+    let labels = spec.labels.as_ref()?;
+    labels.get(LABEL_SERVICE)?;
+    let config: serde_json::Value = serde_json::from_str(labels.get(LABEL_CONFIG)?).ok()?;
     config["health"]["cmd"].as_array()?.iter().map(|a| a.as_str().map(str::to_owned)).collect()
 }
 
