@@ -41,6 +41,13 @@ pub struct Entry<'a> {
     pub upstream: Option<String>,
     /// Whether it waited for a cold start.
     pub cold_start: bool,
+    /// The access check that decided (`ip`, `share`, `basic`,
+    /// `forward_auth`; for a refusal the reason), if the deployment has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<&'static str>,
+    /// Whether that check let the request in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_allowed: Option<bool>,
 }
 
 /// The queue to the writer thread.
@@ -136,6 +143,8 @@ mod tests {
             duration: seconds(Duration::from_micros(1500)),
             upstream: Some("127.0.0.1:32768".into()),
             cold_start: true,
+            access: Some("basic"),
+            access_allowed: Some(true),
         };
         log.log(&entry);
         log.log(&entry);

@@ -27,6 +27,10 @@ pub(crate) const MAX_BODY: usize = 1 << 20;
 /// Log lines returned when `tail` is not given, and the most that may be asked.
 const DEFAULT_TAIL: usize = 100;
 const MAX_TAIL: usize = 10_000;
+/// How long a share link opens its deployment when no `ttl` is given.
+const DEFAULT_SHARE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// bcrypt's cost for hashes the API makes: about 50 ms per check here.
+const PASSWORD_COST: u32 = 10;
 
 /// Where an endpoint is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,15 +60,18 @@ pub enum Endpoint {
     ContainerRedeploy,
     ContainerRollback,
     ContainerLogs,
+    ContainerShare,
+    ContainerShareRevoke,
     RepositoryConfig,
     Deployments,
     RegistryHook,
     Events,
+    PasswordHash,
 }
 
 impl Endpoint {
     /// All endpoints, in the order the docs list them.
-    pub const ALL: [Endpoint; 11] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::Container,
         Endpoint::ContainerConfig,
         Endpoint::ContainerStop,
@@ -72,10 +79,13 @@ impl Endpoint {
         Endpoint::ContainerRedeploy,
         Endpoint::ContainerRollback,
         Endpoint::ContainerLogs,
+        Endpoint::ContainerShare,
+        Endpoint::ContainerShareRevoke,
         Endpoint::RepositoryConfig,
         Endpoint::Deployments,
         Endpoint::RegistryHook,
         Endpoint::Events,
+        Endpoint::PasswordHash,
     ];
 
     /// The full path.
@@ -88,6 +98,9 @@ impl Endpoint {
             Endpoint::ContainerRedeploy => "/__proxyapi/container/redeploy",
             Endpoint::ContainerRollback => "/__proxyapi/container/rollback",
             Endpoint::ContainerLogs => "/__proxyapi/container/logs",
+            Endpoint::ContainerShare => "/__proxyapi/container/share",
+            Endpoint::ContainerShareRevoke => "/__proxyapi/container/share/revoke",
+            Endpoint::PasswordHash => "/__proxyapi/password-hash",
             Endpoint::RepositoryConfig => "/__proxyapi/repository/config",
             Endpoint::Deployments => "/__proxyapi/deployments",
             Endpoint::RegistryHook => "/__proxyapi/hooks/registry",
@@ -102,7 +115,13 @@ impl Endpoint {
             Endpoint::ContainerConfig | Endpoint::RepositoryConfig => &[Method::GET, Method::PUT],
             // The original API stopped on GET; POST is the proper verb.
             Endpoint::ContainerStop => &[Method::GET, Method::POST],
-            Endpoint::ContainerRestart | Endpoint::ContainerRedeploy | Endpoint::ContainerRollback | Endpoint::RegistryHook => &[Method::POST],
+            Endpoint::ContainerRestart
+            | Endpoint::ContainerRedeploy
+            | Endpoint::ContainerRollback
+            | Endpoint::RegistryHook
+            | Endpoint::ContainerShare
+            | Endpoint::ContainerShareRevoke
+            | Endpoint::PasswordHash => &[Method::POST],
             Endpoint::ContainerLogs | Endpoint::Deployments | Endpoint::Events => &[Method::GET],
         }
     }
@@ -117,7 +136,7 @@ impl Endpoint {
     pub fn on(self) -> HostKind {
         match self {
             Endpoint::Deployments | Endpoint::RegistryHook => HostKind::Bare,
-            Endpoint::Events => HostKind::Both,
+            Endpoint::Events | Endpoint::PasswordHash => HostKind::Both,
             _ => HostKind::Deployment,
         }
     }
@@ -147,6 +166,10 @@ pub(crate) struct Request {
     pub path: String,
     pub query: Option<String>,
     pub authorization: Option<Vec<u8>>,
+    /// The host as the client named it (with its port), and whether it came
+    /// over TLS: where links to the deployment point.
+    pub host: String,
+    pub tls: bool,
     /// The page that sent it, when a browser says it is another site's
     /// (its `Origin`, `Sec-Fetch-Site: cross-site` or its `Referer`).
     pub cross_site: Option<String>,
@@ -235,6 +258,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authoriz
     let Some(d) = &req.deployment else {
         return match endpoint {
             Endpoint::RegistryHook => registry_hook(fleet, &access, &req.body).await,
+            Endpoint::PasswordHash => password_hash(&req.body).await.map(Json::ok),
             Endpoint::Deployments => deployments(fleet, &access).await.map(Json::ok),
             // The event stream is answered by `events`; the rest is not served here.
             _ => Err(not_found(&req.path, HostKind::Bare, Some(endpoint.on()))),
@@ -256,7 +280,7 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authoriz
             let config = DeployConfig::from_json(&req.body)?;
             match fleet.change_config(ConfigScope::Tag(d), config).await? {
                 Applied::Recreated(start) => started(fleet, d, start, true).await,
-                Applied::Pending => state(fleet, d).await.map(Json::ok),
+                Applied::Pending | Applied::AccessOnly => state(fleet, d).await.map(Json::ok),
             }
         }
         (Endpoint::ContainerStop, _) => {
@@ -276,6 +300,12 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authoriz
             switched(d, fleet.rollback(d).await)
         }
         (Endpoint::ContainerLogs, _) => logs(fleet, d, req.query.as_deref()).await.map(Json::ok),
+        (Endpoint::ContainerShare, _) => share(fleet, d, &req).map(Json::ok),
+        (Endpoint::ContainerShareRevoke, _) => {
+            let before = fleet.access().revoke(d).await?;
+            Ok(Json::ok(json!({ "deployment": d.to_string(), "revoked_before": rfc3339_ms(before) })))
+        }
+        (Endpoint::PasswordHash, _) => password_hash(&req.body).await.map(Json::ok),
         (Endpoint::RepositoryConfig, Method::GET) => repository_config(store, d).await.map(Json::ok),
         (Endpoint::RepositoryConfig, _) => {
             let config = DeployConfig::from_json(&req.body)?;
@@ -510,6 +540,51 @@ async fn logs(fleet: &Arc<Fleet>, d: &Deployment, query: Option<&str>) -> Result
         return Err(PipesError::BadQuery { parameter: "service", message: format!("{d} has no service '{name}'") });
     }
     Ok(json!({ "deployment": d.to_string(), "service": service, "container": id, "tail": tail, "lines": lines }))
+}
+
+/// `POST container/share` with `{"ttl": "24h"}` (the body is optional):
+/// a link that opens the deployment without credentials until it expires.
+fn share(fleet: &Arc<Fleet>, d: &Deployment, req: &Request) -> Result<Value, PipesError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        ttl: Option<crate::config::Span>,
+    }
+    let ask: Ask = if req.body.is_empty() {
+        Ask { ttl: None }
+    } else {
+        serde_json::from_slice(&req.body).map_err(|e| PipesError::InvalidField { field: "ttl".into(), message: e.to_string() })?
+    };
+    let ttl = ask.ttl.map_or(DEFAULT_SHARE_TTL, |t| t.0);
+    let max = crate::access::share::MAX_TTL;
+    if ttl < Duration::from_secs(1) || ttl > max {
+        return Err(PipesError::InvalidField { field: "ttl".into(), message: format!("must be from 1s to {}", humantime::format_duration(max)) });
+    }
+    let (token, expires) = fleet.access().share(d, ttl);
+    let scheme = if req.tls { "https" } else { "http" };
+    let name = crate::access::share::NAME;
+    Ok(json!({
+        "deployment": d.to_string(),
+        "url": format!("{scheme}://{}/?{name}={token}", req.host),
+        "expires": rfc3339_ms(expires),
+    }))
+}
+
+/// `POST password-hash` with `{"password": "…"}`: its bcrypt hash, for
+/// `access.basic` (the dashboard's editor asks; browsers have no bcrypt).
+async fn password_hash(body: &[u8]) -> Result<Value, PipesError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ask {
+        password: String,
+    }
+    let ask: Ask = serde_json::from_slice(body).map_err(|e| PipesError::InvalidField { field: "password".into(), message: e.to_string() })?;
+    if ask.password.is_empty() || ask.password.len() > 72 {
+        return Err(PipesError::InvalidField { field: "password".into(), message: "must be 1 to 72 bytes (bcrypt reads no more)".into() });
+    }
+    let hash = tokio::task::spawn_blocking(move || bcrypt::hash(ask.password, PASSWORD_COST)).await;
+    let hash = hash.map_err(|e| e.to_string()).and_then(|h| h.map_err(|e| e.to_string()));
+    hash.map(|hash| json!({ "hash": hash })).map_err(|detail| PipesError::Engine { action: "hash a password", detail })
 }
 
 /// `GET /__proxyapi/deployments` on the bare domain: every deployment the token may see.

@@ -90,6 +90,14 @@ pub enum PipesError {
     PublicStreamsFull { max: usize },
     /// The client broke HTTP (a bad chunk size, a forbidden header).
     BadRequest { reason: String },
+    /// The client's address is outside the deployment's `access.allow_ips`.
+    AccessDenied { deployment: String },
+    /// The deployment needs credentials (`access.basic`) or a share link,
+    /// and the request brought neither that holds; `realm` names it.
+    AuthenticationRequired { realm: String, basic: bool, share_expired: bool },
+    /// The deployment's auth server (`access.forward_auth`) did not answer
+    /// in time or could not be reached: nobody is let through.
+    ForwardAuthUnavailable { deployment: String, detail: String },
 }
 
 /// Seconds a client is told to wait after a 503.
@@ -126,6 +134,9 @@ impl PipesError {
             Self::UnsupportedMediaType { .. } => 415,
             Self::BadRequest { .. } => 400,
             Self::EngineUnavailable { .. } => 503,
+            Self::AccessDenied { .. } => 403,
+            Self::AuthenticationRequired { .. } => 401,
+            Self::ForwardAuthUnavailable { .. } => 503,
         }
     }
 
@@ -172,6 +183,10 @@ impl PipesError {
             Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::PublicStreamsFull { .. } => "public_streams_full",
             Self::BadRequest { .. } => "bad_request",
+            Self::AccessDenied { .. } => "access_denied",
+            Self::AuthenticationRequired { share_expired: true, .. } => "share_expired",
+            Self::AuthenticationRequired { .. } => "authentication_required",
+            Self::ForwardAuthUnavailable { .. } => "forward_auth_unavailable",
         }
     }
 
@@ -186,6 +201,7 @@ impl PipesError {
                 | Self::TooManyNotRunning { .. }
                 | Self::TooManyStreams { .. }
                 | Self::PublicStreamsFull { .. }
+                | Self::ForwardAuthUnavailable { .. }
         )
         .then_some(RETRY_AFTER_SECS)
     }
@@ -304,6 +320,15 @@ impl fmt::Display for PipesError {
             }
             Self::PublicStreamsFull { max } => {
                 write!(f, "{max} anonymous event streams are open, the share of PIPES_MAX_CONNECTIONS they may take; retry in {RETRY_AFTER_SECS} s")
+            }
+            Self::AccessDenied { deployment } => write!(f, "{deployment} is not open to this client's address"),
+            Self::AuthenticationRequired { realm, share_expired: true, .. } => {
+                write!(f, "this link to {realm} expired or was revoked; ask for a new one")
+            }
+            Self::AuthenticationRequired { realm, basic: true, .. } => write!(f, "{realm} needs a user name and password"),
+            Self::AuthenticationRequired { realm, .. } => write!(f, "{realm} needs a share link"),
+            Self::ForwardAuthUnavailable { deployment, detail } => {
+                write!(f, "the auth server of {deployment} did not answer ({detail}); retry in {RETRY_AFTER_SECS} s")
             }
         }
     }

@@ -1,7 +1,8 @@
 //! Pipes: a Docker auto-deployment edge proxy on Pingora.
 //!
 //! A request for `{tag}.{repo}.{user}.example.com` goes through
-//! [`route`] → `policy` → [`fleet`] (admission, table, cold start) → `proxy`.
+//! [`route`] → `policy` → [`access`] → [`fleet`] (admission, table, cold
+//! start) → `proxy`.
 //! [`engine`] is the seam to whatever runs deployments (Docker's engine, a
 //! swarm), [`api`] answers `/__proxyapi`, `reply` writes Pipes' own answers, and
 //! [`settings`] holds everything the operator configured. `docs/architecture.md`
@@ -12,6 +13,7 @@
 
 // Public where the binary, the tests or the benchmarks use them; the rest is
 // private so that the compiler reports what nothing uses.
+pub mod access;
 mod access_log;
 pub mod api;
 mod auth;

@@ -107,6 +107,12 @@ impl Metrics {
         m
     }
 
+    /// The counters shared by deployments past the cap, and by those not in
+    /// the table when counted (access refusals of names never started).
+    pub fn other(&self) -> &Arc<DeploymentMetrics> {
+        &self.other
+    }
+
     /// The counters of requests that had no deployment.
     pub fn none(&self) -> &Arc<DeploymentMetrics> {
         &self.none
@@ -183,6 +189,16 @@ impl Metrics {
                 out.sample("pipes_redeploys_total", &[("deployment", &m.label), ("outcome", outcome)], n as f64);
             }
         }
+        out.family(
+            "pipes_access_denied_total",
+            "counter",
+            "Requests the access rules refused, by reason (ip, basic, forward_auth, forward_auth_error, share_expired, config_broken).",
+        );
+        for m in &all {
+            for (reason, n) in m.map(&m.denied) {
+                out.sample("pipes_access_denied_total", &[("deployment", &m.label), ("reason", reason)], n as f64);
+            }
+        }
         counts(out, "pipes_idle_stops_total", "Containers stopped after their idle timeout.", |m| &m.idle_stops);
         counts(out, "pipes_idle_pauses_total", "Containers paused after their idle timeout.", |m| &m.idle_pauses);
         out.family("pipes_acme_orders_total", "counter", "Certificate orders, by outcome (issued, failed).");
@@ -202,6 +218,8 @@ pub struct DeploymentMetrics {
     idle_stops: AtomicU64,
     idle_pauses: AtomicU64,
     cold_starts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests refused by the access rules, by reason.
+    denied: Mutex<BTreeMap<&'static str, u64>>,
     redeploys: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -216,6 +234,7 @@ impl DeploymentMetrics {
             idle_stops: AtomicU64::new(0),
             idle_pauses: AtomicU64::new(0),
             cold_starts: Mutex::new(BTreeMap::new()),
+            denied: Mutex::new(BTreeMap::new()),
             redeploys: Mutex::new(BTreeMap::new()),
         }
     }
@@ -255,6 +274,11 @@ impl DeploymentMetrics {
     /// Records how a cold start ended.
     pub fn cold_start(&self, outcome: &'static str) {
         *self.cold_starts.lock().unwrap_or_else(PoisonError::into_inner).entry(outcome).or_default() += 1;
+    }
+
+    /// Records a request the access rules refused, and why.
+    pub fn access_denied(&self, reason: &'static str) {
+        *self.denied.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_default() += 1;
     }
 
     /// Records how a redeploy ended.

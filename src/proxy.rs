@@ -24,12 +24,13 @@ use pingora::proxy::FailToProxy;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
 
+use crate::access::{self, Check, Verdict};
 use crate::access_log::{self, AccessLog};
 use crate::api;
 use crate::auth::ApiAuth;
 use crate::error::PipesError;
 use crate::events;
-use crate::fleet::{Activity, Admission, Fleet, OpenCount, Slot};
+use crate::fleet::{Activity, Admission, Entry, Fleet, OpenCount, Slot};
 use crate::forwarded::Trusted;
 use crate::reply::{self, Audience};
 use crate::route::{self, Hosts, Target};
@@ -120,12 +121,30 @@ pub struct RequestCtx {
     began: Instant,
     /// Whether it waited for a cold start.
     cold_start: bool,
+    /// Whether answers carry `X-Robots-Tag` (the deployment's `noindex`).
+    noindex: bool,
+    /// The access check that decided, and whether it let the request in.
+    access: Option<(&'static str, bool)>,
+    /// Cookies the deployment's auth server set, for the answer.
+    auth_cookies: Vec<HeaderValue>,
 }
 
 impl RequestCtx {
     fn new() -> Self {
         IN_FLIGHT.add(1);
-        RequestCtx { slot: None, activity: None, warmup: None, refused: None, recovered: false, error: None, began: Instant::now(), cold_start: false }
+        RequestCtx {
+            slot: None,
+            activity: None,
+            warmup: None,
+            refused: None,
+            recovered: false,
+            error: None,
+            began: Instant::now(),
+            cold_start: false,
+            noindex: false,
+            access: None,
+            auth_cookies: Vec::new(),
+        }
     }
 }
 
@@ -137,8 +156,8 @@ impl Drop for RequestCtx {
 
 /// What `request_filter` decided, owned, so the request can be answered.
 enum Decision {
-    /// A deployment's request, admitted by the fleet.
-    Deployment(Admission),
+    /// A deployment's request, allowed by the policy.
+    Deployment(Entry),
     Api(api::Request),
     /// The dashboard, on the bare domain as the browser named it.
     Dashboard(String),
@@ -185,8 +204,8 @@ impl ProxyHttp for Proxy {
                 None => reply_error(session, &PipesError::NotOurs { host: String::new(), expected: "a Host header".into() }).await,
             };
         }
-        let admission = match self.decide(session) {
-            Decision::Deployment(admission) => admission,
+        let entry = match self.decide(session) {
+            Decision::Deployment(entry) => entry,
             Decision::Dashboard(domain) => return ui::dashboard(session, &domain, self.hosts.style.pattern()).await,
             Decision::Api(request) if request.method == http::Method::OPTIONS => {
                 return match self.dashboard_origin(session.req_header()) {
@@ -214,6 +233,13 @@ impl ProxyHttp for Proxy {
                 return Ok(true);
             }
             Decision::Fail(e) => return reply_error(session, &e).await,
+        };
+        if !self.judge(session, &entry, ctx).await? {
+            return Ok(true);
+        }
+        let admission = match self.fleet.admit(entry, || self.client(session)) {
+            Ok(admission) => admission,
+            Err(e) => return reply_error(session, &e).await,
         };
         let (slot, upstream) = match admission {
             Admission::Warm { slot, upstream } => (slot, upstream),
@@ -287,11 +313,15 @@ impl ProxyHttp for Proxy {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut pingora::http::ResponseHeader,
+        upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // The fresh instance answered this one: let the next waiter in.
         ctx.warmup = None;
+        access::robots(upstream_response, ctx.noindex)?;
+        for cookie in ctx.auth_cookies.drain(..) {
+            upstream_response.append_header(http::header::SET_COOKIE, cookie)?;
+        }
         Ok(())
     }
 
@@ -318,6 +348,8 @@ impl ProxyHttp for Proxy {
                 duration: access_log::seconds(took),
                 upstream: ctx.activity.as_ref().map(|a| a.upstream().addr.to_string()),
                 cold_start: ctx.cold_start,
+                access: ctx.access.map(|(check, _)| check),
+                access_allowed: ctx.access.map(|(_, allowed)| allowed),
             });
         }
     }
@@ -349,8 +381,7 @@ impl ProxyHttp for Proxy {
 }
 
 impl Proxy {
-    /// Routes a request and has the fleet admit it, without touching the
-    /// engine: the hot path ends in `Admission::Warm`.
+    /// Routes a request and applies the policy, without touching the engine.
     fn decide(&self, session: &Session) -> Decision {
         let req = session.req_header();
         let raw = match request_host(req) {
@@ -373,6 +404,8 @@ impl Proxy {
                 path: path.to_owned(),
                 query: req.uri.query().map(str::to_owned),
                 authorization: req.headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes().to_vec()),
+                host: raw.to_owned(),
+                tls: is_tls(session),
                 cross_site: self.cross_site(req),
                 has_body: has_body(req),
                 content_type: req.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned),
@@ -384,9 +417,43 @@ impl Proxy {
             Target::Bare if path == "/" && matches!(req.method, http::Method::GET | http::Method::HEAD) => return Decision::Dashboard(raw.to_owned()),
             Target::Bare => return Decision::Fail(self.hosts.no_deployment(&host)),
         };
-        match self.fleet.admit(d, || self.client(session)) {
-            Ok(admission) => Decision::Deployment(admission),
+        match self.fleet.entry(d) {
+            Ok(entry) => Decision::Deployment(entry),
             Err(e) => Decision::Fail(e),
+        }
+    }
+
+    /// Step 2b: judges access by the deployment's rules; `false` when the
+    /// request was answered instead (refused, or a share link opened). An
+    /// open deployment costs one atomic load and a branch.
+    async fn judge(&self, session: &mut Session, entry: &Entry, ctx: &mut RequestCtx) -> Result<bool> {
+        let rules = entry.rules();
+        ctx.noindex = rules.noindex;
+        if rules.open() {
+            return Ok(true);
+        }
+        let rules = arc_swap::Guard::into_inner(rules);
+        let client = self.client(session);
+        let verdict = access::judge(self.fleet.access(), &rules, session.req_header(), client, is_tls(session)).await;
+        match verdict {
+            Verdict::Pass(passed) => {
+                passed.apply(session.req_header_mut())?;
+                ctx.access = passed.by.map(|check| (check.as_str(), true));
+                ctx.auth_cookies = passed.set_cookies;
+                Ok(true)
+            }
+            Verdict::ShareOpened { .. } => {
+                ctx.access = Some((Check::Share.as_str(), true));
+                access::answer(session, verdict, rules.noindex).await.map(|()| false)
+            }
+            Verdict::Refused { reason, .. } => {
+                ctx.access = Some((reason.as_str(), false));
+                let counted = entry.metrics().or_else(|| self.fleet.metrics().map(|m| m.other()));
+                if let Some(m) = counted {
+                    m.access_denied(reason.as_str());
+                }
+                access::answer(session, verdict, rules.noindex).await.map(|()| false)
+            }
         }
     }
 }

@@ -55,6 +55,7 @@ fn public_message(e: &PipesError) -> Option<String> {
         PipesError::ServiceUnhealthy { deployment, service, timeout, .. } => {
             format!("service {service} of {deployment} was not healthy within {}", crate::error::DisplayDuration(*timeout))
         }
+        PipesError::ForwardAuthUnavailable { deployment, .. } => format!("the auth server of {deployment} did not answer; retry in {RETRY_AFTER_SECS} s"),
         _ => return None,
     })
 }
@@ -204,6 +205,9 @@ pub fn error_body(e: &PipesError) -> Value {
             json!({ "max": max, "setting": "PIPES_MAX_CONNECTIONS", "retry_after": RETRY_AFTER_SECS })
         }
         PipesError::BadRequest { .. } => json!({}),
+        PipesError::AccessDenied { deployment } => json!({ "deployment": deployment }),
+        PipesError::AuthenticationRequired { realm, .. } => json!({ "deployment": realm }),
+        PipesError::ForwardAuthUnavailable { deployment, .. } => json!({ "deployment": deployment, "retry_after": RETRY_AFTER_SECS }),
     };
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);
@@ -278,6 +282,9 @@ fn error_head(e: &PipesError) -> Result<ResponseHeader> {
     }
     if matches!(e, PipesError::Unauthorized) {
         head.insert_header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"pipes\"")?;
+    }
+    if let PipesError::AuthenticationRequired { realm, basic: true, .. } = e {
+        head.insert_header(http::header::WWW_AUTHENTICATE, format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))?;
     }
     Ok(head)
 }

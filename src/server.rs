@@ -66,6 +66,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     for problem in control.block_on(store.check()) {
         log::error!("{problem}");
     }
+    if let Err(e) = control.block_on(fleet.load_access()) {
+        log::warn!("{e}; every deployment answers 503 until its access rules can be read");
+    }
     match control.block_on(fleet.claim(settings.upgrade)) {
         Ok(None) => {}
         Ok(Some(holder)) => {

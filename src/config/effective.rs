@@ -20,6 +20,10 @@ pub struct Defaults {
     pub idle_action: IdleAction,
     /// `PIPES_PAUSE_TIMEOUT`.
     pub pause_timeout: Duration,
+    /// `PIPES_ACCESS`: the access of deployments whose layers name none.
+    pub access: AccessConfig,
+    /// `PIPES_NOINDEX`.
+    pub noindex: bool,
 }
 
 /// Everything a deployment runs with, all layers merged.
@@ -46,6 +50,9 @@ pub struct Effective {
     pub services: Vec<Service>,
     /// The app's volumes: volume name → mount path.
     pub volumes: BTreeMap<String, String>,
+    /// Who may open it.
+    pub access: AccessConfig,
+    pub noindex: bool,
 }
 
 impl Effective {
@@ -75,6 +82,8 @@ impl Effective {
             capabilities: c.capabilities.unwrap_or_default().iter().filter_map(|n| check_capability(n).ok()).collect(),
             services: c.services.iter().filter_map(|(name, s)| Service::merge(name, s, defaults.memory, defaults.cpus)).collect(),
             volumes: c.volumes,
+            access: c.access.unwrap_or_else(|| defaults.access.clone()),
+            noindex: c.noindex.unwrap_or(defaults.noindex),
         }
     }
 
@@ -102,6 +111,8 @@ impl Effective {
             "capabilities": self.capabilities,
             "services": self.services.iter().map(|s| (s.name.clone(), s.to_json())).collect::<serde_json::Map<_, _>>(),
             "volumes": self.volumes,
+            "access": self.access,
+            "noindex": self.noindex,
         })
     }
 

@@ -9,6 +9,7 @@
 //! policies) and their limits; `effective.rs` the merge of every layer into
 //! what a deployment runs with.
 
+mod access;
 mod effective;
 mod services;
 #[cfg(test)]
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::PipesError;
 
+pub use access::{AccessConfig, ForwardAuthConfig};
 pub use effective::{Defaults, Effective};
 pub use services::{check_order, start_order, Check, Service, ServiceConfig, ServiceHealth, SERVICE_HEALTH_TIMEOUT};
 pub use values::*;
@@ -80,6 +82,12 @@ pub struct DeployConfig {
     /// The app's volumes: volume name → mount path.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub volumes: BTreeMap<String, String>,
+    /// Who may open the deployment; replaces a lower layer's whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessConfig>,
+    /// Whether answers carry `X-Robots-Tag: noindex, nofollow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noindex: Option<bool>,
 }
 
 /// A field whose value is not acceptable.
@@ -127,6 +135,12 @@ impl DeployConfig {
         de.end().map_err(|e| PipesError::BadJson { message: strip_position(&e.to_string()), line: e.line(), column: e.column() })?;
         config.validate().map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
         Ok(config)
+    }
+
+    /// This layer without what takes effect at the edge alone (`access`,
+    /// `noindex`): what an instance is made and run from.
+    pub fn without_access(&self) -> DeployConfig {
+        DeployConfig { access: None, noindex: None, ..self.clone() }
     }
 
     /// Checks the values serde cannot: ranges, paths, names.
@@ -179,11 +193,14 @@ impl DeployConfig {
             service.validate(name)?;
         }
         services::check_volumes("volumes", &self.volumes)?;
+        if let Some(access) = &self.access {
+            access.validate()?;
+        }
         Ok(())
     }
 
     /// This layer over `lower`: fields set here win; `env`, `health`,
-    /// `services` and `volumes` merge by key.
+    /// `services` and `volumes` merge by key; `access` is replaced whole.
     pub fn over(&self, lower: &DeployConfig) -> DeployConfig {
         let health = match (&self.health, &lower.health) {
             (Some(h), Some(l)) => Some(Health { path: h.path.clone().or(l.path.clone()), timeout: h.timeout.or(l.timeout) }),
@@ -207,6 +224,8 @@ impl DeployConfig {
             // A service of a name is replaced whole; volumes merge by name.
             services: merged(&lower.services, &self.services),
             volumes: merged(&lower.volumes, &self.volumes),
+            access: self.access.clone().or(lower.access.clone()),
+            noindex: self.noindex.or(lower.noindex),
         }
     }
 }

@@ -10,6 +10,8 @@ fn defaults() -> Defaults {
         watch: None,
         idle_action: IdleAction::Stop,
         pause_timeout: Duration::from_secs(3600),
+        access: AccessConfig::default(),
+        noindex: true,
     }
 }
 

@@ -1,10 +1,12 @@
 //! Who may have what: the one place a request is admitted to a deployment.
 //!
-//! [`Fleet::admit`] applies, in order, the policy (`PIPES_ALLOW`), the
-//! memory of images the registry did not have, the per-client limit on
-//! starts (`PIPES_MAX_STARTS_PER_CLIENT`) and the ceiling on slots that do
-//! not run (`PIPES_MAX_NOT_RUNNING`). A request refused by any of them never
-//! reaches the engine, and a name a client may not start gets no slot.
+//! [`Fleet::entry`] applies the policy (`PIPES_ALLOW`) and finds the
+//! deployment's access rules; the proxy judges access by them (`access`);
+//! then [`Fleet::admit`] applies the memory of images the registry did not
+//! have, the per-client limit on starts (`PIPES_MAX_STARTS_PER_CLIENT`) and
+//! the ceiling on slots that do not run (`PIPES_MAX_NOT_RUNNING`). A request
+//! refused by any of them never reaches the engine, and a name a client may
+//! not start gets no slot.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -12,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
 
 use super::{Fleet, Slot, StartResult, Table, Upstream};
+use crate::access::Rules;
 use crate::error::PipesError;
 use crate::route::{Deployment, DeploymentRef};
 
@@ -39,6 +42,34 @@ impl Drop for ClientStart {
         }
         if waiting.is_empty() {
             starts.remove(&self.client);
+        }
+    }
+}
+
+/// The deployment a request names, allowed by the policy, before access is
+/// judged: nothing was added to the table for it.
+pub enum Entry {
+    /// The table knows it.
+    Known(Arc<Slot>),
+    /// The table does not know it (yet), and these are its access rules.
+    New(Deployment, Arc<Rules>),
+}
+
+impl Entry {
+    /// Its access rules: one atomic load for a deployment the table knows.
+    #[inline]
+    pub fn rules(&self) -> arc_swap::Guard<Arc<Rules>> {
+        match self {
+            Entry::Known(slot) => slot.access(),
+            Entry::New(_, rules) => arc_swap::Guard::from_inner(rules.clone()),
+        }
+    }
+
+    /// Its counters, if it has its own yet.
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::DeploymentMetrics>> {
+        match self {
+            Entry::Known(slot) => slot.metrics.as_ref(),
+            Entry::New(..) => None,
         }
     }
 }
@@ -72,26 +103,44 @@ impl ColdStart {
 }
 
 impl Fleet {
-    /// Admits a request for `d`; `client` tells who asks (when known), and
-    /// is asked only on the cold path. The warm path is a policy check and
-    /// two atomic loads: no lock, no allocation.
-    pub fn admit(self: &Arc<Self>, d: DeploymentRef<'_>, client: impl FnOnce() -> Option<IpAddr>) -> Result<Admission, PipesError> {
+    /// The deployment `d` a request names, if the policy lets it run here.
+    /// For a deployment the table knows: a policy check and a table lookup,
+    /// no lock, no allocation.
+    #[inline]
+    pub fn entry(&self, d: DeploymentRef<'_>) -> Result<Entry, PipesError> {
         if !self.allows(d) {
             return Err(PipesError::Forbidden { deployment: d.to_string() });
         }
-        if let Some(slot) = self.get(d) {
-            if let Some(upstream) = slot.upstream() {
-                return Ok(Admission::Warm { slot, upstream });
+        Ok(match self.get(d) {
+            Some(slot) => Entry::Known(slot),
+            None => {
+                let d = d.to_owned();
+                let rules = self.access.rules(&d);
+                Entry::New(d, rules)
             }
-            let client = client().map(|c| self.client_start(c, &slot.deployment)).transpose()?;
-            return Ok(Admission::Cold(ColdStart { fleet: self.clone(), slot, _client: client }));
-        }
-        if let Some(missing) = self.missing(d) {
+        })
+    }
+
+    /// Admits a request whose access was judged; `client` tells who asks
+    /// (when known), and is asked only on the cold path. The warm path is
+    /// one atomic load.
+    pub fn admit(self: &Arc<Self>, entry: Entry, client: impl FnOnce() -> Option<IpAddr>) -> Result<Admission, PipesError> {
+        let d = match entry {
+            Entry::Known(slot) => {
+                if let Some(upstream) = slot.upstream() {
+                    return Ok(Admission::Warm { slot, upstream });
+                }
+                let client = client().map(|c| self.client_start(c, &slot.deployment)).transpose()?;
+                return Ok(Admission::Cold(ColdStart { fleet: self.clone(), slot, _client: client }));
+            }
+            Entry::New(d, _) => d,
+        };
+        if let Some(missing) = self.missing(d.as_ref()) {
             return Err(missing);
         }
         // A name the client may not start now gets no slot either.
-        let client = client().map(|c| self.client_start(c, &d.to_owned())).transpose()?;
-        let slot = self.slot_for_request(d)?;
+        let client = client().map(|c| self.client_start(c, &d)).transpose()?;
+        let slot = self.slot_for_request(d.as_ref())?;
         Ok(Admission::Cold(ColdStart { fleet: self.clone(), slot, _client: client }))
     }
 

@@ -1,7 +1,7 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
 //! server: idle instances are stopped (or paused), paused ones past their
-//! pause timeout stopped, watched tags are checked, the claim on the
-//! instance name is renewed, and slots that never became deployments are
+//! pause timeout stopped, watched tags are checked, access rules reloaded,
+//! the claim on the instance name is renewed, and slots that never became deployments are
 //! dropped from the table.
 
 use std::sync::Arc;
@@ -17,6 +17,9 @@ use super::Fleet;
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Slots are swept every this many checks.
 const SWEEP_EVERY_TICKS: u64 = 60;
+/// Access rules are reloaded from the store every this many checks, for
+/// changes made through other replicas or by hand.
+const ACCESS_EVERY_TICKS: u64 = 10;
 /// The claim on the instance name is renewed every this many checks.
 const CLAIM_EVERY_TICKS: u64 = crate::engine::CLAIM_RENEW_EVERY.as_secs() / CHECK_INTERVAL.as_secs();
 
@@ -45,6 +48,14 @@ impl BackgroundService for Janitor {
             self.fleet.stop_idle();
             self.fleet.expire_paused();
             self.fleet.poll_tags();
+            if tick % ACCESS_EVERY_TICKS == 0 {
+                let fleet = self.fleet.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.load_access().await {
+                        log::warn!("cannot reload access rules: {e}");
+                    }
+                });
+            }
             if tick % CLAIM_EVERY_TICKS == 0 {
                 self.fleet.renew_claim();
             }

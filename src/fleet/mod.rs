@@ -22,6 +22,7 @@
 //! | redeploy, roll back | `rollout.rs` | [`Fleet::redeploy`], [`Fleet::rollback`] |
 //! | follow the engine | `sync.rs` | `Fleet::on_event`, `Fleet::reconcile` |
 //! | change a config | `ops.rs` | [`Fleet::change_config`] |
+//! | follow access rules stored elsewhere | `mod.rs` | [`Fleet::load_access`] |
 //! | operator operations | `ops.rs` | [`Fleet::stop`], [`Fleet::remove`], [`Fleet::restart`] |
 //!
 //! `table.rs` holds the map itself; `view.rs` what the API and metrics read;
@@ -55,6 +56,7 @@ use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
 
+use crate::access::Guard;
 use crate::engine::Backend;
 use crate::error::PipesError;
 use crate::metrics::Metrics;
@@ -65,7 +67,7 @@ use crate::store::Store;
 use deploy::Deployer;
 use feed::Feed;
 
-pub use admission::{Admission, ClientStart, ColdStart};
+pub use admission::{Admission, ClientStart, ColdStart, Entry};
 pub use feed::{Happening, HappeningKind};
 pub use janitor::Janitor;
 pub use ops::{Applied, ConfigScope};
@@ -117,6 +119,8 @@ pub struct Fleet {
     /// Deployments with a redeploy under way in the background, and whether
     /// another was asked for meanwhile.
     redeploys: Mutex<HashMap<Deployment, bool>>,
+    /// Who may open which deployment.
+    access: Arc<Guard>,
 }
 
 impl Fleet {
@@ -131,7 +135,7 @@ impl Fleet {
             policy: settings.policy.clone(),
             failure_ttl: settings.failure_ttl,
             drain_timeout: settings.drain_timeout,
-            deployer: Arc::new(Deployer::new(backend, store, settings, metrics.clone(), feed.clone())),
+            deployer: Arc::new(Deployer::new(backend, store.clone(), settings, metrics.clone(), feed.clone())),
             control,
             retired: AtomicBool::new(false),
             max_not_running: settings.max_not_running,
@@ -144,6 +148,31 @@ impl Fleet {
             feed,
             prepulls: prepull::Prepulls::new(settings.docker.max_pulls),
             redeploys: Mutex::new(HashMap::new()),
+            access: Arc::new(Guard::new(settings, store.clone())),
+        }
+    }
+
+    /// Access rules and share links.
+    pub fn access(&self) -> &Arc<Guard> {
+        &self.access
+    }
+
+    /// Reloads access rules from the store and applies those that changed
+    /// to the deployments in the table.
+    pub async fn load_access(&self) -> Result<(), PipesError> {
+        let guard = self.access.clone();
+        if self.on_control(async move { guard.load().await }).await? {
+            self.reapply_access(|_| true);
+        }
+        Ok(())
+    }
+
+    /// Resolves the access rules of the deployments `covered` says anew.
+    /// Under `grow`, so no slot is added meanwhile with rules resolved before.
+    pub(super) fn reapply_access(&self, covered: impl Fn(&Deployment) -> bool) {
+        let _grow = self.grow.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for slot in self.table.load().values().filter(|s| covered(&s.deployment)) {
+            slot.set_access(self.access.rules(&slot.deployment));
         }
     }
 

@@ -25,6 +25,8 @@ pub enum Applied {
     Recreated(StartResult),
     /// Nothing was restarted: running deployments report `config_pending`.
     Pending,
+    /// Only `access` or `noindex` changed: applied at once, nothing restarted.
+    AccessOnly,
 }
 
 impl Fleet {
@@ -105,9 +107,13 @@ impl Fleet {
     ///   deployment reports `config_pending` until it is restarted,
     ///   redeployed or recreated, so one request cannot restart a whole
     ///   repository's previews.
+    /// - Access rules (`access`, `noindex`) of either layer apply at once
+    ///   to every deployment they cover; a change of nothing else restarts
+    ///   nothing.
     pub async fn change_config(self: &Arc<Self>, scope: ConfigScope<'_>, config: DeployConfig) -> Result<Applied, PipesError> {
         self.deployer.check_ceilings(&config)?;
         self.check_services(&config)?;
+        self.access.check_config(&config)?;
         let store = self.deployer.store();
         match scope {
             ConfigScope::Tag(d) => {
@@ -115,7 +121,15 @@ impl Fleet {
                 // Services may depend on those the repository's config names.
                 let repository = store.repository(&d.user, &d.repo).await?.unwrap_or_default();
                 check_order(&config.over(&repository).services).map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
-                store.put_tag(d, config).await?;
+                // A broken old config counts as changed: the instance is made anew.
+                let access_only = store.tag(d).await.ok().map(Option::unwrap_or_default).is_some_and(|old| old.without_access() == config.without_access());
+                store.put_tag(d, config.clone()).await?;
+                self.access.put_tag(d, &config);
+                self.reapply_access(|x| x == d);
+                if access_only {
+                    log::info!("{d}: access rules replaced");
+                    return Ok(Applied::AccessOnly);
+                }
                 log::info!("{d}: config replaced, recreating its instance");
                 // Removing forgets the remembered failure with the instances.
                 // Services and volumes stay (a service's change waits for a
@@ -130,7 +144,9 @@ impl Fleet {
             }
             ConfigScope::Repository(d) => {
                 check_order(&config.services).map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
-                store.put_repository(&d.user, &d.repo, config).await?;
+                store.put_repository(&d.user, &d.repo, config.clone()).await?;
+                self.access.put_repository(d, &config);
+                self.reapply_access(|x| x.user == d.user && x.repo == d.repo);
                 for slot in self.table.load().values() {
                     if slot.deployment.user == d.user && slot.deployment.repo == d.repo {
                         slot.lock_cold().failed = None;

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use futures_util::future::{BoxFuture, Shared};
 use pingora::upstreams::peer::HttpPeer;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::access::Rules;
 use crate::clock::unix_ms;
 use crate::config::IdleAction;
 use crate::error::PipesError;
@@ -234,11 +235,14 @@ pub struct Slot {
     elsewhere_ms: AtomicU64,
     /// The activity this Pipes last reported to the others (Unix ms; 0 if none).
     pub(super) shared_ms: AtomicU64,
+    /// Who may open it: one atomic load on the warm path.
+    access: ArcSwap<Rules>,
 }
 
 impl Slot {
-    pub(super) fn new(deployment: Deployment, metrics: Option<Arc<DeploymentMetrics>>) -> Self {
+    pub(super) fn new(deployment: Deployment, metrics: Option<Arc<DeploymentMetrics>>, access: Arc<Rules>) -> Self {
         Slot {
+            access: ArcSwap::new(access),
             deployment,
             metrics,
             upstream: ArcSwapOption::empty(),
@@ -249,6 +253,20 @@ impl Slot {
             last_start_ms: AtomicU64::new(0),
             elsewhere_ms: AtomicU64::new(0),
             shared_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Who may open it now.
+    #[inline]
+    pub fn access(&self) -> arc_swap::Guard<Arc<Rules>> {
+        self.access.load()
+    }
+
+    /// Applies new access rules, unless they check the same as the ones it
+    /// has (whose caches of verified credentials then stay).
+    pub(super) fn set_access(&self, rules: Arc<Rules>) {
+        if !self.access.load().same_as(&rules) {
+            self.access.store(rules);
         }
     }
 
@@ -363,10 +381,14 @@ impl Slot {
 mod tests {
     use super::*;
 
+    fn open_rules() -> Arc<Rules> {
+        Arc::new(Rules::new(&Deployment::parse("a/b:c").unwrap(), &crate::config::AccessConfig::default(), true))
+    }
+
     #[test]
     fn open_counts_sum_across_threads() {
         let up = Arc::new(Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None));
-        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None));
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None, open_rules()));
         let held: Vec<Activity> = (0..3).map(|_| slot.begin(up.clone())).collect();
         let moved = std::thread::spawn({
             let (slot, up) = (slot.clone(), up.clone());
@@ -387,7 +409,7 @@ mod tests {
         let mut up = Upstream::new("x".into(), "127.0.0.1:1".parse().unwrap(), None);
         up.idle_timeout = Some(Duration::from_secs(10));
         let up = Arc::new(up);
-        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None));
+        let slot = Arc::new(Slot::new(Deployment::parse("a/b:c").unwrap(), None, open_rules()));
         let activity = slot.begin(up.clone());
         assert_eq!(slot.idle_at_ms(&up), None);
         drop(activity);

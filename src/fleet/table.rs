@@ -53,7 +53,8 @@ impl Fleet {
         }
         let d = d.to_owned();
         let metrics = self.metrics.as_ref().map(|m| m.deployment(&d));
-        let slot = Arc::new(Slot::new(d, metrics));
+        let access = self.access.rules(&d);
+        let slot = Arc::new(Slot::new(d, metrics, access));
         let mut next = Table::clone(&table);
         next.insert(Arc::new(slot.deployment.clone()), slot.clone());
         self.table.store(Arc::new(next));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, CommandFactory, Parser};
 
-use crate::config::{ByteSize, IdleAction, Watch};
+use crate::config::{AccessConfig, ByteSize, IdleAction, Watch};
 use crate::forwarded::Trusted;
 use crate::policy::Policy;
 use crate::route::HostStyle;
@@ -156,6 +156,18 @@ pub(super) struct Cli {
     /// Proxies in front of Pipes whose X-Forwarded-* headers are believed, comma-separated addresses or networks
     #[arg(long, env = "PIPES_TRUSTED_PROXIES", value_name = "ADDRS", value_parser = Trusted::parse)]
     pub(super) trusted_proxies: Option<Trusted>,
+    /// Access of deployments whose configs name none, as a config's `access` in JSON (e.g. {"basic":{"alice":"$2y$…"}}) [default: open]
+    #[arg(long, env = "PIPES_ACCESS", value_name = "JSON", value_parser = parse_access)]
+    pub(super) access: Option<AccessConfig>,
+    /// Answers from deployments carry X-Robots-Tag: noindex, nofollow unless their config says otherwise: true or false
+    #[arg(long, env = "PIPES_NOINDEX", value_name = "BOOL", default_value = "true", value_parser = parse_bool, action = ArgAction::Set)]
+    pub(super) noindex: bool,
+    /// How long an auth server (access.forward_auth) may take to answer; a slower or unreachable one is a 503
+    #[arg(long, env = "PIPES_FORWARD_AUTH_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
+    pub(super) forward_auth_timeout: Duration,
+    /// URL prefixes deployments' configs may name as access.forward_auth.url, comma-separated [default: none; PIPES_ACCESS may name any]
+    #[arg(long, env = "PIPES_FORWARD_AUTH_URLS", value_name = "URLS", value_parser = parse_url_prefixes)]
+    pub(super) forward_auth_urls: Option<UrlPrefixes>,
     /// Highest CPU limit (cores) any config may set [default: the host's CPUs]
     #[arg(long, env = "PIPES_MAX_CPUS", value_name = "CPUS", value_parser = parse_cpus)]
     pub(super) max_cpus: Option<f64>,

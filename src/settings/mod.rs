@@ -104,6 +104,8 @@ pub struct Settings {
     pub ceilings: Ceilings,
     /// `PIPES_TRUSTED_PROXIES`.
     pub trusted_proxies: Trusted,
+    /// How access is checked, besides each deployment's rules.
+    pub access: AccessSettings,
     /// `PIPES_BACKEND`.
     pub backend: BackendKind,
     /// The engine's settings, for either backend.
@@ -120,6 +122,16 @@ pub struct Settings {
     pub server_conf: Option<PathBuf>,
     pub upgrade: bool,
     pub test: bool,
+}
+
+/// `PIPES_FORWARD_AUTH_*` (`PIPES_ACCESS` and `PIPES_NOINDEX` are in
+/// [`Defaults`], the lowest config layer).
+#[derive(Debug, Clone)]
+pub struct AccessSettings {
+    /// `PIPES_FORWARD_AUTH_TIMEOUT`.
+    pub forward_auth_timeout: Duration,
+    /// `PIPES_FORWARD_AUTH_URLS`: what deployments' configs may ask.
+    pub forward_auth_urls: Vec<String>,
 }
 
 /// What no deployment's config may exceed, whoever writes it.

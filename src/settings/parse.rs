@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::MIN_TOKEN_LEN;
-use crate::config::{check_capability, check_cpus, check_memory, ByteSize, Span, Watch, MIN_WATCH};
+use crate::config::{check_capability, check_cpus, check_memory, AccessConfig, ByteSize, Span, Watch, MIN_WATCH};
 use crate::engine::RESERVED_LABELS;
 use crate::route::HostStyle;
 use crate::secret::Secret;
@@ -223,4 +223,32 @@ pub(super) fn parse_watch(value: &str) -> Result<Watch, String> {
         Watch::Every(span) => span.within(MIN_WATCH, MAX_TIMEOUT).map(Watch::Every).map_err(|_| expected()),
         Watch::Off => Ok(Watch::Off),
     }
+}
+
+/// `PIPES_ACCESS`: a config's `access`, checked as a config's is.
+pub(super) fn parse_access(value: &str) -> Result<AccessConfig, String> {
+    let access: AccessConfig = serde_json::from_str(value).map_err(|e| format!("expected a config's access as JSON: {e}"))?;
+    access.validate().map_err(|e| format!("{}: {}", e.field, e.message))?;
+    Ok(access)
+}
+
+/// `PIPES_FORWARD_AUTH_URLS`.
+#[derive(Debug, Clone)]
+pub(super) struct UrlPrefixes(pub(super) Vec<String>);
+
+pub(super) fn parse_url_prefixes(value: &str) -> Result<UrlPrefixes, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+            match rest {
+                // A prefix ends its host, so `http://auth` cannot admit `http://auth.evil.example`.
+                Some(r) if r.contains('/') && !r.starts_with('/') => Ok(u.to_owned()),
+                _ => Err(format!("expected URL prefixes with a path, such as http://127.0.0.1:4180/oauth2/, got '{u}'")),
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(UrlPrefixes)
 }

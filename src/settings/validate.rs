@@ -149,6 +149,8 @@ impl Settings {
                 watch: cli.watch.interval(),
                 idle_action: cli.idle_action,
                 pause_timeout: cli.pause_timeout,
+                access: cli.access.unwrap_or_default(),
+                noindex: cli.noindex,
             },
             max_paused: cli.max_paused.unwrap_or(cli.max_containers),
             failure_ttl: cli.failure_ttl,
@@ -173,6 +175,10 @@ impl Settings {
             underscore_headers: cli.underscore_headers,
             ceilings,
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
+            access: AccessSettings {
+                forward_auth_timeout: cli.forward_auth_timeout,
+                forward_auth_urls: cli.forward_auth_urls.map(|u| u.0).unwrap_or_default(),
+            },
             backend: cli.backend,
             docker: DockerOptions {
                 host: cli.docker_host,

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::access::share::{Shares, DOCUMENT as SHARES};
 use crate::auth::{self, ScopedToken};
 use crate::config::DeployConfig;
 use crate::error::PipesError;
@@ -42,6 +43,29 @@ pub trait Storage: Send + Sync + 'static {
     async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError>;
     /// The names of every config document (`repos/…`).
     async fn configs(&self) -> Result<Vec<String>, PipesError>;
+}
+
+/// Which layer a stored config is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layer {
+    /// A tag's own config.
+    Tag(Deployment),
+    /// The default of a repository: user and repository.
+    Repository(String, String),
+}
+
+impl Layer {
+    /// The layer a document's name stores, if it names one.
+    fn of(name: &str) -> Option<Layer> {
+        let rest = name.strip_prefix("repos/")?;
+        let (user, rest) = rest.split_once('/')?;
+        let (repo, rest) = rest.split_once('/')?;
+        if rest == "repository.json" {
+            return Some(Layer::Repository(user.to_owned(), repo.to_owned()));
+        }
+        let tag = rest.strip_prefix("tags/")?.strip_suffix(".json")?;
+        Deployment::parse(&format!("{user}/{repo}:{tag}")).map(Layer::Tag)
+    }
 }
 
 /// Configs and tokens, over whichever [`Storage`] the backend keeps them in.
@@ -87,6 +111,32 @@ impl Store {
             Some(bytes) => auth::parse_tokens(&bytes).map_err(|problem| broken(TOKENS, problem)),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Every stored config layer, each read or why it cannot be.
+    pub async fn layers(&self) -> Result<Vec<(Layer, Result<DeployConfig, PipesError>)>, PipesError> {
+        let mut layers = Vec::new();
+        for name in self.storage.configs().await? {
+            if let Some(layer) = Layer::of(&name) {
+                let config = self.read_config(&name).await.and_then(|c| c.ok_or_else(|| broken(&name, "removed while being read")));
+                layers.push((layer, config));
+            }
+        }
+        Ok(layers)
+    }
+
+    /// The share key and revocations, if they were made.
+    pub async fn shares(&self) -> Result<Option<Shares>, PipesError> {
+        match self.storage.read(SHARES).await? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| broken(SHARES, e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Replaces the share key and revocations.
+    pub async fn put_shares(&self, shares: &Shares) -> Result<(), PipesError> {
+        let bytes = serde_json::to_vec_pretty(shares).map_err(|e| broken(SHARES, e.to_string()))?;
+        self.storage.write(SHARES, bytes).await
     }
 
     /// Checks every stored config at start-up: returns the broken ones.
