@@ -9,7 +9,10 @@
 //! binary. The proxies run under callgrind (nginx with one worker and no
 //! master process, Pipes and the bare proxy with two threads, both with
 //! mimalloc; and Pipes once more with metrics and the JSON access log on,
-//! for what recording costs) in front of the same fixture container; wrk sends 3-byte keep-alive requests for a fixed time;
+//! for what recording costs; and with each kind of access rule: `noindex`
+//! off, `basic` with the right credentials on every request, `forward_auth`
+//! to an auth server in this process that lets everything through) in front
+//! of the same fixture image; wrk sends 3-byte keep-alive requests for a fixed time;
 //! the counters are zeroed before and dumped after. Prints instructions per
 //! request for each, the ratios, and the functions Pipes spends most in, and
 //! writes `target/bench-results/instructions.md`. Run through `scripts/bench`.
@@ -50,10 +53,8 @@ async fn bench() {
     std::fs::create_dir_all(&dir).unwrap();
     let conf = dir.join("pipes.yaml");
     std::fs::write(&conf, "---\nversion: 1\nthreads: 2\ngrace_period_seconds: 1\ngraceful_shutdown_timeout_seconds: 1\n").unwrap();
-    // Pipes under callgrind, writing to `out`; `recording` turns metrics and
-    // the JSON access log on.
-    let counted_pipes = |out: &Path, recording: bool| {
-        let metrics = format!("127.0.0.1:{}", free_port());
+    // Pipes under callgrind, writing to `out`, with settings `extra`.
+    let counted_pipes = |out: &Path, extra: &[(&str, &str)]| {
         let mut changes = vec![
             ("PIPES_SERVER_CONF", Some(conf.to_str().unwrap())),
             ("PIPES_ALLOW", Some("bench/*")),
@@ -61,15 +62,27 @@ async fn bench() {
             ("PIPES_START_TIMEOUT", Some("180s")),
             ("RUST_LOG", Some("warn")),
         ];
-        if recording {
-            changes.extend([("PIPES_METRICS_LISTEN", Some(metrics.as_str())), ("PIPES_ACCESS_LOG", Some("json"))]);
-        }
+        changes.extend(extra.iter().map(|(k, v)| (*k, Some(*v))));
         Pipes::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", out.display())], &changes)
     };
-    let (pipes_out, recording_out) = (dir.join("pipes.callgrind"), dir.join("recording.callgrind"));
-    let (pipes, recording) = (counted_pipes(&pipes_out, false), counted_pipes(&recording_out, true));
-    assert_eq!(pipes.get(HOST, "/bytes/3").await.status(), 200);
-    assert_eq!(recording.get(HOST, "/bytes/3").await.status(), 200);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let auth_port = auth_server();
+    let basic = format!(r#"{{"basic":{{"bench":"{}"}}}}"#, bcrypt::hash("bench", 4).unwrap());
+    let forward = format!(r#"{{"forward_auth":{{"url":"http://127.0.0.1:{auth_port}/auth"}}}}"#);
+    let authorization = "Basic YmVuY2g6YmVuY2g="; // bench:bench
+    let script = dir.join("basic.lua");
+    std::fs::write(&script, format!("wrk.headers[\"Authorization\"] = \"{authorization}\"\n")).unwrap();
+    let outs: Vec<PathBuf> = ["pipes", "recording", "noindex", "basic", "forward"].iter().map(|n| dir.join(format!("{n}.callgrind"))).collect();
+    let pipes = counted_pipes(&outs[0], &[]);
+    let recording = counted_pipes(&outs[1], &[("PIPES_METRICS_LISTEN", &metrics), ("PIPES_ACCESS_LOG", "json")]);
+    let noindex = counted_pipes(&outs[2], &[("PIPES_NOINDEX", "false")]);
+    let with_basic = counted_pipes(&outs[3], &[("PIPES_ACCESS", &basic)]);
+    let with_forward = counted_pipes(&outs[4], &[("PIPES_ACCESS", &forward)]);
+    for p in [&pipes, &recording, &noindex, &with_forward] {
+        assert_eq!(p.get(HOST, "/bytes/3").await.status(), 200);
+    }
+    let first = with_basic.client(HOST).get(with_basic.url(HOST, "/bytes/3")).header("authorization", authorization).send().await.unwrap();
+    assert_eq!(first.status(), 200);
     let container = pipes.containers()[0].clone();
     let upstream = upstream_of(&container);
     let nginx_out = dir.join("nginx.callgrind");
@@ -83,18 +96,22 @@ async fn bench() {
 
     let mut commands = Vec::new();
     let mut counted = Vec::new();
-    for (name, port, pid, out) in [
-        ("nginx", nginx.port, nginx.pid(), &nginx_out),
-        ("bare Pingora", bare_port, bare.0.id(), &bare_out),
-        ("Pipes", pipes.port, pipes.pid().expect("pipes runs"), &pipes_out),
-        ("Pipes, metrics and access log on", recording.port, recording.pid().expect("pipes runs"), &recording_out),
+    let pid = |p: &Pipes| p.pid().expect("pipes runs");
+    for (name, port, pid, out, script) in [
+        ("nginx", nginx.port, nginx.pid(), &nginx_out, None),
+        ("bare Pingora", bare_port, bare.0.id(), &bare_out, None),
+        ("Pipes", pipes.port, pid(&pipes), &outs[0], None),
+        ("Pipes, metrics and access log on", recording.port, pid(&recording), &outs[1], None),
+        ("Pipes, noindex off", noindex.port, pid(&noindex), &outs[2], None),
+        ("Pipes, access basic", with_basic.port, pid(&with_basic), &outs[3], Some(script.as_path())),
+        ("Pipes, access forward_auth", with_forward.port, pid(&with_forward), &outs[4], None),
     ] {
         let url = format!("http://127.0.0.1:{port}/bytes/3");
         // Warm: upstream connections made, lazy state set up.
-        wrk(&url, true, None, 1, &mut Vec::new());
+        wrk(&url, true, script, 1, &mut Vec::new());
         callgrind_control("-z", pid);
         let mut command = Vec::new();
-        let load = wrk(&url, true, None, seconds, &mut command);
+        let load = wrk(&url, true, script, seconds, &mut command);
         // One line for all three: only the port differs.
         for line in command.into_iter().map(|c| c.replace(&format!(":{port}/"), ":PORT/")) {
             if !commands.contains(&line) {
@@ -134,6 +151,10 @@ async fn bench() {
     writeln!(out, "\nPipes over the bare proxy: {:.0} instructions per request besides copies ({:.2}×).", pipes_rest - bare_rest, pipes_rest / bare_rest)
         .unwrap();
     writeln!(out, "Metrics and the access log: {:.0} more ({:.2}× plain Pipes).", recording_rest - pipes_rest, recording_rest / pipes_rest).unwrap();
+    for (name, requests, costs) in &counted[4..] {
+        let rest = per(total(costs) - copies(costs), *requests);
+        writeln!(out, "{name}: {:+.0} ({:.3}× plain Pipes).", rest - pipes_rest, rest / pipes_rest).unwrap();
+    }
     let mut top: Vec<(&String, &u64)> = pipes_costs.iter().collect();
     top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     writeln!(out, "\nPipes' costliest functions, own instructions per request:\n\n| instructions | function |\n|---|---|").unwrap();
@@ -154,9 +175,39 @@ async fn bench() {
     let _ = std::fs::write(results.join("instructions.md"), out);
     drop(nginx);
     drop(bare);
-    drop(pipes);
-    drop(recording);
+    drop((pipes, recording, noindex, with_basic, with_forward));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An auth server for `access.forward_auth` on 127.0.0.1 that lets every
+/// request through, keeping connections open; its port.
+fn auth_server() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                use std::io::{BufRead, Write};
+                let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                let mut writer = conn;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => return,
+                        // The end of a head (GET has no body): answer it.
+                        Ok(_) if line == "\r\n" => {
+                            if writer.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+            });
+        }
+    });
+    port
 }
 
 fn callgrind_control(flag: &str, pid: u32) {

@@ -25,6 +25,7 @@ use pingora::prelude::*;
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::access::{self, Refusal, Verdict};
 use crate::api::{self, Endpoint};
 use crate::auth::{Access, ApiAuth};
 use crate::error::PipesError;
@@ -121,6 +122,12 @@ impl View {
     }
 }
 
+/// Whether `req` brings an API token (a browser may bring the `Basic`
+/// credentials of a deployment's access rules: those are no token).
+fn bearer(req: &api::Request) -> bool {
+    req.authorization.as_deref().is_some_and(|a| a.len() > 7 && a[..7].eq_ignore_ascii_case(b"bearer "))
+}
+
 /// Whether `req` asks for the event stream.
 pub(crate) fn wanted(req: &api::Request) -> bool {
     Endpoint::find(&req.path) == Some(Endpoint::Events)
@@ -140,8 +147,20 @@ pub(crate) async fn serve(streams: Streams<'_>, client: Option<IpAddr>, session:
     let Streams { fleet, store, auth, limits } = streams;
     let public = |e| (e, Audience::Public);
     let view = match &req.deployment {
-        Some(d) if req.authorization.is_none() && req.method == http::Method::GET => {
-            // Only for a name a request could start, answered as a request would be.
+        Some(d) if !bearer(&req) && req.method == http::Method::GET => {
+            // Only for a name a request could start, answered as a request
+            // would be, and only to whom the deployment's access rules let in.
+            fleet.check_allowed(d).map_err(public)?;
+            let rules = fleet.rules(d);
+            if !rules.open() {
+                match access::judge(fleet.access(), &rules, session.req_header(), client, req.tls).await {
+                    Verdict::Pass(_) => {}
+                    Verdict::Refused { answer: Refusal::Error(e), .. } => return Err(public(e)),
+                    Verdict::Refused { .. } | Verdict::ShareOpened { .. } => {
+                        return Err(public(PipesError::AuthenticationRequired { realm: rules.realm.clone(), basic: false, share_expired: false }));
+                    }
+                }
+            }
             fleet.check_followable(d).await.map_err(public)?;
             View { deployment: Some(d.clone()), access: None, audience: Audience::Public }
         }

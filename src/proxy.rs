@@ -318,7 +318,7 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         // The fresh instance answered this one: let the next waiter in.
         ctx.warmup = None;
-        access::robots(upstream_response, ctx.noindex)?;
+        reply::robots(upstream_response, ctx.noindex)?;
         for cookie in ctx.auth_cookies.drain(..) {
             upstream_response.append_header(http::header::SET_COOKIE, cookie)?;
         }
@@ -444,7 +444,7 @@ impl Proxy {
             }
             Verdict::ShareOpened { .. } => {
                 ctx.access = Some((Check::Share.as_str(), true));
-                access::answer(session, verdict, rules.noindex).await.map(|()| false)
+                reply::access(session, verdict, rules.noindex).await.map(|()| false)
             }
             Verdict::Refused { reason, .. } => {
                 ctx.access = Some((reason.as_str(), false));
@@ -452,7 +452,7 @@ impl Proxy {
                 if let Some(m) = counted {
                     m.access_denied(reason.as_str());
                 }
-                access::answer(session, verdict, rules.noindex).await.map(|()| false)
+                reply::access(session, verdict, rules.noindex).await.map(|()| false)
             }
         }
     }

@@ -9,6 +9,7 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use serde_json::{json, Value};
 
+use crate::access::{Refusal, Verdict};
 use crate::error::{PipesError, RETRY_AFTER_SECS};
 
 /// A JSON answer of Pipes' own.
@@ -341,6 +342,48 @@ pub async fn redirect(session: &mut Session, location: &str) -> Result<()> {
         session.set_keepalive(None);
     }
     write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
+}
+
+/// Answers a request its deployment's access rules did not let through, or
+/// a share link opened (the cookie set, the client sent on).
+pub async fn access(session: &mut Session, verdict: Verdict, noindex: bool) -> Result<()> {
+    match verdict {
+        Verdict::Pass(_) => Ok(()),
+        Verdict::ShareOpened { location, cookie } => {
+            let mut head = ResponseHeader::build(303, Some(6))?;
+            head.insert_header(http::header::LOCATION, location.as_str())?;
+            head.insert_header(http::header::SET_COOKIE, cookie)?;
+            robots(&mut head, noindex)?;
+            write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
+        }
+        Verdict::Refused { answer: Refusal::Error(e), .. } => error(session, &e, Audience::Public, false).await,
+        Verdict::Refused { answer: Refusal::Relay(relayed), .. } => {
+            // The auth server's answer as it came; only its framing is Pipes'.
+            let mut head = ResponseHeader::build(relayed.status, Some(relayed.headers.len() + 4))?;
+            let mut content_type = "text/plain; charset=utf-8".to_owned();
+            for (name, value) in relayed.headers {
+                if name == http::header::CONTENT_TYPE {
+                    content_type = value.to_str().unwrap_or(&content_type).to_owned();
+                } else {
+                    head.append_header(name, value)?;
+                }
+            }
+            robots(&mut head, noindex)?;
+            if !session.is_body_done() {
+                session.set_keepalive(None);
+            }
+            write(session, head, &content_type, relayed.body).await
+        }
+    }
+}
+
+/// Adds `X-Robots-Tag: noindex, nofollow` to `head` if `noindex`.
+#[inline]
+pub fn robots(head: &mut ResponseHeader, noindex: bool) -> Result<()> {
+    if noindex {
+        head.insert_header("x-robots-tag", "noindex, nofollow")?;
+    }
+    Ok(())
 }
 
 /// Writes a whole answer of Pipes' own: never cached unless `head` says

@@ -14,14 +14,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use super::forward::Client;
-use super::share::Shares;
+use super::share::{Shares, DOCUMENT};
 use super::Rules;
 use crate::clock::unix_ms;
 use crate::config::{AccessConfig, DeployConfig};
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::Settings;
-use crate::store::{Layer, Store};
+use crate::store::{broken, Layer, Store};
 
 /// One layer's say on access, or why it cannot be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,11 +86,11 @@ impl Guard {
                 Layer::Repository(user, repo) => layers.repositories.insert(format!("{user}/{repo}"), Said::of(config)),
             };
         }
-        let shares = match self.store.shares().await? {
+        let shares = match self.stored_shares().await? {
             Some(shares) => shares,
             None => {
                 let fresh = Shares::generate().map_err(|e| PipesError::Engine { action: "make the share key", detail: e })?;
-                self.store.put_shares(&fresh).await?;
+                self.put_shares(&fresh).await?;
                 fresh
             }
         };
@@ -176,13 +176,101 @@ impl Guard {
     /// Revokes every share link of `d` issued until now; when (Unix ms).
     pub async fn revoke(&self, d: &Deployment) -> Result<u64, PipesError> {
         // The stored document is the truth: another replica may have revoked too.
-        let mut shares = self.store.shares().await?.unwrap_or_else(|| Shares::clone(&self.shares.load()));
+        let mut shares = self.stored_shares().await?.unwrap_or_else(|| Shares::clone(&self.shares.load()));
         let now = unix_ms() + 1;
         let max_ttl = u64::try_from(super::share::MAX_TTL.as_millis()).unwrap_or(u64::MAX);
         shares.revoked.retain(|_, at| now.saturating_sub(*at) < max_ttl);
         shares.revoked.insert(d.to_string(), now);
-        self.store.put_shares(&shares).await?;
+        self.put_shares(&shares).await?;
         self.shares.store(Arc::new(shares));
         Ok(now)
+    }
+
+    async fn stored_shares(&self) -> Result<Option<Shares>, PipesError> {
+        match self.store.document(DOCUMENT).await? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| broken(DOCUMENT, e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_shares(&self, shares: &Shares) -> Result<(), PipesError> {
+        let bytes = serde_json::to_vec_pretty(shares).map_err(|e| broken(DOCUMENT, e.to_string()))?;
+        self.store.put_document(DOCUMENT, bytes).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::settings::Sources;
+
+    fn guard(dir: &std::path::Path) -> (Guard, Store) {
+        let env = HashMap::from([("PIPES_ACCESS".to_owned(), r#"{"allow_ips":["10.0.0.0/8"]}"#.to_owned()), ("PIPES_NOINDEX".to_owned(), "false".to_owned())]);
+        let settings = Settings::from_sources(["pipes"], &Sources { env, ..Sources::default() }).unwrap();
+        let store = Store::dir(dir);
+        (Guard::new(&settings, store.clone()), store)
+    }
+
+    fn config(json: &str) -> DeployConfig {
+        DeployConfig::from_json(json.as_bytes()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn rules_follow_the_store_layer_over_layer() {
+        let dir = std::env::temp_dir().join(format!("pipes-access-book-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (guard, store) = guard(&dir);
+        let (v1, v2) = (Deployment::parse("alice/app:v1").unwrap(), Deployment::parse("alice/app:v2").unwrap());
+        assert!(guard.rules(&v1).broken.is_some(), "closed until loaded");
+
+        assert!(guard.load().await.unwrap());
+        let rules = guard.rules(&v1);
+        assert_eq!((rules.open(), rules.noindex, rules.allow.len()), (false, false, 1), "PIPES_ACCESS and PIPES_NOINDEX");
+        assert!(!guard.load().await.unwrap(), "nothing changed");
+
+        // Written elsewhere (another replica, by hand): seen at the next load.
+        let hash = bcrypt::hash("x", 4).unwrap();
+        store.put_repository("alice", "app", config(&format!(r#"{{"access":{{"basic":{{"alice":"{hash}"}}}},"noindex":true}}"#))).await.unwrap();
+        assert!(guard.rules(&v1).basic.is_none());
+        assert!(guard.load().await.unwrap());
+        for d in [&v1, &v2] {
+            let rules = guard.rules(d);
+            assert!(rules.basic.is_some() && rules.allow.is_empty() && rules.noindex, "the repository's access replaces the default whole");
+        }
+        // A tag's `access: {}` opens it alone; its repository's noindex stays.
+        store.put_tag(&v1, config(r#"{"access":{}}"#)).await.unwrap();
+        guard.load().await.unwrap();
+        assert!(guard.rules(&v1).open() && guard.rules(&v1).noindex);
+        assert!(guard.rules(&v2).basic.is_some());
+
+        // A config that cannot be read closes its deployment.
+        std::fs::write(dir.join("repos/alice/app/tags/v1.json"), b"{").unwrap();
+        guard.load().await.unwrap();
+        assert!(matches!(guard.rules(&v1).broken, Some(PipesError::ConfigBroken { .. })));
+        assert!(guard.rules(&v2).broken.is_none());
+
+        // The share key is kept: another Pipes on the same store accepts the links.
+        let (token, _) = guard.share(&v2, std::time::Duration::from_secs(60));
+        let (other, _) = self::guard(&dir);
+        other.load().await.unwrap();
+        assert!(other.shares().opens("alice/app:v2", &token, unix_ms()));
+        other.revoke(&v2).await.unwrap();
+        guard.load().await.unwrap();
+        assert!(!guard.shares().opens("alice/app:v2", &token, unix_ms()), "revoked through the other");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn configs_may_name_only_the_auth_servers_the_operator_allows() {
+        let dir = std::env::temp_dir();
+        let (mut guard, _) = guard(&dir);
+        let asks = |url: &str| config(&format!(r#"{{"access":{{"forward_auth":{{"url":"{url}"}}}}}}"#));
+        assert_eq!(guard.check_config(&asks("http://127.0.0.1:4180/oauth2/auth")).unwrap_err().status(), 422);
+        guard.forward_auth_urls = vec!["http://127.0.0.1:4180/oauth2/".into()];
+        assert!(guard.check_config(&asks("http://127.0.0.1:4180/oauth2/auth")).is_ok());
+        assert!(guard.check_config(&asks("http://127.0.0.1:4181/oauth2/auth")).is_err());
+        assert!(guard.check_config(&config("{}")).is_ok());
     }
 }

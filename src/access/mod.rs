@@ -23,24 +23,20 @@ pub mod share;
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use ipnet::IpNet;
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::RequestHeader;
 use pingora::prelude::*;
 
 use crate::clock::unix_ms;
 use crate::config::AccessConfig;
 use crate::error::PipesError;
-use crate::reply::{self, Audience};
 use crate::route::Deployment;
 
 use basic::Basic;
 pub use book::Guard;
-use forward::{ForwardAuth, Outcome, Relayed};
-
-/// `X-Robots-Tag`, as every answer of a `noindex` deployment carries it.
-pub const ROBOTS: (&str, &str) = ("x-robots-tag", "noindex, nofollow");
+pub use forward::Relayed;
+use forward::{ForwardAuth, Outcome};
 
 /// One deployment's access rules, resolved.
 #[derive(Debug)]
@@ -247,43 +243,4 @@ pub async fn judge(guard: &Guard, rules: &Rules, req: &RequestHeader, client: Op
         }
     }
     Verdict::Pass(passed)
-}
-
-/// Answers a request the rules did not let through (or a share link opened).
-pub async fn answer(session: &mut Session, verdict: Verdict, noindex: bool) -> Result<()> {
-    match verdict {
-        Verdict::Pass(_) => Ok(()),
-        Verdict::ShareOpened { location, cookie } => {
-            let mut head = ResponseHeader::build(303, Some(6))?;
-            head.insert_header(http::header::LOCATION, location.as_str())?;
-            head.insert_header(http::header::SET_COOKIE, cookie)?;
-            robots(&mut head, noindex)?;
-            reply::write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
-        }
-        Verdict::Refused { answer: Refusal::Error(e), .. } => reply::error(session, &e, Audience::Public, false).await,
-        Verdict::Refused { answer: Refusal::Relay(relayed), .. } => {
-            let mut head = ResponseHeader::build(relayed.status, Some(relayed.headers.len() + 4))?;
-            let mut content_type = "text/plain; charset=utf-8".to_owned();
-            for (name, value) in relayed.headers {
-                if name == http::header::CONTENT_TYPE {
-                    content_type = value.to_str().unwrap_or(&content_type).to_owned();
-                } else {
-                    head.append_header(name, value)?;
-                }
-            }
-            robots(&mut head, noindex)?;
-            if !session.is_body_done() {
-                session.set_keepalive(None);
-            }
-            reply::write(session, head, &content_type, relayed.body).await
-        }
-    }
-}
-
-/// Adds `X-Robots-Tag` to `head` if `noindex`.
-pub fn robots(head: &mut ResponseHeader, noindex: bool) -> Result<()> {
-    if noindex {
-        head.insert_header(ROBOTS.0, ROBOTS.1)?;
-    }
-    Ok(())
 }

@@ -121,6 +121,14 @@ impl Fleet {
         })
     }
 
+    /// The access rules of `d` now: its slot's, or those it would get.
+    pub fn rules(&self, d: &Deployment) -> Arc<Rules> {
+        match self.get(d.as_ref()) {
+            Some(slot) => arc_swap::Guard::into_inner(slot.access()),
+            None => self.access.rules(d),
+        }
+    }
+
     /// Admits a request whose access was judged; `client` tells who asks
     /// (when known), and is asked only on the cold path. The warm path is
     /// one atomic load.

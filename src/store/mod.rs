@@ -7,6 +7,7 @@
 //! repos/{user}/{repo}/repository.json   default for every tag of user/repo
 //! repos/{user}/{repo}/tags/{tag}.json    one tag's own config
 //! tokens.json                            API tokens scoped to users
+//! share.json                             the key share links are signed with
 //! ```
 //!
 //! In the config dir, writes go to a temporary file that is synced, renamed
@@ -22,7 +23,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::access::share::{Shares, DOCUMENT as SHARES};
 use crate::auth::{self, ScopedToken};
 use crate::config::DeployConfig;
 use crate::error::PipesError;
@@ -125,18 +125,14 @@ impl Store {
         Ok(layers)
     }
 
-    /// The share key and revocations, if they were made.
-    pub async fn shares(&self) -> Result<Option<Shares>, PipesError> {
-        match self.storage.read(SHARES).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| broken(SHARES, e.to_string())),
-            None => Ok(None),
-        }
+    /// Another document kept beside the configs (`share.json`), if there is one.
+    pub async fn document(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError> {
+        self.storage.read(name).await
     }
 
-    /// Replaces the share key and revocations.
-    pub async fn put_shares(&self, shares: &Shares) -> Result<(), PipesError> {
-        let bytes = serde_json::to_vec_pretty(shares).map_err(|e| broken(SHARES, e.to_string()))?;
-        self.storage.write(SHARES, bytes).await
+    /// Replaces (or creates) the document `name` beside the configs.
+    pub async fn put_document(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError> {
+        self.storage.write(name, bytes).await
     }
 
     /// Checks every stored config at start-up: returns the broken ones.

@@ -75,7 +75,7 @@ function phases(entry) {
 
 // --- rows ------------------------------------------------------------------
 
-const ACTIONS = ["stop", "restart", "redeploy", "delete", "logs", "config"];
+const ACTIONS = ["stop", "restart", "redeploy", "delete", "logs", "config", "share"];
 
 function row(deployment) {
   let entry = known.get(deployment);
@@ -131,6 +131,7 @@ async function refresh(deployment) {
 async function act(deployment, action) {
   if (action === "logs") return showLogs(deployment);
   if (action === "config") return editConfig(deployment);
+  if (action === "share") return share(deployment);
   if (action === "delete" && !confirm(`Delete the container of ${deployment}? Its config stays.`)) return;
   const [method, path] = {
     stop: ["POST", "/__proxyapi/container/stop"],
@@ -162,6 +163,21 @@ function showLogs(deployment) {
   tail = setInterval(poll, 2000);
 }
 
+// A share link: opens the deployment without credentials until it expires.
+async function share(deployment) {
+  const { ok, data } = await call("POST", "/__proxyapi/container/share", { deployment, body: { ttl: "24h" } });
+  if (!ok) return openPanel(`Share ${deployment}`, el("p", { class: "bad" }, data.message || "cannot share"));
+  const url = el("input", { "data-share-url": "", readonly: "", value: data.url });
+  const revoke = el("button", { type: "button", "data-revoke": "" }, "revoke every link");
+  const said = el("p", { "data-share-status": "" }, `valid until ${new Date(data.expires).toLocaleString()}`);
+  revoke.addEventListener("click", async () => {
+    const answer = await call("POST", "/__proxyapi/container/share/revoke", { deployment });
+    said.textContent = answer.ok ? "every link of this deployment is revoked" : answer.data.message || "cannot revoke";
+  });
+  openPanel(`Share ${deployment}`, url, said, revoke);
+  url.select();
+}
+
 // The config editor: one form per layer; the API's errors land at their field.
 const FIELDS = [
   ["port", "number"], ["memory", "text"], ["cpus", "number"], ["pids", "number"],
@@ -169,7 +185,13 @@ const FIELDS = [
   ["restart", ["", "no", "on-failure", "always", "unless-stopped"]], ["pull", ["", "missing", "always"]],
   ["watch", "text"], ["health.path", "text"], ["health.timeout", "text"],
   ["env", "lines"], ["cmd", "lines"], ["capabilities", "text"],
+  ["noindex", ["", "true", "false"]],
+  ["access", ["", "own rules"]], ["access.allow_ips", "text"], ["access.basic", "lines"],
+  ["access.forward_auth.url", "text"], ["access.forward_auth.copy_headers", "text"],
 ];
+// What the form edits; every other field of a layer (services, volumes) is
+// kept as it was loaded.
+const EDITED = ["port", "memory", "cpus", "pids", "idle_timeout", "idle_action", "pause_timeout", "restart", "pull", "watch", "health", "env", "cmd", "capabilities", "noindex", "access"];
 
 function fieldInput(name, kind, value) {
   let input;
@@ -196,12 +218,36 @@ function toForm(config) {
     env: c.env ? Object.entries(c.env).map(([k, v]) => `${k}=${v}`).join("\n") : "",
     cmd: c.cmd ? c.cmd.join("\n") : "",
     capabilities: c.capabilities ? c.capabilities.join(",") : "",
+    noindex: c.noindex === undefined ? "" : String(c.noindex),
+    access: c.access ? "own rules" : "",
+    "access.allow_ips": c.access && c.access.allow_ips ? c.access.allow_ips.join(", ") : "",
+    // Hashes, never passwords: the API keeps nothing else.
+    "access.basic": c.access && c.access.basic ? Object.entries(c.access.basic).map(([u, h]) => `${u}:${h}`).join("\n") : "",
+    "access.forward_auth.url": c.access && c.access.forward_auth ? c.access.forward_auth.url : "",
+    "access.forward_auth.copy_headers": c.access && c.access.forward_auth && c.access.forward_auth.copy_headers ? c.access.forward_auth.copy_headers.join(", ") : "",
   };
 }
 
-function fromForm(form) {
+const list = (text) => text.split(",").map((v) => v.trim()).filter(Boolean);
+
+// The layer's `access`, or none (the repository's, else the operator's default).
+function accessFromForm(value) {
+  const access = {};
+  if (value("access.allow_ips")) access.allow_ips = list(value("access.allow_ips"));
+  if (value("access.basic")) {
+    access.basic = Object.fromEntries(value("access.basic").split("\n").map((l) => l.trim()).filter(Boolean).map((l) => [l.split(":")[0], l.split(":").slice(1).join(":")]));
+  }
+  if (value("access.forward_auth.url")) {
+    access.forward_auth = { url: value("access.forward_auth.url") };
+    if (value("access.forward_auth.copy_headers")) access.forward_auth.copy_headers = list(value("access.forward_auth.copy_headers"));
+  }
+  const any = Object.keys(access).length > 0;
+  return value("access") || any ? access : undefined;
+}
+
+function fromForm(form, loaded) {
   const value = (name) => form.elements[name].value.trim();
-  const config = {};
+  const config = Object.fromEntries(Object.entries(loaded || {}).filter(([k]) => !EDITED.includes(k)));
   const number = (name) => (value(name) === "" ? undefined : Number.isNaN(Number(value(name))) ? value(name) : Number(value(name)));
   for (const name of ["port", "cpus", "pids"]) if (number(name) !== undefined) config[name] = number(name);
   for (const name of ["memory", "idle_timeout", "idle_action", "pause_timeout", "restart", "pull", "watch"]) if (value(name)) config[name] = value(name);
@@ -213,7 +259,32 @@ function fromForm(form) {
   if (value("env")) config.env = Object.fromEntries(value("env").split("\n").filter(Boolean).map((l) => [l.split("=")[0], l.split("=").slice(1).join("=")]));
   if (value("cmd")) config.cmd = value("cmd").split("\n").filter(Boolean);
   if (value("capabilities")) config.capabilities = value("capabilities").split(",").map((c) => c.trim()).filter(Boolean);
+  if (value("noindex")) config.noindex = value("noindex") === "true";
+  const access = accessFromForm(value);
+  if (access) config.access = access;
   return config;
+}
+
+// A user and password for `access.basic`: the API hashes the password
+// (bcrypt), and only the hash goes into the form.
+function passwordAdder(form) {
+  const user = el("input", { name: "new-user", placeholder: "user", autocomplete: "off" });
+  const password = el("input", { name: "new-password", type: "password", placeholder: "password", autocomplete: "new-password" });
+  const add = el("button", { type: "button", "data-add-user": "" }, "add user");
+  add.addEventListener("click", async () => {
+    const error = form.querySelector('[data-field="access.basic"] .field-error');
+    error.textContent = "";
+    const { ok, data } = await call("POST", "/__proxyapi/password-hash", { body: { password: password.value } });
+    if (!ok) {
+      error.textContent = data.message || "cannot hash the password";
+      return;
+    }
+    const basic = form.elements["access.basic"];
+    basic.value = [basic.value.trim(), `${user.value.trim()}:${data.hash}`].filter(Boolean).join("\n");
+    form.elements.access.value = "own rules";
+    password.value = "";
+  });
+  return el("div", { class: "fields", "data-password-adder": "" }, user, password, add);
 }
 
 function layerForm(deployment, title, path, config) {
@@ -221,19 +292,25 @@ function layerForm(deployment, title, path, config) {
   const form = el("form", { "data-layer": path.includes("repository") ? "repository" : "deployment" });
   const fields = el("div", { class: "fields" }, ...FIELDS.map(([name, kind]) => fieldInput(name, kind, values[name])));
   const status = el("p", { "data-status": "" });
-  form.append(el("h3", {}, title), fields, el("button", { type: "submit" }, "Save"), status);
+  form.append(el("h3", {}, title), fields, passwordAdder(form), el("button", { type: "submit" }, "Save"), status);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     for (const span of form.querySelectorAll(".field-error")) span.textContent = "";
     status.textContent = "saving…";
-    const { ok, data } = await call("PUT", path, { deployment, body: fromForm(form) });
+    const { ok, data } = await call("PUT", path, { deployment, body: fromForm(form, config) });
     if (ok) {
       status.textContent = "saved";
       refresh(deployment);
       return;
     }
     status.textContent = data.message || "refused";
-    const field = data.field && (form.querySelector(`[data-field="${data.field}"]`) || form.querySelector(`[data-field="${data.field.split(".")[0]}"]`));
+    // The nearest field the form has: access.basic.alice is at access.basic.
+    const parts = data.field ? data.field.replace(/\[\d+\]$/, "").split(".") : [];
+    let field = null;
+    while (parts.length && !field) {
+      field = form.querySelector(`[data-field="${parts.join(".")}"]`);
+      parts.pop();
+    }
     if (field) field.querySelector(".field-error").textContent = data.message;
   });
   return form;

@@ -198,3 +198,74 @@ async fn the_dashboard_signs_in_shows_rows_and_acts() {
         "another user's deployment is not shown"
     );
 }
+
+#[tokio::test]
+async fn a_private_deployment_is_made_and_shared_from_the_dashboard_and_opened_in_chromium() {
+    if common::skip() {
+        return;
+    }
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(ADMIN))]);
+    let host = f.host("app", "v1", DOMAIN);
+    let deployment = format!("{}/app:v1", f.user);
+    assert_eq!(pipes.get(&host, "/").await.status(), 200, "public until its config says otherwise");
+
+    // The editor: a user and password become a bcrypt hash in the form (the
+    // API hashes it); saving makes the deployment private.
+    let dashboard = Browser::start().await;
+    dashboard.goto(&pipes.url(DOMAIN, "/")).await;
+    dashboard.type_into("input[type=password]", &format!("{ADMIN}\u{E007}")).await;
+    dashboard.until("the row runs", Duration::from_secs(30), &row_in(&deployment, "running")).await;
+    dashboard.click(&format!("tr[data-deployment=\"{deployment}\"] [data-action=config]")).await;
+    let form = "form[data-layer=deployment]";
+    dashboard.until("the editor opens", Duration::from_secs(10), &format!("return !!document.querySelector('{form} [name=\"access.basic\"]')")).await;
+    dashboard.type_into(&format!("{form} [name=new-user]"), "alice").await;
+    dashboard.type_into(&format!("{form} [name=new-password]"), "s3cret").await;
+    dashboard.click(&format!("{form} [data-add-user]")).await;
+    dashboard
+        .until(
+            "the hash is in the form",
+            Duration::from_secs(10),
+            &format!("return document.querySelector('{form} [name=\"access.basic\"]').value.startsWith('alice:$2b$')"),
+        )
+        .await;
+    assert_eq!(dashboard.eval(&format!("return document.querySelector('{form} [name=\"new-password\"]').value")).await, "", "the password is not kept");
+    dashboard.screenshot(&screenshot("dashboard-access.png")).await;
+    dashboard.click(&format!("{form} button[type=submit]")).await;
+    dashboard.until("saved", Duration::from_secs(30), &format!("return document.querySelector('{form} [data-status]').textContent === 'saved'")).await;
+    assert_eq!(pipes.get(&host, "/").await.status(), 401, "private now");
+
+    // Share: the link is shown.
+    dashboard.click(&format!("tr[data-deployment=\"{deployment}\"] [data-action=share]")).await;
+    dashboard.until("the link is shown", Duration::from_secs(10), "return !!document.querySelector('[data-share-url]')?.value").await;
+    let link = dashboard.eval("return document.querySelector('[data-share-url]').value").await.as_str().expect("a link").to_owned();
+    assert!(link.contains("pipes_share="), "{link}");
+
+    // Another browser opens the link: the app, at the URL without the token,
+    // with a cookie scripts cannot read.
+    let guest = Browser::start().await;
+    guest.goto(&link).await;
+    guest.until("the app answers", Duration::from_secs(30), r#"return document.body.innerText.includes('"id":"v1"')"#).await;
+    assert_eq!(guest.url().await, pipes.url(&host, "/"));
+    assert_eq!(guest.eval("return document.cookie").await, "", "HttpOnly");
+    guest.goto(&pipes.url(&host, "/again")).await;
+    assert!(guest.text().await.contains(r#""path":"/again""#), "the cookie keeps it open");
+
+    // A third opens it with credentials in the URL.
+    let alice = Browser::start().await;
+    alice.goto(&pipes.url(&host, "/").replacen("http://", "http://alice:s3cret@", 1)).await;
+    alice.until("the app answers", Duration::from_secs(30), r#"return document.body.innerText.includes('"id":"v1"')"#).await;
+
+    // Revoked from the dashboard: the guest's cookie no longer opens it.
+    dashboard.click("[data-revoke]").await;
+    dashboard.until("revoked", Duration::from_secs(10), "return document.querySelector('[data-share-status]').textContent.includes('revoked')").await;
+    let resp = pipes
+        .client(&host)
+        .get(pipes.url(&host, "/"))
+        .header("cookie", link.split_once("pipes_share=").map(|(_, t)| format!("pipes_share={t}")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}

@@ -65,12 +65,22 @@ async fn every_operation_answers_as_documented() {
         ("GET", "/__proxyapi/container", None, 200),
         ("GET", "/__proxyapi/repository/config", None, 200),
         ("PUT", "/__proxyapi/repository/config", Some(r#"{"env":{"APP_LAYER":"repository"}}"#), 200),
-        ("PUT", "/__proxyapi/container/config", Some(r#"{"env":{"APP_LAYER":"tag"},"memory":"64m","watch":"off"}"#), 200),
+        (
+            "PUT",
+            "/__proxyapi/container/config",
+            Some(r#"{"env":{"APP_LAYER":"tag"},"memory":"64m","watch":"off","access":{"allow_ips":["127.0.0.1/32"]},"noindex":false}"#),
+            200,
+        ),
         ("PUT", "/__proxyapi/container/config", Some("{\"port\": 80,"), 400),
         ("PUT", "/__proxyapi/container/config", Some(r#"{"port":"eighty"}"#), 422),
         ("GET", "/__proxyapi/container/config", None, 200),
         ("GET", "/__proxyapi/container/logs?tail=5", None, 200),
         ("GET", "/__proxyapi/container/logs?tail=none", None, 400),
+        ("POST", "/__proxyapi/container/share", Some(r#"{"ttl":"1h"}"#), 200),
+        ("POST", "/__proxyapi/container/share", Some(r#"{"ttl":"90d"}"#), 422),
+        ("POST", "/__proxyapi/container/share/revoke", None, 200),
+        ("POST", "/__proxyapi/password-hash", Some(r#"{"password":"s3cret"}"#), 200),
+        ("POST", "/__proxyapi/password-hash", Some(r#"{"password":""}"#), 422),
         ("POST", "/__proxyapi/container/restart", None, 200),
         ("POST", "/__proxyapi/container/redeploy", None, 200),
         ("POST", "/__proxyapi/container/rollback", None, 409),
@@ -84,7 +94,7 @@ async fn every_operation_answers_as_documented() {
     ];
     for (method, target, body, expected) in calls {
         let (path, _) = target.split_once('?').unwrap_or((target, ""));
-        let on_domain = path == "/__proxyapi/deployments" || path == "/__proxyapi/hooks/registry";
+        let on_domain = matches!(path, "/__proxyapi/deployments" | "/__proxyapi/hooks/registry" | "/__proxyapi/password-hash");
         let (c, h) = if on_domain { (&domain_client, "example.com") } else { (&client, host.as_str()) };
         let mut req = c.request(method.parse().unwrap(), pipes.url(h, target)).bearer_auth(TOKEN);
         if let Some(b) = body {
