@@ -354,6 +354,9 @@ pub async fn access(session: &mut Session, verdict: Verdict, noindex: bool) -> R
             head.insert_header(http::header::LOCATION, location.as_str())?;
             head.insert_header(http::header::SET_COOKIE, cookie)?;
             robots(&mut head, noindex)?;
+            if !session.is_body_done() {
+                session.set_keepalive(None);
+            }
             write(session, head, "text/plain; charset=utf-8", Bytes::from(format!("{location}\n"))).await
         }
         Verdict::Refused { answer: Refusal::Error(e), .. } => error(session, &e, Audience::Public, false).await,

@@ -8,8 +8,8 @@
 //! (Swarm) or by hand applies here soon after.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 
@@ -51,6 +51,11 @@ struct Layers {
 pub struct Guard {
     store: Store,
     layers: ArcSwap<Layers>,
+    /// Held while the layers are replaced; `changes` counts each change made
+    /// through this Pipes, so that a load that read the store before one
+    /// cannot put the older rules back.
+    writing: Mutex<()>,
+    changes: AtomicU64,
     shares: ArcSwap<Shares>,
     loaded: AtomicBool,
     /// `PIPES_ACCESS` and `PIPES_NOINDEX`.
@@ -67,6 +72,8 @@ impl Guard {
         Guard {
             store,
             layers: ArcSwap::from_pointee(Layers::default()),
+            writing: Mutex::new(()),
+            changes: AtomicU64::new(0),
             shares: ArcSwap::from_pointee(Shares::default()),
             loaded: AtomicBool::new(false),
             default_access: settings.defaults.access.clone(),
@@ -79,6 +86,7 @@ impl Guard {
     /// (Re)reads every layer and the share key from the store, making the
     /// key on first use. Whether any rule changed.
     pub async fn load(&self) -> Result<bool, PipesError> {
+        let changes = self.changes.load(Ordering::Acquire);
         let mut layers = Layers::default();
         for (layer, config) in self.store.layers().await? {
             match layer {
@@ -94,6 +102,11 @@ impl Guard {
                 fresh
             }
         };
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.changes.load(Ordering::Acquire) != changes {
+            // A change came through meanwhile; what was read may be older.
+            return Ok(false);
+        }
         let old = self.layers.load();
         let changed = old.tags != layers.tags || old.repositories != layers.repositories || **self.shares.load() != shares;
         self.layers.store(Arc::new(layers));
@@ -134,12 +147,13 @@ impl Guard {
         self.put(|layers| layers.repositories.insert(d.repository(), Said::of(Ok(config.clone()))));
     }
 
-    fn put(&self, change: impl Fn(&mut Layers) -> Option<Said>) {
-        self.layers.rcu(|layers| {
-            let mut next = Layers { tags: layers.tags.clone(), repositories: layers.repositories.clone() };
-            change(&mut next);
-            next
-        });
+    fn put(&self, change: impl FnOnce(&mut Layers) -> Option<Said>) {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let layers = self.layers.load();
+        let mut next = Layers { tags: layers.tags.clone(), repositories: layers.repositories.clone() };
+        change(&mut next);
+        self.layers.store(Arc::new(next));
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// 422 if `config` names an auth server the operator did not allow
