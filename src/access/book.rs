@@ -99,7 +99,8 @@ impl Guard {
             None => {
                 let fresh = Shares::generate().map_err(|e| PipesError::Engine { action: "make the share key", detail: e })?;
                 self.put_shares(&fresh).await?;
-                fresh
+                // Replicas starting together each make one: the stored one wins.
+                self.stored_shares().await?.unwrap_or(fresh)
             }
         };
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);

@@ -810,3 +810,9 @@ pub fn serving_app(changes: &[(&str, Option<&str>)]) -> (Fixtures, Pipes, String
     let host = f.host("app", "v1", "example.com");
     (f, pipes, host)
 }
+
+/// The value of the sample `series` (name and labels, exactly as written)
+/// in a Prometheus exposition.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use common::{api, free_port, Fixtures, Pipes};
+use common::{api, free_port, sample, Fixtures, Pipes};
 
 const TOKEN: &str = "access-token-0123456789";
 const DOMAIN: &str = "example.com";
@@ -93,10 +93,6 @@ fn sse_events(pipes: &Pipes, host: &str, args: &[&str]) -> usize {
     seen.body.matches("data:").count()
 }
 
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
 #[tokio::test]
 async fn basic_auth_lets_in_only_right_credentials_and_never_wakes_a_deployment() {
     if common::skip() {
@@ -156,7 +152,7 @@ async fn basic_auth_lets_in_only_right_credentials_and_never_wakes_a_deployment(
 
     // Counted by reason, logged by check.
     let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics")).await.unwrap().text().await.unwrap();
-    let counted = |reason: &str| metric(&text, &format!("pipes_access_denied_total{{deployment=\"{deployment}\",reason=\"{reason}\"}}"));
+    let counted = |reason: &str| sample(&text, &format!("pipes_access_denied_total{{deployment=\"{deployment}\",reason=\"{reason}\"}}"));
     assert!(counted("basic").is_some_and(|n| n >= 50.0), "{text}");
     let log = pipes.log();
     assert!(log.contains(r#""access":"basic","access_allowed":true"#), "{log}");
@@ -403,5 +399,5 @@ async fn share_links_open_a_deployment_until_they_expire_or_are_revoked() {
 
     let text = reqwest::get(format!("http://127.0.0.1:{metrics}/metrics")).await.unwrap().text().await.unwrap();
     let deployment = format!("{}/app:v1", f.user);
-    assert!(metric(&text, &format!("pipes_access_denied_total{{deployment=\"{deployment}\",reason=\"share_expired\"}}")).is_some_and(|n| n >= 2.0), "{text}");
+    assert!(sample(&text, &format!("pipes_access_denied_total{{deployment=\"{deployment}\",reason=\"share_expired\"}}")).is_some_and(|n| n >= 2.0), "{text}");
 }

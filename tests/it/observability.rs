@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, json, unique, Fixtures, Pipes};
+use common::{free_port, json, sample, unique, Fixtures, Pipes};
 
 const DOMAIN: &str = "example.com";
 
@@ -15,11 +15,6 @@ fn scrape(port: u16) -> String {
     let out = Command::new("curl").args(["-sSf", &format!("http://127.0.0.1:{port}/metrics")]).output().expect("curl runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// The value of the sample `series` (name and labels, exactly as written).
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test]
@@ -46,18 +41,18 @@ async fn metrics_pass_promtool_and_a_prometheus_server_scrapes_them() {
     assert!(checked.status.success(), "promtool: {}{}\n{text}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
 
     let requests = format!("pipes_requests_total{{deployment=\"{deployment}\",code=\"200\"}}");
-    assert_eq!(value(&text, &requests), Some(3.0), "{text}");
-    assert_eq!(value(&text, &format!("pipes_cold_starts_total{{deployment=\"{deployment}\",outcome=\"ready\"}}")), Some(1.0), "{text}");
+    assert_eq!(sample(&text, &requests), Some(3.0), "{text}");
+    assert_eq!(sample(&text, &format!("pipes_cold_starts_total{{deployment=\"{deployment}\",outcome=\"ready\"}}")), Some(1.0), "{text}");
     // The missing image took no label of its own: the one label went to app:v1.
-    assert_eq!(value(&text, "pipes_requests_total{deployment=\"other\",code=\"404\"}"), Some(1.0), "{text}");
-    assert_eq!(value(&text, "pipes_requests_total{deployment=\"none\",code=\"404\"}"), Some(1.0), "{text}");
-    assert_eq!(value(&text, "pipes_deployments{state=\"running\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "pipes_requests_total{deployment=\"other\",code=\"404\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "pipes_requests_total{deployment=\"none\",code=\"404\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "pipes_deployments{state=\"running\"}"), Some(1.0), "{text}");
     for phase in ["pull", "create", "start", "probe"] {
-        let count = value(&text, &format!("pipes_cold_start_phase_seconds_count{{phase=\"{phase}\"}}")).unwrap_or(0.0);
+        let count = sample(&text, &format!("pipes_cold_start_phase_seconds_count{{phase=\"{phase}\"}}")).unwrap_or(0.0);
         assert!(count >= 1.0, "phase {phase} timed: {text}");
     }
-    assert!(value(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6), "{text}");
-    assert!(value(&text, &format!("pipes_request_duration_seconds_count{{deployment=\"{deployment}\"}}")) == Some(3.0), "{text}");
+    assert!(sample(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6), "{text}");
+    assert!(sample(&text, &format!("pipes_request_duration_seconds_count{{deployment=\"{deployment}\"}}")) == Some(3.0), "{text}");
 
     // A real Prometheus server scrapes it.
     let dir = std::env::temp_dir().join(unique("pipes-prometheus-"));

@@ -279,6 +279,33 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(echo(&mut ws, "still").await, "v2: still");
     drop(ws);
 
+    // Access rules saved through A hold on B within its reload (10 s); a
+    // share link made by A opens the deployment through B, and a revocation
+    // through B closes it on A: the key and revocations live in the swarm.
+    let hash = bcrypt::hash("s3cret", 4).expect("hash");
+    let private = format!(r#"{{"env":{{"APP_GREETING":"from-a"}},"idle_timeout":"6s","access":{{"basic":{{"alice":"{hash}"}}}}}}"#);
+    let (status, body) = api(&v2, port_a, "PUT", "/__proxyapi/container/config", Some(&private)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(replicas(&v2_service), 1, "an access change restarts nothing");
+    let status_through = |port: u16, cookie: Option<String>| {
+        let v2 = v2.clone();
+        async move {
+            let mut req = common::client_for(&v2, port).get(format!("http://{v2}:{port}/"));
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            req.send().await.expect("answer").status().as_u16()
+        }
+    };
+    common::eventually("B asks for credentials", Duration::from_secs(20), || async { status_through(port_b, None).await == 401 }).await;
+    let (status, shared) = api(&v2, port_a, "POST", "/__proxyapi/container/share", None).await;
+    assert_eq!(status, 200, "{shared}");
+    let cookie = shared["url"].as_str().and_then(|u| u.split_once('?')).map(|(_, q)| q.to_owned()).expect("a token");
+    assert_eq!(status_through(port_b, Some(cookie.clone())).await, 200, "B accepts A's link");
+    let (status, body) = api(&v2, port_b, "POST", "/__proxyapi/container/share/revoke", None).await;
+    assert_eq!(status, 200, "{body}");
+    common::eventually("A refuses the revoked link", Duration::from_secs(20), || async { status_through(port_a, Some(cookie.clone())).await == 401 }).await;
+
     // One replica stopped (SIGTERM): its WebSocket ends with 1001 at its
     // drain timeout, the other replica serves on.
     let mut on_b = websocket(port_b, &v1, "v1").await;
