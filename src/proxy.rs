@@ -433,6 +433,10 @@ impl Proxy {
             return Ok(true);
         }
         let rules = arc_swap::Guard::into_inner(rules);
+        // Counted and logged as the deployment's, whatever the verdict.
+        if let Entry::Known(slot) = entry {
+            ctx.slot = Some(slot.clone());
+        }
         let client = self.client(session);
         let verdict = access::judge(self.fleet.access(), &rules, session.req_header(), client, is_tls(session)).await;
         match verdict {
