@@ -234,8 +234,16 @@ impl ProxyHttp for Proxy {
             }
             Decision::Fail(e) => return reply_error(session, &e).await,
         };
-        if !self.judge(session, &entry, ctx).await? {
-            return Ok(true);
+        // Step 2b, access: an open deployment costs one atomic load here.
+        let checked = {
+            let rules = entry.rules();
+            ctx.noindex = rules.noindex;
+            (!rules.open()).then(|| arc_swap::Guard::into_inner(rules))
+        };
+        if let Some(rules) = checked {
+            if !self.judge(session, &entry, rules, ctx).await? {
+                return Ok(true);
+            }
         }
         let admission = match self.fleet.admit(entry, || self.client(session)) {
             Ok(admission) => admission,
@@ -423,16 +431,10 @@ impl Proxy {
         }
     }
 
-    /// Step 2b: judges access by the deployment's rules; `false` when the
-    /// request was answered instead (refused, or a share link opened). An
-    /// open deployment costs one atomic load and a branch.
-    async fn judge(&self, session: &mut Session, entry: &Entry, ctx: &mut RequestCtx) -> Result<bool> {
-        let rules = entry.rules();
-        ctx.noindex = rules.noindex;
-        if rules.open() {
-            return Ok(true);
-        }
-        let rules = arc_swap::Guard::into_inner(rules);
+    /// Judges access by a deployment's `rules` (which check something);
+    /// `false` when the request was answered instead (refused, or a share
+    /// link opened).
+    async fn judge(&self, session: &mut Session, entry: &Entry, rules: Arc<access::Rules>, ctx: &mut RequestCtx) -> Result<bool> {
         // Counted and logged as the deployment's, whatever the verdict.
         if let Entry::Known(slot) = entry {
             ctx.slot = Some(slot.clone());
