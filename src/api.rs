@@ -300,8 +300,12 @@ pub(crate) async fn answer(fleet: &Arc<Fleet>, store: &Store, admitted: Authoriz
             switched(d, fleet.rollback(d).await)
         }
         (Endpoint::ContainerLogs, _) => logs(fleet, d, req.query.as_deref()).await.map(Json::ok),
-        (Endpoint::ContainerShare, _) => share(fleet, d, &req).map(Json::ok),
+        (Endpoint::ContainerShare, _) => {
+            fleet.check_allowed(d)?;
+            share(fleet, d, &req).map(Json::ok)
+        }
         (Endpoint::ContainerShareRevoke, _) => {
+            fleet.check_allowed(d)?;
             let before = fleet.access().revoke(d).await?;
             Ok(Json::ok(json!({ "deployment": d.to_string(), "revoked_before": rfc3339_ms(before) })))
         }
