@@ -231,3 +231,28 @@ fn the_registry_names_the_credentials_host() {
     let s = load(&[("PIPES_REGISTRY", "registry.example.com/team")]).unwrap();
     assert_eq!(s.docker.registry_host, "registry.example.com");
 }
+
+#[test]
+fn access_defaults_are_checked_as_configs_are() {
+    let s = load(&[]).unwrap();
+    assert!(s.defaults.access.is_open() && s.defaults.noindex, "open, not indexed");
+    assert_eq!(s.access.forward_auth_timeout, std::time::Duration::from_secs(5));
+    assert!(s.access.forward_auth_urls.is_empty(), "no config may name an auth server unless the operator says");
+    let s = load(&[("PIPES_ACCESS", r#"{"allow_ips":["10.0.0.0/8"]}"#), ("PIPES_NOINDEX", "false")]).unwrap();
+    assert_eq!((s.defaults.access.allow_ips.len(), s.defaults.noindex), (1, false));
+    let e = load(&[("PIPES_ACCESS", r#"{"basic":{"alice":"s3cret"}}"#)]).unwrap_err();
+    assert_eq!(e.name, "PIPES_ACCESS");
+    assert!(e.message.contains("access.basic.alice"), "{e}");
+    assert_eq!(load(&[("PIPES_ACCESS", "{")]).unwrap_err().name, "PIPES_ACCESS");
+    assert_eq!(load(&[("PIPES_FORWARD_AUTH_URLS", "http://auth")]).unwrap_err().name, "PIPES_FORWARD_AUTH_URLS", "a prefix ends its host");
+    let urls = load(&[("PIPES_FORWARD_AUTH_URLS", "http://127.0.0.1:4180/oauth2/, https://auth.example.com/")]).unwrap().access.forward_auth_urls;
+    assert_eq!(urls.len(), 2);
+
+    let dir = std::env::temp_dir().join(format!("pipes-settings-access-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("access.json");
+    std::fs::write(&file, "{\"allow_ips\": [\"127.0.0.1\"]}\n").unwrap();
+    let s = load(&[("PIPES_ACCESS_FILE", file.to_str().unwrap())]).unwrap();
+    assert_eq!(s.defaults.access.allow_ips, ["127.0.0.1"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
