@@ -287,7 +287,7 @@ fn data(h: &Happening, audience: Audience) -> Value {
         HappeningKind::Ready { took } => json!({ "state": State::Running.as_str(), "ms": ms(took) }),
         HappeningKind::Failed { error } => json!({ "state": State::Failed.as_str(), "error": error_body_for(error, audience) }),
         HappeningKind::Left { state, why } => json!({ "state": state.as_str(), "why": why }),
-        HappeningKind::Switched { digest } => json!({ "state": State::Running.as_str(), "digest": digest }),
+        HappeningKind::Switched { digest, rollback } => json!({ "state": State::Running.as_str(), "digest": digest, "rollback": rollback }),
     };
     if let Some(obj) = data.as_object_mut() {
         obj.insert("deployment".into(), json!(h.deployment.to_string()));

@@ -76,6 +76,8 @@ pub struct Metrics {
     service_phases: Mutex<BTreeMap<String, Arc<Histogram>>>,
     /// ACME orders by outcome (`issued`, `failed`), and names refused one.
     acme: Mutex<BTreeMap<&'static str, u64>>,
+    /// Webhook deliveries by result (`delivered`, `failed`, `dropped`).
+    webhooks: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -89,6 +91,7 @@ impl Metrics {
             phases: std::array::from_fn(|_| Histogram::new(&PHASE_BUCKETS)),
             service_phases: Mutex::new(BTreeMap::new()),
             acme: Mutex::new(BTreeMap::new()),
+            webhooks: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -135,6 +138,11 @@ impl Metrics {
     /// Records an ACME order's outcome.
     pub fn acme_order(&self, outcome: &'static str) {
         *self.acme.lock().unwrap_or_else(PoisonError::into_inner).entry(outcome).or_default() += 1;
+    }
+
+    /// Records `n` webhook deliveries that ended in `result`.
+    pub fn webhook(&self, result: &'static str, n: u64) {
+        *self.webhooks.lock().unwrap_or_else(PoisonError::into_inner).entry(result).or_default() += n;
     }
 
     /// Writes what was recorded, in the Prometheus text format.
@@ -204,6 +212,14 @@ impl Metrics {
         out.family("pipes_acme_orders_total", "counter", "Certificate orders, by outcome (issued, failed).");
         for (outcome, n) in self.acme.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             out.sample("pipes_acme_orders_total", &[("outcome", outcome)], *n as f64);
+        }
+        out.family(
+            "pipes_webhook_deliveries_total",
+            "counter",
+            "Webhook deliveries, by result (delivered; failed: refused with 4xx, or no 2xx after every retry; dropped: the queue was full).",
+        );
+        for (result, n) in self.webhooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            out.sample("pipes_webhook_deliveries_total", &[("result", result)], *n as f64);
         }
     }
 }

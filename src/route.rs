@@ -76,6 +76,13 @@ impl Hosts {
         }
     }
 
+    /// The host name of `d`, where the domain is known (`PIPES_DOMAIN`).
+    pub fn name_of(&self, d: &Deployment) -> Option<String> {
+        let Domain::Suffix(domain) = &self.domain else { return None };
+        let names = self.style.pattern().replace("{tag}", &d.tag).replace("{repo}", &d.repo).replace("{user}", &d.user);
+        Some(format!("{names}.{domain}"))
+    }
+
     /// The error for a host that names no deployment, showing this layout.
     pub fn no_deployment(&self, host: &str) -> PipesError {
         let (names, latest) = (self.style.pattern(), self.style.latest_pattern());

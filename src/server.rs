@@ -26,6 +26,7 @@ use crate::settings::{AccessLog, Settings};
 use crate::store::{Store, SwarmConfigs};
 use crate::tls::acme::Renewals;
 use crate::tls::{Acme, Tls};
+use crate::webhooks::Webhooks;
 use crate::websocket;
 
 /// Seconds Pingora gives runtimes to end after the drain, before it exits.
@@ -133,6 +134,9 @@ pub fn run(settings: Settings) -> Result<(), StartError> {
     }
     server.add_service(background_service("fleet upkeep", Janitor::new(fleet.clone())));
     server.add_service(background_service("engine events", Watcher::new(fleet.clone())));
+    if let Some(webhooks) = &settings.webhooks {
+        server.add_service(background_service("webhooks", Webhooks::new(fleet.clone(), webhooks, &settings)));
+    }
     let fleet_at_exit = fleet.clone();
     exit_when_drained(server.watch_execution_phase(), fleet, settings.drain_timeout);
     server.run(RunArgs::default());

@@ -15,8 +15,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use http_body_util::{BodyExt, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use pingora::http::RequestHeader;
 
 use crate::config::ForwardAuthConfig;
@@ -60,26 +58,14 @@ pub struct Relayed {
 /// The HTTP client every deployment's auth server is asked through; it
 /// keeps connections to them open between requests.
 pub struct Client {
-    http: hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    http: crate::outbound::Client<Empty<Bytes>>,
     timeout: Duration,
 }
 
 impl Client {
     /// A client giving auth servers `timeout` for a whole answer.
     pub fn new(timeout: Duration) -> Self {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-            .unwrap_or_else(|_| {
-                // ring supports the default versions; this is unreachable in practice.
-                rustls::ClientConfig::builder().with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth()
-            });
-        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
-        Client { http, timeout }
+        Client { http: crate::outbound::client(), timeout }
     }
 
     /// Asks `auth` about the request `req` of `client` (over TLS if `tls`).

@@ -53,6 +53,8 @@ pub struct Effective {
     /// Who may open it.
     pub access: AccessConfig,
     pub noindex: bool,
+    /// The happenings sent as webhooks; `None`: all.
+    pub notify: Option<Vec<String>>,
 }
 
 impl Effective {
@@ -84,6 +86,7 @@ impl Effective {
             volumes: c.volumes,
             access: c.access.unwrap_or_else(|| defaults.access.clone()),
             noindex: c.noindex.unwrap_or(defaults.noindex),
+            notify: c.notify,
         }
     }
 
@@ -113,6 +116,7 @@ impl Effective {
             "volumes": self.volumes,
             "access": self.access,
             "noindex": self.noindex,
+            "notify": self.notify.as_deref().unwrap_or(&WEBHOOK_EVENTS.map(str::to_owned)[..]),
         })
     }
 

@@ -88,7 +88,13 @@ pub struct DeployConfig {
     /// Whether answers carry `X-Robots-Tag: noindex, nofollow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noindex: Option<bool>,
+    /// Which happenings are sent as webhooks (`PIPES_WEBHOOK_URL`); all if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Vec<String>>,
 }
+
+/// The happenings webhooks tell, as `notify` names them.
+pub const WEBHOOK_EVENTS: [&str; 9] = ["starting", "ready", "failed", "stopped", "paused", "redeployed", "rolled_back", "expired", "deleted"];
 
 /// A field whose value is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,10 +143,10 @@ impl DeployConfig {
         Ok(config)
     }
 
-    /// This layer without what takes effect at the edge alone (`access`,
-    /// `noindex`): what an instance is made and run from.
-    pub fn without_access(&self) -> DeployConfig {
-        DeployConfig { access: None, noindex: None, ..self.clone() }
+    /// This layer without what takes effect without its instance (`access`,
+    /// `noindex`, `notify`): what an instance is made and run from.
+    pub fn instance_fields(&self) -> DeployConfig {
+        DeployConfig { access: None, noindex: None, notify: None, ..self.clone() }
     }
 
     /// Checks the values serde cannot: ranges, paths, names.
@@ -196,6 +202,11 @@ impl DeployConfig {
         if let Some(access) = &self.access {
             access.validate()?;
         }
+        for event in self.notify.iter().flatten() {
+            if !WEBHOOK_EVENTS.contains(&event.as_str()) {
+                return Err(field_error("notify", format!("'{event}' is no happening webhooks tell; they are {}", WEBHOOK_EVENTS.join(", "))));
+            }
+        }
         Ok(())
     }
 
@@ -226,6 +237,7 @@ impl DeployConfig {
             volumes: merged(&lower.volumes, &self.volumes),
             access: self.access.clone().or(lower.access.clone()),
             noindex: self.noindex.or(lower.noindex),
+            notify: self.notify.clone().or(lower.notify.clone()),
         }
     }
 }

@@ -42,8 +42,8 @@ pub enum HappeningKind {
     Failed { error: PipesError },
     /// It stopped serving: stopped, paused or removed, and why.
     Left { state: State, why: &'static str },
-    /// Another generation serves it now (a redeploy or rollback).
-    Switched { digest: Option<String> },
+    /// Another generation serves it now: a redeploy, or a rollback.
+    Switched { digest: Option<String>, rollback: bool },
 }
 
 /// Happenings kept for followers that arrive during a start.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Fleet, Slot, Upstream};
+use super::{Fleet, HappeningKind, Slot, State, Upstream};
 use crate::clock::unix_ms as now_ms;
 use crate::config::IdleAction;
 use crate::engine::Quiet;
@@ -105,6 +105,7 @@ impl Fleet {
                 if let Some(m) = &slot.metrics {
                     m.idle_stop();
                 }
+                self.feed.tell(&slot.deployment, HappeningKind::Left { state: State::Stopped, why: "idle" });
             }
             // Another Pipes served it, or stopped it, meanwhile. Which one is
             // the backend's to say: the next request asks it (and finds it

@@ -70,7 +70,7 @@ use feed::Feed;
 pub use admission::{Admission, ClientStart, ColdStart, Entry};
 pub use feed::{Happening, HappeningKind};
 pub use janitor::Janitor;
-pub use ops::{Applied, ConfigScope};
+pub use ops::{Applied, ConfigScope, DELETED, EXPIRED};
 pub use rollout::{Generation, Switch};
 pub use slot::{Activity, OpenCount, Slot, StartResult, Upstream};
 pub use view::{Configs, State, Status, Summary};

@@ -4,10 +4,15 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use super::{Deployer, Fleet, StartResult};
+use super::{Deployer, Fleet, HappeningKind, StartResult, State};
 use crate::config::{check_order, DeployConfig};
 use crate::error::PipesError;
 use crate::route::Deployment;
+
+/// Why a deployment an operator deleted left, as its followers hear it.
+pub const DELETED: &str = "deleted";
+/// Why a deployment unused for its `expire_after` left.
+pub const EXPIRED: &str = "expired";
 
 /// Which config layer a change replaces.
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +30,7 @@ pub enum Applied {
     Recreated(StartResult),
     /// Nothing was restarted: running deployments report `config_pending`.
     Pending,
-    /// Only `access` or `noindex` changed: applied at once, nothing restarted.
+    /// Only `access`, `noindex` or `notify` changed: applied at once, nothing restarted.
     AccessOnly,
 }
 
@@ -50,14 +55,18 @@ impl Fleet {
 
     /// Stops the deployment's instance and keeps it; the next request starts it again.
     pub async fn stop(&self, d: &Deployment) -> Result<(), PipesError> {
-        self.operate(d, |deployer, d| async move { deployer.stop(&d).await }).await
+        self.operate(d, |deployer, d| async move { deployer.stop(&d).await }).await?;
+        self.feed.tell(d, HappeningKind::Left { state: State::Stopped, why: "stopped by an operator" });
+        Ok(())
     }
 
     /// Removes everything of the deployment: every generation, its
     /// services, its network, and its volumes unless `keep_volumes`. Its
     /// config stays.
     pub async fn remove(&self, d: &Deployment, keep_volumes: bool) -> Result<(), PipesError> {
-        self.operate(d, move |deployer, d| async move { deployer.remove_all(&d, keep_volumes).await }).await
+        self.operate(d, move |deployer, d| async move { deployer.remove_all(&d, keep_volumes).await }).await?;
+        self.feed.tell(d, HappeningKind::Left { state: State::Removed, why: DELETED });
+        Ok(())
     }
 
     /// Restarts the deployment's instance (or starts one) and waits until it answers.
@@ -122,7 +131,7 @@ impl Fleet {
                 let repository = store.repository(&d.user, &d.repo).await?.unwrap_or_default();
                 check_order(&config.over(&repository).services).map_err(|e| PipesError::InvalidField { field: e.field, message: e.message })?;
                 // A broken old config counts as changed: the instance is made anew.
-                let access_only = store.tag(d).await.ok().map(Option::unwrap_or_default).is_some_and(|old| old.without_access() == config.without_access());
+                let access_only = store.tag(d).await.ok().map(Option::unwrap_or_default).is_some_and(|old| old.instance_fields() == config.instance_fields());
                 store.put_tag(d, config.clone()).await?;
                 self.access.put_tag(d, &config);
                 self.reapply_access(|x| x == d);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Fleet, Slot, Upstream};
+use super::{Fleet, HappeningKind, Slot, State, Upstream};
 use crate::engine::{short_id, Instance};
 use crate::error::PipesError;
 use crate::route::Deployment;
@@ -37,6 +37,7 @@ impl Fleet {
         if let Some(m) = &slot.metrics {
             m.idle_pause();
         }
+        self.feed.tell(&slot.deployment, HappeningKind::Left { state: State::Paused, why: "idle" });
         Ok(())
     }
 

@@ -89,7 +89,7 @@ impl Fleet {
             }
             match next? {
                 None => Ok(Switch::Unchanged(was)),
-                Some(next) => Ok(fleet.switch(&slot, next, was).await),
+                Some(next) => Ok(fleet.switch(&slot, next, was, false).await),
             }
         })
         .await
@@ -141,14 +141,14 @@ impl Fleet {
             let serving = slot.upstream();
             let was = Generation { instance: serving.as_ref().map(|u| u.instance_id.clone()), digest: serving.as_ref().and_then(|u| u.digest.clone()) };
             let back = fleet.deployer.previous_generation(&slot.deployment, was.instance.as_deref()).await?;
-            Ok(fleet.switch(&slot, back, was).await)
+            Ok(fleet.switch(&slot, back, was, true).await)
         })
         .await
     }
 
     /// Points the table at `next`; the upstream it replaces drains and stops.
     /// The caller holds the slot's operation lock.
-    async fn switch(self: &Arc<Self>, slot: &Arc<Slot>, next: Upstream, was: Generation) -> Switch {
+    async fn switch(self: &Arc<Self>, slot: &Arc<Slot>, next: Upstream, was: Generation, rollback: bool) -> Switch {
         let next = Arc::new(next);
         let old = {
             let mut cold = slot.lock_cold();
@@ -161,7 +161,7 @@ impl Fleet {
             old
         };
         log::info!("{}: now served by {} ({})", slot.deployment, short_id(&next.instance_id), next.digest.as_deref().unwrap_or("no digest"));
-        self.feed.tell(&slot.deployment, HappeningKind::Switched { digest: next.digest.clone() });
+        self.feed.tell(&slot.deployment, HappeningKind::Switched { digest: next.digest.clone(), rollback });
         match old {
             Some(old) => self.drain(slot.clone(), old),
             None => self.deployer.prune(&slot.deployment, &next.instance_id, &[]).await,
@@ -240,7 +240,7 @@ impl Fleet {
             return;
         }
         let was = Generation { instance: Some(serving.instance_id.clone()), digest: serving.digest.clone() };
-        self.switch(slot, next, was).await;
+        self.switch(slot, next, was, false).await;
     }
 
     /// Whether `d` ran here before: an instance of it exists, or a config was

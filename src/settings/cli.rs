@@ -165,6 +165,12 @@ pub(super) struct Cli {
     /// How long an auth server (access.forward_auth) may take to answer; a slower or unreachable one is a 503
     #[arg(long, env = "PIPES_FORWARD_AUTH_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
     pub(super) forward_auth_timeout: Duration,
+    /// URLs every happening (starting, ready, failed, stopped, …) is POSTed to as signed JSON, comma-separated [default: none]
+    #[arg(long, env = "PIPES_WEBHOOK_URL", value_name = "URLS", value_parser = parse_webhook_urls)]
+    pub(super) webhook_url: Option<UrlPrefixes>,
+    /// Key of the webhooks' X-Pipes-Signature (HMAC-SHA256); prefer PIPES_WEBHOOK_SECRET_FILE
+    #[arg(long, env = "PIPES_WEBHOOK_SECRET", value_name = "SECRET", value_parser = parse_token)]
+    pub(super) webhook_secret: Option<Secret>,
     /// URL prefixes deployments' configs may name as access.forward_auth.url, comma-separated [default: none; PIPES_ACCESS may name any]
     #[arg(long, env = "PIPES_FORWARD_AUTH_URLS", value_name = "URLS", value_parser = parse_url_prefixes)]
     pub(super) forward_auth_urls: Option<UrlPrefixes>,

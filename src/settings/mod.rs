@@ -106,6 +106,8 @@ pub struct Settings {
     pub trusted_proxies: Trusted,
     /// How access is checked, besides each deployment's rules.
     pub access: AccessSettings,
+    /// Signed webhooks, if `PIPES_WEBHOOK_URL` is set.
+    pub webhooks: Option<WebhookSettings>,
     /// `PIPES_BACKEND`.
     pub backend: BackendKind,
     /// The engine's settings, for either backend.
@@ -132,6 +134,18 @@ pub struct AccessSettings {
     pub forward_auth_timeout: Duration,
     /// `PIPES_FORWARD_AUTH_URLS`: what deployments' configs may ask.
     pub forward_auth_urls: Vec<String>,
+}
+
+/// `PIPES_WEBHOOK_*`.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub urls: Vec<String>,
+    /// The HMAC-SHA256 key of `X-Pipes-Signature`.
+    pub secret: crate::secret::Secret,
+    /// How deployments' public URLs begin: `https` and the HTTPS port where
+    /// TLS is on, else `http` and the first listening port.
+    pub scheme: &'static str,
+    pub port: u16,
 }
 
 /// What no deployment's config may exceed, whoever writes it.

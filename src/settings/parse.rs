@@ -252,3 +252,20 @@ pub(super) fn parse_url_prefixes(value: &str) -> Result<UrlPrefixes, String> {
         .collect::<Result<_, _>>()
         .map(UrlPrefixes)
 }
+
+/// `PIPES_WEBHOOK_URL`: whole `http://` or `https://` URLs.
+pub(super) fn parse_webhook_urls(value: &str) -> Result<UrlPrefixes, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
+            match rest {
+                Some(r) if !r.is_empty() && !r.starts_with('/') && u.parse::<http::Uri>().is_ok() => Ok(u.to_owned()),
+                _ => Err(format!("expected http:// or https:// URLs, comma-separated, got '{u}'")),
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map(UrlPrefixes)
+}

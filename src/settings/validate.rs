@@ -130,6 +130,17 @@ impl Settings {
             None => None,
         };
         let https_port = cli.https_port.or_else(|| tls.as_ref().and_then(|t| t.listen.first()).map(SocketAddr::port)).unwrap_or(443);
+        let (scheme, port) = match &tls {
+            Some(_) => ("https", https_port),
+            None => ("http", cli.listen.0.first().map_or(80, SocketAddr::port)),
+        };
+        let webhooks = match (cli.webhook_url, cli.webhook_secret) {
+            (Some(urls), Some(secret)) => Some(WebhookSettings { urls: urls.0, secret, scheme, port }),
+            // Unsigned, a receiver could not tell Pipes from anyone who knows its URL.
+            (Some(_), None) => return Err(err("PIPES_WEBHOOK_SECRET", "is required with PIPES_WEBHOOK_URL: receivers check every delivery's signature")),
+            (None, Some(_)) => return Err(err("PIPES_WEBHOOK_URL", "is required with PIPES_WEBHOOK_SECRET: say where to send webhooks")),
+            (None, None) => None,
+        };
         let registry_host = match &cli.registry {
             Some(r) => r.split('/').next().unwrap_or(r).to_owned(),
             None => "docker.io".to_owned(),
@@ -175,6 +186,7 @@ impl Settings {
             underscore_headers: cli.underscore_headers,
             ceilings,
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
+            webhooks,
             access: AccessSettings {
                 forward_auth_timeout: cli.forward_auth_timeout,
                 forward_auth_urls: cli.forward_auth_urls.map(|u| u.0).unwrap_or_default(),

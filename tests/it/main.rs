@@ -25,3 +25,4 @@ mod pause;
 mod services;
 mod store;
 mod swarm;
+mod webhooks;
