@@ -468,6 +468,7 @@ async fn state(fleet: &Arc<Fleet>, d: &Deployment) -> Result<Value, PipesError> 
         "config_pending": config_pending,
         "services": services.iter().filter_map(|(s, pending)| Some((s.service.clone()?, service(s, *pending)))).collect::<serde_json::Map<_, _>>(),
         "volumes": volumes,
+        "expires_at": fleet.expires_at_ms(d).await.map(rfc3339_ms),
     });
     if let (Some(e), Some(obj)) = (last_error, body.as_object_mut()) {
         obj.insert("last_error".into(), error_body(&e));

@@ -78,6 +78,8 @@ pub struct Metrics {
     acme: Mutex<BTreeMap<&'static str, u64>>,
     /// Webhook deliveries by result (`delivered`, `failed`, `dropped`).
     webhooks: Mutex<BTreeMap<&'static str, u64>>,
+    /// Deployments removed for their `expire_after`.
+    expired: AtomicU64,
 }
 
 impl Metrics {
@@ -92,6 +94,7 @@ impl Metrics {
             service_phases: Mutex::new(BTreeMap::new()),
             acme: Mutex::new(BTreeMap::new()),
             webhooks: Mutex::new(BTreeMap::new()),
+            expired: AtomicU64::new(0),
         }
     }
 
@@ -138,6 +141,11 @@ impl Metrics {
     /// Records an ACME order's outcome.
     pub fn acme_order(&self, outcome: &'static str) {
         *self.acme.lock().unwrap_or_else(PoisonError::into_inner).entry(outcome).or_default() += 1;
+    }
+
+    /// Records a deployment removed for its `expire_after`.
+    pub fn expired(&self) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records `n` webhook deliveries that ended in `result`.
@@ -221,6 +229,8 @@ impl Metrics {
         for (result, n) in self.webhooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             out.sample("pipes_webhook_deliveries_total", &[("result", result)], *n as f64);
         }
+        out.family("pipes_expired_total", "counter", "Deployments removed after their expire_after without a request.");
+        out.sample("pipes_expired_total", &[], self.expired.load(Ordering::Relaxed) as f64);
     }
 }
 

@@ -143,6 +143,11 @@ impl Guard {
         self.put(|layers| layers.tags.insert(d.to_string(), Said::of(Ok(config.clone()))));
     }
 
+    /// Forgets a tag's own config, removed from the store.
+    pub fn forget_tag(&self, d: &Deployment) {
+        self.put(|layers| layers.tags.remove(&d.to_string()));
+    }
+
     /// Records a repository's new default config, saved in the store.
     pub fn put_repository(&self, d: &Deployment, config: &DeployConfig) {
         self.put(|layers| layers.repositories.insert(d.repository(), Said::of(Ok(config.clone()))));

@@ -24,6 +24,8 @@ pub struct Defaults {
     pub access: AccessConfig,
     /// `PIPES_NOINDEX`.
     pub noindex: bool,
+    /// `PIPES_EXPIRE_AFTER`.
+    pub expire_after: Option<Duration>,
 }
 
 /// Everything a deployment runs with, all layers merged.
@@ -55,6 +57,8 @@ pub struct Effective {
     pub noindex: bool,
     /// The happenings sent as webhooks; `None`: all.
     pub notify: Option<Vec<String>>,
+    /// How long it may go without a request before it is removed.
+    pub expire_after: Option<Duration>,
 }
 
 impl Effective {
@@ -87,6 +91,7 @@ impl Effective {
             access: c.access.unwrap_or_else(|| defaults.access.clone()),
             noindex: c.noindex.unwrap_or(defaults.noindex),
             notify: c.notify,
+            expire_after: c.expire_after.map_or(defaults.expire_after, Expiry::after),
         }
     }
 
@@ -117,6 +122,7 @@ impl Effective {
             "access": self.access,
             "noindex": self.noindex,
             "notify": self.notify.as_deref().unwrap_or(&WEBHOOK_EVENTS.map(str::to_owned)[..]),
+            "expire_after": self.expire_after.map_or_else(|| "never".to_owned(), |d| Span(d).to_string()),
         })
     }
 

@@ -91,6 +91,10 @@ pub struct DeployConfig {
     /// Which happenings are sent as webhooks (`PIPES_WEBHOOK_URL`); all if unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<Vec<String>>,
+    /// Remove the deployment (containers, services, volumes, tag config,
+    /// images) after this long without a request: a duration, or `never`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after: Option<Expiry>,
 }
 
 /// The happenings webhooks tell, as `notify` names them.
@@ -144,9 +148,9 @@ impl DeployConfig {
     }
 
     /// This layer without what takes effect without its instance (`access`,
-    /// `noindex`, `notify`): what an instance is made and run from.
+    /// `noindex`, `notify`, `expire_after`): what an instance is made and run from.
     pub fn instance_fields(&self) -> DeployConfig {
-        DeployConfig { access: None, noindex: None, notify: None, ..self.clone() }
+        DeployConfig { access: None, noindex: None, notify: None, expire_after: None, ..self.clone() }
     }
 
     /// Checks the values serde cannot: ranges, paths, names.
@@ -238,6 +242,7 @@ impl DeployConfig {
             access: self.access.clone().or(lower.access.clone()),
             noindex: self.noindex.or(lower.noindex),
             notify: self.notify.clone().or(lower.notify.clone()),
+            expire_after: self.expire_after.or(lower.expire_after),
         }
     }
 }

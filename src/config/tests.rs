@@ -12,6 +12,7 @@ fn defaults() -> Defaults {
         pause_timeout: Duration::from_secs(3600),
         access: AccessConfig::default(),
         noindex: true,
+        expire_after: None,
     }
 }
 

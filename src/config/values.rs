@@ -102,6 +102,59 @@ impl<'de> Deserialize<'de> for Watch {
     }
 }
 
+/// When a deployment no request reached is removed: `never`, or after a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    Never,
+    After(Span),
+}
+
+/// The longest `expire_after`: a year.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+impl Expiry {
+    /// Parses `never` or a duration from 1 s to a year.
+    pub fn parse(text: &str) -> Result<Expiry, String> {
+        match text.trim() {
+            "never" => Ok(Expiry::Never),
+            t => Span::parse(t)
+                .and_then(|s| s.within(Duration::from_secs(1), MAX_EXPIRY))
+                .map(Expiry::After)
+                .map_err(|_| format!("'{text}' is neither never nor a duration from 1s to 366d such as 14d")),
+        }
+    }
+
+    /// How long, unless never.
+    pub fn after(self) -> Option<Duration> {
+        match self {
+            Expiry::Never => None,
+            Expiry::After(span) => Some(span.0),
+        }
+    }
+}
+
+impl fmt::Display for Expiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expiry::Never => f.write_str("never"),
+            Expiry::After(span) => span.fmt(f),
+        }
+    }
+}
+
+impl Serialize for Expiry {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = number_or_text(d, "\"never\" or a duration such as \"14d\"")?;
+        Expiry::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Readiness probe settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -112,6 +112,9 @@ pub trait Images: Send + Sync {
     /// The digest (`sha256:…`) the registry holds for `reference` now, asked
     /// with the configured credentials, without pulling.
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError>;
+    /// Removes the image `reference` (a tag, or `name@digest`) unless a
+    /// container uses it, anyone's; whether it was removed.
+    async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError>;
 }
 
 /// A backend that freezes instances: they keep their memory and answer

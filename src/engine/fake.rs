@@ -508,6 +508,15 @@ impl Images for Fake {
         let inner = self.lock();
         inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
     }
+
+    async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError> {
+        self.up()?;
+        let mut inner = self.lock();
+        if inner.entries.values().any(|e| e.spec.image == reference) {
+            return Ok(false);
+        }
+        Ok(inner.local.remove(reference).is_some())
+    }
 }
 
 #[async_trait]

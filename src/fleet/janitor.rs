@@ -1,9 +1,11 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
 //! server: idle instances are stopped (or paused), paused ones past their
-//! pause timeout stopped, watched tags are checked, access rules reloaded,
+//! pause timeout stopped, watched tags are checked, deployments unused past
+//! their `expire_after` removed, access rules reloaded,
 //! the claim on the instance name is renewed, and slots that never became deployments are
 //! dropped from the table.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +19,9 @@ use super::Fleet;
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Slots are swept every this many checks.
 const SWEEP_EVERY_TICKS: u64 = 60;
+/// Deployments are checked for expiry (and last requests recorded) every
+/// this many checks.
+const EXPIRY_EVERY_TICKS: u64 = 2;
 /// Access rules are reloaded from the store every this many checks, for
 /// changes made through other replicas or by hand.
 const ACCESS_EVERY_TICKS: u64 = 10;
@@ -26,12 +31,14 @@ const CLAIM_EVERY_TICKS: u64 = crate::engine::CLAIM_RENEW_EVERY.as_secs() / CHEC
 /// The fleet's periodic upkeep.
 pub struct Janitor {
     fleet: Arc<Fleet>,
+    /// Set while an expiry check runs: a slow one is not joined by another.
+    expiring: Arc<AtomicBool>,
 }
 
 impl Janitor {
     /// Upkeep of `fleet`.
     pub fn new(fleet: Arc<Fleet>) -> Self {
-        Janitor { fleet }
+        Janitor { fleet, expiring: Arc::new(AtomicBool::new(false)) }
     }
 }
 
@@ -48,6 +55,15 @@ impl BackgroundService for Janitor {
             self.fleet.stop_idle();
             self.fleet.expire_paused();
             self.fleet.poll_tags();
+            if tick % EXPIRY_EVERY_TICKS == 0 && !self.fleet.retired() && !self.expiring.swap(true, Ordering::AcqRel) {
+                let (fleet, expiring) = (self.fleet.clone(), self.expiring.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.expire_unused().await {
+                        log::warn!("cannot check deployments for expiry: {e}");
+                    }
+                    expiring.store(false, Ordering::Release);
+                });
+            }
             if tick % ACCESS_EVERY_TICKS == 0 {
                 let fleet = self.fleet.clone();
                 tokio::spawn(async move {

@@ -22,6 +22,7 @@
 //! | redeploy, roll back | `rollout.rs` | [`Fleet::redeploy`], [`Fleet::rollback`] |
 //! | follow the engine | `sync.rs` | `Fleet::on_event`, `Fleet::reconcile` |
 //! | change a config | `ops.rs` | [`Fleet::change_config`] |
+//! | expire what nobody asked for | `expiry.rs` | [`Fleet::expire_unused`] |
 //! | follow access rules stored elsewhere | `mod.rs` | [`Fleet::load_access`] |
 //! | operator operations | `ops.rs` | [`Fleet::stop`], [`Fleet::remove`], [`Fleet::restart`] |
 //!
@@ -30,6 +31,7 @@
 
 mod admission;
 mod deploy;
+mod expiry;
 pub mod feed;
 mod idle;
 mod janitor;

@@ -38,7 +38,7 @@ impl Fleet {
     /// Runs `op` on the deployer for `d` on the control runtime, after any
     /// other operation on `d` (a start among them) ended and with the table no
     /// longer sending it requests.
-    async fn operate<F, Fut>(&self, d: &Deployment, op: F) -> Result<(), PipesError>
+    pub(super) async fn operate<F, Fut>(&self, d: &Deployment, op: F) -> Result<(), PipesError>
     where
         F: FnOnce(Arc<Deployer>, Deployment) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), PipesError>> + Send + 'static,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, CommandFactory, Parser};
 
-use crate::config::{AccessConfig, ByteSize, IdleAction, Watch};
+use crate::config::{AccessConfig, ByteSize, Expiry, IdleAction, Watch};
 use crate::forwarded::Trusted;
 use crate::policy::Policy;
 use crate::route::HostStyle;
@@ -165,6 +165,9 @@ pub(super) struct Cli {
     /// How long an auth server (access.forward_auth) may take to answer; a slower or unreachable one is a 503
     #[arg(long, env = "PIPES_FORWARD_AUTH_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
     pub(super) forward_auth_timeout: Duration,
+    /// Remove deployments no request reached for this long (containers, services, volumes, tag config, images), unless their config says otherwise: never or a duration such as 14d
+    #[arg(long, env = "PIPES_EXPIRE_AFTER", value_name = "DURATION|never", default_value = "never", value_parser = Expiry::parse)]
+    pub(super) expire_after: Expiry,
     /// URLs every happening (starting, ready, failed, stopped, …) is POSTed to as signed JSON, comma-separated [default: none]
     #[arg(long, env = "PIPES_WEBHOOK_URL", value_name = "URLS", value_parser = parse_webhook_urls)]
     pub(super) webhook_url: Option<UrlPrefixes>,

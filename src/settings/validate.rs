@@ -162,6 +162,7 @@ impl Settings {
                 pause_timeout: cli.pause_timeout,
                 access: cli.access.unwrap_or_default(),
                 noindex: cli.noindex,
+                expire_after: cli.expire_after.after(),
             },
             max_paused: cli.max_paused.unwrap_or(cli.max_containers),
             failure_ttl: cli.failure_ttl,

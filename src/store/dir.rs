@@ -86,6 +86,20 @@ impl Storage for Dir {
     async fn configs(&self) -> Result<Vec<String>, PipesError> {
         self.blocking(|d| Ok(d.config_files())).await
     }
+
+    async fn remove(&self, name: &str) -> Result<(), PipesError> {
+        let name = name.to_owned();
+        self.blocking(move |d| {
+            let path = d.dir.join(&name);
+            match fs::remove_file(&path) {
+                Ok(()) => path.parent().map_or(Ok(()), |dir| File::open(dir).and_then(|f| f.sync_all())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            }
+            .map_err(|e| broken(&name, format!("cannot be removed: {e}")))
+        })
+        .await
+    }
 }
 
 /// Writes `bytes` to `path` so that readers (and crashes) see the old content or

@@ -43,6 +43,8 @@ pub trait Storage: Send + Sync + 'static {
     async fn write(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError>;
     /// The names of every config document (`repos/…`).
     async fn configs(&self) -> Result<Vec<String>, PipesError>;
+    /// Removes the document `name`, if there is one.
+    async fn remove(&self, name: &str) -> Result<(), PipesError>;
 }
 
 /// Which layer a stored config is.
@@ -98,6 +100,11 @@ impl Store {
     /// Replaces the default config of `user/repo`.
     pub async fn put_repository(&self, user: &str, repo: &str, config: DeployConfig) -> Result<(), PipesError> {
         self.write_config(&repository_name(user, repo), &config).await
+    }
+
+    /// Removes the tag's own config (its repository's stays).
+    pub async fn remove_tag(&self, d: &Deployment) -> Result<(), PipesError> {
+        self.storage.remove(&tag_name(d)).await
     }
 
     /// Replaces the tag's own config.

@@ -107,6 +107,17 @@ impl Storage for SwarmConfigs {
         Err(broken(name, "cannot be written: other replicas kept writing it"))
     }
 
+    async fn remove(&self, name: &str) -> Result<(), PipesError> {
+        for (_, version) in self.versions(name).await? {
+            let Some(id) = version.id else { continue };
+            match self.moby.client().await?.delete_config(&id).await {
+                Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {}
+                Err(e) => return Err(broken(name, format!("cannot be removed: {}", self.moby.fail("remove a Swarm config", e)))),
+            }
+        }
+        Ok(())
+    }
+
     async fn configs(&self) -> Result<Vec<String>, PipesError> {
         let options = ListConfigsOptions { filters: Some(HashMap::from([("label".to_owned(), self.moby.instance_filter())])) };
         let configs = self.moby.client().await?.list_configs(Some(options)).await.map_err(|e| self.moby.fail("list Swarm configs", e))?;

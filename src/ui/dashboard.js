@@ -115,6 +115,10 @@ function render(deployment) {
   cell("open").textContent = c ? String(c.open_connections) : "—";
   cell("idle").textContent = c && c.state === "running" ? idle(c) : "—";
   cell("start").textContent = phases(entry);
+  // When it is removed for going unused (expire_after), if it ever is.
+  entry.row.dataset.expiresAt = (c && c.expires_at) || "";
+  const expires = c && c.expires_at ? ` · expires ${new Date(c.expires_at).toLocaleString()}` : "";
+  cell("last").textContent += expires;
 }
 
 async function refresh(deployment) {

@@ -219,8 +219,22 @@ async fn lifecycle(s: &Subject) {
     assert_ne!(replaced.id, created.id, "another spec: a new instance");
     assert_eq!(only_instance(b, &d).await.id, replaced.id, "the old one was replaced, never kept beside");
 
+    assert!(!b.images().remove_unused(&s.serving).await.expect("asked"), "an image a container uses stays");
     b.remove(&replaced.id).await.expect("removed");
     assert!(b.instances(&d).await.expect("instances").is_empty(), "none left");
+    // A swarm removes a service's task containers after the service: the
+    // image is in use until the last one is gone.
+    let mut gone = false;
+    for _ in 0..100 {
+        gone = b.images().remove_unused(&s.serving).await.expect("asked");
+        if gone {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "an image nothing uses goes");
+    assert_eq!(b.images().image(&s.serving).await.expect("image"), None);
+    assert!(!b.images().remove_unused(&s.serving).await.expect("asked"), "removing a removed image is no error");
     b.remove(&replaced.id).await.expect("removing a removed instance is no error");
     b.stop(&replaced.id, GRACE).await.expect("stopping a removed instance is no error");
 }

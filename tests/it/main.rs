@@ -14,6 +14,7 @@ mod cli;
 mod contract;
 mod deploy;
 mod event_streams;
+mod expiry;
 mod front_door;
 mod hardening;
 mod https;

@@ -12,18 +12,18 @@ use common::{api, eventually, free_port, sample, Fixtures, Pipes};
 use serde_json::Value;
 
 const TOKEN: &str = "webhooks-token-0123456789";
-const SECRET: &str = "webhooks-secret-0123456789";
+pub(crate) const SECRET: &str = "webhooks-secret-0123456789";
 const DOMAIN: &str = "example.com";
 
 /// The Python receiver on 127.0.0.1, stopped on drop.
-struct Receiver {
+pub(crate) struct Receiver {
     child: Child,
     port: u16,
     out: std::path::PathBuf,
 }
 
 impl Receiver {
-    fn start() -> Receiver {
+    pub(crate) fn start() -> Receiver {
         let port = free_port();
         let out = std::env::temp_dir().join(common::unique("webhooks")).with_extension("jsonl");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/webhooks/receiver.py");
@@ -36,7 +36,7 @@ impl Receiver {
         Receiver { child, port, out }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -46,7 +46,7 @@ impl Receiver {
     }
 
     /// The requests to `path` for `event`.
-    fn of(&self, path: &str, event: &str) -> Vec<Value> {
+    pub(crate) fn of(&self, path: &str, event: &str) -> Vec<Value> {
         self.got().into_iter().filter(|r| r["path"] == path && r["event"] == event).collect()
     }
 }

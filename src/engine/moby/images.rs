@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
-use bollard::query_parameters::CreateImageOptions;
+use bollard::query_parameters::{CreateImageOptions, RemoveImageOptions};
 use futures_util::StreamExt;
 
 use super::{not_found, Moby};
@@ -70,6 +70,16 @@ impl Images for Moby {
     async fn registry_digest(&self, reference: &str) -> Result<String, PipesError> {
         let answer = self.client().await?.inspect_registry_image(reference, self.credentials()).await.map_err(|e| self.pull_failure(reference, e))?;
         answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
+    }
+
+    async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError> {
+        // Without force the engine refuses an image a container uses (409).
+        match self.client().await?.remove_image(reference, None::<RemoveImageOptions>, None).await {
+            Ok(_) => Ok(true),
+            Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(false),
+            Err(e) if not_found(&e) => Ok(false),
+            Err(e) => Err(self.fail("remove an image", e)),
+        }
     }
 }
 
