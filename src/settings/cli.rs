@@ -170,13 +170,13 @@ pub(super) struct Cli {
     pub(super) expire_after: Expiry,
     /// URLs every happening (starting, ready, failed, stopped, …) is POSTed to as signed JSON, comma-separated [default: none]
     #[arg(long, env = "PIPES_WEBHOOK_URL", value_name = "URLS", value_parser = parse_webhook_urls)]
-    pub(super) webhook_url: Option<UrlPrefixes>,
+    pub(super) webhook_url: Option<Urls>,
     /// Key of the webhooks' X-Pipes-Signature (HMAC-SHA256); prefer PIPES_WEBHOOK_SECRET_FILE
     #[arg(long, env = "PIPES_WEBHOOK_SECRET", value_name = "SECRET", value_parser = parse_token)]
     pub(super) webhook_secret: Option<Secret>,
     /// URL prefixes deployments' configs may name as access.forward_auth.url, comma-separated [default: none; PIPES_ACCESS may name any]
     #[arg(long, env = "PIPES_FORWARD_AUTH_URLS", value_name = "URLS", value_parser = parse_url_prefixes)]
-    pub(super) forward_auth_urls: Option<UrlPrefixes>,
+    pub(super) forward_auth_urls: Option<Urls>,
     /// Highest CPU limit (cores) any config may set [default: the host's CPUs]
     #[arg(long, env = "PIPES_MAX_CPUS", value_name = "CPUS", value_parser = parse_cpus)]
     pub(super) max_cpus: Option<f64>,

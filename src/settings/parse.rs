@@ -232,40 +232,31 @@ pub(super) fn parse_access(value: &str) -> Result<AccessConfig, String> {
     Ok(access)
 }
 
-/// `PIPES_FORWARD_AUTH_URLS`.
+/// `http://` or `https://` URLs, comma-separated.
 #[derive(Debug, Clone)]
-pub(super) struct UrlPrefixes(pub(super) Vec<String>);
+pub(super) struct Urls(pub(super) Vec<String>);
 
-pub(super) fn parse_url_prefixes(value: &str) -> Result<UrlPrefixes, String> {
+/// Each URL of `value` as `fine` takes what follows its scheme, or `expected`.
+fn urls(value: &str, fine: impl Fn(&str) -> bool, expected: &str) -> Result<Urls, String> {
     value
         .split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
-        .map(|u| {
-            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
-            match rest {
-                // A prefix ends its host, so `http://auth` cannot admit `http://auth.evil.example`.
-                Some(r) if r.contains('/') && !r.starts_with('/') => Ok(u.to_owned()),
-                _ => Err(format!("expected URL prefixes with a path, such as http://127.0.0.1:4180/oauth2/, got '{u}'")),
-            }
+        .map(|u| match u.strip_prefix("http://").or_else(|| u.strip_prefix("https://")) {
+            Some(rest) if !rest.starts_with('/') && fine(rest) && u.parse::<http::Uri>().is_ok() => Ok(u.to_owned()),
+            _ => Err(format!("expected {expected}, got '{u}'")),
         })
         .collect::<Result<_, _>>()
-        .map(UrlPrefixes)
+        .map(Urls)
 }
 
-/// `PIPES_WEBHOOK_URL`: whole `http://` or `https://` URLs.
-pub(super) fn parse_webhook_urls(value: &str) -> Result<UrlPrefixes, String> {
-    value
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(|u| {
-            let rest = u.strip_prefix("http://").or_else(|| u.strip_prefix("https://"));
-            match rest {
-                Some(r) if !r.is_empty() && !r.starts_with('/') && u.parse::<http::Uri>().is_ok() => Ok(u.to_owned()),
-                _ => Err(format!("expected http:// or https:// URLs, comma-separated, got '{u}'")),
-            }
-        })
-        .collect::<Result<_, _>>()
-        .map(UrlPrefixes)
+/// `PIPES_FORWARD_AUTH_URLS`: prefixes that end their host, so that
+/// `http://auth` cannot admit `http://auth.evil.example`.
+pub(super) fn parse_url_prefixes(value: &str) -> Result<Urls, String> {
+    urls(value, |rest| rest.contains('/'), "URL prefixes with a path, such as http://127.0.0.1:4180/oauth2/")
+}
+
+/// `PIPES_WEBHOOK_URL`: whole URLs.
+pub(super) fn parse_webhook_urls(value: &str) -> Result<Urls, String> {
+    urls(value, |rest| !rest.is_empty(), "http:// or https:// URLs, comma-separated")
 }
