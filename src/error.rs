@@ -98,6 +98,8 @@ pub enum PipesError {
     /// The deployment's auth server (`access.forward_auth`) did not answer
     /// in time or could not be reached: nobody is let through.
     ForwardAuthUnavailable { deployment: String, detail: String },
+    /// The engine's disk has less free space than `PIPES_DISK_MIN_FREE`: no pulls.
+    InsufficientStorage { image: String, free: u64, min_free: String },
 }
 
 /// Seconds a client is told to wait after a 503.
@@ -137,6 +139,7 @@ impl PipesError {
             Self::AccessDenied { .. } => 403,
             Self::AuthenticationRequired { .. } => 401,
             Self::ForwardAuthUnavailable { .. } => 503,
+            Self::InsufficientStorage { .. } => 507,
         }
     }
 
@@ -187,6 +190,7 @@ impl PipesError {
             Self::AuthenticationRequired { share_expired: true, .. } => "share_expired",
             Self::AuthenticationRequired { .. } => "authentication_required",
             Self::ForwardAuthUnavailable { .. } => "forward_auth_unavailable",
+            Self::InsufficientStorage { .. } => "insufficient_storage",
         }
     }
 
@@ -202,6 +206,7 @@ impl PipesError {
                 | Self::TooManyStreams { .. }
                 | Self::PublicStreamsFull { .. }
                 | Self::ForwardAuthUnavailable { .. }
+                | Self::InsufficientStorage { .. }
         )
         .then_some(RETRY_AFTER_SECS)
     }
@@ -330,6 +335,11 @@ impl fmt::Display for PipesError {
             Self::ForwardAuthUnavailable { deployment, detail } => {
                 write!(f, "the auth server of {deployment} did not answer ({detail}); retry in {RETRY_AFTER_SECS} s")
             }
+            Self::InsufficientStorage { image, free, min_free } => write!(
+                f,
+                "{image} is not pulled: the engine's disk has {} free, less than PIPES_DISK_MIN_FREE ({min_free}); running deployments keep serving",
+                crate::config::ByteSize(*free)
+            ),
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct Metrics {
     webhooks: Mutex<BTreeMap<&'static str, u64>>,
     /// Deployments removed for their `expire_after`.
     expired: AtomicU64,
+    /// Free bytes of the engine's image store when last measured; `u64::MAX`: never.
+    disk_free: AtomicU64,
 }
 
 impl Metrics {
@@ -95,6 +97,7 @@ impl Metrics {
             acme: Mutex::new(BTreeMap::new()),
             webhooks: Mutex::new(BTreeMap::new()),
             expired: AtomicU64::new(0),
+            disk_free: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -146,6 +149,11 @@ impl Metrics {
     /// Records a deployment removed for its `expire_after`.
     pub fn expired(&self) {
         self.expired.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the free bytes of the engine's image store.
+    pub fn disk_free(&self, bytes: u64) {
+        self.disk_free.store(bytes, Ordering::Relaxed);
     }
 
     /// Records `n` webhook deliveries that ended in `result`.
@@ -231,6 +239,11 @@ impl Metrics {
         }
         out.family("pipes_expired_total", "counter", "Deployments removed after their expire_after without a request.");
         out.sample("pipes_expired_total", &[], self.expired.load(Ordering::Relaxed) as f64);
+        let free = self.disk_free.load(Ordering::Relaxed);
+        if free != u64::MAX {
+            out.family("pipes_disk_free_bytes", "gauge", "Free bytes of the file system the engine keeps images on, when last measured.");
+            out.sample("pipes_disk_free_bytes", &[], free as f64);
+        }
     }
 }
 

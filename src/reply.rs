@@ -57,6 +57,7 @@ fn public_message(e: &PipesError) -> Option<String> {
             format!("service {service} of {deployment} was not healthy within {}", crate::error::DisplayDuration(*timeout))
         }
         PipesError::ForwardAuthUnavailable { deployment, .. } => format!("the auth server of {deployment} did not answer; retry in {RETRY_AFTER_SECS} s"),
+        PipesError::InsufficientStorage { image, .. } => format!("{} cannot be pulled now: the host's disk is nearly full", without_registry(image)),
         _ => return None,
     })
 }
@@ -98,6 +99,7 @@ pub fn error_body_for(e: &PipesError, audience: Audience) -> Value {
                 }),
                 PipesError::Unservable { deployment, .. } => json!({ "deployment": deployment }),
                 PipesError::EngineUnavailable { .. } => json!({ "retry_after": RETRY_AFTER_SECS }),
+                PipesError::InsufficientStorage { image, .. } => json!({ "image": without_registry(image), "retry_after": RETRY_AFTER_SECS }),
                 // What an app prints while crashing (DSNs, addresses) is the operator's.
                 PipesError::Exited { deployment, code, logs } => match public_logs() {
                     true => json!({ "deployment": deployment, "exit_code": code, "logs": logs }),
@@ -209,6 +211,9 @@ pub fn error_body(e: &PipesError) -> Value {
         PipesError::AccessDenied { deployment } => json!({ "deployment": deployment }),
         PipesError::AuthenticationRequired { realm, .. } => json!({ "deployment": realm }),
         PipesError::ForwardAuthUnavailable { deployment, .. } => json!({ "deployment": deployment, "retry_after": RETRY_AFTER_SECS }),
+        PipesError::InsufficientStorage { image, free, .. } => {
+            json!({ "image": image, "free_bytes": free, "setting": "PIPES_DISK_MIN_FREE", "retry_after": RETRY_AFTER_SECS })
+        }
     };
     if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
         body.extend(extra);

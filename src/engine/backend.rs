@@ -115,6 +115,11 @@ pub trait Images: Send + Sync {
     /// Removes the image `reference` (a tag, or `name@digest`) unless a
     /// container uses it, anyone's; whether it was removed.
     async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError>;
+    /// The directory the engine keeps images in, where this process can see
+    /// it (a local engine, Pipes beside it); `None` where it cannot.
+    async fn store_dir(&self) -> Result<Option<std::path::PathBuf>, PipesError> {
+        Ok(None)
+    }
 }
 
 /// A backend that freezes instances: they keep their memory and answer

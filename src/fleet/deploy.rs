@@ -27,7 +27,7 @@ use crate::error::PipesError;
 use crate::metrics::{Metrics, Phase};
 use crate::policy::Policy;
 use crate::route::Deployment;
-use crate::settings::{Ceilings, Settings};
+use crate::settings::{Ceilings, MinFree, Settings};
 use crate::store::Store;
 
 /// Lines of an instance's log shown when it exits while starting.
@@ -60,9 +60,12 @@ pub struct Deployer {
     /// Serializes admission, so two starts cannot both take the last place.
     admission: Mutex<()>,
     /// Where cold-start phases are timed, when metrics are on.
-    metrics: Option<Arc<Metrics>>,
+    pub(super) metrics: Option<Arc<Metrics>>,
     /// Where phases and pull progress are told as they happen.
     feed: Feed,
+    /// `PIPES_DISK_MIN_FREE`, and where the engine keeps images (asked once).
+    pub(super) disk_min_free: MinFree,
+    pub(super) engine_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
 }
 
 /// Places among `PIPES_MAX_CONTAINERS`, held from admission until the
@@ -91,6 +94,8 @@ impl Deployer {
             admission: Mutex::new(()),
             metrics,
             feed,
+            disk_min_free: settings.disk_min_free,
+            engine_dir: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -109,6 +114,7 @@ impl Deployer {
     /// Pulls `image_ref` for `d` within `PIPES_PULL_TIMEOUT`, telling the
     /// feed how far it got (at most every [`PROGRESS_EVERY`]).
     pub(super) async fn pull_image(&self, d: &Deployment, image_ref: &str) -> Result<Image, PipesError> {
+        self.room_to_pull(image_ref).await?;
         let last = std::sync::Mutex::new(None::<Instant>);
         let progress = |done: u64, total: u64| {
             let mut last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

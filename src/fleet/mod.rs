@@ -31,6 +31,7 @@
 
 mod admission;
 mod deploy;
+mod disk;
 mod expiry;
 pub mod feed;
 mod idle;

@@ -168,6 +168,9 @@ pub(super) struct Cli {
     /// Remove deployments no request reached for this long (containers, services, volumes, tag config, images), unless their config says otherwise: never or a duration such as 14d
     #[arg(long, env = "PIPES_EXPIRE_AFTER", value_name = "DURATION|never", default_value = "never", value_parser = Expiry::parse)]
     pub(super) expire_after: Expiry,
+    /// Free space the engine's disk must keep: below it, no image is pulled (507); running deployments keep serving. A share (5%) or a size (2GiB)
+    #[arg(long, env = "PIPES_DISK_MIN_FREE", value_name = "SHARE|SIZE", default_value = "5%", value_parser = parse_min_free)]
+    pub(super) disk_min_free: MinFree,
     /// URLs every happening (starting, ready, failed, stopped, …) is POSTed to as signed JSON, comma-separated [default: none]
     #[arg(long, env = "PIPES_WEBHOOK_URL", value_name = "URLS", value_parser = parse_webhook_urls)]
     pub(super) webhook_url: Option<Urls>,

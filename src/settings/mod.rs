@@ -108,6 +108,8 @@ pub struct Settings {
     pub access: AccessSettings,
     /// Signed webhooks, if `PIPES_WEBHOOK_URL` is set.
     pub webhooks: Option<WebhookSettings>,
+    /// `PIPES_DISK_MIN_FREE`: below it, nothing is pulled.
+    pub disk_min_free: MinFree,
     /// `PIPES_BACKEND`.
     pub backend: BackendKind,
     /// The engine's settings, for either backend.
@@ -134,6 +136,32 @@ pub struct AccessSettings {
     pub forward_auth_timeout: Duration,
     /// `PIPES_FORWARD_AUTH_URLS`: what deployments' configs may ask.
     pub forward_auth_urls: Vec<String>,
+}
+
+/// Free space a file system must keep: a share of its size, or bytes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MinFree {
+    Percent(f64),
+    Bytes(u64),
+}
+
+impl MinFree {
+    /// Whether `free` bytes of a file system of `total` are less than this.
+    pub fn short(self, free: u64, total: u64) -> bool {
+        match self {
+            MinFree::Percent(p) => (free as f64) < total as f64 * p / 100.0,
+            MinFree::Bytes(b) => free < b,
+        }
+    }
+}
+
+impl fmt::Display for MinFree {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MinFree::Percent(p) => write!(f, "{p}%"),
+            MinFree::Bytes(b) => ByteSize(*b).fmt(f),
+        }
+    }
 }
 
 /// `PIPES_WEBHOOK_*`.

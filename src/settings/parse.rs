@@ -260,3 +260,13 @@ pub(super) fn parse_url_prefixes(value: &str) -> Result<Urls, String> {
 pub(super) fn parse_webhook_urls(value: &str) -> Result<Urls, String> {
     urls(value, |rest| !rest.is_empty(), "http:// or https:// URLs, comma-separated")
 }
+
+/// `PIPES_DISK_MIN_FREE`: `5%`, or a size such as `2GiB`.
+pub(super) fn parse_min_free(value: &str) -> Result<MinFree, String> {
+    let value = value.trim();
+    let expected = || format!("expected a share such as 5% or a size such as 2GiB, got '{value}'");
+    match value.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().ok().filter(|p| (0.0..=100.0).contains(p)).map(MinFree::Percent).ok_or_else(expected),
+        None => ByteSize::parse(value).map(|b| MinFree::Bytes(b.0)).map_err(|_| expected()),
+    }
+}

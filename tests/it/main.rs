@@ -13,6 +13,7 @@ mod browser;
 mod cli;
 mod contract;
 mod deploy;
+mod disk;
 mod event_streams;
 mod expiry;
 mod front_door;

@@ -72,6 +72,15 @@ impl Images for Moby {
         answer.descriptor.digest.ok_or_else(|| PipesError::Engine { action: "ask the registry for a digest", detail: format!("no digest for {reference}") })
     }
 
+    async fn store_dir(&self) -> Result<Option<std::path::PathBuf>, PipesError> {
+        if !self.host().starts_with("unix://") {
+            return Ok(None);
+        }
+        let info = self.client().await?.info().await.map_err(|e| self.fail("read its facts", e))?;
+        // In a container, the host's path is not this process's.
+        Ok(info.docker_root_dir.map(std::path::PathBuf::from).filter(|dir| dir.is_dir()))
+    }
+
     async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError> {
         // Without force the engine refuses an image a container uses (409).
         match self.client().await?.remove_image(reference, None::<RemoveImageOptions>, None).await {
