@@ -82,6 +82,10 @@ pub struct Metrics {
     expired: AtomicU64,
     /// Free bytes of the engine's image store when last measured; `u64::MAX`: never.
     disk_free: AtomicU64,
+    /// Images Pipes pulled: used, unused, and their bytes; `u64::MAX`: never counted.
+    images: [AtomicU64; 3],
+    /// Images removed, by reason (`unused`, `disk`).
+    images_removed: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -98,6 +102,8 @@ impl Metrics {
             webhooks: Mutex::new(BTreeMap::new()),
             expired: AtomicU64::new(0),
             disk_free: AtomicU64::new(u64::MAX),
+            images: [const { AtomicU64::new(u64::MAX) }; 3],
+            images_removed: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -154,6 +160,18 @@ impl Metrics {
     /// Records the free bytes of the engine's image store.
     pub fn disk_free(&self, bytes: u64) {
         self.disk_free.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Records how many images Pipes pulled are used and unused, and their bytes.
+    pub fn images(&self, used: usize, unused: usize, bytes: u64) {
+        for (slot, n) in self.images.iter().zip([used as u64, unused as u64, bytes]) {
+            slot.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Records an image removed, and why.
+    pub fn image_removed(&self, reason: &'static str) {
+        *self.images_removed.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_default() += 1;
     }
 
     /// Records `n` webhook deliveries that ended in `result`.
@@ -239,6 +257,22 @@ impl Metrics {
         }
         out.family("pipes_expired_total", "counter", "Deployments removed after their expire_after without a request.");
         out.sample("pipes_expired_total", &[], self.expired.load(Ordering::Relaxed) as f64);
+        let [used, unused, bytes] = self.images.each_ref().map(|n| n.load(Ordering::Relaxed));
+        if bytes != u64::MAX {
+            out.family("pipes_images", "gauge", "Images Pipes pulled, by state (used by a container, or unused).");
+            out.sample("pipes_images", &[("state", "used")], used as f64);
+            out.sample("pipes_images", &[("state", "unused")], unused as f64);
+            out.family("pipes_image_bytes", "gauge", "Bytes the images Pipes pulled take on the engine's disk.");
+            out.sample("pipes_image_bytes", &[], bytes as f64);
+        }
+        out.family(
+            "pipes_images_removed_total",
+            "counter",
+            "Images Pipes pulled and removed, by reason (unused past PIPES_IMAGE_KEEP, disk above PIPES_DISK_HIGH).",
+        );
+        for (reason, n) in self.images_removed.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            out.sample("pipes_images_removed_total", &[("reason", reason)], *n as f64);
+        }
         let free = self.disk_free.load(Ordering::Relaxed);
         if free != u64::MAX {
             out.family("pipes_disk_free_bytes", "gauge", "Free bytes of the file system the engine keeps images on, when last measured.");

@@ -115,6 +115,8 @@ pub trait Images: Send + Sync {
     /// Removes the image `reference` (a tag, or `name@digest`) unless a
     /// container uses it, anyone's; whether it was removed.
     async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError>;
+    /// The ids of the images containers use, anyone's containers, running or not.
+    async fn in_use(&self) -> Result<std::collections::HashSet<String>, PipesError>;
     /// The directory the engine keeps images in, where this process can see
     /// it (a local engine, Pipes beside it); `None` where it cannot.
     async fn store_dir(&self) -> Result<Option<std::path::PathBuf>, PipesError> {

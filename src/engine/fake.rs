@@ -9,7 +9,7 @@
 //! refuses (pausing what does not run, starting what is paused), the fake
 //! refuses too; its "engine down" switch fails every call.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -492,7 +492,7 @@ impl Images for Fake {
         let published = inner.registry.get(reference).cloned();
         match published {
             Some((behaviour, digest)) => {
-                let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone() };
+                let image = Image { id: format!("sha256:image-of-{digest}"), digest: Some(digest), exposed_tcp: behaviour.exposed.clone(), size: 1024 };
                 inner.local.insert(reference.to_owned(), image.clone());
                 // One layer of a kilobyte, all there at once.
                 progress(1024, 1024);
@@ -507,6 +507,12 @@ impl Images for Fake {
         self.calls.digests.fetch_add(1, Ordering::Relaxed);
         let inner = self.lock();
         inner.registry.get(reference).map(|(_, digest)| digest.clone()).ok_or_else(|| PipesError::ImageNotFound { image: reference.to_owned() })
+    }
+
+    async fn in_use(&self) -> Result<HashSet<String>, PipesError> {
+        self.up()?;
+        let inner = self.lock();
+        Ok(inner.entries.values().filter_map(|e| inner.local.get(&e.spec.image)).map(|i| i.id.clone()).collect())
     }
 
     async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError> {

@@ -162,6 +162,8 @@ pub struct Image {
     pub digest: Option<String>,
     /// Exposed TCP ports, sorted.
     pub exposed_tcp: Vec<u16>,
+    /// Bytes it takes on the engine's disk.
+    pub size: u64,
 }
 
 /// Everything an instance is made from; the backend adds its own names and labels.

@@ -66,6 +66,11 @@ pub struct Deployer {
     /// `PIPES_DISK_MIN_FREE`, and where the engine keeps images (asked once).
     pub(super) disk_min_free: MinFree,
     pub(super) engine_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
+    /// `PIPES_IMAGE_KEEP` and `PIPES_DISK_HIGH`; the record of pulled images
+    /// is changed by one at a time.
+    pub(super) image_keep: Duration,
+    pub(super) disk_high: f64,
+    pub(super) images_record: tokio::sync::Mutex<()>,
 }
 
 /// Places among `PIPES_MAX_CONTAINERS`, held from admission until the
@@ -96,6 +101,9 @@ impl Deployer {
             feed,
             disk_min_free: settings.disk_min_free,
             engine_dir: tokio::sync::OnceCell::new(),
+            image_keep: settings.image_keep,
+            disk_high: settings.disk_high,
+            images_record: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -123,9 +131,12 @@ impl Deployer {
                 self.feed.tell(d, HappeningKind::Pulling { done, total });
             }
         };
-        self.timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.images().pull(image_ref, &progress)))
+        let image = self
+            .timed(d, Phase::Pull, tokio::time::timeout(self.pull_timeout, self.backend.images().pull(image_ref, &progress)))
             .await
-            .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })?
+            .map_err(|_| PipesError::PullTimeout { image: image_ref.to_owned(), timeout: self.pull_timeout })??;
+        self.record_pull(image_ref, &image).await;
+        Ok(image)
     }
 
     /// Pipes' own defaults, the lowest config layer.
@@ -669,7 +680,7 @@ mod tests {
     use super::*;
 
     fn image(ports: &[u16]) -> Image {
-        Image { id: "sha256:x".into(), digest: None, exposed_tcp: ports.to_vec() }
+        Image { id: "sha256:x".into(), digest: None, exposed_tcp: ports.to_vec(), size: 0 }
     }
 
     #[test]

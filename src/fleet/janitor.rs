@@ -1,7 +1,7 @@
 //! Background upkeep of the fleet, as a Pingora service that stops with the
 //! server: idle instances are stopped (or paused), paused ones past their
 //! pause timeout stopped, watched tags are checked, deployments unused past
-//! their `expire_after` removed, access rules reloaded,
+//! their `expire_after` removed, unused images collected, access rules reloaded,
 //! the claim on the instance name is renewed, and slots that never became deployments are
 //! dropped from the table.
 
@@ -22,6 +22,8 @@ const SWEEP_EVERY_TICKS: u64 = 60;
 /// Deployments are checked for expiry (and last requests recorded) every
 /// this many checks.
 const EXPIRY_EVERY_TICKS: u64 = 2;
+/// Images nothing uses are collected every this many checks.
+const IMAGES_EVERY_TICKS: u64 = 3;
 /// Access rules are reloaded from the store every this many checks, for
 /// changes made through other replicas or by hand.
 const ACCESS_EVERY_TICKS: u64 = 10;
@@ -31,14 +33,16 @@ const CLAIM_EVERY_TICKS: u64 = crate::engine::CLAIM_RENEW_EVERY.as_secs() / CHEC
 /// The fleet's periodic upkeep.
 pub struct Janitor {
     fleet: Arc<Fleet>,
-    /// Set while an expiry check runs: a slow one is not joined by another.
+    /// Set while an expiry check or an image collection runs: a slow one
+    /// is not joined by another.
     expiring: Arc<AtomicBool>,
+    collecting: Arc<AtomicBool>,
 }
 
 impl Janitor {
     /// Upkeep of `fleet`.
     pub fn new(fleet: Arc<Fleet>) -> Self {
-        Janitor { fleet, expiring: Arc::new(AtomicBool::new(false)) }
+        Janitor { fleet, expiring: Arc::new(AtomicBool::new(false)), collecting: Arc::new(AtomicBool::new(false)) }
     }
 }
 
@@ -62,6 +66,15 @@ impl BackgroundService for Janitor {
                         log::warn!("cannot check deployments for expiry: {e}");
                     }
                     expiring.store(false, Ordering::Release);
+                });
+            }
+            if tick % IMAGES_EVERY_TICKS == 0 && !self.fleet.retired() && !self.collecting.swap(true, Ordering::AcqRel) {
+                let (fleet, collecting) = (self.fleet.clone(), self.collecting.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = fleet.collect_images().await {
+                        log::warn!("cannot collect unused images: {e}");
+                    }
+                    collecting.store(false, Ordering::Release);
                 });
             }
             if tick % ACCESS_EVERY_TICKS == 0 {

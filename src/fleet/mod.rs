@@ -23,6 +23,7 @@
 //! | follow the engine | `sync.rs` | `Fleet::on_event`, `Fleet::reconcile` |
 //! | change a config | `ops.rs` | [`Fleet::change_config`] |
 //! | expire what nobody asked for | `expiry.rs` | [`Fleet::expire_unused`] |
+//! | collect images nothing uses | `images.rs` | [`Fleet::collect_images`] |
 //! | follow access rules stored elsewhere | `mod.rs` | [`Fleet::load_access`] |
 //! | operator operations | `ops.rs` | [`Fleet::stop`], [`Fleet::remove`], [`Fleet::restart`] |
 //!
@@ -35,6 +36,7 @@ mod disk;
 mod expiry;
 pub mod feed;
 mod idle;
+mod images;
 mod janitor;
 mod ops;
 mod pause;

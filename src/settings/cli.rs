@@ -168,6 +168,12 @@ pub(super) struct Cli {
     /// Remove deployments no request reached for this long (containers, services, volumes, tag config, images), unless their config says otherwise: never or a duration such as 14d
     #[arg(long, env = "PIPES_EXPIRE_AFTER", value_name = "DURATION|never", default_value = "never", value_parser = Expiry::parse)]
     pub(super) expire_after: Expiry,
+    /// How long an image Pipes pulled may go unused by any container before it is removed, e.g. 24h
+    #[arg(long, env = "PIPES_IMAGE_KEEP", value_name = "DURATION", default_value = "24h", value_parser = parse_image_keep)]
+    pub(super) image_keep: Duration,
+    /// Share of the engine's disk in use above which images Pipes pulled and nothing uses are removed at once, least recently used first
+    #[arg(long, env = "PIPES_DISK_HIGH", value_name = "SHARE", default_value = "85%", value_parser = parse_share)]
+    pub(super) disk_high: f64,
     /// Free space the engine's disk must keep: below it, no image is pulled (507); running deployments keep serving. A share (5%) or a size (2GiB)
     #[arg(long, env = "PIPES_DISK_MIN_FREE", value_name = "SHARE|SIZE", default_value = "5%", value_parser = parse_min_free)]
     pub(super) disk_min_free: MinFree,

@@ -110,6 +110,10 @@ pub struct Settings {
     pub webhooks: Option<WebhookSettings>,
     /// `PIPES_DISK_MIN_FREE`: below it, nothing is pulled.
     pub disk_min_free: MinFree,
+    /// `PIPES_IMAGE_KEEP`: how long a pulled image may go unused.
+    pub image_keep: Duration,
+    /// `PIPES_DISK_HIGH`, in percent: above it, unused images go at once.
+    pub disk_high: f64,
     /// `PIPES_BACKEND`.
     pub backend: BackendKind,
     /// The engine's settings, for either backend.

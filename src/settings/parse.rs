@@ -270,3 +270,21 @@ pub(super) fn parse_min_free(value: &str) -> Result<MinFree, String> {
         None => ByteSize::parse(value).map(|b| MinFree::Bytes(b.0)).map_err(|_| expected()),
     }
 }
+
+/// `PIPES_IMAGE_KEEP`: a duration from a second to a year.
+pub(super) fn parse_image_keep(value: &str) -> Result<Duration, String> {
+    Span::parse(value)
+        .and_then(|s| s.within(Duration::from_secs(1), crate::config::MAX_EXPIRY))
+        .map(|s| s.0)
+        .map_err(|_| format!("expected a duration from 1s to 366d such as 24h, got '{value}'"))
+}
+
+/// A share such as `85%`.
+pub(super) fn parse_share(value: &str) -> Result<f64, String> {
+    value
+        .trim()
+        .strip_suffix('%')
+        .and_then(|p| p.trim().parse::<f64>().ok())
+        .filter(|p| (0.0..=100.0).contains(p))
+        .ok_or_else(|| format!("expected a share such as 85%, got '{value}'"))
+}

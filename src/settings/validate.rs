@@ -189,6 +189,8 @@ impl Settings {
             trusted_proxies: cli.trusted_proxies.unwrap_or_default(),
             webhooks,
             disk_min_free: cli.disk_min_free,
+            image_keep: cli.image_keep,
+            disk_high: cli.disk_high,
             access: AccessSettings {
                 forward_auth_timeout: cli.forward_auth_timeout,
                 forward_auth_urls: cli.forward_auth_urls.map(|u| u.0).unwrap_or_default(),

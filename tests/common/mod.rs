@@ -381,6 +381,9 @@ impl Pipes {
             ("PIPES_ALLOW", "*".to_owned()),
             ("PIPES_CONFIG_DIR", dir.join("configs").display().to_string()),
             ("PIPES_START_TIMEOUT", "30s".to_owned()),
+            // How full this machine's disk is must not decide unrelated tests.
+            ("PIPES_DISK_MIN_FREE", "0%".to_owned()),
+            ("PIPES_DISK_HIGH", "100%".to_owned()),
             ("DOCKER_AUTH", "true".to_owned()),
             ("DOCKER_AUTH_USERNAME", e.user.clone()),
             ("DOCKER_AUTH_PASSWORD", e.password.clone()),

@@ -219,6 +219,7 @@ async fn lifecycle(s: &Subject) {
     assert_ne!(replaced.id, created.id, "another spec: a new instance");
     assert_eq!(only_instance(b, &d).await.id, replaced.id, "the old one was replaced, never kept beside");
 
+    assert!(b.images().in_use().await.expect("asked").contains(&image.id), "a container's image is in use");
     assert!(!b.images().remove_unused(&s.serving).await.expect("asked"), "an image a container uses stays");
     b.remove(&replaced.id).await.expect("removed");
     assert!(b.instances(&d).await.expect("instances").is_empty(), "none left");
@@ -334,7 +335,7 @@ async fn an_engine_out_of_reach_is_a_503(s: &Subject) {
     assert_eq!(status(down.volumes(&d).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.images().image(&s.serving).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.images().pull(&s.serving, &|_, _| {}).await.map(drop).map_err(|e| e.status())), 503);
-    let image = Image { id: "sha256:0".into(), digest: None, exposed_tcp: Vec::new() };
+    let image = Image { id: "sha256:0".into(), digest: None, exposed_tcp: Vec::new(), size: 0 };
     assert_eq!(status(down.create(&spec(&d, &s.serving, &image, "down")).await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.start("nothing").await.map(drop).map_err(|e| e.status())), 503);
     assert_eq!(status(down.stop("nothing", GRACE).await.map_err(|e| e.status())), 503);

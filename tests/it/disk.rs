@@ -1,10 +1,13 @@
-//! The disk guard against the engine: below `PIPES_DISK_MIN_FREE` a cold
-//! start that needs a pull is a 507, while what runs keeps answering and
-//! what is stopped with its image here still starts.
+//! The engine's disk: below `PIPES_DISK_MIN_FREE` a cold start that needs
+//! a pull is a 507, while what runs keeps answering and what is stopped
+//! with its image here still starts; images Pipes pulled and nothing uses
+//! are collected after `PIPES_IMAGE_KEEP`, or at once above `PIPES_DISK_HIGH`.
 
 use crate::common;
 
-use common::{api, free_port, sample, Fixtures, Pipes};
+use std::time::Duration;
+
+use common::{api, docker, eventually, free_port, sample, Fixtures, Pipes};
 
 const TOKEN: &str = "disk-token-0123456789";
 const DOMAIN: &str = "example.com";
@@ -21,7 +24,7 @@ async fn a_nearly_full_disk_refuses_pulls_and_nothing_else() {
     let metrics_listen = format!("127.0.0.1:{metrics}");
     let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_METRICS_LISTEN", Some(&metrics_listen))]);
     let (v1, v2) = (f.host("app", "v1", DOMAIN), f.host("app", "v2", DOMAIN));
-    assert_eq!(pipes.get(&v1, "/").await.status(), 200, "pulled with the default 5 %");
+    assert_eq!(pipes.get(&v1, "/").await.status(), 200);
 
     // No disk here has 99 % free.
     pipes.set_env("PIPES_DISK_MIN_FREE", "99%");
@@ -41,4 +44,66 @@ async fn a_nearly_full_disk_refuses_pulls_and_nothing_else() {
 
     let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.unwrap().text().await.unwrap();
     assert!(sample(&text, "pipes_disk_free_bytes").is_some_and(|b| b > 0.0), "{text}");
+}
+
+fn image_present(reference: &str) -> bool {
+    docker(&["image", "inspect", reference]).status.success()
+}
+
+#[tokio::test]
+async fn images_nothing_uses_are_collected_and_a_stopped_containers_stays() {
+    if common::skip() {
+        return;
+    }
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    f.serving("app", "v2");
+    let metrics = free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics}");
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_IMAGE_KEEP", Some("1s")), ("PIPES_METRICS_LISTEN", Some(&metrics_listen))]);
+    let (v1, v2) = (f.host("app", "v1", DOMAIN), f.host("app", "v2", DOMAIN));
+    for host in [&v1, &v2] {
+        assert_eq!(pipes.get(host, "/").await.status(), 200);
+    }
+    // v2 stopped keeps its container, and so its image; v1 deleted leaves its image unused.
+    assert_eq!(api(&pipes, &v2, "POST", "/__proxyapi/container/stop", None, Some(TOKEN)).await.0, 200);
+    assert_eq!(api(&pipes, &v1, "DELETE", "/__proxyapi/container", None, Some(TOKEN)).await.0, 200);
+    eventually("v1's image is collected", Duration::from_secs(30), || async { !image_present(&f.reference("app", "v1")) }).await;
+    // Two more passes at least (every 3 s): the stopped container's image stays.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(image_present(&f.reference("app", "v2")), "an image a stopped container uses stays");
+    let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&text, r#"pipes_images_removed_total{reason="unused"}"#), Some(1.0), "{text}");
+    assert_eq!(sample(&text, r#"pipes_images{state="used"}"#), Some(1.0), "{text}");
+    assert!(sample(&text, "pipes_image_bytes").is_some_and(|b| b > 0.0), "{text}");
+    // The next request pulls it again.
+    assert_eq!(pipes.get(&v1, "/").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_disk_above_its_high_mark_is_cleared_of_unused_images_at_once() {
+    if common::skip() {
+        return;
+    }
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    f.serving("app", "v2");
+    // No disk here is under 1 % used; images would otherwise stay a day.
+    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_DISK_HIGH", Some("1%"))]);
+    let (v1, v2) = (f.host("app", "v1", DOMAIN), f.host("app", "v2", DOMAIN));
+    for host in [&v1, &v2] {
+        assert_eq!(pipes.get(host, "/").await.status(), 200);
+    }
+    assert!(image_present(&f.reference("app", "v1")), "used: kept whatever the disk");
+    for host in [&v1, &v2] {
+        assert_eq!(api(&pipes, host, "DELETE", "/__proxyapi/container", None, Some(TOKEN)).await.0, 200);
+    }
+    eventually("both images are collected", Duration::from_secs(30), || async {
+        !image_present(&f.reference("app", "v1")) && !image_present(&f.reference("app", "v2"))
+    })
+    .await;
+    let log = pipes.log();
+    let at = |tag: &str| log.find(&format!("removed image {}", f.reference("app", tag)));
+    assert!(at("v1").is_some() && at("v2").is_some(), "{log}");
+    assert!(log.contains("disk"), "{log}");
 }

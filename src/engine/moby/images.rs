@@ -2,11 +2,11 @@
 //! credentials; a failure says whether the registry refused, lacked the
 //! image or could not be reached.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
-use bollard::query_parameters::{CreateImageOptions, RemoveImageOptions};
+use bollard::query_parameters::{CreateImageOptions, ListContainersOptions, RemoveImageOptions};
 use futures_util::StreamExt;
 
 use super::{not_found, Moby};
@@ -45,7 +45,8 @@ impl Images for Moby {
                     .or(repo_digests.first())
                     .and_then(|d| d.split_once('@'))
                     .map(|(_, digest)| digest.to_owned());
-                Ok(Some(Image { id: img.id.unwrap_or_default(), digest, exposed_tcp }))
+                let size = img.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+                Ok(Some(Image { id: img.id.unwrap_or_default(), digest, exposed_tcp, size }))
             }
             Err(e) if not_found(&e) => Ok(None),
             Err(e) => Err(self.fail("inspect an image", e)),
@@ -79,6 +80,12 @@ impl Images for Moby {
         let info = self.client().await?.info().await.map_err(|e| self.fail("read its facts", e))?;
         // In a container, the host's path is not this process's.
         Ok(info.docker_root_dir.map(std::path::PathBuf::from).filter(|dir| dir.is_dir()))
+    }
+
+    async fn in_use(&self) -> Result<HashSet<String>, PipesError> {
+        let options = ListContainersOptions { all: true, ..Default::default() };
+        let containers = self.client().await?.list_containers(Some(options)).await.map_err(|e| self.fail("list containers", e))?;
+        Ok(containers.into_iter().filter_map(|c| c.image_id).collect())
     }
 
     async fn remove_unused(&self, reference: &str) -> Result<bool, PipesError> {
