@@ -5,8 +5,13 @@
 //! for one of ten deployments that stop after 2 s idle (so they start again
 //! and again) or for a name whose image does not exist; 500 slowloris
 //! connections trickle a request head one byte every 2 s and reconnect when
-//! cut. Each window reports Pipes' resident memory, open descriptors, wrk's
-//! rate and failures, cold answers by status, and slowloris connections cut.
+//! cut; and churn: every 2 s a request for the next of eight deployments
+//! that expire 3 s after their last request, so each comes back as new
+//! (pulled, created, started) and goes again (containers, config and image
+//! removed). Each window reports Pipes' resident memory, open descriptors,
+//! wrk's rate and failures, cold answers by status, slowloris connections
+//! cut, churn answers, deployments expired, and — to show that churn leaves
+//! nothing behind — the run's images on the engine and the engine's disk use.
 //! Run through `scripts/bench soak`.
 
 #[path = "../tests/common/mod.rs"]
@@ -25,6 +30,7 @@ const TOKEN: &str = "soak-token-0123456789";
 const WARM_CONNECTIONS: usize = 200;
 const SLOWLORIS: usize = 500;
 const COLD: usize = 10;
+const CHURN: usize = 8;
 const WINDOW: u64 = 60;
 
 fn seconds() -> u64 {
@@ -82,8 +88,13 @@ async fn main() {
     for i in 0..COLD {
         f.serving("cold", &format!("c{i}"));
     }
+    for i in 0..CHURN {
+        f.serving("churn", &format!("t{i}"));
+    }
+    let metrics = format!("127.0.0.1:{}", common::free_port());
     let pipes = Pipes::start(&[
         ("PIPES_API_TOKEN", Some(TOKEN)),
+        ("PIPES_METRICS_LISTEN", Some(&metrics)),
         ("PIPES_SERVER_CONF", Some(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/pipes.yaml"))),
         ("RUST_LOG", Some("warn")),
     ]);
@@ -92,6 +103,9 @@ async fn main() {
     // Every tag of the cold repository stops after 2 s without requests.
     let (status, _) =
         api(&pipes, &f.host("cold", "c0", "example.com"), "PUT", "/__proxyapi/repository/config", Some(r#"{"idle_timeout":"2s"}"#), Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        api(&pipes, &f.host("churn", "t0", "example.com"), "PUT", "/__proxyapi/repository/config", Some(r#"{"expire_after":"3s"}"#), Some(TOKEN)).await;
     assert_eq!(status, 200);
     assert_eq!(pipes.get(&warm, "/").await.status(), 200);
 
@@ -123,11 +137,44 @@ async fn main() {
         })
     };
 
+    let churn_answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
+    let churn = {
+        let (stop, answers, port, user) = (stop.clone(), churn_answers.clone(), pipes.port, f.user.clone());
+        tokio::spawn(async move {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let host = format!("t{}.churn.{user}.example.com", i % CHURN);
+                i += 1;
+                let status = match common::client_for(&host, port).get(format!("http://{host}:{port}/")).send().await {
+                    Ok(r) => r.status().as_u16(),
+                    Err(_) => 0,
+                };
+                *answers.lock().unwrap().entry(status).or_default() += 1;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        })
+    };
+    let engine_dir = common::docker_ok(&["info", "--format", "{{.DockerRootDir}}"]).trim().to_owned();
+    let run_images = || common::docker_ok(&["images", "--format", "{{.Repository}}"]).lines().filter(|r| r.contains(&format!("/{}/", f.user))).count();
+    let disk_used_gib = || {
+        let out = Command::new("df").args(["-B1", "--output=used", &engine_dir]).output().expect("df runs");
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).and_then(|l| l.trim().parse::<f64>().ok()).unwrap_or(0.0) / f64::from(1u32 << 30)
+    };
+    let expired = || {
+        let text = Command::new("curl")
+            .args(["-s", &format!("http://{metrics}/metrics")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        common::sample(&text, "pipes_expired_total").unwrap_or(0.0)
+    };
+
     println!(
-        "\nSoak: {WARM_CONNECTIONS} warm connections (wrk), {SLOWLORIS} slowloris connections, cold traffic every 250 ms; {total} s in windows of {WINDOW} s\n"
+        "\nSoak: {WARM_CONNECTIONS} warm connections (wrk), {SLOWLORIS} slowloris connections, cold traffic every 250 ms, \
+         churn of {CHURN} deployments expiring 3 s after their last request, one asked for every 2 s; {total} s in windows of {WINDOW} s\n"
     );
-    println!("| minute | Pipes RSS MiB | open fds | warm req/s | warm p99 ms | warm failed | cold answers | slowloris cut |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| minute | Pipes RSS MiB | open fds | warm req/s | warm p99 ms | warm failed | cold answers | slowloris cut | churn answers | expired | run's images | engine disk used GiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let began = Instant::now();
     let mut minute = 0;
     while began.elapsed().as_secs() + 5 < total {
@@ -149,10 +196,19 @@ async fn main() {
             .sum();
         let (rss, fds) = proc_status(pid);
         let cold = std::mem::take(&mut *cold_answers.lock().unwrap());
-        println!("| {minute} | {:.1} | {fds} | {rps} | {p99} | {failed} | {cold:?} | {} |", rss as f64 / 1024.0, cut.swap(0, Ordering::Relaxed));
+        let churned = std::mem::take(&mut *churn_answers.lock().unwrap());
+        println!(
+            "| {minute} | {:.1} | {fds} | {rps} | {p99} | {failed} | {cold:?} | {} | {churned:?} | {} | {} | {:.2} |",
+            rss as f64 / 1024.0,
+            cut.swap(0, Ordering::Relaxed),
+            expired(),
+            run_images(),
+            disk_used_gib()
+        );
     }
     stop.store(true, Ordering::Relaxed);
     cold.await.unwrap();
+    churn.await.unwrap();
     for l in lorises {
         let _ = l.join();
     }

@@ -20,7 +20,7 @@ use crate::store::broken;
 const RECORD: &str = "images.json";
 
 /// One image Pipes pulled.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Pulled {
     /// The references it was pulled by.
     references: BTreeSet<String>,
@@ -75,6 +75,7 @@ impl Fleet {
 async fn collect(deployer: &Deployer) -> Result<usize, PipesError> {
     let _one = deployer.images_record.lock().await;
     let mut record = deployer.read_images().await?;
+    let before = record.clone();
     let images = deployer.backend().images();
     let in_use = images.in_use().await?;
     let now = unix_ms();
@@ -127,6 +128,8 @@ async fn collect(deployer: &Deployer) -> Result<usize, PipesError> {
         let used = record.values().filter(|p| p.unused_since_ms.is_none()).count();
         m.images(used, record.len() - used, record.values().map(|p| p.size).sum());
     }
-    deployer.write_images(&record).await?;
+    if record != before {
+        deployer.write_images(&record).await?;
+    }
     Ok(removed)
 }
