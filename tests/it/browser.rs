@@ -211,6 +211,18 @@ async fn a_private_deployment_is_made_and_shared_from_the_dashboard_and_opened_i
     let deployment = format!("{}/app:v1", f.user);
     assert_eq!(pipes.get(&host, "/").await.status(), 200, "public until its config says otherwise");
 
+    // Its repository expires what goes unused: the row will say when.
+    let repository = pipes
+        .client(&host)
+        .put(pipes.url(&host, "/__proxyapi/repository/config"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(r#"{"expire_after":"14d"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(repository.status(), 200);
+
     // The editor: a user and password become a bcrypt hash in the form (the
     // API hashes it); saving makes the deployment private.
     let dashboard = Browser::start().await;
@@ -235,6 +247,13 @@ async fn a_private_deployment_is_made_and_shared_from_the_dashboard_and_opened_i
     dashboard.click(&format!("{form} button[type=submit]")).await;
     dashboard.until("saved", Duration::from_secs(30), &format!("return document.querySelector('{form} [data-status]').textContent === 'saved'")).await;
     assert_eq!(pipes.get(&host, "/").await.status(), 401, "private now");
+    dashboard
+        .until(
+            "the row says when it expires",
+            Duration::from_secs(10),
+            &format!("return document.querySelector('tr[data-deployment=\"{deployment}\"]').dataset.expiresAt.length > 0 && document.querySelector('tr[data-deployment=\"{deployment}\"] [data-cell=last]').textContent.includes('expires')"),
+        )
+        .await;
 
     // Share: the link is shown.
     dashboard.click(&format!("tr[data-deployment=\"{deployment}\"] [data-action=share]")).await;
