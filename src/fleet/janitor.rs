@@ -5,6 +5,7 @@
 //! the claim on the instance name is renewed, and slots that never became deployments are
 //! dropped from the table.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 
 use super::Fleet;
+use crate::error::PipesError;
 
 /// How often instances are checked against their idle timeout and watch interval.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,23 +61,13 @@ impl BackgroundService for Janitor {
             self.fleet.stop_idle();
             self.fleet.expire_paused();
             self.fleet.poll_tags();
-            if tick % EXPIRY_EVERY_TICKS == 0 && !self.fleet.retired() && !self.expiring.swap(true, Ordering::AcqRel) {
-                let (fleet, expiring) = (self.fleet.clone(), self.expiring.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = fleet.expire_unused().await {
-                        log::warn!("cannot check deployments for expiry: {e}");
-                    }
-                    expiring.store(false, Ordering::Release);
-                });
+            if tick % EXPIRY_EVERY_TICKS == 0 && !self.fleet.retired() {
+                let fleet = self.fleet.clone();
+                alone(&self.expiring, "check deployments for expiry", async move { fleet.expire_unused().await });
             }
-            if tick % IMAGES_EVERY_TICKS == 0 && !self.fleet.retired() && !self.collecting.swap(true, Ordering::AcqRel) {
-                let (fleet, collecting) = (self.fleet.clone(), self.collecting.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = fleet.collect_images().await {
-                        log::warn!("cannot collect unused images: {e}");
-                    }
-                    collecting.store(false, Ordering::Release);
-                });
+            if tick % IMAGES_EVERY_TICKS == 0 && !self.fleet.retired() {
+                let fleet = self.fleet.clone();
+                alone(&self.collecting, "collect unused images", async move { fleet.collect_images().await });
             }
             if tick % ACCESS_EVERY_TICKS == 0 {
                 let fleet = self.fleet.clone();
@@ -96,4 +88,18 @@ impl BackgroundService for Janitor {
             }
         }
     }
+}
+
+/// Runs `job` in the background unless the one `running` marks still runs.
+fn alone(running: &Arc<AtomicBool>, what: &'static str, job: impl Future<Output = Result<usize, PipesError>> + Send + 'static) {
+    if running.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let running = running.clone();
+    tokio::spawn(async move {
+        if let Err(e) = job.await {
+            log::warn!("cannot {what}: {e}");
+        }
+        running.store(false, Ordering::Release);
+    });
 }

@@ -12,17 +12,24 @@ use common::{api, docker, eventually, free_port, sample, Fixtures, Pipes};
 const TOKEN: &str = "disk-token-0123456789";
 const DOMAIN: &str = "example.com";
 
+/// `app:v1` and `app:v2` published, and Pipes with metrics and `extra` settings.
+fn two_apps(extra: &[(&str, Option<&str>)]) -> (Fixtures, String, Pipes) {
+    let mut f = Fixtures::new();
+    f.serving("app", "v1");
+    f.serving("app", "v2");
+    let metrics_listen = format!("127.0.0.1:{}", free_port());
+    let mut settings = vec![("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_METRICS_LISTEN", Some(metrics_listen.as_str()))];
+    settings.extend_from_slice(extra);
+    let pipes = Pipes::start(&settings);
+    (f, metrics_listen, pipes)
+}
+
 #[tokio::test]
 async fn a_nearly_full_disk_refuses_pulls_and_nothing_else() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    f.serving("app", "v2");
-    let metrics = free_port();
-    let metrics_listen = format!("127.0.0.1:{metrics}");
-    let mut pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_METRICS_LISTEN", Some(&metrics_listen))]);
+    let (f, metrics_listen, mut pipes) = two_apps(&[]);
     let (v1, v2) = (f.host("app", "v1", DOMAIN), f.host("app", "v2", DOMAIN));
     assert_eq!(pipes.get(&v1, "/").await.status(), 200);
 
@@ -55,12 +62,7 @@ async fn images_nothing_uses_are_collected_and_a_stopped_containers_stays() {
     if common::skip() {
         return;
     }
-    let mut f = Fixtures::new();
-    f.serving("app", "v1");
-    f.serving("app", "v2");
-    let metrics = free_port();
-    let metrics_listen = format!("127.0.0.1:{metrics}");
-    let pipes = Pipes::start(&[("PIPES_API_TOKEN", Some(TOKEN)), ("PIPES_IMAGE_KEEP", Some("1s")), ("PIPES_METRICS_LISTEN", Some(&metrics_listen))]);
+    let (f, metrics_listen, pipes) = two_apps(&[("PIPES_IMAGE_KEEP", Some("1s"))]);
     let (v1, v2) = (f.host("app", "v1", DOMAIN), f.host("app", "v2", DOMAIN));
     for host in [&v1, &v2] {
         assert_eq!(pipes.get(host, "/").await.status(), 200);
