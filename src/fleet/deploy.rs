@@ -67,10 +67,11 @@ pub struct Deployer {
     pub(super) disk_min_free: MinFree,
     pub(super) engine_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
     /// `PIPES_IMAGE_KEEP` and `PIPES_DISK_HIGH`; the record of pulled images
-    /// is changed by one at a time.
+    /// is changed by one at a time, pulls waiting to be written in it.
     pub(super) image_keep: Duration,
     pub(super) disk_high: f64,
     pub(super) images_record: tokio::sync::Mutex<()>,
+    pub(super) pulled: std::sync::Mutex<Vec<(String, String, u64)>>,
 }
 
 /// Places among `PIPES_MAX_CONTAINERS`, held from admission until the
@@ -104,6 +105,7 @@ impl Deployer {
             image_keep: settings.image_keep,
             disk_high: settings.disk_high,
             images_record: tokio::sync::Mutex::new(()),
+            pulled: std::sync::Mutex::new(Vec::new()),
         }
     }
 

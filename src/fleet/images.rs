@@ -6,7 +6,7 @@
 //! did not pull is never touched.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,18 +48,27 @@ impl Deployer {
     }
 
     /// Records that Pipes pulled `image` by `reference`, so that collection
-    /// may remove it once nothing uses it.
+    /// may remove it once nothing uses it. Never waits for a collection
+    /// under way (a start calls this): that pass writes it down at its end.
     pub(super) async fn record_pull(&self, reference: &str, image: &Image) {
-        let _one = self.images_record.lock().await;
+        self.pulled.lock().unwrap_or_else(PoisonError::into_inner).push((reference.to_owned(), image.id.clone(), image.size));
+        let Ok(_one) = self.images_record.try_lock() else { return };
         let recorded = async {
             let mut record = self.read_images().await?;
-            let entry = record.entry(image.id.clone()).or_default();
-            entry.references.insert(reference.to_owned());
-            entry.size = image.size;
+            self.note_pulls(&mut record);
             self.write_images(&record).await
         };
         if let Err(e) = recorded.await {
             log::warn!("{reference}: pulled, but not recorded for collection: {e}");
+        }
+    }
+
+    /// Adds the pulls waiting to be recorded to `record`.
+    fn note_pulls(&self, record: &mut Record) {
+        for (reference, id, size) in self.pulled.lock().unwrap_or_else(PoisonError::into_inner).drain(..) {
+            let entry = record.entry(id).or_default();
+            entry.references.insert(reference);
+            entry.size = size;
         }
     }
 }
@@ -76,6 +85,7 @@ async fn collect(deployer: &Deployer) -> Result<usize, PipesError> {
     let _one = deployer.images_record.lock().await;
     let mut record = deployer.read_images().await?;
     let before = record.clone();
+    deployer.note_pulls(&mut record);
     let images = deployer.backend().images();
     let in_use = images.in_use().await?;
     let now = unix_ms();
@@ -128,6 +138,8 @@ async fn collect(deployer: &Deployer) -> Result<usize, PipesError> {
         let used = record.values().filter(|p| p.unused_since_ms.is_none()).count();
         m.images(used, record.len() - used, record.values().map(|p| p.size).sum());
     }
+    // Pulls made during this pass are written with it.
+    deployer.note_pulls(&mut record);
     if record != before {
         deployer.write_images(&record).await?;
     }
