@@ -80,6 +80,32 @@ fn slowloris(port: u16, stop: Arc<AtomicBool>, cut: Arc<AtomicUsize>) {
     }
 }
 
+/// Asks Pipes for the host `host(i)` of the i-th request every `every`
+/// until `stop`; the task, and the answers by status so far.
+fn asking(
+    stop: Arc<AtomicBool>,
+    every: Duration,
+    host: impl Fn(usize) -> String + Send + 'static,
+    port: u16,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<BTreeMap<u16, usize>>>) {
+    let answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
+    let counted = answers.clone();
+    let task = tokio::spawn(async move {
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let host = host(i);
+            let status = match common::client_for(&host, port).get(format!("http://{host}:{port}/")).send().await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            };
+            *counted.lock().unwrap().entry(status).or_default() += 1;
+            tokio::time::sleep(every).await;
+        }
+    });
+    (task, answers)
+}
+
 #[tokio::main]
 async fn main() {
     let total = seconds();
@@ -117,43 +143,22 @@ async fn main() {
             std::thread::Builder::new().stack_size(64 << 10).spawn(move || slowloris(port, stop, cut)).unwrap()
         })
         .collect();
-    let cold_answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
-    let cold = {
-        let (stop, answers, port, user) = (stop.clone(), cold_answers.clone(), pipes.port, f.user.clone());
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                // One in five asks for an image that does not exist.
-                let host = if i.is_multiple_of(5) { format!("x{i}.nope.{user}.example.com") } else { format!("c{}.cold.{user}.example.com", i % COLD) };
-                let client = common::client_for(&host, port);
-                let status = match client.get(format!("http://{host}:{port}/")).send().await {
-                    Ok(r) => r.status().as_u16(),
-                    Err(_) => 0,
-                };
-                *answers.lock().unwrap().entry(status).or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(250)).await;
+    // One in five cold requests asks for an image that does not exist.
+    let (user, port) = (f.user.clone(), pipes.port);
+    let (cold, cold_answers) = asking(
+        stop.clone(),
+        Duration::from_millis(250),
+        move |i| {
+            if i.is_multiple_of(5) {
+                format!("x{i}.nope.{user}.example.com")
+            } else {
+                format!("c{}.cold.{user}.example.com", i % COLD)
             }
-        })
-    };
-
-    let churn_answers = Arc::new(Mutex::new(BTreeMap::<u16, usize>::new()));
-    let churn = {
-        let (stop, answers, port, user) = (stop.clone(), churn_answers.clone(), pipes.port, f.user.clone());
-        tokio::spawn(async move {
-            let mut i = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                let host = format!("t{}.churn.{user}.example.com", i % CHURN);
-                i += 1;
-                let status = match common::client_for(&host, port).get(format!("http://{host}:{port}/")).send().await {
-                    Ok(r) => r.status().as_u16(),
-                    Err(_) => 0,
-                };
-                *answers.lock().unwrap().entry(status).or_default() += 1;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        })
-    };
+        },
+        port,
+    );
+    let user = f.user.clone();
+    let (churn, churn_answers) = asking(stop.clone(), Duration::from_secs(2), move |i| format!("t{}.churn.{user}.example.com", i % CHURN), port);
     let engine_dir = common::docker_ok(&["info", "--format", "{{.DockerRootDir}}"]).trim().to_owned();
     let run_images = || common::docker_ok(&["images", "--format", "{{.Repository}}"]).lines().filter(|r| r.contains(&format!("/{}/", f.user))).count();
     let disk_used_gib = || {

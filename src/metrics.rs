@@ -75,9 +75,9 @@ pub struct Metrics {
     /// Services' phases by name, up to [`MAX_SERVICE_PHASES`].
     service_phases: Mutex<BTreeMap<String, Arc<Histogram>>>,
     /// ACME orders by outcome (`issued`, `failed`), and names refused one.
-    acme: Mutex<BTreeMap<&'static str, u64>>,
+    acme: Tally,
     /// Webhook deliveries by result (`delivered`, `failed`, `dropped`).
-    webhooks: Mutex<BTreeMap<&'static str, u64>>,
+    webhooks: Tally,
     /// Deployments removed for their `expire_after`.
     expired: AtomicU64,
     /// Free bytes of the engine's image store when last measured; `u64::MAX`: never.
@@ -85,7 +85,7 @@ pub struct Metrics {
     /// Images Pipes pulled: used, unused, and their bytes; `u64::MAX`: never counted.
     images: [AtomicU64; 3],
     /// Images removed, by reason (`unused`, `disk`).
-    images_removed: Mutex<BTreeMap<&'static str, u64>>,
+    images_removed: Tally,
 }
 
 impl Metrics {
@@ -98,12 +98,12 @@ impl Metrics {
             none: Arc::new(DeploymentMetrics::new("none".into())),
             phases: std::array::from_fn(|_| Histogram::new(&PHASE_BUCKETS)),
             service_phases: Mutex::new(BTreeMap::new()),
-            acme: Mutex::new(BTreeMap::new()),
-            webhooks: Mutex::new(BTreeMap::new()),
+            acme: Tally::default(),
+            webhooks: Tally::default(),
             expired: AtomicU64::new(0),
             disk_free: AtomicU64::new(u64::MAX),
             images: [const { AtomicU64::new(u64::MAX) }; 3],
-            images_removed: Mutex::new(BTreeMap::new()),
+            images_removed: Tally::default(),
         }
     }
 
@@ -149,7 +149,7 @@ impl Metrics {
 
     /// Records an ACME order's outcome.
     pub fn acme_order(&self, outcome: &'static str) {
-        *self.acme.lock().unwrap_or_else(PoisonError::into_inner).entry(outcome).or_default() += 1;
+        self.acme.add(outcome, 1);
     }
 
     /// Records a deployment removed for its `expire_after`.
@@ -171,12 +171,12 @@ impl Metrics {
 
     /// Records an image removed, and why.
     pub fn image_removed(&self, reason: &'static str) {
-        *self.images_removed.lock().unwrap_or_else(PoisonError::into_inner).entry(reason).or_default() += 1;
+        self.images_removed.add(reason, 1);
     }
 
     /// Records `n` webhook deliveries that ended in `result`.
     pub fn webhook(&self, result: &'static str, n: u64) {
-        *self.webhooks.lock().unwrap_or_else(PoisonError::into_inner).entry(result).or_default() += n;
+        self.webhooks.add(result, n);
     }
 
     /// Writes what was recorded, in the Prometheus text format.
@@ -243,18 +243,13 @@ impl Metrics {
         }
         counts(out, "pipes_idle_stops_total", "Containers stopped after their idle timeout.", |m| &m.idle_stops);
         counts(out, "pipes_idle_pauses_total", "Containers paused after their idle timeout.", |m| &m.idle_pauses);
-        out.family("pipes_acme_orders_total", "counter", "Certificate orders, by outcome (issued, failed).");
-        for (outcome, n) in self.acme.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            out.sample("pipes_acme_orders_total", &[("outcome", outcome)], *n as f64);
-        }
-        out.family(
+        self.acme.write(out, "pipes_acme_orders_total", "Certificate orders, by outcome (issued, failed).", "outcome");
+        self.webhooks.write(
+            out,
             "pipes_webhook_deliveries_total",
-            "counter",
             "Webhook deliveries, by result (delivered; failed: refused with 4xx, or no 2xx after every retry; dropped: the queue was full).",
+            "result",
         );
-        for (result, n) in self.webhooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            out.sample("pipes_webhook_deliveries_total", &[("result", result)], *n as f64);
-        }
         out.family("pipes_expired_total", "counter", "Deployments removed after their expire_after without a request.");
         out.sample("pipes_expired_total", &[], self.expired.load(Ordering::Relaxed) as f64);
         let [used, unused, bytes] = self.images.each_ref().map(|n| n.load(Ordering::Relaxed));
@@ -265,18 +260,34 @@ impl Metrics {
             out.family("pipes_image_bytes", "gauge", "Bytes the images Pipes pulled take on the engine's disk.");
             out.sample("pipes_image_bytes", &[], bytes as f64);
         }
-        out.family(
+        self.images_removed.write(
+            out,
             "pipes_images_removed_total",
-            "counter",
             "Images Pipes pulled and removed, by reason (unused past PIPES_IMAGE_KEEP, disk above PIPES_DISK_HIGH).",
+            "reason",
         );
-        for (reason, n) in self.images_removed.lock().unwrap_or_else(PoisonError::into_inner).iter() {
-            out.sample("pipes_images_removed_total", &[("reason", reason)], *n as f64);
-        }
         let free = self.disk_free.load(Ordering::Relaxed);
         if free != u64::MAX {
             out.family("pipes_disk_free_bytes", "gauge", "Free bytes of the file system the engine keeps images on, when last measured.");
             out.sample("pipes_disk_free_bytes", &[], free as f64);
+        }
+    }
+}
+
+/// Counts by a label's value, for a counter family of few values.
+#[derive(Default)]
+struct Tally(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Tally {
+    fn add(&self, key: &'static str, n: u64) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner).entry(key).or_default() += n;
+    }
+
+    /// Writes the counter family `name`, one sample per value of `label`.
+    fn write(&self, out: &mut Exposition, name: &str, help: &str, label: &str) {
+        out.family(name, "counter", help);
+        for (key, n) in self.0.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            out.sample(name, &[(label, key)], *n as f64);
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::config::{AccessConfig, DeployConfig};
 use crate::error::PipesError;
 use crate::route::Deployment;
 use crate::settings::Settings;
-use crate::store::{broken, Layer, Store};
+use crate::store::{Layer, Store};
 
 /// One layer's say on access, or why it cannot be read.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,13 +94,13 @@ impl Guard {
                 Layer::Repository(user, repo) => layers.repositories.insert(format!("{user}/{repo}"), Said::of(config)),
             };
         }
-        let shares = match self.stored_shares().await? {
+        let shares = match self.store.document::<Shares>(DOCUMENT).await? {
             Some(shares) => shares,
             None => {
                 let fresh = Shares::generate().map_err(|e| PipesError::Engine { action: "make the share key", detail: e })?;
-                self.put_shares(&fresh).await?;
+                self.store.put_document(DOCUMENT, &fresh).await?;
                 // Replicas starting together each make one: the stored one wins.
-                self.stored_shares().await?.unwrap_or(fresh)
+                self.store.document::<Shares>(DOCUMENT).await?.unwrap_or(fresh)
             }
         };
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
@@ -196,26 +196,14 @@ impl Guard {
     /// Revokes every share link of `d` issued until now; when (Unix ms).
     pub async fn revoke(&self, d: &Deployment) -> Result<u64, PipesError> {
         // The stored document is the truth: another replica may have revoked too.
-        let mut shares = self.stored_shares().await?.unwrap_or_else(|| Shares::clone(&self.shares.load()));
+        let mut shares = self.store.document::<Shares>(DOCUMENT).await?.unwrap_or_else(|| Shares::clone(&self.shares.load()));
         let now = unix_ms() + 1;
         let max_ttl = u64::try_from(super::share::MAX_TTL.as_millis()).unwrap_or(u64::MAX);
         shares.revoked.retain(|_, at| now.saturating_sub(*at) < max_ttl);
         shares.revoked.insert(d.to_string(), now);
-        self.put_shares(&shares).await?;
+        self.store.put_document(DOCUMENT, &shares).await?;
         self.shares.store(Arc::new(shares));
         Ok(now)
-    }
-
-    async fn stored_shares(&self) -> Result<Option<Shares>, PipesError> {
-        match self.store.document(DOCUMENT).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| broken(DOCUMENT, e.to_string())),
-            None => Ok(None),
-        }
-    }
-
-    async fn put_shares(&self, shares: &Shares) -> Result<(), PipesError> {
-        let bytes = serde_json::to_vec_pretty(shares).map_err(|e| broken(DOCUMENT, e.to_string()))?;
-        self.store.put_document(DOCUMENT, bytes).await
     }
 }
 

@@ -19,7 +19,7 @@ use crate::clock::unix_ms;
 use crate::config::Effective;
 use crate::error::PipesError;
 use crate::route::Deployment;
-use crate::store::{broken, Layer, Store};
+use crate::store::{Layer, Store};
 
 /// How often an image the expired deployment used is asked to go, half a
 /// second apart, while a container still uses it.
@@ -31,10 +31,7 @@ const ACTIVITY: &str = "activity.json";
 type Record = BTreeMap<String, u64>;
 
 async fn read_record(store: &Store) -> Result<Record, PipesError> {
-    match store.document(ACTIVITY).await? {
-        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| broken(ACTIVITY, e.to_string())),
-        None => Ok(Record::new()),
-    }
+    Ok(store.document(ACTIVITY).await?.unwrap_or_default())
 }
 
 impl Fleet {
@@ -85,8 +82,7 @@ impl Fleet {
                 *entry = (*entry).max(at);
             }
             stored.retain(|key, _| !expired.contains(key));
-            let bytes = serde_json::to_vec_pretty(&stored).map_err(|e| broken(ACTIVITY, e.to_string()))?;
-            store.put_document(ACTIVITY, bytes).await?;
+            store.put_document(ACTIVITY, &stored).await?;
         }
         Ok(expired.len())
     }

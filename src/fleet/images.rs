@@ -14,7 +14,6 @@ use super::{Deployer, Fleet};
 use crate::clock::unix_ms;
 use crate::engine::Image;
 use crate::error::PipesError;
-use crate::store::broken;
 
 /// The store's document of images Pipes pulled, by image id.
 const RECORD: &str = "images.json";
@@ -36,15 +35,11 @@ type Record = BTreeMap<String, Pulled>;
 
 impl Deployer {
     async fn read_images(&self) -> Result<Record, PipesError> {
-        match self.store().document(RECORD).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| broken(RECORD, e.to_string())),
-            None => Ok(Record::new()),
-        }
+        Ok(self.store().document(RECORD).await?.unwrap_or_default())
     }
 
     async fn write_images(&self, record: &Record) -> Result<(), PipesError> {
-        let bytes = serde_json::to_vec_pretty(record).map_err(|e| broken(RECORD, e.to_string()))?;
-        self.store().put_document(RECORD, bytes).await
+        self.store().put_document(RECORD, record).await
     }
 
     /// Records that Pipes pulled `image` by `reference`, so that collection

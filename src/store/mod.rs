@@ -132,13 +132,18 @@ impl Store {
         Ok(layers)
     }
 
-    /// Another document kept beside the configs (`share.json`), if there is one.
-    pub async fn document(&self, name: &str) -> Result<Option<Vec<u8>>, PipesError> {
-        self.storage.read(name).await
+    /// Another JSON document kept beside the configs (`share.json`,
+    /// `activity.json`, `images.json`), if there is one.
+    pub async fn document<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, PipesError> {
+        match self.storage.read(name).await? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| broken(name, e.to_string())),
+            None => Ok(None),
+        }
     }
 
-    /// Replaces (or creates) the document `name` beside the configs.
-    pub async fn put_document(&self, name: &str, bytes: Vec<u8>) -> Result<(), PipesError> {
+    /// Replaces (or creates) the JSON document `name` beside the configs.
+    pub async fn put_document<T: serde::Serialize>(&self, name: &str, value: &T) -> Result<(), PipesError> {
+        let bytes = serde_json::to_vec_pretty(value).map_err(|e| broken(name, e.to_string()))?;
         self.storage.write(name, bytes).await
     }
 

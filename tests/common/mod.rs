@@ -819,3 +819,8 @@ pub fn serving_app(changes: &[(&str, Option<&str>)]) -> (Fixtures, Pipes, String
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// Whether the engine has the image `reference`.
+pub fn image_present(reference: &str) -> bool {
+    docker(&["image", "inspect", reference]).status.success()
+}

@@ -7,7 +7,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{api, docker, eventually, free_port, sample, Fixtures, Pipes};
+use common::{api, eventually, free_port, image_present, sample, Fixtures, Pipes};
 
 const TOKEN: &str = "disk-token-0123456789";
 const DOMAIN: &str = "example.com";
@@ -51,10 +51,6 @@ async fn a_nearly_full_disk_refuses_pulls_and_nothing_else() {
 
     let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.unwrap().text().await.unwrap();
     assert!(sample(&text, "pipes_disk_free_bytes").is_some_and(|b| b > 0.0), "{text}");
-}
-
-fn image_present(reference: &str) -> bool {
-    docker(&["image", "inspect", reference]).status.success()
 }
 
 #[tokio::test]

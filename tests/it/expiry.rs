@@ -23,10 +23,6 @@ fn containers_of(pipes: &Pipes, deployment: &str) -> usize {
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
-fn image_present(reference: &str) -> bool {
-    docker(&["image", "inspect", reference]).status.success()
-}
-
 #[tokio::test]
 async fn an_unused_deployment_expires_whole_and_an_open_one_stays() {
     if common::skip() {
@@ -65,7 +61,7 @@ async fn an_unused_deployment_expires_whole_and_an_open_one_stays() {
     let told = &receiver.of("/ok", "expired")[0];
     assert_eq!((told["valid"].as_bool(), told["body"]["deployment"].as_str()), (Some(true), Some(d1.as_str())), "{told}");
     assert!(!config.exists(), "its tag config went with it");
-    assert!(!image_present(&f.reference("app", "v1")), "and its image, which nothing else used");
+    assert!(!common::image_present(&f.reference("app", "v1")), "and its image, which nothing else used");
 
     // v2, quiet but for its open WebSocket for longer than 3 s, stays.
     assert_eq!(containers_of(&pipes, &d2), 1);
