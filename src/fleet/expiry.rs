@@ -39,6 +39,10 @@ impl Fleet {
     /// removes every deployment unused for its `expire_after` with nothing
     /// open on it. How many were removed.
     pub async fn expire_unused(self: &Arc<Self>) -> Result<usize, PipesError> {
+        let expirable = self.expirable().await?;
+        if expirable.is_empty() {
+            return Ok(0);
+        }
         let store = self.deployer.store().clone();
         let mut record = read_record(&store).await?;
         let mut seen = Record::new();
@@ -51,7 +55,7 @@ impl Fleet {
         let mut expired = BTreeSet::new();
         // Only deployments that expire are recorded.
         let mut considered = BTreeSet::new();
-        for (d, after) in self.expirable().await? {
+        for (d, after) in expirable {
             let key = d.to_string();
             considered.insert(key.clone());
             let last = *seen.entry(key.clone()).or_insert_with(|| record.get(&key).copied().unwrap_or(now));
