@@ -86,6 +86,7 @@ setup_test_env() {
   DOCKERD_PID=""
   SWARM_INITIALIZED=""
   GWBRIDGE_CREATED=""
+  CLUSTER_UP=""
 
   cleanup() {
     local status=$?
@@ -111,6 +112,7 @@ setup_test_env() {
       # Leaving may keep the bridge the swarm made; it goes if the swarm was ours.
       [ -n "$GWBRIDGE_CREATED" ] && docker network rm docker_gwbridge >/dev/null 2>&1
     fi
+    [ -n "${CLUSTER_UP:-}" ] && scripts/cluster down
     [ -n "${DEBIAN_IMAGE:-}" ] && docker rmi -f "$DEBIAN_IMAGE" >/dev/null 2>&1
     [ -n "$REGISTRY_PID" ] && kill "$REGISTRY_PID" 2>/dev/null
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null
@@ -193,6 +195,21 @@ YAML
   export PIPES_TEST_REGISTRY_USER="$REGISTRY_USER"
   export PIPES_TEST_REGISTRY_PASSWORD="$REGISTRY_PASSWORD"
   export PIPES_TEST_FIXTURE_IMAGE="$FIXTURE_IMAGE"
+}
+
+# A three-node swarm for the tests and benchmarks of a real cluster
+# (scripts/cluster: engines in network namespaces of their own), pulling
+# from this run's registry, whose storage it serves on the cluster's bridge;
+# taken down on exit. Exports PIPES_TEST_CLUSTER when it is up.
+setup_cluster() {
+  CLUSTER_UP=1
+  if PIPES_CLUSTER_REGISTRY_STORAGE="$WORK/registry/data" PIPES_CLUSTER_REGISTRY_HTPASSWD="$WORK/registry/htpasswd" \
+    scripts/cluster up >"$WORK/cluster.txt"; then
+    export PIPES_TEST_CLUSTER=/var/lib/pipes-cluster
+    log "three-node swarm up (scripts/cluster)"
+  else
+    log "scripts/cluster up failed: the cluster tests are skipped"
+  fi
 }
 
 # The Debian mirror the machine's apt sources name first.

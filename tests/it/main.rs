@@ -11,6 +11,7 @@ mod api;
 mod api_fuzz;
 mod browser;
 mod cli;
+mod cluster;
 mod contract;
 mod deploy;
 mod disk;

@@ -453,7 +453,13 @@ impl Backend for Docker {
             Reach::Bridge => format!("containers are reached at their IP on this instance's network '{}'", self.instance_network()),
             Reach::Network(n) => format!("containers are reached at their IP on network '{n}'"),
         };
-        Ok(format!("Docker engine {} (API {}) at {}; {reach}", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), self.moby.host()))
+        let live_restore = self.docker().await?.info().await.map_err(|e| self.moby.fail("read its state", e))?.live_restore_enabled.unwrap_or(false);
+        let restart = if live_restore {
+            "live-restore on: deployments keep running while the engine restarts"
+        } else {
+            "live-restore off: an engine restart stops every deployment (README: Upgrading the engine)"
+        };
+        Ok(format!("Docker engine {} (API {}) at {}; {reach}; {restart}", v.version.unwrap_or_default(), v.api_version.unwrap_or_default(), self.moby.host()))
     }
 
     async fn list(&self) -> Result<Vec<Instance>, PipesError> {

@@ -63,6 +63,7 @@ use service::{
 };
 
 mod service;
+mod tasks;
 
 pub use service::service_name;
 
@@ -231,8 +232,8 @@ impl Swarm {
     /// `instance` with the address of its running `task`: read from the
     /// task's container when it runs on this node; else looked up in the
     /// engine's DNS, waiting a while (a task is named there shortly after it
-    /// runs). The DNS also names a task that is still stopping, so the
-    /// container is asked where it can be.
+    /// runs), and taken only if it is that task's ([`Swarm::task_address`]):
+    /// the DNS also names tasks that are still stopping.
     async fn addressed(&self, mut instance: Instance, name: &str, task: Option<&Task>) -> Instance {
         let Some(port) = instance.port.filter(|p| *p != 0 && instance.running) else { return instance };
         // A service is on its deployment's network only.
@@ -253,16 +254,17 @@ impl Swarm {
             }
             Local::Elsewhere => {}
         }
+        let Some(task) = task.and_then(|t| t.id.as_deref()) else { return instance };
         let deadline = Instant::now() + DNS_WAIT;
         loop {
-            match self.resolve(name).await {
+            match self.task_address(name, &network, task).await {
                 Some(ip) => {
                     instance.address = Some(SocketAddr::new(ip, port));
                     return instance;
                 }
                 None if Instant::now() < deadline => tokio::time::sleep(POLL).await,
                 None => {
-                    log::warn!("{}: tasks.{name} is not in the engine's DNS: is Pipes on network '{}'?", instance.deployment, self.network);
+                    log::warn!("{}: the engine's DNS does not name task {task} of {name}: is Pipes on network '{network}'?", instance.deployment);
                     return instance;
                 }
             }
@@ -296,9 +298,18 @@ impl Swarm {
             .cloned()
     }
 
-    /// One IP of a running task of service `name`. Answers are not cached:
-    /// a task's IP is gone when the task is.
-    async fn resolve(&self, name: &str) -> Option<std::net::IpAddr> {
+    /// The IPs of service `name`'s tasks in the engine's DNS. Answers are not
+    /// cached: a task's IP is gone when the task is.
+    async fn resolve(&self, name: &str) -> Vec<std::net::IpAddr> {
+        let Some(resolver) = self.resolver() else { return Vec::new() };
+        match resolver.lookup_ip(format!("tasks.{name}.")).await {
+            Ok(answer) => answer.iter().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The engine's DNS (the container's `/etc/resolv.conf`), made once.
+    fn resolver(&self) -> Option<TokioResolver> {
         let resolver = {
             let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
             match &*slot {
@@ -312,8 +323,7 @@ impl Swarm {
                 }
             }
         };
-        let answer = resolver.lookup_ip(format!("tasks.{name}.")).await.ok()?;
-        answer.iter().next()
+        Some(resolver)
     }
 
     /// Every instance of the services listed, addressed when `address`.
@@ -423,7 +433,7 @@ impl Backend for Swarm {
             });
         }
         Ok(format!(
-            "Docker Swarm (engine {}, {} node(s)) at {}; deployments are services on network '{}', reached at their tasks' IPs; this replica is '{}'",
+            "Docker Swarm (engine {}, {} node(s)) at {}; deployments are services on network '{}', reached at their tasks' IPs; this replica is '{}'; live-restore is not available in swarm mode: an engine restart stops this node's tasks",
             info.server_version.unwrap_or_default(),
             swarm.nodes.unwrap_or(0),
             self.moby.host(),
@@ -570,7 +580,8 @@ impl Backend for Swarm {
     }
 
     /// Containers of this node's tasks (start, die, …, named by their
-    /// service), and services scaled or removed anywhere in the swarm.
+    /// service), services scaled or removed anywhere in the swarm, and
+    /// services whose running task changed on any node (listed every second).
     fn events(&self, since_nano: Option<i64>) -> BoxStream<'static, Result<Event, PipesError>> {
         let tasks = self.moby.container_events(since_nano, task_event);
         let options =
@@ -582,7 +593,7 @@ impl Backend for Swarm {
             let this = this.clone();
             async move { this.service_event(message).await }
         });
-        futures_util::stream::select(tasks, services).boxed()
+        futures_util::stream::select_all([tasks, services, self.task_changes()]).boxed()
     }
 
     fn replicas(&self) -> Option<&dyn Replicas> {
@@ -653,23 +664,9 @@ impl Swarm {
             },
             _ => return None,
         };
-        let known = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(&id).cloned();
-        let (deployment, service) = match (known, &kind) {
-            (Some(known), EventKind::Destroyed) => {
-                self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
-                known
-            }
-            (Some(known), _) => known,
-            // A removed service cannot be asked about any more; the reconcile covers it.
-            (None, EventKind::Destroyed) => return None,
-            (None, _) => {
-                let service = self.service(&id).await.ok()??;
-                let labels = service.spec.as_ref()?.labels.as_ref()?;
-                (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
-                let known = (deployment_of(&service)?, service_label(&service));
-                self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.clone(), known.clone());
-                known
-            }
+        let (deployment, service) = match kind {
+            EventKind::Destroyed => self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id)?,
+            _ => self.known_service(&id).await?,
         };
         let time_nano = time_nano(message.time_nano, message.time);
         Some(Event { id, deployment: Some(deployment), service, kind, time_nano })
@@ -678,3 +675,20 @@ impl Swarm {
 
 /// A service's deployment, and the service beside it that it is, if one.
 type Known = (Deployment, Option<String>);
+
+impl Swarm {
+    /// What service `id` is, if it is one of this instance: as seen before,
+    /// else asked of the engine (a service another replica made). A removed
+    /// service cannot be asked about any more; the reconcile covers it.
+    async fn known_service(&self, id: &str) -> Option<Known> {
+        if let Some(known) = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
+            return Some(known.clone());
+        }
+        let service = self.service(id).await.ok()??;
+        let labels = service.spec.as_ref()?.labels.as_ref()?;
+        (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
+        let known = (deployment_of(&service)?, service_label(&service));
+        self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), known.clone());
+        Some(known)
+    }
+}

@@ -1,6 +1,7 @@
 //! A tiny HTTP/1.1 server for Pipes' test images.
 //!
-//! It answers every request with JSON naming itself (`FIXTURE_ID`), the Host
+//! It answers every request with JSON naming itself (`FIXTURE_ID`, and the
+//! `HOSTNAME` the engine gave its container), the Host
 //! it was asked for, the request and its `FIXTURE_*`/`APP_*` environment, so
 //! tests can tell deployments apart. Other paths:
 //!
@@ -231,8 +232,9 @@ fn describe(id: &str, method: &str, path: &str, host: &str, headers: &[(String, 
         std::env::vars().filter(|(k, _)| k.starts_with("FIXTURE_") || k.starts_with("APP_")).map(|(k, v)| format!("{}:{}", json(&k), json(&v))).collect();
     let headers: Vec<String> = headers.iter().map(|(k, v)| format!("{}:{}", json(k), json(v))).collect();
     format!(
-        "{{\"id\":{},\"method\":{},\"path\":{},\"host\":{},\"body\":{},\"headers\":{{{}}},\"env\":{{{}}}}}\n",
+        "{{\"id\":{},\"hostname\":{},\"method\":{},\"path\":{},\"host\":{},\"body\":{},\"headers\":{{{}}},\"env\":{{{}}}}}\n",
         json(id),
+        json(&std::env::var("HOSTNAME").unwrap_or_default()),
         json(method),
         json(path),
         json(host),
