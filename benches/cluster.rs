@@ -46,10 +46,12 @@ async fn run() -> String {
     let loss = while_losing("n3", &both, &[t.a.addr, t.b.addr]).await;
     let placed = task_running_since(&t.lost_service).duration_since(loss.at_time).unwrap_or_default();
     for (h, name) in [(0, "on the lost node"), (1, "on a healthy node")] {
-        let (failed, recovered) = loss.of(h);
-        let requests = loss.answers.iter().filter(|a| a.host == h && a.at >= loss.at).count();
-        let swarm = if h == 0 { secs(placed) } else { "—".into() };
-        let _ = writeln!(out, "| node loss (n3), through A and B | {name} | {requests} | {failed} | {} | {swarm} |", secs(recovered));
+        for (via, through) in [(0, "A"), (1, "B")] {
+            let (failed, recovered) = loss.of_via(h, via);
+            let requests = loss.answers.iter().filter(|a| a.host == h && a.via == via && a.at >= loss.at).count();
+            let swarm = if h == 0 { secs(placed) } else { "—".into() };
+            let _ = writeln!(out, "| node loss (n3), through {through} | {name} | {requests} | {failed} | {} | {swarm} |", secs(recovered));
+        }
     }
     let (node, _) = running_task(&t.lost_service).unwrap_or_default();
     cluster_script(&["start-engine", "n3"]);

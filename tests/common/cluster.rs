@@ -321,8 +321,9 @@ pub async fn started_on(node: &str, host: &str, through: &Replica, config: Optio
 pub struct Answer {
     /// Since the loop started.
     pub at: Duration,
-    /// Index of the host asked.
+    /// Index of the host asked, and of the address it was asked through.
     pub host: usize,
+    pub via: usize,
     pub ok: bool,
     /// The fixture's id and container host name, when it answered.
     pub id: String,
@@ -344,7 +345,7 @@ impl Traffic {
         let started = Instant::now();
         let mut loops = Vec::new();
         for (host, name) in hosts.into_iter().enumerate() {
-            for addr in via.iter().copied() {
+            for (through, addr) in via.iter().copied().enumerate() {
                 let (flag, name) = (stop.clone(), name.clone());
                 loops.push(tokio::spawn(async move {
                     let client = reqwest::Client::builder().no_proxy().resolve(&name, addr).timeout(Duration::from_secs(2)).build().expect("client");
@@ -361,6 +362,7 @@ impl Traffic {
                         answers.push(Answer {
                             at: started.elapsed(),
                             host,
+                            via: through,
                             ok: answer.is_some(),
                             id: answer.as_ref().and_then(|a| a["id"].as_str()).unwrap_or_default().to_owned(),
                             hostname: answer.as_ref().and_then(|a| a["hostname"].as_str()).unwrap_or_default().to_owned(),
@@ -385,7 +387,12 @@ impl Traffic {
 /// Failed answers of host `host`, and the time from `from` to the first
 /// success after the last failure (zero when none failed).
 pub fn outage(answers: &[Answer], host: usize, from: Duration) -> (usize, Duration) {
-    let of_host: Vec<&Answer> = answers.iter().filter(|a| a.host == host && a.at >= from).collect();
+    outage_of(answers.iter().filter(|a| a.host == host), from)
+}
+
+/// [`outage`] of the answers given.
+pub fn outage_of<'a>(answers: impl Iterator<Item = &'a Answer>, from: Duration) -> (usize, Duration) {
+    let of_host: Vec<&Answer> = answers.filter(|a| a.at >= from).collect();
     let failed = of_host.iter().filter(|a| !a.ok).count();
     let last_failure = of_host.iter().rposition(|a| !a.ok);
     let recovered = match last_failure {
@@ -530,6 +537,11 @@ impl Loss {
     /// loss to its first answer after its last failure.
     pub fn of(&self, host: usize) -> (usize, Duration) {
         outage(&self.answers, host, self.at)
+    }
+
+    /// [`Loss::of`] through the address `via` only.
+    pub fn of_via(&self, host: usize, via: usize) -> (usize, Duration) {
+        outage_of(self.answers.iter().filter(|a| a.host == host && a.via == via), self.at)
     }
 }
 

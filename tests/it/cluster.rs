@@ -206,10 +206,14 @@ async fn a_lost_node_and_a_lost_replica_leave_the_rest_serving() {
     let loss = while_losing("n3", &both, &[t.a.addr, t.b.addr]).await;
     let ((failed_lost, recovered), (failed_kept, _)) = (loss.of(0), loss.of(1));
     let placed = task_running_since(&t.lost_service).duration_since(loss.at_time).unwrap_or_default();
+    let (through_a, through_b) = (loss.of_via(0, 0).1, loss.of_via(0, 1).1);
     eprintln!(
         "node loss: {failed_lost} failed requests to the lost node's deployment, served again {:.1} s after its engine stopped \
-         (the swarm ran its new task after {:.1} s); {failed_kept} failed to a deployment on a healthy node, of {} requests",
+         (through A {:.1} s, through B {:.1} s; the swarm ran its new task after {:.1} s); {failed_kept} failed to a deployment on a \
+         healthy node, of {} requests",
         recovered.as_secs_f64(),
+        through_a.as_secs_f64(),
+        through_b.as_secs_f64(),
         placed.as_secs_f64(),
         loss.answers.len()
     );
