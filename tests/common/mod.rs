@@ -208,6 +208,24 @@ pub async fn until_answering(port: u16) {
     }
 }
 
+/// A WebSocket to the fixture's `/ws` on `host` through `addr`, after one
+/// echo from the fixture `id`.
+pub async fn websocket(addr: SocketAddr, host: &str, id: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{}/ws", addr.port()), stream).await.expect("handshake");
+    assert_eq!(echo(&mut ws, "hello").await, format!("{id}: hello"));
+    ws
+}
+
+/// Sends `text` and returns the fixture's echo (`{id}: {text}`), within 10 s.
+pub async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.expect("sent");
+    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an echo within 10 s") {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(echo))) => echo.to_string(),
+        other => panic!("no echo: {other:?}"),
+    }
+}
 /// Waits (30 s at most) for the server's close frame on a WebSocket; its status code.
 pub async fn close_code(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Option<u16> {
     use futures_util::StreamExt;

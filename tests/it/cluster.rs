@@ -13,27 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::*;
-use common::{env, unique, Fixtures};
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// A WebSocket through the replica at `addr` to `host`, after one echo from the fixture `id`.
-async fn websocket(addr: SocketAddr, host: &str, id: &str) -> Ws {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{}/ws", addr.port()), stream).await.expect("handshake");
-    assert_eq!(echo(&mut ws, "hello").await, format!("{id}: hello"));
-    ws
-}
-
-async fn echo(ws: &mut Ws, text: &str) -> String {
-    ws.send(Message::text(text)).await.expect("sent");
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an echo within 10 s") {
-        Some(Ok(Message::Text(echo))) => echo.to_string(),
-        other => panic!("no echo: {other:?}"),
-    }
-}
+use common::{echo, env, unique, websocket, Fixtures};
+use futures_util::StreamExt;
 
 /// Reads the replica's event stream for `host` until a state event whose
 /// data contains `needle`; how long that took from `since`.

@@ -6,9 +6,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{docker, docker_ok, env, json, unique, Fixtures};
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use common::{docker, docker_ok, echo, env, json, unique, websocket, Fixtures};
 
 pub(crate) const TOKEN: &str = "swarm-test-token-0123456789";
 
@@ -114,6 +112,11 @@ pub(crate) fn run_replica(created: &mut Created, image: &str, extra_env: &[&str]
     created.replicas.push(name.clone());
     let port = common::published(&name, "8080/tcp");
     (name, port)
+}
+
+/// A replica's published port on 127.0.0.1.
+fn local(port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 async fn get(host: &str, port: u16, path: &str) -> (u16, serde_json::Value) {
@@ -270,7 +273,7 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
 
     // A WebSocket open through B, silent for twice the idle timeout, keeps it
     // up too: what is open counts, not only requests.
-    let mut ws = websocket(port_b, &v2, "v2").await;
+    let mut ws = websocket(local(port_b), &v2, "v2").await;
     let until = Instant::now() + Duration::from_secs(13);
     while Instant::now() < until {
         assert_eq!(replicas(&v2_service), 1, "scaled to 0 under B's open WebSocket");
@@ -308,7 +311,7 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
 
     // One replica stopped (SIGTERM): its WebSocket ends with 1001 at its
     // drain timeout, the other replica serves on.
-    let mut on_b = websocket(port_b, &v1, "v1").await;
+    let mut on_b = websocket(local(port_b), &v1, "v1").await;
     let stopping = std::thread::spawn({
         let b = b.clone();
         move || docker_ok(&["stop", "-t", "20", &b])
@@ -319,23 +322,6 @@ async fn two_replicas_share_deployments_configs_and_idleness_through_the_swarm()
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["id"], "v1");
     assert_eq!(replicas(&v1_service), 1);
-}
-
-/// A WebSocket through a replica to `host`, after one echo from the fixture `id`.
-async fn websocket(port: u16, host: &str, id: &str) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
-    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), stream).await.expect("handshake");
-    assert_eq!(echo(&mut ws, "hello").await, format!("{id}: hello"));
-    ws
-}
-
-/// Sends `text` and returns the fixture's echo (`{id}: {text}`).
-async fn echo(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, text: &str) -> String {
-    ws.send(Message::text(text)).await.expect("sent");
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("an echo within 10 s") {
-        Some(Ok(Message::Text(echo))) => echo.to_string(),
-        other => panic!("no echo: {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -351,7 +337,7 @@ async fn a_redeploy_through_one_replica_is_followed_by_the_other_which_drains_it
         let (status, body) = get(&host, port, "/").await;
         assert_eq!((status, body["id"].as_str()), (200, Some("v1")), "{body}");
     }
-    let mut on_old = websocket(port_b, &host, "v1").await;
+    let mut on_old = websocket(local(port_b), &host, "v1").await;
 
     // A new image, redeployed through A: B follows to the new generation.
     f.push("app", "v1", "v1b", "");

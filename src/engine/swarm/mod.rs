@@ -298,34 +298,6 @@ impl Swarm {
             .cloned()
     }
 
-    /// The IPs of service `name`'s tasks in the engine's DNS. Answers are not
-    /// cached: a task's IP is gone when the task is.
-    async fn resolve(&self, name: &str) -> Vec<std::net::IpAddr> {
-        let Some(resolver) = self.resolver() else { return Vec::new() };
-        match resolver.lookup_ip(format!("tasks.{name}.")).await {
-            Ok(answer) => answer.iter().collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    /// The engine's DNS (the container's `/etc/resolv.conf`), made once.
-    fn resolver(&self) -> Option<TokioResolver> {
-        let resolver = {
-            let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
-            match &*slot {
-                Some(r) => r.clone(),
-                None => {
-                    let mut builder = TokioResolver::builder_tokio().ok()?;
-                    builder.options_mut().cache_size = 0;
-                    let built = builder.build();
-                    *slot = Some(built.clone());
-                    built
-                }
-            }
-        };
-        Some(resolver)
-    }
-
     /// Every instance of the services listed, addressed when `address`.
     async fn instances_of(&self, services: Vec<Service>, address: bool) -> Result<Vec<Instance>, PipesError> {
         let ids: Vec<String> = services.iter().filter_map(|s| s.id.clone()).collect();
@@ -675,20 +647,3 @@ impl Swarm {
 
 /// A service's deployment, and the service beside it that it is, if one.
 type Known = (Deployment, Option<String>);
-
-impl Swarm {
-    /// What service `id` is, if it is one of this instance: as seen before,
-    /// else asked of the engine (a service another replica made). A removed
-    /// service cannot be asked about any more; the reconcile covers it.
-    async fn known_service(&self, id: &str) -> Option<Known> {
-        if let Some(known) = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
-            return Some(known.clone());
-        }
-        let service = self.service(id).await.ok()??;
-        let labels = service.spec.as_ref()?.labels.as_ref()?;
-        (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
-        let known = (deployment_of(&service)?, service_label(&service));
-        self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), known.clone());
-        Some(known)
-    }
-}

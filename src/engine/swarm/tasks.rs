@@ -13,14 +13,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use bollard::models::Task;
 use bollard::query_parameters::{InspectNetworkOptions, ListTasksOptions};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
+use hickory_resolver::TokioResolver;
 
-use super::service::{running_task, runs};
+use super::service::{deployment_of, running_task, runs, service_label};
 use super::{Known, Swarm, LABEL_INSTANCE};
 use crate::engine::{Event, EventKind};
 use crate::error::PipesError;
@@ -119,6 +121,49 @@ impl Swarm {
         let view = self.client().await.ok()?.inspect_network(network, Some(options)).await.ok()?;
         let ip = endpoint_of(view.services.as_ref()?.get(name)?, task)?;
         answers.contains(&ip).then_some(ip)
+    }
+
+    /// The IPs of service `name`'s tasks in the engine's DNS. Answers are not
+    /// cached: a task's IP is gone when the task is.
+    pub(super) async fn resolve(&self, name: &str) -> Vec<std::net::IpAddr> {
+        let Some(resolver) = self.resolver() else { return Vec::new() };
+        match resolver.lookup_ip(format!("tasks.{name}.")).await {
+            Ok(answer) => answer.iter().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The engine's DNS (the container's `/etc/resolv.conf`), made once.
+    fn resolver(&self) -> Option<TokioResolver> {
+        let resolver = {
+            let mut slot = self.resolver.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*slot {
+                Some(r) => r.clone(),
+                None => {
+                    let mut builder = TokioResolver::builder_tokio().ok()?;
+                    builder.options_mut().cache_size = 0;
+                    let built = builder.build();
+                    *slot = Some(built.clone());
+                    built
+                }
+            }
+        };
+        Some(resolver)
+    }
+
+    /// What service `id` is, if it is one of this instance: as seen before,
+    /// else asked of the engine (a service another replica made). A removed
+    /// service cannot be asked about any more; the reconcile covers it.
+    pub(super) async fn known_service(&self, id: &str) -> Option<Known> {
+        if let Some(known) = self.known.lock().unwrap_or_else(PoisonError::into_inner).get(id) {
+            return Some(known.clone());
+        }
+        let service = self.service(id).await.ok()??;
+        let labels = service.spec.as_ref()?.labels.as_ref()?;
+        (labels.get(LABEL_INSTANCE).map(String::as_str) == Some(self.moby.instance())).then_some(())?;
+        let known = (deployment_of(&service)?, service_label(&service));
+        self.known.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), known.clone());
+        Some(known)
     }
 }
 
