@@ -304,3 +304,62 @@ async fn the_stack_file_runs_a_replica_on_every_manager() {
     }
     assert_eq!(cluster.services().len(), 1, "one service for the deployment, whichever replica started it: {:?}", cluster.services());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_pinned_to_a_lost_node_waits_for_it_and_keeps_its_rows() {
+    if no_cluster() {
+        return;
+    }
+    let mut cluster = Cluster::new();
+    let a = cluster.replica("n1", &["PIPES_START_TIMEOUT=20s"]);
+    let b = cluster.replica("n2", &["PIPES_START_TIMEOUT=20s"]);
+    until_answering(a.addr).await;
+    until_answering(b.addr).await;
+    let mut f = Fixtures::new();
+    let e = env();
+    f.publish_from(&e.postgres, "postgres", "15", "");
+    f.publish_from(&e.redis, "redis", "7", "");
+    f.publish_from(&e.app, "shop", "v1", "ENV APP_ID=v1");
+    let host = f.host("shop", "v1", "example.com");
+    // Made through B: the database and its volume are on n2, B's node.
+    let config = format!(
+        r#"{{"port": 8000, "services": {{
+              "db": {{"image": "{user}/postgres:15", "cmd": ["-c", "fsync=off"], "volumes": {{"pgdata": "/var/lib/postgresql/data"}},
+                      "health": {{"cmd": ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "127.0.0.1", "-U", "postgres"], "timeout": "20s"}}}},
+              "cache": {{"image": "{user}/redis:7", "health": {{"tcp": 6379}}}}}}}}"#,
+        user = f.user
+    );
+    let (status, body) = api(&host, b.addr, "PUT", "/__proxyapi/container/config", Some(&config)).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = client(&host, b.addr).post(format!("http://{host}:{}/notes", b.addr.port())).body("kept on n2").send().await.expect("answer");
+    assert_eq!(resp.status().as_u16(), 201, "{}", resp.text().await.unwrap_or_default());
+    let (_, state) = api(&host, b.addr, "GET", "/__proxyapi/container", None).await;
+    let db = state["services"]["db"]["container"].as_str().expect("db's service").to_owned();
+    assert_eq!(running_task(&db).expect("db runs").0, "n2");
+
+    // n2 lost (and B with it): the database is not made again elsewhere,
+    // empty; a request through A fails rather than serve without its rows.
+    cluster_script(&["stop-engine", "n2"]);
+    common::eventually("the swarm calls n2 down", Duration::from_secs(120), || async {
+        on_ok("n1", &["node", "inspect", "-f", "{{.Status.State}}", "pipes-n2"]) == "down"
+    })
+    .await;
+    let (status, body) = get(&host, a.addr, "/notes").await;
+    assert!(status >= 500, "no answer without the database's node: {status} {body}");
+    assert!(running_task(&db).is_none(), "the database runs nowhere else");
+    for node in ["n1", "n3"] {
+        let volumes = on_ok(node, &["volume", "ls", "-q", "--filter", "label=pipes.service=db"]);
+        assert!(volumes.is_empty(), "no empty database volume made on {node}: {volumes}");
+    }
+
+    // n2 back: the next request through A is served with the rows kept there.
+    cluster_script(&["start-engine", "n2"]);
+    common::eventually("the shop answers with its note through A", Duration::from_secs(120), || {
+        let host = host.clone();
+        async move {
+            let (status, body) = get(&host, a.addr, "/notes").await;
+            status == 200 && body["notes"] == serde_json::json!(["kept on n2"])
+        }
+    })
+    .await;
+}
