@@ -108,6 +108,14 @@ impl Moby {
         }
     }
 
+    /// Disconnects `container` from `network`, if it is on it.
+    pub async fn leave(&self, network: &str, container: &str) {
+        let request = NetworkDisconnectRequest { container: container.to_owned(), force: Some(true) };
+        if let Ok(docker) = self.client().await {
+            let _ = docker.disconnect_network(network, request).await;
+        }
+    }
+
     /// The engine's names of `d`'s volumes.
     pub async fn deployment_volumes(&self, d: &Deployment) -> Result<Vec<String>, PipesError> {
         let mut labels = self.instance_filter();
@@ -126,8 +134,7 @@ impl Moby {
         let docker = self.client().await?;
         let network = self.deployment_network(d);
         if let Some(me) = me {
-            let request = NetworkDisconnectRequest { container: me.to_owned(), force: Some(true) };
-            let _ = docker.disconnect_network(&network, request).await;
+            self.leave(&network, me).await;
         }
         self.until_gone("remove a network", || docker.remove_network(&network)).await?;
         if !keep_volumes {

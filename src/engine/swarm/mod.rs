@@ -26,8 +26,9 @@
 //!
 //! - Services beside a deployment (a database, a cache) are Swarm services
 //!   too, on the deployment's own attachable overlay network, known there by
-//!   their names; the app joins both networks. Pipes' own container joins
-//!   the deployment's network to check them. A service (or app) with volumes
+//!   their names; the app joins both networks. Each replica's container
+//!   joins the deployment's network to check them (whichever replica made
+//!   it), and leaves it when they are removed. A service (or app) with volumes
 //!   is pinned to the node of the engine Pipes talks to, where its volumes
 //!   are made.
 //!
@@ -236,11 +237,17 @@ impl Swarm {
     /// the DNS also names tasks that are still stopping.
     async fn addressed(&self, mut instance: Instance, name: &str, task: Option<&Task>) -> Instance {
         let Some(port) = instance.port.filter(|p| *p != 0 && instance.running) else { return instance };
-        // A service is on its deployment's network only.
+        // A service is on its deployment's network only; a replica that did
+        // not make that network joins it here, to check the service.
         let network = match instance.service {
             Some(_) => self.moby.deployment_network(&instance.deployment),
             None => self.network.clone(),
         };
+        if let (Some(_), Some(me)) = (&instance.service, &self.container) {
+            if let Err(e) = self.moby.join(&network, me, "join Pipes to a deployment's network").await {
+                log::warn!("{}: Pipes cannot join network {network} to check its services there: {e}", instance.deployment);
+            }
+        }
         match self.local(task, &network).await {
             Local::At(ip) => {
                 instance.address = Some(SocketAddr::new(ip, port));
@@ -255,9 +262,14 @@ impl Swarm {
             Local::Elsewhere => {}
         }
         let Some(task) = task.and_then(|t| t.id.as_deref()) else { return instance };
+        // An app with services is on its deployment's network too.
+        let networks = match instance.service {
+            Some(_) => vec![network.clone()],
+            None => vec![network.clone(), self.moby.deployment_network(&instance.deployment)],
+        };
         let deadline = Instant::now() + DNS_WAIT;
         loop {
-            match self.task_address(name, &network, task).await {
+            match self.task_address(name, &networks, task).await {
                 Some(ip) => {
                     instance.address = Some(SocketAddr::new(ip, port));
                     return instance;
@@ -640,6 +652,11 @@ impl Swarm {
             EventKind::Destroyed => self.known.lock().unwrap_or_else(PoisonError::into_inner).remove(&id)?,
             _ => self.known_service(&id).await?,
         };
+        // Services go only with their deployment: whichever replica removes
+        // it removes the network next, which no replica may still be on.
+        if let (EventKind::Destroyed, Some(_), Some(me)) = (&kind, &service, &self.container) {
+            self.moby.leave(&self.moby.deployment_network(&deployment), me).await;
+        }
         let time_nano = time_nano(message.time_nano, message.time);
         Some(Event { id, deployment: Some(deployment), service, kind, time_nano })
     }

@@ -108,19 +108,27 @@ impl Swarm {
         Some(Event { id: service.to_owned(), deployment: Some(deployment), service: label, kind, time_nano })
     }
 
-    /// The IP at which task `task` of service `name` answers on `network`,
-    /// once this node's engine resolves it: an answer of the DNS that the
-    /// network's view gives to that very task, never one of another task
-    /// (one stopping, say).
-    pub(super) async fn task_address(&self, name: &str, network: &str, task: &str) -> Option<IpAddr> {
+    /// The IP at which task `task` of service `name` answers, once this
+    /// node's engine resolves it: an answer of the DNS that the view of one
+    /// of `networks` gives to that very task, never one of another task (one
+    /// stopping, say). The DNS answers on one of the networks this replica
+    /// shares with the task (an app with services is on two), so each is
+    /// looked at until one gives the answer.
+    pub(super) async fn task_address(&self, name: &str, networks: &[String], task: &str) -> Option<IpAddr> {
         let answers = self.resolve(name).await;
         if answers.is_empty() {
             return None;
         }
-        let options = InspectNetworkOptions { verbose: true, scope: Some("swarm".to_owned()) };
-        let view = self.client().await.ok()?.inspect_network(network, Some(options)).await.ok()?;
-        let ip = endpoint_of(view.services.as_ref()?.get(name)?, task)?;
-        answers.contains(&ip).then_some(ip)
+        let client = self.client().await.ok()?;
+        for network in networks {
+            let options = InspectNetworkOptions { verbose: true, scope: Some("swarm".to_owned()) };
+            let Ok(view) = client.inspect_network(network, Some(options)).await else { continue };
+            let ip = view.services.as_ref().and_then(|s| s.get(name)).and_then(|s| endpoint_of(s, task));
+            if let Some(ip) = ip.filter(|ip| answers.contains(ip)) {
+                return Some(ip);
+            }
+        }
+        None
     }
 
     /// The IPs of service `name`'s tasks in the engine's DNS. Answers are not
