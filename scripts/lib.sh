@@ -205,7 +205,7 @@ setup_cluster() {
   CLUSTER_UP=1
   if PIPES_CLUSTER_REGISTRY_STORAGE="$WORK/registry/data" PIPES_CLUSTER_REGISTRY_HTPASSWD="$WORK/registry/htpasswd" \
     scripts/cluster up >"$WORK/cluster.txt"; then
-    export PIPES_TEST_CLUSTER=/var/lib/pipes-cluster
+    export PIPES_TEST_CLUSTER="${PIPES_CLUSTER_ROOT:-/var/lib/pipes-cluster}"
     log "three-node swarm up (scripts/cluster)"
   else
     log "scripts/cluster up failed: the cluster tests are skipped"

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use super::{env, unique};
 
+/// The API token of the replicas the tests run.
 pub const TOKEN: &str = "cluster-test-token-0123456789";
 /// The registry as the nodes reach it (the test registry's storage).
 pub const REGISTRY: &str = "10.213.37.1:5000";
+/// The swarm's nodes (all managers); `solo` is not one.
 pub const SWARM_NODES: [&str; 3] = ["n1", "n2", "n3"];
 
 /// Where `scripts/cluster` keeps its state, when scripts/test made a cluster.
@@ -45,6 +47,7 @@ pub fn address(node: &str) -> Ipv4Addr {
     Ipv4Addr::new(10, 213, 37, last)
 }
 
+/// `node`'s engine socket, as the host sees it.
 pub fn socket(node: &str) -> String {
     format!("{}/{node}/docker.sock", state().expect("a cluster"))
 }
@@ -54,12 +57,14 @@ pub fn on(node: &str, args: &[&str]) -> Output {
     Command::new("docker").arg("-H").arg(format!("unix://{}", socket(node))).args(args).output().expect("docker CLI runs")
 }
 
+/// [`on`], asserting success; its trimmed output.
 pub fn on_ok(node: &str, args: &[&str]) -> String {
     let out = on(node, args);
     assert!(out.status.success(), "docker -H {node} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The non-empty lines of `text`.
 pub fn lines(text: &str) -> Vec<String> {
     text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
 }
@@ -71,6 +76,7 @@ pub fn cluster_script(args: &[&str]) {
     assert!(out.status.success(), "scripts/cluster {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
+/// Whether `node`'s engine answers.
 pub fn engine_up(node: &str) -> bool {
     on(node, &["info", "--format", "{{.ID}}"]).status.success()
 }
@@ -280,6 +286,7 @@ pub async fn get(host: &str, addr: SocketAddr, path: &str) -> (u16, serde_json::
     super::json(client(host, addr).get(format!("http://{host}:{}{path}", addr.port())).send().await.expect("answer")).await
 }
 
+/// `method` `path` of the API on `host` through `addr`, with the token.
 pub async fn api(host: &str, addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
     let mut req = client(host, addr).request(method.parse().expect("method"), format!("http://{host}:{}{path}", addr.port())).bearer_auth(TOKEN);
     if let Some(b) = body {
@@ -340,6 +347,7 @@ pub struct Traffic {
 }
 
 impl Traffic {
+    /// Starts the loops: `hosts` through each of `via`.
     pub fn start(hosts: Vec<String>, via: Vec<SocketAddr>, every: Duration, max: usize) -> Traffic {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let started = Instant::now();
@@ -419,6 +427,7 @@ pub struct OnSolo {
 }
 
 impl OnSolo {
+    /// Starts Pipes on `solo` with `extra_env` besides the test settings; waits until it answers.
     pub async fn start(extra_env: &[(&str, &str)]) -> OnSolo {
         let e = env();
         let instance = unique("solo");
@@ -459,6 +468,7 @@ impl OnSolo {
         solo
     }
 
+    /// What Pipes logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -502,6 +512,7 @@ pub struct LostAndKept {
 }
 
 impl LostAndKept {
+    /// Makes the replicas and the deployments; both replicas have served both.
     pub async fn new() -> LostAndKept {
         let mut cluster = Cluster::new();
         let a = cluster.replica("n1", &[]);
