@@ -295,18 +295,9 @@ pub async fn api(host: &str, addr: SocketAddr, method: &str, path: &str, body: O
     super::json(req.send().await.expect("answer")).await
 }
 
-/// Waits until a replica can be asked for the deployments list.
+/// Waits (a minute at most) until Pipes at `addr` answers HTTP.
 pub async fn until_answering(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(resp) = client("example.com", addr).get(format!("http://example.com:{}/", addr.port())).send().await {
-            if resp.status().as_u16() != 0 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "the replica at {addr} did not answer within 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::until_answering_at(addr, Duration::from_secs(60)).await;
 }
 
 /// Runs `host`'s first request through `through` while only `node` takes

@@ -200,10 +200,15 @@ pub fn published(container: &str, port: &str) -> u16 {
 /// Waits until Pipes in a container answers HTTP on `port`: the engine's
 /// port proxy accepts connections before the program in the container listens.
 pub async fn until_answering(port: u16) {
+    until_answering_at(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(30)).await;
+}
+
+/// Waits (at most `within`) until Pipes answers HTTP at `addr`, whatever the answer.
+pub async fn until_answering_at(addr: SocketAddr, within: Duration) {
     let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build().expect("client");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client.get(format!("http://127.0.0.1:{port}/")).send().await.is_err() {
-        assert!(Instant::now() < deadline, "Pipes in a container did not answer within 30 s");
+    let deadline = Instant::now() + within;
+    while client.get(format!("http://{addr}/")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "Pipes at {addr} did not answer within {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

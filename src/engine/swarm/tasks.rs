@@ -22,7 +22,7 @@ use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use hickory_resolver::TokioResolver;
 
-use super::service::{deployment_of, running_task, runs, service_label};
+use super::service::{created, deployment_of, runs, service_label};
 use super::{Known, Swarm, LABEL_INSTANCE};
 use crate::engine::{Event, EventKind};
 use crate::error::PipesError;
@@ -177,13 +177,15 @@ impl Swarm {
 
 /// The running task (the newest, if several) of each service in `tasks`.
 fn running_by_service(tasks: &[Task]) -> Running {
-    let mut by_service: HashMap<&str, Vec<Task>> = HashMap::new();
+    let mut newest: HashMap<&str, &Task> = HashMap::new();
     for task in tasks.iter().filter(|t| runs(t)) {
-        if let Some(service) = task.service_id.as_deref() {
-            by_service.entry(service).or_default().push(task.clone());
+        let Some(service) = task.service_id.as_deref() else { continue };
+        let kept = newest.entry(service).or_insert(task);
+        if created(task) > created(kept) {
+            *kept = task;
         }
     }
-    by_service.into_iter().filter_map(|(service, tasks)| Some((service.to_owned(), running_task(&tasks)?.id.clone()?))).collect()
+    newest.into_iter().filter_map(|(service, task)| Some((service.to_owned(), task.id.clone()?))).collect()
 }
 
 /// The IP a service's entry in a network's verbose view gives task `task`:
