@@ -836,11 +836,15 @@ fn http_header_map_upper_bound(size_hint: Option<usize>) -> usize {
     // upper bound in the crate. Any way you cut it, 4,096 headers is insane.
     const PINGORA_MAX_HEADER_COUNT: usize = 4096;
     const INIT_HEADER_SIZE: usize = 8;
+    // Room beyond the hint: a proxy adds headers to what it parsed (forwarding headers upstream,
+    // `Date` and `Connection` downstream), and a map sized to exactly the parsed count grows (and
+    // rehashes) on the first insert, on every request.
+    const HEADROOM: usize = 8;
 
     // We select the size hint or the max size here, ensuring that we pick a value substantially lower
     // than 1 << 15 with room to grow the header map.
     std::cmp::min(
-        size_hint.unwrap_or(INIT_HEADER_SIZE),
+        size_hint.map_or(INIT_HEADER_SIZE, |hint| hint + HEADROOM),
         PINGORA_MAX_HEADER_COUNT,
     )
 }
@@ -1058,7 +1062,8 @@ mod tests {
     #[test]
     fn header_map_upper_bound() {
         assert_eq!(8, http_header_map_upper_bound(None));
-        assert_eq!(16, http_header_map_upper_bound(Some(16)));
+        assert_eq!(24, http_header_map_upper_bound(Some(16)));
+        assert_eq!(4096, http_header_map_upper_bound(Some(4090)));
         assert_eq!(4096, http_header_map_upper_bound(Some(7777)));
     }
 
