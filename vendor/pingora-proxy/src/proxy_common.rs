@@ -175,17 +175,34 @@ impl ConnectionNominations {
     }
 }
 
+/// The fields [strip_standard_hop_by_hop_headers] removes.
+const STANDARD_HOP_BY_HOP: usize = 10;
+
+fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || matches!(name.as_str(), KEEP_ALIVE | PROXY_CONNECTION | HTTP2_SETTINGS)
+}
+
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
-    req.remove_header(KEEP_ALIVE);
-    req.remove_header(PROXY_CONNECTION);
-    req.remove_header(&header::PROXY_AUTHENTICATE);
-    req.remove_header(&header::PROXY_AUTHORIZATION);
-    req.remove_header(&header::TE);
-    req.remove_header(&header::TRAILER);
-    req.remove_header(&header::TRANSFER_ENCODING);
-    req.remove_header(&header::CONNECTION);
-    req.remove_header(&header::UPGRADE);
-    req.remove_header(HTTP2_SETTINGS);
+    // One pass over the fields the request has finds the few hop-by-hop ones (usually none, or
+    // `Connection`); looking each of the ten names up would hash every one of them, and parse the
+    // three that are not standard names, on every request.
+    let mut found: [Option<HeaderName>; STANDARD_HOP_BY_HOP] = Default::default();
+    for (slot, name) in found
+        .iter_mut()
+        .zip(req.headers.keys().filter(|name| is_standard_hop_by_hop(name)))
+    {
+        *slot = Some(name.clone());
+    }
+    for name in found.iter().flatten() {
+        req.remove_header(name);
+    }
 }
 
 /// Set H1 `Host` from the URI or absolute-form authority.
@@ -360,23 +377,30 @@ pub(crate) fn sanitize_h1_upstream_request(
 
     match policy.h1_upgrade {
         H1UpgradePolicy::WebSocketOnly => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            // Already gone when hop-by-hop fields were stripped.
+            if !policy.strip_hop_by_hop {
+                strip_upgrade_headers(req);
+            }
             if websocket_upgrade {
                 req.insert_header(header::CONNECTION, "Upgrade")?;
                 req.insert_header(header::UPGRADE, "websocket")?;
             }
         }
         H1UpgradePolicy::Deny => {
-            req.remove_header(&header::CONNECTION);
-            req.remove_header(&header::UPGRADE);
-            req.remove_header(HTTP2_SETTINGS);
+            if !policy.strip_hop_by_hop {
+                strip_upgrade_headers(req);
+            }
         }
         H1UpgradePolicy::Preserve => {}
     }
 
     Ok(())
+}
+
+fn strip_upgrade_headers(req: &mut RequestHeader) {
+    req.remove_header(&header::CONNECTION);
+    req.remove_header(&header::UPGRADE);
+    req.remove_header(HTTP2_SETTINGS);
 }
 
 /// Frame a body-bearing HTTP/1 upstream request after application request filtering.
@@ -684,6 +708,45 @@ mod tests {
         assert!(request.headers.get("proxy-authorization").is_none());
         assert!(request.headers.get("te").is_none());
         assert!(request.headers.get("trailer").is_none());
+    }
+
+    #[test]
+    fn h1_upstream_strips_every_standard_hop_by_hop_field_and_keeps_the_rest() {
+        let mut request = request_with_headers(&[
+            ("Host", "example.com"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("Proxy-Authorization", "secret"),
+            ("TE", "trailers"),
+            ("Trailer", "X-Trailer"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "keep-alive"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "settings"),
+            ("X-Kept", "1"),
+            ("Proxy-Authorization", "a second one"),
+            ("Accept", "*/*"),
+        ]);
+
+        sanitize_h1_upstream_request(&mut request, HttpUpstreamRequestPolicy::standard(), true)
+            .unwrap();
+
+        let left: Vec<&str> = request.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["host", "x-kept", "accept"]);
+        let mut wire = Vec::new();
+        request.header_to_h1_wire(&mut wire);
+        assert_eq!(wire, b"Host: example.com\r\nX-Kept: 1\r\nAccept: */*\r\n");
+    }
+
+    #[test]
+    fn h1_upstream_request_without_hop_by_hop_fields_is_unchanged() {
+        let mut request = request_with_headers(&[("Host", "example.com"), ("Accept", "*/*")]);
+        sanitize_h1_upstream_request(&mut request, HttpUpstreamRequestPolicy::standard(), true)
+            .unwrap();
+        let mut wire = Vec::new();
+        request.header_to_h1_wire(&mut wire);
+        assert_eq!(wire, b"Host: example.com\r\nAccept: */*\r\n");
     }
 
     #[test]
