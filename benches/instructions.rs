@@ -1,5 +1,5 @@
-//! Instructions per proxied request: Pipes against nginx and a bare Pingora
-//! proxy, counted by callgrind.
+//! Instructions per proxied request: Pipes against nginx, HAProxy, Caddy and
+//! a bare Pingora proxy, counted by callgrind.
 //!
 //! Requests per second on a two-core machine that also runs the load, the
 //! port proxy and the upstream move by a tenth or more from run to run, and
@@ -7,8 +7,8 @@
 //! path cannot be seen that way. The instructions a proxy executes per
 //! request can: callgrind counts them, the same from run to run for the same
 //! binary. The proxies run under callgrind (nginx with one worker and no
-//! master process, Pipes and the bare proxy with two threads, both with
-//! mimalloc; and Pipes once more with metrics and the JSON access log on,
+//! master process; HAProxy with two threads, Caddy with GOMAXPROCS=2, Pipes
+//! and the bare proxy with two threads, both with mimalloc; and Pipes once more with metrics and the JSON access log on,
 //! for what recording costs; and with each kind of access rule: `noindex`
 //! off, `basic` with the right credentials on every request, `forward_auth`
 //! to an auth server in this process that lets everything through) in front
@@ -26,6 +26,8 @@ mod bare;
 mod common;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/proxies.rs"]
+mod proxies;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -35,6 +37,7 @@ use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
 use load::*;
+use proxies::Proxy;
 
 // Pipes' allocator, for the bare proxy this binary becomes.
 #[global_allocator]
@@ -63,7 +66,7 @@ async fn bench() {
             ("RUST_LOG", Some("warn")),
         ];
         changes.extend(extra.iter().map(|(k, v)| (*k, Some(*v))));
-        Pipes::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", out.display())], &changes)
+        Pipes::start_under(&callgrind(out).each_ref().map(String::as_str), &changes)
     };
     let metrics = format!("127.0.0.1:{}", free_port());
     let auth_port = auth_server();
@@ -85,12 +88,13 @@ async fn bench() {
     assert_eq!(first.status(), 200);
     let container = pipes.containers()[0].clone();
     let upstream = upstream_of(&container);
-    let nginx_out = dir.join("nginx.callgrind");
-    let nginx = Nginx::start_under(&["valgrind", "--tool=callgrind", &format!("--callgrind-out-file={}", nginx_out.display())], upstream, 1, &[], None);
+    let (nginx_out, haproxy_out, caddy_out) = (dir.join("nginx.callgrind"), dir.join("haproxy.callgrind"), dir.join("caddy.callgrind"));
+    let nginx = Proxy::nginx(&callgrind(&nginx_out).each_ref().map(String::as_str), upstream, 1, &[], None);
+    let haproxy = Proxy::haproxy(&callgrind(&haproxy_out).each_ref().map(String::as_str), upstream, 2, None);
+    let caddy = Proxy::caddy(&callgrind(&caddy_out).each_ref().map(String::as_str), upstream, 2, None);
     let bare_out = dir.join("bare.callgrind");
     let bare_port = free_port();
-    let callgrind_out = format!("--callgrind-out-file={}", bare_out.display());
-    let bare = Process(bare::command(&["valgrind", "--tool=callgrind", &callgrind_out], bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
+    let bare = Process(bare::command(&callgrind(&bare_out).each_ref().map(String::as_str), bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
     // Under callgrind it takes some ten seconds to start.
     wait_listening_within(bare_port, "bare Pingora", Duration::from_secs(60));
 
@@ -99,6 +103,8 @@ async fn bench() {
     let pid = |p: &Pipes| p.pid().expect("pipes runs");
     for (name, port, pid, out, script) in [
         ("nginx", nginx.port, nginx.pid(), &nginx_out, None),
+        ("HAProxy", haproxy.port, haproxy.pid(), &haproxy_out, None),
+        ("Caddy", caddy.port, caddy.pid(), &caddy_out, None),
         ("bare Pingora", bare_port, bare.0.id(), &bare_out, None),
         ("Pipes", pipes.port, pid(&pipes), &outs[0], None),
         ("Pipes, metrics and access log on", recording.port, pid(&recording), &outs[1], None),
@@ -142,16 +148,14 @@ async fn bench() {
         )
         .unwrap();
     }
-    let (_, bare_requests, bare_costs) = &counted[1];
-    let (_, pipes_requests, pipes_costs) = &counted[2];
-    let bare_rest = per(total(bare_costs) - copies(bare_costs), *bare_requests);
-    let pipes_rest = per(total(pipes_costs) - copies(pipes_costs), *pipes_requests);
-    let (_, recording_requests, recording_costs) = &counted[3];
-    let recording_rest = per(total(recording_costs) - copies(recording_costs), *recording_requests);
+    let find = |name: &str| counted.iter().position(|c| c.0 == name).expect("a counted proxy");
+    let rest_of = |i: usize| per(total(&counted[i].2) - copies(&counted[i].2), counted[i].1);
+    let (bare_rest, pipes_rest, recording_rest) = (rest_of(find("bare Pingora")), rest_of(find("Pipes")), rest_of(find("Pipes, metrics and access log on")));
+    let (_, pipes_requests, pipes_costs) = &counted[find("Pipes")];
     writeln!(out, "\nPipes over the bare proxy: {:.0} instructions per request besides copies ({:.2}×).", pipes_rest - bare_rest, pipes_rest / bare_rest)
         .unwrap();
     writeln!(out, "Metrics and the access log: {:.0} more ({:.2}× plain Pipes).", recording_rest - pipes_rest, recording_rest / pipes_rest).unwrap();
-    for (name, requests, costs) in &counted[4..] {
+    for (name, requests, costs) in &counted[find("Pipes, metrics and access log on") + 1..] {
         let rest = per(total(costs) - copies(costs), *requests);
         writeln!(out, "{name}: {:+.0} ({:.3}× plain Pipes).", rest - pipes_rest, rest / pipes_rest).unwrap();
     }
@@ -164,7 +168,7 @@ async fn bench() {
     }
     writeln!(
         out,
-        "\nLoad: {}, {seconds} s each, after 1 s of warming; nginx 1 worker, upstream keepalive 128; Pipes and the bare proxy `threads: 2`; {}.",
+        "\nLoad: {}, {seconds} s each, after 1 s of warming; nginx 1 worker, upstream keepalive 128; HAProxy 2 threads; Caddy GOMAXPROCS=2; Pipes and the bare proxy `threads: 2`; {}.",
         commands.join("; "),
         version("valgrind", &["--version"])
     )
@@ -173,10 +177,15 @@ async fn bench() {
     let results = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");
     let _ = std::fs::create_dir_all(&results);
     let _ = std::fs::write(results.join("instructions.md"), out);
-    drop(nginx);
+    drop((nginx, haproxy, caddy));
     drop(bare);
     drop((pipes, recording, noindex, with_basic, with_forward));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The command line that runs a program under callgrind, writing to `out`.
+fn callgrind(out: &Path) -> [String; 3] {
+    ["valgrind".to_owned(), "--tool=callgrind".to_owned(), format!("--callgrind-out-file={}", out.display())]
 }
 
 /// An auth server for `access.forward_auth` on 127.0.0.1 that lets every

@@ -19,6 +19,8 @@ mod bare;
 mod common;
 #[path = "support/load.rs"]
 mod load;
+#[path = "support/proxies.rs"]
+mod proxies;
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use common::{docker_ok, env, Pipes};
 use load::*;
+use proxies::Proxy;
 
 const SPREAD: usize = 100;
 
@@ -102,81 +105,78 @@ async fn bench() {
     assert_eq!(pipes.get(HOST, "/").await.status(), 200);
     let container = pipes.containers()[0].clone();
     let upstream = upstream_of(&container);
-    let nginx = Nginx::start(upstream, threads, &[], None);
+    let nginx = Proxy::nginx(&[], upstream, threads, &[], None);
+    let haproxy = Proxy::haproxy(&[], upstream, threads, None);
+    let caddy = Proxy::caddy(&[], upstream, threads, None);
     let bare_port = free_port();
-    let _bare = Process(bare::command(&[], bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
+    let bare = Process(bare::command(&[], bare_port, upstream, &conf).spawn().expect("bare proxy starts"));
     wait_listening(bare_port, "bare Pingora");
 
     let mut commands = Vec::new();
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let mut systems: Vec<(&str, SocketAddr)> = vec![
-        ("direct", upstream),
-        ("nginx", local(nginx.port)),
-        ("bare Pingora", local(bare_port)),
-        ("Pipes", local(pipes.port)),
-        ("Pipes, metrics on", local(metered.port)),
-        ("Pipes, metrics and access log on", local(logged.port)),
+    // Each system's address and the process whose CPU time is counted (none
+    // for the container reached directly).
+    let mut systems: Vec<(&str, SocketAddr, Option<u32>)> = vec![
+        ("direct", upstream, None),
+        ("nginx", local(nginx.port), Some(nginx.pid())),
+        ("HAProxy", local(haproxy.port), Some(haproxy.pid())),
+        ("Caddy", local(caddy.port), Some(caddy.pid())),
+        ("bare Pingora", local(bare_port), Some(bare.0.id())),
+        ("Pipes", local(pipes.port), Some(pid)),
+        ("Pipes, metrics on", local(metered.port), metered.pid()),
+        ("Pipes, metrics and access log on", local(logged.port), logged.pid()),
     ];
     if let Some((name, v)) = &variant {
-        systems.push((name.as_str(), local(v.port)));
+        systems.push((name.as_str(), local(v.port), v.pid()));
     }
+    let index = |name: &str| systems.iter().position(|s| s.0 == name).expect("a system of the bench");
+    let (direct, by_nginx, by_caddy, by_bare, by_pipes) = (index("direct"), index("nginx"), index("Caddy"), index("bare Pingora"), index("Pipes"));
     let cases: [(&str, &str, bool); 3] =
         [("3 B, keep-alive", "/bytes/3", true), ("64 KiB, keep-alive", "/bytes/65536", true), ("3 B, new connection each", "/bytes/3", false)];
     let mut table = String::new();
-    writeln!(table, "| case | system | req/s | p50 ms | p99 ms | errors | req/s vs nginx | req/s vs direct | req/s vs bare | req/s vs Pipes | p99 vs nginx |")
-        .unwrap();
-    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    writeln!(
+        table,
+        "| case | system | req/s | p50 ms | p99 ms | errors | CPU µs per request | switches per request | req/s vs nginx | req/s vs Caddy | req/s vs direct | req/s vs bare | req/s vs Pipes | CPU vs nginx | CPU vs Caddy | p99 vs nginx |"
+    )
+    .unwrap();
+    writeln!(table, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
     // PIPES_BENCH_ONLY picks cases by name (e.g. "new connection") and skips the 100 deployments.
     let only = std::env::var("PIPES_BENCH_ONLY").ok();
     for (case, path, keepalive) in cases.into_iter().filter(|(c, _, _)| only.as_ref().is_none_or(|o| c.contains(o.as_str()))) {
-        let mut runs: Vec<Vec<Load>> = vec![Vec::new(); systems.len()];
+        let mut runs: Vec<Vec<Counted>> = vec![Vec::new(); systems.len()];
         for _ in 0..rounds {
-            for (i, (_, address)) in systems.iter().enumerate() {
-                runs[i].push(wrk(&format!("http://{address}{path}"), keepalive, None, seconds, &mut commands));
+            for (i, (_, address, process)) in systems.iter().enumerate() {
+                runs[i].push(counted(*process, || wrk(&format!("http://{address}{path}"), keepalive, None, seconds, &mut commands)));
             }
         }
-        let s: Vec<Load> = runs.iter().map(|r| summary(r)).collect();
-        for (i, (name, _)) in systems.iter().enumerate() {
+        let s: Vec<Counted> = runs.iter().map(|r| Counted::summary(r)).collect();
+        for (i, (name, _, _)) in systems.iter().enumerate() {
+            let (load, cpu) = (&s[i].load, s[i].cpu_us);
             writeln!(
                 table,
-                "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.3} | {:.2} |",
-                s[i].rps,
-                s[i].p50_ms,
-                s[i].p99_ms,
-                s[i].errors,
-                s[i].rps / s[1].rps,
-                s[i].rps / s[0].rps,
-                s[i].rps / s[2].rps,
-                s[i].rps / s[3].rps,
-                s[i].p99_ms / s[1].p99_ms
+                "| {case} | {name} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {} | {} | {:.2} |",
+                load.rps,
+                load.p50_ms,
+                load.p99_ms,
+                load.errors,
+                shown(cpu, 1),
+                shown(s[i].switches, 2),
+                load.rps / s[by_nginx].load.rps,
+                load.rps / s[by_caddy].load.rps,
+                load.rps / s[direct].load.rps,
+                load.rps / s[by_bare].load.rps,
+                load.rps / s[by_pipes].load.rps,
+                shown(cpu / s[by_nginx].cpu_us, 2),
+                shown(cpu / s[by_caddy].cpu_us, 2),
+                load.p99_ms / s[by_nginx].load.p99_ms
             )
             .unwrap();
         }
     }
-
-    // Context switches per request, keep-alive, one more run each: where the
-    // time goes that throughput alone does not show.
-    let mut switches = String::new();
-    writeln!(switches, "| system | requests | context switches | per request | CPU µs per request |").unwrap();
-    writeln!(switches, "|---|---|---|---|---|").unwrap();
-    // Clock ticks per second of /proc's CPU times.
-    let ticks = 100.0;
-    let mut counted: Vec<(&str, u32, u16)> = vec![("nginx", nginx.pid(), nginx.port), ("bare Pingora", _bare.0.id(), bare_port), ("Pipes", pid, pipes.port)];
-    if let Some((name, v)) = &variant {
-        counted.push((name.as_str(), v.pid().expect("runs"), v.port));
-    }
-    for (name, process, port) in counted {
-        let (switched, cpu) = switches_and_cpu(process);
-        let load = wrk(&format!("http://127.0.0.1:{port}/bytes/3"), true, None, seconds, &mut commands);
-        let (switched_after, cpu_after) = switches_and_cpu(process);
-        let requests = load.rps * seconds as f64;
-        let per_request_us = (cpu_after - cpu) as f64 / ticks * 1e6 / requests;
-        let switched = switched_after - switched;
-        writeln!(switches, "| {name} | {requests:.0} | {switched} | {:.2} | {per_request_us:.1} |", switched as f64 / requests).unwrap();
-    }
-    table.push_str(&format!(
-        "\nContext switches and CPU time of the proxy's threads (and nginx's workers), 3 B keep-alive, one {seconds} s run each:\n\n{switches}"
-    ));
+    table.push_str(
+        "\nCPU is user + system time of the proxy's threads (nginx's workers included) over each run, divided by its requests; \
+         switches are the threads' context switches, per request; both medians over rounds.\n",
+    );
 
     drop((metered, logged, variant));
     if only.is_some() {
@@ -209,7 +209,7 @@ async fn bench() {
             (hosts[i].clone(), upstream_of(&id))
         })
         .collect();
-    let nginx_spread = Nginx::start(upstream, threads, &upstreams, None);
+    let nginx_spread = Proxy::nginx(&[], upstream, threads, &upstreams, None);
     let url = format!("http://127.0.0.1:{}/bytes/3", pipes.port);
     let nginx_url = format!("http://127.0.0.1:{}/bytes/3", nginx_spread.port);
     let (mut single, mut spread, mut nginx_single, mut nginx_many) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -261,9 +261,11 @@ async fn bench() {
     writeln!(report, "Machine: {} cores, {cpu}, kernel {}.", version("nproc", &[]), version("uname", &["-r"])).unwrap();
     writeln!(
         report,
-        "Versions: Pipes {} ({threads} threads), {}, {}, Docker engine {}.",
+        "Versions: Pipes {} ({threads} threads), {}, {}, Caddy {}, {}, Docker engine {}.",
         version("git", &["rev-parse", "--short", "HEAD"]),
         version("nginx", &["-v"]),
+        version("haproxy", &["-v"]),
+        version("caddy", &["version"]),
         version("wrk", &["-v"]),
         docker_ok(&["version", "--format", "{{.Server.Version}}"])
     )
@@ -271,7 +273,8 @@ async fn bench() {
     writeln!(
         report,
         "Setup: one fixture container (static Rust HTTP/1.1 server) reached by every system at {upstream} \
-         (where Pipes reaches it); nginx {threads} workers, upstream keepalive 128; {rounds} rounds of {seconds} s per \
+         (where Pipes reaches it); nginx {threads} workers, upstream keepalive 128; HAProxy {threads} threads, \
+         `http-reuse always`; Caddy GOMAXPROCS={threads}, 128 idle upstream connections per host; {rounds} rounds of {seconds} s per \
          system, alternating; figures are medians over rounds.\n"
     )
     .unwrap();
@@ -286,7 +289,7 @@ async fn bench() {
     std::fs::write(out.join("warm_path.md"), &report).unwrap();
     println!("written to {}", out.join("warm_path.md").display());
 
-    drop(nginx);
+    drop((nginx, haproxy, caddy, bare));
     drop(nginx_spread);
     drop(pipes);
     for tag in std::iter::once("v1".to_owned()).chain((0..SPREAD).map(|i| format!("s{i}"))) {

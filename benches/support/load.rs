@@ -1,15 +1,15 @@
-//! What the load benchmarks share: wrk runs and their figures, nginx as the
-//! reference proxy, child processes.
+//! What the load benchmarks share: wrk runs and their figures, child
+//! processes. The reference proxies are in `proxies.rs`.
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
 
-use crate::common::{docker, docker_ok, wrapped};
+use crate::common::{docker, docker_ok};
 
 /// The host every load is sent for.
 pub const HOST: &str = "v1.warm.bench.example.com";
@@ -98,77 +98,46 @@ pub fn summary(runs: &[Load]) -> Load {
     }
 }
 
-/// Debian's nginx as a reverse proxy, stopped on drop.
-pub struct Nginx {
-    process: Process,
-    pub port: u16,
-    dir: PathBuf,
+/// A wrk run with what the proxy spent on it: CPU time (user + system, µs)
+/// and context switches per request, NaN where no process was counted.
+#[derive(Debug, Clone, Copy)]
+pub struct Counted {
+    pub load: Load,
+    pub cpu_us: f64,
+    pub switches: f64,
 }
 
-impl Nginx {
-    /// nginx with `workers` workers, proxying the bench host to `upstream` and,
-    /// when `spread` is given, each of those hosts to its own upstream; over
-    /// TLS with `tls`'s certificate and key files.
-    pub fn start(upstream: SocketAddr, workers: usize, spread: &[(String, SocketAddr)], tls: Option<(&Path, &Path)>) -> Nginx {
-        Self::start_under(&[], upstream, workers, spread, tls)
-    }
-
-    /// nginx as [`Nginx::start`] starts it, run by `wrapper` (a command that
-    /// runs the one after it, such as valgrind). Under a wrapper it has no
-    /// master process: the wrapped process is the one that serves.
-    pub fn start_under(wrapper: &[&str], upstream: SocketAddr, workers: usize, spread: &[(String, SocketAddr)], tls: Option<(&Path, &Path)>) -> Nginx {
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pipes-bench-nginx-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let d = dir.display();
-        let location = "proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      \
-                        proxy_set_header Host $host;\n      \
-                        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
-                        proxy_set_header X-Forwarded-Proto $scheme;";
-        let ssl = match tls {
-            // The protocols Pipes offers (nginx 1.22 leaves TLS 1.3 out by default).
-            Some((cert, key)) => {
-                format!(" ssl;\n    ssl_protocols TLSv1.2 TLSv1.3;\n    ssl_certificate {};\n    ssl_certificate_key {}", cert.display(), key.display())
-            }
-            None => String::new(),
-        };
-        let master = if wrapper.is_empty() { "" } else { "master_process off;\n" };
-        let mut upstreams = format!("  upstream fixture {{ server {upstream}; keepalive 128; }}\n");
-        for (host, p) in spread {
-            upstreams.push_str(&format!("  upstream {host} {{ server {p}; keepalive 8; }}\n"));
+impl Counted {
+    /// Medians over rounds.
+    pub fn summary(runs: &[Counted]) -> Counted {
+        Counted {
+            load: summary(&runs.iter().map(|r| r.load).collect::<Vec<_>>()),
+            cpu_us: median(runs.iter().map(|r| r.cpu_us).collect()),
+            switches: median(runs.iter().map(|r| r.switches).collect()),
         }
-        let conf = format!(
-            "worker_processes {workers};\ndaemon off;\n{master}pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             {upstreams}\
-               server {{\n    listen 127.0.0.1:{port} default_server{ssl};\n    server_name {HOST};\n\
-                 location / {{\n      proxy_pass http://fixture;\n      {location}\n    }}\n  }}\n\
-               server {{\n    listen 127.0.0.1:{port}{ssl};\n    server_name *.warm.bench.example.com;\n\
-                 location / {{\n      proxy_pass http://$host;\n      {location}\n    }}\n  }}\n}}\n"
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = wrapped(wrapper, "nginx")
-            .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx starts");
-        let process = Process(child);
-        // A wrapper such as valgrind slows the start.
-        wait_listening_within(port, "nginx", Duration::from_secs(if wrapper.is_empty() { 10 } else { 60 }));
-        Nginx { process, port, dir }
-    }
-
-    /// The master's pid (its workers are its children).
-    pub fn pid(&self) -> u32 {
-        self.process.0.id()
     }
 }
 
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// Runs `run` and counts what `process` (and its children) spent meanwhile.
+pub fn counted(process: Option<u32>, run: impl FnOnce() -> Load) -> Counted {
+    // Clock ticks per second of /proc's CPU times.
+    const TICKS: f64 = 100.0;
+    let before = process.map(switches_and_cpu);
+    let load = run();
+    let after = process.map(switches_and_cpu);
+    let requests = load.requests.max(1) as f64;
+    match (before, after) {
+        (Some((s0, c0)), Some((s1, c1))) => Counted { load, cpu_us: (c1 - c0) as f64 / TICKS * 1e6 / requests, switches: (s1 - s0) as f64 / requests },
+        _ => Counted { load, cpu_us: f64::NAN, switches: f64::NAN },
+    }
+}
+
+/// A figure with `decimals` decimals, or a dash where there is none.
+pub fn shown(value: f64, decimals: usize) -> String {
+    if value.is_finite() {
+        format!("{value:.decimals$}")
+    } else {
+        "—".to_owned()
     }
 }
 
