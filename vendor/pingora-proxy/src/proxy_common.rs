@@ -175,32 +175,32 @@ impl ConnectionNominations {
     }
 }
 
-/// The fields [strip_standard_hop_by_hop_headers] removes.
-const STANDARD_HOP_BY_HOP: usize = 10;
-
-fn is_standard_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || matches!(name.as_str(), KEEP_ALIVE | PROXY_CONNECTION | HTTP2_SETTINGS)
-}
+/// The standard hop-by-hop fields, in the order [strip_standard_hop_by_hop_headers] removes them
+/// (the order matters: a removal moves the map's last field into the removed one's place).
+static STANDARD_HOP_BY_HOP: [HeaderName; 10] = [
+    HeaderName::from_static(KEEP_ALIVE),
+    HeaderName::from_static(PROXY_CONNECTION),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::CONNECTION,
+    header::UPGRADE,
+    HeaderName::from_static(HTTP2_SETTINGS),
+];
 
 fn strip_standard_hop_by_hop_headers(req: &mut RequestHeader) {
     // One pass over the fields the request has finds the few hop-by-hop ones (usually none, or
-    // `Connection`); looking each of the ten names up would hash every one of them, and parse the
+    // `Connection`); removing each of the ten names would hash every one of them, and parse the
     // three that are not standard names, on every request.
-    let mut found: [Option<HeaderName>; STANDARD_HOP_BY_HOP] = Default::default();
-    for (slot, name) in found
-        .iter_mut()
-        .zip(req.headers.keys().filter(|name| is_standard_hop_by_hop(name)))
-    {
-        *slot = Some(name.clone());
+    let mut present = [false; STANDARD_HOP_BY_HOP.len()];
+    for name in req.headers.keys() {
+        if let Some(i) = STANDARD_HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    for name in found.iter().flatten() {
+    for (name, _) in STANDARD_HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
         req.remove_header(name);
     }
 }
@@ -710,43 +710,81 @@ mod tests {
         assert!(request.headers.get("trailer").is_none());
     }
 
-    #[test]
-    fn h1_upstream_strips_every_standard_hop_by_hop_field_and_keeps_the_rest() {
-        let mut request = request_with_headers(&[
-            ("Host", "example.com"),
-            ("Keep-Alive", "timeout=5"),
-            ("Proxy-Connection", "keep-alive"),
-            ("Proxy-Authenticate", "Basic"),
-            ("Proxy-Authorization", "secret"),
-            ("TE", "trailers"),
-            ("Trailer", "X-Trailer"),
-            ("Transfer-Encoding", "chunked"),
-            ("Connection", "keep-alive"),
-            ("Upgrade", "h2c"),
-            ("HTTP2-Settings", "settings"),
-            ("X-Kept", "1"),
-            ("Proxy-Authorization", "a second one"),
-            ("Accept", "*/*"),
-        ]);
+    /// The stripping as released: every name removed, in this order.
+    fn strip_each_name(req: &mut RequestHeader) {
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "connection",
+            "upgrade",
+            "http2-settings",
+        ] {
+            req.remove_header(name);
+        }
+    }
 
-        sanitize_h1_upstream_request(&mut request, HttpUpstreamRequestPolicy::standard(), true)
-            .unwrap();
-
-        let left: Vec<&str> = request.headers.keys().map(HeaderName::as_str).collect();
-        assert_eq!(left, ["host", "x-kept", "accept"]);
+    fn wire(req: &RequestHeader) -> Vec<u8> {
         let mut wire = Vec::new();
-        request.header_to_h1_wire(&mut wire);
-        assert_eq!(wire, b"Host: example.com\r\nX-Kept: 1\r\nAccept: */*\r\n");
+        req.header_to_h1_wire(&mut wire);
+        wire
     }
 
     #[test]
-    fn h1_upstream_request_without_hop_by_hop_fields_is_unchanged() {
-        let mut request = request_with_headers(&[("Host", "example.com"), ("Accept", "*/*")]);
+    fn h1_hop_by_hop_stripping_matches_removing_every_name() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[("Host", "example.com"), ("Accept", "*/*")],
+            &[("Host", "example.com"), ("Connection", "keep-alive"), ("Accept", "*/*")],
+            &[
+                ("Host", "example.com"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Proxy-Authenticate", "Basic"),
+                ("Proxy-Authorization", "secret"),
+                ("X-Kept", "1"),
+                ("TE", "trailers"),
+                ("Trailer", "X-Trailer"),
+                ("Transfer-Encoding", "chunked"),
+                ("Connection", "keep-alive"),
+                ("Upgrade", "h2c"),
+                ("HTTP2-Settings", "settings"),
+                ("Proxy-Authorization", "a second one"),
+                ("Accept", "*/*"),
+                ("X-Last", "2"),
+            ],
+            &[("TE", "trailers"), ("Host", "example.com"), ("Upgrade", "h2c"), ("Via", "1.1 a")],
+        ];
+        for headers in cases {
+            let mut expected = request_with_headers(headers);
+            strip_each_name(&mut expected);
+            let mut request = request_with_headers(headers);
+            strip_standard_hop_by_hop_headers(&mut request);
+            let names = |r: &RequestHeader| r.headers.keys().map(|n| n.to_string()).collect::<Vec<_>>();
+            assert_eq!(names(&request), names(&expected), "{headers:?}");
+            assert_eq!(wire(&request), wire(&expected), "{headers:?}");
+            assert!(request.headers.keys().all(|n| !STANDARD_HOP_BY_HOP.contains(n)));
+        }
+    }
+
+    #[test]
+    fn h1_upstream_request_keeps_only_end_to_end_fields() {
+        let mut request = request_with_headers(&[
+            ("Host", "example.com"),
+            ("Connection", "keep-alive, X-Private-Hop"),
+            ("X-Private-Hop", "secret"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "settings"),
+            ("Accept", "*/*"),
+        ]);
         sanitize_h1_upstream_request(&mut request, HttpUpstreamRequestPolicy::standard(), true)
             .unwrap();
-        let mut wire = Vec::new();
-        request.header_to_h1_wire(&mut wire);
-        assert_eq!(wire, b"Host: example.com\r\nAccept: */*\r\n");
+        let mut names: Vec<&str> = request.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "host"]);
     }
 
     #[test]
