@@ -17,6 +17,8 @@
 //! request for each, the ratios, and the functions Pipes spends most in, and
 //! writes `target/bench-results/instructions.md`. Run through `scripts/bench`.
 //!
+//! `PIPES_BENCH_KEEP=1` keeps callgrind's dumps and prints where they are.
+//!
 //! Copies (`memcpy`/`memmove`) are shown apart: callgrind counts `rep movsb`
 //! once per byte, so they weigh more here than in time.
 
@@ -180,7 +182,12 @@ async fn bench() {
     drop((nginx, haproxy, caddy));
     drop(bare);
     drop((pipes, recording, noindex, with_basic, with_forward));
-    let _ = std::fs::remove_dir_all(&dir);
+    // PIPES_BENCH_KEEP keeps the dumps, for `callgrind_annotate --inclusive=yes`.
+    if std::env::var_os("PIPES_BENCH_KEEP").is_some() {
+        println!("callgrind dumps kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 /// The command line that runs a program under callgrind, writing to `out`.
