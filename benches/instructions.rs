@@ -43,7 +43,7 @@ use proxies::Proxy;
 
 // Pipes' allocator, for the bare proxy this binary becomes.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: pipes::alloc::Allocator = pipes::alloc::Allocator;
 
 fn main() {
     bare::run_if_asked();

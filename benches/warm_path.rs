@@ -33,6 +33,10 @@ use proxies::Proxy;
 
 const SPREAD: usize = 100;
 
+// Pipes' allocator, for the bare proxy this binary becomes.
+#[global_allocator]
+static GLOBAL: pipes::alloc::Allocator = pipes::alloc::Allocator;
+
 fn main() {
     // The bench re-executes itself as the bare-Pingora baseline.
     bare::run_if_asked();

@@ -15,6 +15,7 @@
 // private so that the compiler reports what nothing uses.
 pub mod access;
 mod access_log;
+pub mod alloc;
 pub mod api;
 mod auth;
 mod clock;

@@ -4,9 +4,10 @@ use std::process::ExitCode;
 
 use pipes::settings::{LoadError, Settings};
 
-// Measured on the warm path against glibc's malloc in the same benchmark run.
+// mimalloc, measured on the warm path against glibc's malloc in the same
+// benchmark run; see `pipes::alloc` for what is asked of it.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: pipes::alloc::Allocator = pipes::alloc::Allocator;
 
 fn main() -> ExitCode {
     pipes::host::raise_open_files_limit();
