@@ -2,8 +2,11 @@
 //! line each, on standard output.
 //!
 //! Proxy threads never write to stdout themselves: a line goes into a
-//! bounded queue that one writer thread empties through a buffer, flushing
-//! whenever the queue runs dry. If the reader of stdout cannot keep up, lines
+//! bounded queue that one writer thread empties through a buffer. Woken by a
+//! line, the writer lets more gather for [`LINGER`] before it writes them
+//! all: a busy proxy then wakes it and writes to stdout some hundred times a
+//! second, not once per request (which cost more CPU than the request
+//! itself, `benches/RESULTS.md`). If the reader of stdout cannot keep up, lines
 //! are dropped and counted rather than slowing requests down. Off, nothing
 //! is formatted and nothing queued.
 
@@ -17,6 +20,9 @@ use serde::Serialize;
 
 /// Lines waiting for the writer at most.
 const QUEUE: usize = 65_536;
+
+/// How long a line may wait for others before it is written.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// One request, as logged.
 #[derive(Serialize)]
@@ -87,6 +93,8 @@ fn write_lines(queue: Receiver<String>, out: impl Write) {
     // A broken stdout loses lines, never blocks: the queue keeps draining.
     while let Ok(line) = queue.recv() {
         let _ = out.write_all(line.as_bytes());
+        // Senders wake no one while the writer sleeps here.
+        std::thread::sleep(LINGER);
         while let Ok(line) = queue.try_recv() {
             let _ = out.write_all(line.as_bytes());
         }
