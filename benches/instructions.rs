@@ -8,8 +8,9 @@
 //! request can: callgrind counts them, the same from run to run for the same
 //! binary. The proxies run under callgrind (nginx with one worker and no
 //! master process; HAProxy with two threads, Caddy with GOMAXPROCS=2, Pipes
-//! and the bare proxy with two threads, both with mimalloc; and Pipes once more with metrics and the JSON access log on,
-//! for what recording costs; and with each kind of access rule: `noindex`
+//! and the bare proxy with two threads, both with Pipes' allocator; and
+//! Pipes once more with metrics and the JSON access log on, for what
+//! recording costs; and with each kind of access rule: `noindex`
 //! off, `basic` with the right credentials on every request, `forward_auth`
 //! to an auth server in this process that lets everything through) in front
 //! of the same fixture image; wrk sends 3-byte keep-alive requests for a fixed time;
