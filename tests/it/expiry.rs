@@ -88,15 +88,23 @@ async fn the_last_request_survives_a_restart() {
     let record = pipes.dir.join("configs/activity.json");
     let key = format!("{}/app:v1", f.user);
     eventually("the last request is recorded", Duration::from_secs(20), || async { std::fs::read_to_string(&record).is_ok_and(|t| t.contains(&key)) }).await;
-    let expires_at = |pipes: &Pipes| {
+    let view = |pipes: &Pipes| {
         let (pipes, host) = (pipes.port, host.clone());
         async move {
             let resp = common::client_for(&host, pipes).get(format!("http://{host}:{pipes}/__proxyapi/container")).bearer_auth(TOKEN).send().await.unwrap();
-            common::json(resp).await.1["expires_at"].clone()
+            common::json(resp).await.1
         }
     };
-    let before = expires_at(&pipes).await;
+    // The request's end (after its cold start) is recorded at the next
+    // expiry pass, which may come after its start was.
+    let last = view(&pipes).await["last_request_at"].as_str().expect("a last request").to_owned();
+    let stored = || {
+        let record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap_or_default()).unwrap_or_default();
+        record[&key].as_u64().map(|ms| humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string())
+    };
+    eventually("the request's end is recorded", Duration::from_secs(20), || async { stored().as_deref() == Some(last.as_str()) }).await;
+    let before = view(&pipes).await["expires_at"].clone();
     assert!(before.is_string(), "{before}");
     pipes.restart();
-    assert_eq!(expires_at(&pipes).await, before, "counted from the last request, not from the restart");
+    assert_eq!(view(&pipes).await["expires_at"], before, "counted from the last request, not from the restart");
 }
