@@ -122,6 +122,14 @@ impl Cluster {
         cluster
     }
 
+    /// Replicas A on n1 and B on n2 with `extra_env`, once both answer.
+    pub async fn replicas_a_and_b(&mut self, extra_env: &[&str]) -> (Replica, Replica) {
+        let (a, b) = (self.replica("n1", extra_env), self.replica("n2", extra_env));
+        until_answering(a.addr).await;
+        until_answering(b.addr).await;
+        (a, b)
+    }
+
     /// Pipes replica of this instance on `node`, published on the node's address.
     pub fn replica(&mut self, node: &'static str, extra_env: &[&str]) -> Replica {
         let e = env();
@@ -506,10 +514,7 @@ impl LostAndKept {
     /// Makes the replicas and the deployments; both replicas have served both.
     pub async fn new() -> LostAndKept {
         let mut cluster = Cluster::new();
-        let a = cluster.replica("n1", &[]);
-        let b = cluster.replica("n2", &[]);
-        until_answering(a.addr).await;
-        until_answering(b.addr).await;
+        let (a, b) = cluster.replicas_a_and_b(&[]).await;
         let mut fixtures = super::Fixtures::new();
         fixtures.serving("lost", "v1");
         fixtures.serving("kept", "v1");

@@ -44,10 +44,7 @@ async fn deployments_anywhere_in_the_swarm_are_followed_by_both_replicas() {
         return;
     }
     let mut cluster = Cluster::new();
-    let a = cluster.replica("n1", &["PIPES_DRAIN_TIMEOUT=5s"]);
-    let b = cluster.replica("n2", &["PIPES_DRAIN_TIMEOUT=5s"]);
-    until_answering(a.addr).await;
-    until_answering(b.addr).await;
+    let (a, b) = cluster.replicas_a_and_b(&["PIPES_DRAIN_TIMEOUT=5s"]).await;
     let mut f = Fixtures::new();
     f.serving("app", "v1");
     f.serving("app", "v2");
@@ -125,10 +122,7 @@ async fn a_redeploy_and_a_stopping_task_on_a_third_node_fail_no_request() {
         return;
     }
     let mut cluster = Cluster::new();
-    let a = cluster.replica("n1", &["PIPES_DRAIN_TIMEOUT=3s"]);
-    let b = cluster.replica("n2", &["PIPES_DRAIN_TIMEOUT=3s"]);
-    until_answering(a.addr).await;
-    until_answering(b.addr).await;
+    let (a, b) = cluster.replicas_a_and_b(&["PIPES_DRAIN_TIMEOUT=3s"]).await;
     let mut f = Fixtures::new();
     // Its container ignores SIGTERM: a stopped task lingers for the grace period, answering.
     f.publish("app", "v1", "STOPSIGNAL SIGTERM");
@@ -319,10 +313,7 @@ async fn a_database_pinned_to_a_lost_node_waits_for_it_and_keeps_its_rows() {
         return;
     }
     let mut cluster = Cluster::new();
-    let a = cluster.replica("n1", &["PIPES_START_TIMEOUT=20s"]);
-    let b = cluster.replica("n2", &["PIPES_START_TIMEOUT=20s"]);
-    until_answering(a.addr).await;
-    until_answering(b.addr).await;
+    let (a, b) = cluster.replicas_a_and_b(&["PIPES_START_TIMEOUT=20s"]).await;
     let mut f = Fixtures::new();
     let e = env();
     f.publish_from(&e.postgres, "postgres", "15", "");
